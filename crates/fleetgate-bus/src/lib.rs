@@ -1,0 +1,178 @@
+//! fleetgate's shared state and messaging, behind one [`Bus`] trait.
+//!
+//! Gateway nodes and the admin API meet only here: presence, node membership, command
+//! routing, per-device QoS queues, QoS 2 dedupe, telemetry streams, shadows, fan-out channels
+//! and the device registry. Two backends implement it: [`memory::MemoryBus`] (one process,
+//! the embedded default) and Redis (for clusters). [`conformance`] holds the test suite
+//! both must pass.
+//!
+//! Presence rests on node liveness: an entry names the node holding the device and stays
+//! valid while that node's membership entry is alive, so an idle device costs the bus nothing
+//! after it authenticates. Entries naming a dead node read as offline and are swept by
+//! survivors ([`Bus::presence_sweep_node`]).
+
+pub mod conformance;
+pub mod memory;
+mod partition;
+mod types;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+pub use partition::partition_for;
+pub use types::*;
+
+/// Errors of a bus backend.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BusError {
+    /// The backend cannot be reached; the caller may retry later.
+    #[error("bus unavailable: {0}")]
+    Unavailable(String),
+    /// The device's command queue holds `max` commands already.
+    #[error("command queue full ({max} commands)")]
+    QueueFull {
+        /// The configured maximum queue length.
+        max: usize,
+    },
+    /// Stored data could not be decoded.
+    #[error("corrupt bus data: {0}")]
+    Corrupt(String),
+}
+
+/// Result of a bus call.
+pub type BusResult<T> = Result<T, BusError>;
+
+/// The shared state and messaging of a fleetgate cluster. Every call may fail (the Redis
+/// backend can be away); calls taking slices are batched (one round trip in Redis).
+#[async_trait]
+pub trait Bus: Send + Sync + 'static {
+    /// Checks that the backend answers (readiness).
+    async fn ping(&self) -> BusResult<()>;
+
+    // --- device registry -------------------------------------------------------------
+
+    /// Stores a new device; `Ok(false)` if the ID exists (nothing changes).
+    async fn device_create(&self, device: &DeviceRecord) -> BusResult<bool>;
+    /// Reads a device.
+    async fn device_get(&self, id: &str) -> BusResult<Option<DeviceRecord>>;
+    /// Replaces an existing device's record; `Ok(false)` if it does not exist.
+    async fn device_update(&self, device: &DeviceRecord) -> BusResult<bool>;
+    /// Lists devices in ID order, starting after `after`, at most `limit`.
+    async fn device_list(&self, after: Option<&str>, limit: usize) -> BusResult<Vec<DeviceRecord>>;
+
+    // --- membership ------------------------------------------------------------------
+
+    /// Registers or refreshes this node, alive for `ttl_ms` unless refreshed again.
+    async fn node_heartbeat(&self, node: &NodeInfo, ttl_ms: u64) -> BusResult<()>;
+    /// Removes a node's membership entry (clean shutdown).
+    async fn node_remove(&self, node_id: &str) -> BusResult<()>;
+    /// The live nodes.
+    async fn nodes(&self) -> BusResult<Vec<NodeInfo>>;
+
+    // --- presence --------------------------------------------------------------------
+
+    /// Records that `device` is connected as `presence`, returning the previous entry if it
+    /// was live (so the caller can ask that node to close the older connection with 4409).
+    async fn presence_set(&self, device: &str, presence: &Presence) -> BusResult<Option<Presence>>;
+    /// Where `device` is connected; `None` when offline or its node is dead.
+    async fn presence_get(&self, device: &str) -> BusResult<Option<Presence>>;
+    /// [`Bus::presence_get`] for many devices, in the same order.
+    async fn presence_get_many(&self, devices: &[String]) -> BusResult<Vec<Option<Presence>>>;
+    /// Deletes `device`'s entry only if it still names connection `conn_id`
+    /// (compare-and-delete); `Ok(true)` if deleted.
+    async fn presence_remove(&self, device: &str, conn_id: u64) -> BusResult<bool>;
+    /// Deletes every entry naming `node_id` (a dead or drained node); returns how many.
+    async fn presence_sweep_node(&self, node_id: &str) -> BusResult<usize>;
+
+    // --- routing ---------------------------------------------------------------------
+
+    /// Sends a message to one node. Delivery is best effort: the QoS queue is the source of
+    /// truth, so a lost message costs latency, not a command.
+    async fn node_publish(&self, node_id: &str, message: &NodeMessage) -> BusResult<()>;
+    /// Receives the messages sent to `node_id`. The channel is bounded; when the receiver
+    /// falls behind, messages are dropped (and counted by the backend), never buffered
+    /// without bound.
+    async fn node_subscribe(&self, node_id: &str) -> BusResult<mpsc::Receiver<NodeMessage>>;
+
+    // --- server -> device QoS queues -------------------------------------------------
+
+    /// Appends a QoS 1/2 command to its device's queue.
+    ///
+    /// # Errors
+    /// [`BusError::QueueFull`] when the queue is at its maximum length.
+    async fn queue_push(&self, command: &Command) -> BusResult<()>;
+    /// Up to `limit` queued commands of `device`, oldest first, expired ones excluded.
+    async fn queue_pending(&self, device: &str, limit: usize) -> BusResult<Vec<QueuedCommand>>;
+    /// Counts one more delivery attempt; returns the new count (`None` if not queued).
+    async fn queue_attempt(&self, device: &str, msgid: &str) -> BusResult<Option<u32>>;
+    /// Marks a QoS 2 command as released (the device answered `rec`, the server sent `rel`),
+    /// keeping any result the `rec` carried.
+    async fn queue_release(
+        &self,
+        device: &str,
+        msgid: &str,
+        result: Option<&serde_json::Value>,
+    ) -> BusResult<Option<QueuedCommand>>;
+    /// Removes an acknowledged command; returns it if it was queued.
+    async fn queue_ack(&self, device: &str, msgid: &str) -> BusResult<Option<QueuedCommand>>;
+    /// Removes a command that failed (attempts exhausted); returns it if it was queued.
+    async fn queue_fail(&self, device: &str, msgid: &str) -> BusResult<Option<QueuedCommand>>;
+    /// Atomically removes and returns up to `limit` commands, of any device, whose TTL ended
+    /// at or before `now_ms`. Exactly one caller gets each expired command, so exactly one
+    /// node reports it.
+    async fn queue_take_expired(&self, now_ms: i64, limit: usize) -> BusResult<Vec<QueuedCommand>>;
+    /// Number of commands queued for `device`.
+    async fn queue_len(&self, device: &str) -> BusResult<usize>;
+
+    // --- device -> server QoS 2 dedupe -----------------------------------------------
+
+    /// Stores `msgid` as received from `device` for `ttl_ms`; `Ok(true)` if it is new
+    /// (process it), `Ok(false)` if already stored (answer `rec` again, don't reprocess).
+    async fn qos2_receive(&self, device: &str, msgid: &str, ttl_ms: u64) -> BusResult<bool>;
+    /// Forgets a received msgid on `rel`; `Ok(true)` if it was stored.
+    async fn qos2_release(&self, device: &str, msgid: &str) -> BusResult<bool>;
+
+    // --- telemetry, shadow, fan-out --------------------------------------------------
+
+    /// Appends accepted status/event records to their telemetry stream partitions. Once this
+    /// returns `Ok`, the records are as durable as the backend makes them (QoS 1 acks wait
+    /// for it).
+    async fn telemetry_append(&self, records: &[TelemetryRecord]) -> BusResult<()>;
+    /// Reads a partition after `after` (exclusive; `None` = from the start), at most `limit`.
+    async fn telemetry_read(
+        &self,
+        partition: u32,
+        after: Option<&StreamId>,
+        limit: usize,
+    ) -> BusResult<Vec<(StreamId, TelemetryRecord)>>;
+    /// Number of telemetry partitions; a device's records all go to one of them.
+    fn telemetry_partitions(&self) -> u32;
+
+    /// Merges a reported-state patch into `device`'s shadow (top-level keys; `null` deletes
+    /// a key) and returns the new version.
+    async fn shadow_merge_reported(
+        &self,
+        device: &str,
+        patch: &serde_json::Map<String, serde_json::Value>,
+        now_ms: i64,
+    ) -> BusResult<u64>;
+    /// Merges a desired-state patch and returns the whole new shadow (its `delta` is what
+    /// the device should be told).
+    async fn shadow_merge_desired(
+        &self,
+        device: &str,
+        patch: &serde_json::Map<String, serde_json::Value>,
+        now_ms: i64,
+    ) -> BusResult<Shadow>;
+    /// Reads `device`'s shadow.
+    async fn shadow_get(&self, device: &str) -> BusResult<Option<Shadow>>;
+
+    /// Publishes an encoded frame on a fan-out channel; with `retain` it also becomes the
+    /// channel's last value.
+    async fn publish(&self, channel: &Channel, frame: Bytes, retain: bool) -> BusResult<()>;
+    /// Subscribes to a channel; dropping the [`Subscription`] unsubscribes.
+    async fn subscribe(&self, channel: &Channel) -> BusResult<Subscription>;
+    /// The channel's retained value, if any.
+    async fn retained(&self, channel: &Channel) -> BusResult<Option<Bytes>>;
+}

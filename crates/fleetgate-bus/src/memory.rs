@@ -1,0 +1,850 @@
+//! The in-process bus: the embedded default for a single node.
+//!
+//! State lives in process memory behind std mutexes whose critical sections are short and
+//! never span an `.await` (no call here awaits at all), one mutex per concern so that, say,
+//! telemetry appends do not contend with presence reads. Nothing survives a restart.
+//!
+//! Clocks: node and QoS 2 dedupe TTLs run on [`tokio::time::Instant`] (tests may pause and
+//! advance time); command TTLs are the wall-clock `expires_ms` carried by each [`Command`];
+//! telemetry stream IDs are wall-clock milliseconds, kept strictly increasing per partition.
+//!
+//! Growth is bounded: queues have a maximum length, telemetry partitions are trimmed to a
+//! maximum length (oldest first, like `XADD MAXLEN`), expired QoS 2 entries are purged lazily
+//! and by amortised sweeps, channels are bounded and drop (and count) what a slow receiver
+//! cannot take.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde_json::{Map, Value};
+use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio::time::Instant;
+
+use crate::{
+    Bus, BusError, BusResult, Channel, Command, DeliveryState, DeviceRecord, NodeInfo,
+    NodeMessage, Presence, QueuedCommand, Shadow, StreamId, Subscription, TelemetryRecord,
+    merge_patch, partition_for,
+};
+
+/// Sizing of a [`MemoryBus`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryBusConfig {
+    /// Most commands queued per device; further pushes fail with [`BusError::QueueFull`].
+    pub queue_max_len: usize,
+    /// Number of telemetry partitions (at least 1).
+    pub telemetry_partitions: u32,
+    /// Most records kept per telemetry partition; the oldest are trimmed (at least 1).
+    pub telemetry_max_len: usize,
+    /// Capacity of each node's message channel (at least 1).
+    pub node_channel_capacity: usize,
+    /// Capacity of each fan-out subscription (at least 1).
+    pub subscription_capacity: usize,
+}
+
+impl Default for MemoryBusConfig {
+    fn default() -> Self {
+        Self {
+            queue_max_len: 1000,
+            telemetry_partitions: 4,
+            telemetry_max_len: 100_000,
+            node_channel_capacity: 4096,
+            subscription_capacity: 1024,
+        }
+    }
+}
+
+/// Sizes of a [`MemoryBus`]'s state, for metrics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemoryBusStats {
+    /// Registered devices.
+    pub devices: usize,
+    /// Membership entries held (live ones and expired ones not yet purged).
+    pub node_entries: usize,
+    /// Presence entries (including entries naming dead nodes, until swept).
+    pub presence_entries: usize,
+    /// Commands in all queues.
+    pub queued_commands: usize,
+    /// Devices with a non-empty queue.
+    pub queued_devices: usize,
+    /// Entries of the command expiry index (always equal to `queued_commands`).
+    pub expiry_index: usize,
+    /// QoS 2 dedupe entries held (live ones and expired ones not yet purged).
+    pub qos2_entries: usize,
+    /// Telemetry records held over all partitions.
+    pub telemetry_records: usize,
+    /// Device shadows.
+    pub shadows: usize,
+    /// Fan-out channels with a subscriber or a retained value.
+    pub channels: usize,
+    /// Fan-out subscriptions.
+    pub subscribers: usize,
+    /// Node message channels.
+    pub node_subscribers: usize,
+    /// Fan-out frames dropped because a subscriber was full.
+    pub dropped_messages: u64,
+    /// Node messages dropped because the node's receiver was full.
+    pub dropped_node_messages: u64,
+}
+
+/// The in-process [`Bus`]. Cloning is cheap: clones share the same state.
+#[derive(Clone, Default)]
+pub struct MemoryBus {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for MemoryBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryBus")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MemoryBus {
+    /// A bus sized by `config` (zero sizes are raised to 1).
+    pub fn new(config: MemoryBusConfig) -> Self {
+        Self { inner: Arc::new(Inner::new(config)) }
+    }
+
+    /// The effective configuration.
+    pub fn config(&self) -> &MemoryBusConfig {
+        &self.inner.config
+    }
+
+    /// Fan-out frames dropped so far because a subscriber had no room.
+    pub fn dropped_messages(&self) -> u64 {
+        self.inner.dropped_messages.load(Ordering::Relaxed)
+    }
+
+    /// Node messages dropped so far because the node's receiver had no room.
+    pub fn dropped_node_messages(&self) -> u64 {
+        self.inner.dropped_node_messages.load(Ordering::Relaxed)
+    }
+
+    /// Live subscriptions to `channel`.
+    pub fn subscriber_count(&self, channel: &Channel) -> usize {
+        lock(&self.inner.pubsub)
+            .channels
+            .get(channel)
+            .map_or(0, |c| c.subs.len())
+    }
+
+    /// Current sizes of the bus's state.
+    pub fn stats(&self) -> MemoryBusStats {
+        let inner = &*self.inner;
+        let devices = lock(&inner.registry).len();
+        let (node_entries, presence_entries) = {
+            let c = lock(&inner.cluster);
+            (c.nodes.len(), c.presence.len())
+        };
+        let (queued_commands, queued_devices, expiry_index) = {
+            let q = lock(&inner.queues);
+            (q.devices.values().map(|d| d.order.len()).sum(), q.devices.len(), q.expiry.len())
+        };
+        let qos2_entries = lock(&inner.qos2).len;
+        let telemetry_records = inner.telemetry.iter().map(|p| lock(p).records.len()).sum();
+        let shadows = lock(&inner.shadows).len();
+        let (channels, subscribers) = {
+            let p = lock(&inner.pubsub);
+            (p.channels.len(), p.channels.values().map(|c| c.subs.len()).sum())
+        };
+        let node_subscribers = lock(&inner.node_channels).len();
+        MemoryBusStats {
+            devices,
+            node_entries,
+            presence_entries,
+            queued_commands,
+            queued_devices,
+            expiry_index,
+            qos2_entries,
+            telemetry_records,
+            shadows,
+            channels,
+            subscribers,
+            node_subscribers,
+            dropped_messages: self.dropped_messages(),
+            dropped_node_messages: self.dropped_node_messages(),
+        }
+    }
+}
+
+struct Inner {
+    config: MemoryBusConfig,
+    registry: Mutex<BTreeMap<String, DeviceRecord>>,
+    cluster: Mutex<Cluster>,
+    node_channels: Mutex<HashMap<String, mpsc::Sender<NodeMessage>>>,
+    queues: Mutex<Queues>,
+    qos2: Mutex<Qos2>,
+    telemetry: Vec<Mutex<Partition>>,
+    shadows: Mutex<HashMap<String, Shadow>>,
+    pubsub: Mutex<PubSub>,
+    dropped_messages: AtomicU64,
+    dropped_node_messages: AtomicU64,
+}
+
+impl Default for Inner {
+    fn default() -> Self {
+        Self::new(MemoryBusConfig::default())
+    }
+}
+
+impl Inner {
+    fn new(mut config: MemoryBusConfig) -> Self {
+        config.telemetry_partitions = config.telemetry_partitions.max(1);
+        config.telemetry_max_len = config.telemetry_max_len.max(1);
+        config.node_channel_capacity = config.node_channel_capacity.max(1);
+        config.subscription_capacity = config.subscription_capacity.max(1);
+        let telemetry = (0..config.telemetry_partitions)
+            .map(|_| Mutex::new(Partition::default()))
+            .collect();
+        Self {
+            config,
+            registry: Mutex::default(),
+            cluster: Mutex::default(),
+            node_channels: Mutex::default(),
+            queues: Mutex::default(),
+            qos2: Mutex::new(Qos2::default()),
+            telemetry,
+            shadows: Mutex::default(),
+            pubsub: Mutex::default(),
+            dropped_messages: AtomicU64::new(0),
+            dropped_node_messages: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Locks, recovering from poisoning: every critical section leaves the state consistent
+/// before anything that could panic, so a panicking holder elsewhere must not wedge the bus.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn wall_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+// --- membership and presence ---------------------------------------------------------------
+
+/// Membership and presence share a lock because every presence read consults liveness.
+#[derive(Default)]
+struct Cluster {
+    nodes: HashMap<String, (NodeInfo, Instant)>,
+    presence: HashMap<String, Presence>,
+}
+
+impl Cluster {
+    fn is_live(&self, node: &str, now: Instant) -> bool {
+        self.nodes.get(node).is_some_and(|(_, deadline)| *deadline > now)
+    }
+
+    fn live_presence(&self, device: &str, now: Instant) -> Option<Presence> {
+        self.presence
+            .get(device)
+            .filter(|p| self.is_live(&p.node, now))
+            .cloned()
+    }
+
+    fn purge_dead_nodes(&mut self, now: Instant) {
+        self.nodes.retain(|_, (_, deadline)| *deadline > now);
+    }
+}
+
+// --- queues --------------------------------------------------------------------------------
+
+#[derive(Default)]
+struct Queues {
+    devices: HashMap<String, DeviceQueue>,
+    /// `(expires_ms, seq)` -> device: lets `queue_take_expired` find expired commands
+    /// without scanning every queue.
+    expiry: BTreeMap<(i64, u64), String>,
+    next_seq: u64,
+}
+
+#[derive(Default)]
+struct DeviceQueue {
+    /// Push order: `seq` -> command.
+    order: BTreeMap<u64, QueuedCommand>,
+    by_msgid: HashMap<String, u64>,
+}
+
+impl Queues {
+    fn get_mut(&mut self, device: &str, msgid: &str) -> Option<&mut QueuedCommand> {
+        let q = self.devices.get_mut(device)?;
+        let seq = *q.by_msgid.get(msgid)?;
+        q.order.get_mut(&seq)
+    }
+
+    fn remove(&mut self, device: &str, msgid: &str) -> Option<QueuedCommand> {
+        let q = self.devices.get_mut(device)?;
+        let seq = q.by_msgid.remove(msgid)?;
+        let removed = q.order.remove(&seq);
+        if q.order.is_empty() {
+            self.devices.remove(device);
+        }
+        let removed = removed?;
+        self.expiry.remove(&(removed.command.expires_ms, seq));
+        Some(removed)
+    }
+
+    fn remove_by_seq(&mut self, device: &str, seq: u64) -> Option<QueuedCommand> {
+        let q = self.devices.get_mut(device)?;
+        let removed = q.order.remove(&seq);
+        if let Some(r) = &removed {
+            q.by_msgid.remove(r.command.msgid.as_str());
+        }
+        if q.order.is_empty() {
+            self.devices.remove(device);
+        }
+        removed
+    }
+}
+
+// --- QoS 2 dedupe --------------------------------------------------------------------------
+
+/// Sweeps never run more often than once per this many inserts.
+const QOS2_MIN_SWEEP: usize = 1024;
+
+struct Qos2 {
+    entries: HashMap<String, HashMap<String, Instant>>,
+    len: usize,
+    /// A full sweep runs when `len` reaches this; it is then set to twice the survivors, so
+    /// sweeps cost O(1) amortised per insert and memory stays within twice the live set.
+    sweep_at: usize,
+}
+
+impl Default for Qos2 {
+    fn default() -> Self {
+        Self { entries: HashMap::new(), len: 0, sweep_at: QOS2_MIN_SWEEP }
+    }
+}
+
+impl Qos2 {
+    fn receive(&mut self, device: &str, msgid: &str, deadline: Instant, now: Instant) -> bool {
+        if let Some(ids) = self.entries.get_mut(device) {
+            if let Some(d) = ids.get_mut(msgid) {
+                if *d > now {
+                    return false;
+                }
+                *d = deadline;
+                return true;
+            }
+            ids.insert(msgid.to_owned(), deadline);
+        } else {
+            self.entries
+                .insert(device.to_owned(), HashMap::from([(msgid.to_owned(), deadline)]));
+        }
+        self.len += 1;
+        if self.len >= self.sweep_at {
+            self.sweep(now);
+            self.sweep_at = (self.len * 2).max(QOS2_MIN_SWEEP);
+        }
+        true
+    }
+
+    fn release(&mut self, device: &str, msgid: &str, now: Instant) -> bool {
+        let Some(ids) = self.entries.get_mut(device) else {
+            return false;
+        };
+        let removed = ids.remove(msgid);
+        if ids.is_empty() {
+            self.entries.remove(device);
+        }
+        match removed {
+            Some(deadline) => {
+                self.len -= 1;
+                deadline > now
+            }
+            None => false,
+        }
+    }
+
+    fn sweep(&mut self, now: Instant) {
+        let mut len = 0;
+        self.entries.retain(|_, ids| {
+            ids.retain(|_, deadline| *deadline > now);
+            len += ids.len();
+            !ids.is_empty()
+        });
+        self.len = len;
+    }
+}
+
+// --- telemetry -----------------------------------------------------------------------------
+
+#[derive(Default)]
+struct Partition {
+    /// Ascending by `(ms, seq)`.
+    records: VecDeque<((u64, u64), TelemetryRecord)>,
+    last: (u64, u64),
+}
+
+impl Partition {
+    fn next_id(&mut self, wall_ms: u64) -> (u64, u64) {
+        let id = if wall_ms > self.last.0 {
+            (wall_ms, 0)
+        } else {
+            // The clock stood still or went back: stay on the last ms, like Redis does.
+            (self.last.0, self.last.1 + 1)
+        };
+        self.last = id;
+        id
+    }
+}
+
+/// Parses `<ms>-<seq>` (or `<ms>`, read as `<ms>-0`).
+fn parse_stream_id(id: &StreamId) -> BusResult<(u64, u64)> {
+    let bad = || BusError::Corrupt(format!("bad stream id {:?}", id.0));
+    let (ms, seq) = match id.0.split_once('-') {
+        Some((ms, seq)) => (ms, seq.parse::<u64>().map_err(|_| bad())?),
+        None => (id.0.as_str(), 0),
+    };
+    Ok((ms.parse::<u64>().map_err(|_| bad())?, seq))
+}
+
+fn format_stream_id((ms, seq): (u64, u64)) -> StreamId {
+    StreamId(format!("{ms}-{seq}"))
+}
+
+// --- fan-out -------------------------------------------------------------------------------
+
+#[derive(Default)]
+struct PubSub {
+    channels: HashMap<Channel, ChannelState>,
+    next_id: u64,
+}
+
+#[derive(Default)]
+struct ChannelState {
+    subs: Vec<(u64, mpsc::Sender<Bytes>)>,
+    retained: Option<Bytes>,
+}
+
+/// Removes its subscription when dropped. Holds the bus weakly so that dropping the bus
+/// closes outstanding subscriptions instead of keeping the state alive.
+struct SubscriptionGuard {
+    inner: Weak<Inner>,
+    channel: Channel,
+    id: u64,
+}
+
+impl Drop for SubscriptionGuard {
+    fn drop(&mut self) {
+        let Some(inner) = self.inner.upgrade() else {
+            return;
+        };
+        let mut pubsub = lock(&inner.pubsub);
+        if let Some(state) = pubsub.channels.get_mut(&self.channel) {
+            state.subs.retain(|(id, _)| *id != self.id);
+            if state.subs.is_empty() && state.retained.is_none() {
+                pubsub.channels.remove(&self.channel);
+            }
+        }
+    }
+}
+
+// --- the trait -----------------------------------------------------------------------------
+
+#[async_trait]
+impl Bus for MemoryBus {
+    async fn ping(&self) -> BusResult<()> {
+        Ok(())
+    }
+
+    async fn device_create(&self, device: &DeviceRecord) -> BusResult<bool> {
+        let mut reg = lock(&self.inner.registry);
+        if reg.contains_key(&device.id) {
+            return Ok(false);
+        }
+        reg.insert(device.id.clone(), device.clone());
+        Ok(true)
+    }
+
+    async fn device_get(&self, id: &str) -> BusResult<Option<DeviceRecord>> {
+        Ok(lock(&self.inner.registry).get(id).cloned())
+    }
+
+    async fn device_update(&self, device: &DeviceRecord) -> BusResult<bool> {
+        let mut reg = lock(&self.inner.registry);
+        match reg.get_mut(&device.id) {
+            Some(existing) => {
+                *existing = device.clone();
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    async fn device_list(&self, after: Option<&str>, limit: usize) -> BusResult<Vec<DeviceRecord>> {
+        use std::ops::Bound;
+        let reg = lock(&self.inner.registry);
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        Ok(reg
+            .range::<str, _>((start, Bound::Unbounded))
+            .take(limit)
+            .map(|(_, d)| d.clone())
+            .collect())
+    }
+
+    async fn node_heartbeat(&self, node: &NodeInfo, ttl_ms: u64) -> BusResult<()> {
+        let now = Instant::now();
+        let deadline = now + Duration::from_millis(ttl_ms);
+        let mut cluster = lock(&self.inner.cluster);
+        cluster.purge_dead_nodes(now);
+        cluster.nodes.insert(node.id.clone(), (node.clone(), deadline));
+        Ok(())
+    }
+
+    async fn node_remove(&self, node_id: &str) -> BusResult<()> {
+        lock(&self.inner.cluster).nodes.remove(node_id);
+        Ok(())
+    }
+
+    async fn nodes(&self) -> BusResult<Vec<NodeInfo>> {
+        let now = Instant::now();
+        let mut cluster = lock(&self.inner.cluster);
+        cluster.purge_dead_nodes(now);
+        let mut nodes: Vec<NodeInfo> = cluster.nodes.values().map(|(n, _)| n.clone()).collect();
+        nodes.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(nodes)
+    }
+
+    async fn presence_set(&self, device: &str, presence: &Presence) -> BusResult<Option<Presence>> {
+        let now = Instant::now();
+        let mut cluster = lock(&self.inner.cluster);
+        let previous = cluster.presence.insert(device.to_owned(), presence.clone());
+        Ok(previous.filter(|p| cluster.is_live(&p.node, now)))
+    }
+
+    async fn presence_get(&self, device: &str) -> BusResult<Option<Presence>> {
+        let now = Instant::now();
+        Ok(lock(&self.inner.cluster).live_presence(device, now))
+    }
+
+    async fn presence_get_many(&self, devices: &[String]) -> BusResult<Vec<Option<Presence>>> {
+        let now = Instant::now();
+        let cluster = lock(&self.inner.cluster);
+        Ok(devices.iter().map(|d| cluster.live_presence(d, now)).collect())
+    }
+
+    async fn presence_remove(&self, device: &str, conn_id: u64) -> BusResult<bool> {
+        let mut cluster = lock(&self.inner.cluster);
+        if cluster.presence.get(device).is_some_and(|p| p.conn_id == conn_id) {
+            cluster.presence.remove(device);
+            Ok(true)
+        } else {
+            Ok(false)
+        }
+    }
+
+    async fn presence_sweep_node(&self, node_id: &str) -> BusResult<usize> {
+        let mut cluster = lock(&self.inner.cluster);
+        let before = cluster.presence.len();
+        cluster.presence.retain(|_, p| p.node != node_id);
+        Ok(before - cluster.presence.len())
+    }
+
+    async fn node_publish(&self, node_id: &str, message: &NodeMessage) -> BusResult<()> {
+        let mut channels = lock(&self.inner.node_channels);
+        let Some(tx) = channels.get(node_id) else {
+            return Ok(());
+        };
+        match tx.try_send(message.clone()) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                self.inner.dropped_node_messages.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(TrySendError::Closed(_)) => {
+                channels.remove(node_id);
+            }
+        }
+        Ok(())
+    }
+
+    async fn node_subscribe(&self, node_id: &str) -> BusResult<mpsc::Receiver<NodeMessage>> {
+        let (tx, rx) = mpsc::channel(self.inner.config.node_channel_capacity);
+        let mut channels = lock(&self.inner.node_channels);
+        channels.retain(|_, tx| !tx.is_closed());
+        // Replacing the sender closes the previous receiver: one subscriber per node.
+        channels.insert(node_id.to_owned(), tx);
+        Ok(rx)
+    }
+
+    /// A push repeating a msgid already queued for the device is a no-op (`Ok`), so that a
+    /// retried push after an ambiguous failure cannot queue the command twice.
+    async fn queue_push(&self, command: &Command) -> BusResult<()> {
+        let max = self.inner.config.queue_max_len;
+        let mut queues = lock(&self.inner.queues);
+        let queues = &mut *queues;
+        if let Some(q) = queues.devices.get(&command.device) {
+            if q.by_msgid.contains_key(command.msgid.as_str()) {
+                return Ok(());
+            }
+            if q.order.len() >= max {
+                return Err(BusError::QueueFull { max });
+            }
+        } else if max == 0 {
+            return Err(BusError::QueueFull { max });
+        }
+        let seq = queues.next_seq;
+        queues.next_seq += 1;
+        let q = queues.devices.entry(command.device.clone()).or_default();
+        q.by_msgid.insert(command.msgid.as_str().to_owned(), seq);
+        q.order.insert(
+            seq,
+            QueuedCommand {
+                command: command.clone(),
+                attempts: 0,
+                state: DeliveryState::Pending,
+                result: None,
+            },
+        );
+        queues
+            .expiry
+            .insert((command.expires_ms, seq), command.device.clone());
+        Ok(())
+    }
+
+    async fn queue_pending(&self, device: &str, limit: usize) -> BusResult<Vec<QueuedCommand>> {
+        let now = wall_ms();
+        let queues = lock(&self.inner.queues);
+        Ok(queues.devices.get(device).map_or_else(Vec::new, |q| {
+            q.order
+                .values()
+                .filter(|c| c.command.expires_ms > now)
+                .take(limit)
+                .cloned()
+                .collect()
+        }))
+    }
+
+    async fn queue_attempt(&self, device: &str, msgid: &str) -> BusResult<Option<u32>> {
+        let mut queues = lock(&self.inner.queues);
+        Ok(queues.get_mut(device, msgid).map(|c| {
+            c.attempts = c.attempts.saturating_add(1);
+            c.attempts
+        }))
+    }
+
+    /// A release without a result keeps a result stored by an earlier release (a repeated
+    /// `rec` need not repeat it).
+    async fn queue_release(
+        &self,
+        device: &str,
+        msgid: &str,
+        result: Option<&Value>,
+    ) -> BusResult<Option<QueuedCommand>> {
+        let mut queues = lock(&self.inner.queues);
+        Ok(queues.get_mut(device, msgid).map(|c| {
+            c.state = DeliveryState::Released;
+            if let Some(r) = result {
+                c.result = Some(r.clone());
+            }
+            c.clone()
+        }))
+    }
+
+    async fn queue_ack(&self, device: &str, msgid: &str) -> BusResult<Option<QueuedCommand>> {
+        Ok(lock(&self.inner.queues).remove(device, msgid))
+    }
+
+    async fn queue_fail(&self, device: &str, msgid: &str) -> BusResult<Option<QueuedCommand>> {
+        Ok(lock(&self.inner.queues).remove(device, msgid))
+    }
+
+    async fn queue_take_expired(&self, now_ms: i64, limit: usize) -> BusResult<Vec<QueuedCommand>> {
+        let mut queues = lock(&self.inner.queues);
+        let mut taken = Vec::new();
+        while taken.len() < limit {
+            let Some(entry) = queues.expiry.first_entry() else {
+                break;
+            };
+            if entry.key().0 > now_ms {
+                break;
+            }
+            let ((_, seq), device) = entry.remove_entry();
+            if let Some(c) = queues.remove_by_seq(&device, seq) {
+                taken.push(c);
+            }
+        }
+        Ok(taken)
+    }
+
+    async fn queue_len(&self, device: &str) -> BusResult<usize> {
+        Ok(lock(&self.inner.queues)
+            .devices
+            .get(device)
+            .map_or(0, |q| q.order.len()))
+    }
+
+    async fn qos2_receive(&self, device: &str, msgid: &str, ttl_ms: u64) -> BusResult<bool> {
+        let now = Instant::now();
+        let deadline = now + Duration::from_millis(ttl_ms);
+        Ok(lock(&self.inner.qos2).receive(device, msgid, deadline, now))
+    }
+
+    async fn qos2_release(&self, device: &str, msgid: &str) -> BusResult<bool> {
+        let now = Instant::now();
+        Ok(lock(&self.inner.qos2).release(device, msgid, now))
+    }
+
+    async fn telemetry_append(&self, records: &[TelemetryRecord]) -> BusResult<()> {
+        let partitions = self.inner.config.telemetry_partitions;
+        let max_len = self.inner.config.telemetry_max_len;
+        let now = u64::try_from(wall_ms()).unwrap_or(0);
+        for record in records {
+            let p = partition_for(&record.device, partitions) as usize;
+            let mut partition = lock(&self.inner.telemetry[p]);
+            let id = partition.next_id(now);
+            partition.records.push_back((id, record.clone()));
+            while partition.records.len() > max_len {
+                partition.records.pop_front();
+            }
+        }
+        Ok(())
+    }
+
+    /// A partition outside `0..telemetry_partitions()` reads as empty; a malformed `after`
+    /// is [`BusError::Corrupt`].
+    async fn telemetry_read(
+        &self,
+        partition: u32,
+        after: Option<&StreamId>,
+        limit: usize,
+    ) -> BusResult<Vec<(StreamId, TelemetryRecord)>> {
+        let after = after.map(parse_stream_id).transpose()?;
+        let Some(partition) = self.inner.telemetry.get(partition as usize) else {
+            return Ok(Vec::new());
+        };
+        let partition = lock(partition);
+        let start = after.map_or(0, |a| partition.records.partition_point(|(id, _)| *id <= a));
+        Ok(partition
+            .records
+            .range(start..)
+            .take(limit)
+            .map(|(id, r)| (format_stream_id(*id), r.clone()))
+            .collect())
+    }
+
+    fn telemetry_partitions(&self) -> u32 {
+        self.inner.config.telemetry_partitions
+    }
+
+    /// A merge that changes nothing leaves the version (and `updated_ms`) as they were and
+    /// creates no shadow.
+    async fn shadow_merge_reported(
+        &self,
+        device: &str,
+        patch: &Map<String, Value>,
+        now_ms: i64,
+    ) -> BusResult<u64> {
+        let mut shadows = lock(&self.inner.shadows);
+        Ok(merge_into(&mut shadows, device, patch, now_ms, |s| &mut s.reported).map_or(0, |s| s.version))
+    }
+
+    /// A merge that changes nothing leaves the version (and `updated_ms`) as they were and
+    /// creates no shadow.
+    async fn shadow_merge_desired(
+        &self,
+        device: &str,
+        patch: &Map<String, Value>,
+        now_ms: i64,
+    ) -> BusResult<Shadow> {
+        let mut shadows = lock(&self.inner.shadows);
+        Ok(merge_into(&mut shadows, device, patch, now_ms, |s| &mut s.desired)
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    async fn shadow_get(&self, device: &str) -> BusResult<Option<Shadow>> {
+        Ok(lock(&self.inner.shadows).get(device).cloned())
+    }
+
+    async fn publish(&self, channel: &Channel, frame: Bytes, retain: bool) -> BusResult<()> {
+        let mut pubsub = lock(&self.inner.pubsub);
+        let state = if retain {
+            let state = pubsub.channels.entry(channel.clone()).or_default();
+            state.retained = Some(frame.clone());
+            state
+        } else {
+            match pubsub.channels.get_mut(channel) {
+                Some(state) => state,
+                None => return Ok(()),
+            }
+        };
+        let mut dropped = 0;
+        // Closed senders belong to subscriptions being dropped right now; their guard
+        // removes them, so skipping them here is enough.
+        for (_, tx) in &state.subs {
+            if let Err(TrySendError::Full(_)) = tx.try_send(frame.clone()) {
+                dropped += 1;
+            }
+        }
+        if dropped > 0 {
+            self.inner.dropped_messages.fetch_add(dropped, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    async fn subscribe(&self, channel: &Channel) -> BusResult<Subscription> {
+        let (tx, rx) = mpsc::channel(self.inner.config.subscription_capacity);
+        let id = {
+            let mut pubsub = lock(&self.inner.pubsub);
+            let id = pubsub.next_id;
+            pubsub.next_id += 1;
+            pubsub.channels.entry(channel.clone()).or_default().subs.push((id, tx));
+            id
+        };
+        let guard = SubscriptionGuard {
+            inner: Arc::downgrade(&self.inner),
+            channel: channel.clone(),
+            id,
+        };
+        Ok(Subscription::new(rx, guard))
+    }
+
+    async fn retained(&self, channel: &Channel) -> BusResult<Option<Bytes>> {
+        Ok(lock(&self.inner.pubsub)
+            .channels
+            .get(channel)
+            .and_then(|c| c.retained.clone()))
+    }
+}
+
+/// Merges `patch` into the part of `device`'s shadow that `part` selects, bumping the version
+/// and recomputing the delta only when something changed; `None` when there is no shadow
+/// (none existed and the patch added nothing).
+fn merge_into<'a>(
+    shadows: &'a mut HashMap<String, Shadow>,
+    device: &str,
+    patch: &Map<String, Value>,
+    now_ms: i64,
+    part: impl Fn(&mut Shadow) -> &mut Map<String, Value>,
+) -> Option<&'a Shadow> {
+    if !shadows.contains_key(device) {
+        let mut fresh = Shadow::default();
+        merge_patch(part(&mut fresh), patch);
+        if part(&mut fresh).is_empty() {
+            return None;
+        }
+        fresh.version = 1;
+        fresh.updated_ms = now_ms;
+        fresh.recompute_delta();
+        return Some(shadows.entry(device.to_owned()).or_insert(fresh));
+    }
+    let shadow = shadows.get_mut(device)?;
+    let target = part(shadow);
+    let before = target.clone();
+    merge_patch(target, patch);
+    if *target != before {
+        shadow.version += 1;
+        shadow.updated_ms = now_ms;
+        shadow.recompute_delta();
+    }
+    Some(shadow)
+}

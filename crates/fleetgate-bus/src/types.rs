@@ -1,0 +1,273 @@
+//! Values stored in and carried by the bus.
+
+use bytes::Bytes;
+use fleetgate_protocol::{CloseCode, MessageKind, MsgId, Qos};
+use serde_json::{Map, Value};
+use tokio::sync::mpsc;
+
+/// A provisioned device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRecord {
+    /// Device ID (the `sub` of its JWTs, the `Device-ID` header).
+    pub id: String,
+    /// Groups it belongs to (fan-out channels, RBAC scopes).
+    pub groups: Vec<String>,
+    /// SHA-256 of its secret; the secret itself is never stored.
+    pub secret_sha256: [u8; 32],
+    /// When it was provisioned, ms since the epoch.
+    pub created_ms: i64,
+    /// Revoked devices cannot authenticate.
+    pub revoked: bool,
+}
+
+/// A live gateway node, as registered in membership.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// Node ID.
+    pub id: String,
+    /// Authenticated device connections it holds.
+    pub connections: u64,
+    /// Whether it is draining (accepts no new connections).
+    pub draining: bool,
+    /// When it started, ms since the epoch.
+    pub started_ms: i64,
+    /// When this entry was last refreshed, ms since the epoch.
+    pub updated_ms: i64,
+}
+
+/// Where a device is connected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Presence {
+    /// Node holding the connection.
+    pub node: String,
+    /// Identifies the connection, for compare-and-delete and targeted closes.
+    pub conn_id: u64,
+    /// When the device authenticated, ms since the epoch.
+    pub since_ms: i64,
+}
+
+/// A server -> device command.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Command {
+    /// Message ID, unique per device.
+    pub msgid: MsgId,
+    /// Target device.
+    pub device: String,
+    /// Opaque body.
+    pub payload: Value,
+    /// Delivery guarantee.
+    pub qos: Qos,
+    /// When it was accepted, ms since the epoch.
+    pub created_ms: i64,
+    /// When it expires unacknowledged, ms since the epoch.
+    pub expires_ms: i64,
+    /// Node to tell the outcome (an admin API waiting for the result), if any.
+    pub reply_to: Option<String>,
+    /// W3C `traceparent` of the request that sent it.
+    pub traceparent: Option<String>,
+}
+
+/// Delivery state of a queued QoS 1/2 command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryState {
+    /// Waiting for `ack` (QoS 1) or `rec` (QoS 2).
+    Pending,
+    /// QoS 2: `rec` received and `rel` sent; waiting for `comp`.
+    Released,
+}
+
+/// A command in a device's queue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueuedCommand {
+    /// The command.
+    pub command: Command,
+    /// Delivery attempts so far.
+    pub attempts: u32,
+    /// Where the QoS handshake stands.
+    pub state: DeliveryState,
+    /// A result that rode on a QoS 2 `rec`, kept until `comp`.
+    pub result: Option<Value>,
+}
+
+/// Why a command failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailReason {
+    /// Its TTL ended before the device acknowledged it.
+    Expired,
+    /// It was sent `max_attempts` times without acknowledgement.
+    AttemptsExhausted,
+}
+
+impl FailReason {
+    /// Stable name for APIs and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Expired => "expired",
+            Self::AttemptsExhausted => "attempts_exhausted",
+        }
+    }
+}
+
+/// What became of a command.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CommandOutcome {
+    /// The device acknowledged it with `payload.result`.
+    Result(Value),
+    /// The device acknowledged it with `payload.error`.
+    Error(Value),
+    /// The device acknowledged it without a result.
+    Done,
+    /// It was never acknowledged.
+    Failed(FailReason),
+}
+
+/// Messages addressed to one node.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NodeMessage {
+    /// New commands are queued for `device`: read its queue.
+    Deliver {
+        /// The device.
+        device: String,
+    },
+    /// A QoS 0 command: deliver if connected, never queued.
+    Command(Command),
+    /// Close `device`'s session with `code`, if it is still connection `conn_id` (any
+    /// connection of the device when `None`).
+    Close {
+        /// The device.
+        device: String,
+        /// The connection to close, if a particular one.
+        conn_id: Option<u64>,
+        /// Close code to send.
+        code: CloseCode,
+        /// Close reason.
+        reason: String,
+    },
+    /// A command's outcome, for the node waiting on it.
+    CommandResult {
+        /// The device.
+        device: String,
+        /// The command.
+        msgid: String,
+        /// What happened.
+        outcome: CommandOutcome,
+    },
+}
+
+/// One accepted status or event, as stored in a telemetry stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TelemetryRecord {
+    /// Sender.
+    pub device: String,
+    /// Its msgid.
+    pub msgid: String,
+    /// Status or event.
+    pub kind: MessageKind,
+    /// Sender's timestamp.
+    pub timestamp: i64,
+    /// When the gateway accepted it.
+    pub received_ms: i64,
+    /// The body.
+    pub payload: Value,
+}
+
+/// Position of a record in a telemetry stream (a Redis stream ID such as `1700000000000-0`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StreamId(pub String);
+
+/// A device's shadow: reported and desired state and their difference.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Shadow {
+    /// What the device reported.
+    pub reported: Map<String, Value>,
+    /// What operators want.
+    pub desired: Map<String, Value>,
+    /// Desired keys whose value differs from the reported one.
+    pub delta: Map<String, Value>,
+    /// Incremented on every change.
+    pub version: u64,
+    /// Last change, ms since the epoch.
+    pub updated_ms: i64,
+}
+
+impl Shadow {
+    /// Recomputes `delta` from `desired` and `reported`.
+    pub fn recompute_delta(&mut self) {
+        self.delta = self
+            .desired
+            .iter()
+            .filter(|(k, v)| self.reported.get(*k) != Some(*v))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+    }
+}
+
+/// Applies a top-level merge patch: keys are replaced, `null` deletes.
+pub fn merge_patch(target: &mut Map<String, Value>, patch: &Map<String, Value>) {
+    for (k, v) in patch {
+        if v.is_null() {
+            target.remove(k);
+        } else {
+            target.insert(k.clone(), v.clone());
+        }
+    }
+}
+
+/// A fan-out channel.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Channel {
+    /// Everything one device publishes: `device:<id>`.
+    Device(String),
+    /// Everything the devices of a group publish: `group:<name>`.
+    Group(String),
+    /// Alerts: events flagged as alerts, failed commands.
+    Alerts,
+}
+
+impl Channel {
+    /// The channel's name (`device:<id>`, `group:<name>`, `alerts`).
+    pub fn name(&self) -> String {
+        match self {
+            Self::Device(id) => format!("device:{id}"),
+            Self::Group(g) => format!("group:{g}"),
+            Self::Alerts => "alerts".to_owned(),
+        }
+    }
+
+    /// Parses a channel name.
+    pub fn parse(name: &str) -> Option<Self> {
+        if name == "alerts" {
+            Some(Self::Alerts)
+        } else if let Some(id) = name.strip_prefix("device:").filter(|s| !s.is_empty()) {
+            Some(Self::Device(id.to_owned()))
+        } else {
+            name.strip_prefix("group:")
+                .filter(|s| !s.is_empty())
+                .map(|g| Self::Group(g.to_owned()))
+        }
+    }
+}
+
+/// A live subscription to a channel; dropping it unsubscribes.
+pub struct Subscription {
+    rx: mpsc::Receiver<Bytes>,
+    _guard: Box<dyn Send + Sync>,
+}
+
+impl Subscription {
+    /// Wraps a receiver and whatever must be dropped to unsubscribe.
+    pub fn new(rx: mpsc::Receiver<Bytes>, guard: impl Send + Sync + 'static) -> Self {
+        Self { rx, _guard: Box::new(guard) }
+    }
+
+    /// The next frame; `None` once the bus closed the subscription.
+    pub async fn recv(&mut self) -> Option<Bytes> {
+        self.rx.recv().await
+    }
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription").finish_non_exhaustive()
+    }
+}

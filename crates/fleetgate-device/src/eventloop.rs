@@ -1,0 +1,530 @@
+//! The event loop: one task per device that owns the connection, the in-flight QoS state
+//! and the command dedupe cache, and reconnects until told to stop.
+
+use std::collections::VecDeque;
+use std::future::pending;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use fleetgate_protocol::{
+    Envelope, ErrorCode, ErrorFrame, Frame, Handshake, HandshakeKind, MessageKind, MsgId, Qos,
+};
+use serde_json::Value;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, sleep_until};
+use tracing::{debug, warn};
+
+use crate::backoff::{Backoff, should_reconnect};
+use crate::client::{Answer, IncomingCommand, LinkState, Outgoing, Request, Shared};
+use crate::connection::frame_name;
+use crate::dedupe::{CmdState, DedupeCache};
+use crate::{Connection, DeviceError, DeviceEvent, DeviceOptions};
+
+/// How long a client-initiated close waits for the gateway's close reply.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// Retransmission delays stop doubling after this many attempts.
+const MAX_RETRY_DOUBLINGS: u32 = 6;
+
+/// Where a message stands in its QoS handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// QoS 0 queued while offline.
+    Fire,
+    /// QoS 1 waiting for `ack`.
+    AwaitAck,
+    /// QoS 2 waiting for `rec`.
+    AwaitRec,
+    /// QoS 2 released, waiting for `comp`.
+    AwaitComp,
+}
+
+#[derive(Debug)]
+struct Inflight {
+    /// Always a `Frame::Message`; kept as a frame so retransmits only flip `dup`.
+    frame: Frame,
+    msgid: MsgId,
+    step: Step,
+    /// Transmissions of the current step.
+    attempts: u32,
+    /// Retransmission deadline; `None` until sent on the current connection.
+    deadline: Option<Instant>,
+    done: oneshot::Sender<Result<MsgId, DeviceError>>,
+}
+
+impl Inflight {
+    fn new(out: Outgoing) -> Self {
+        let step = match out.env.qos {
+            Qos::AtMostOnce => Step::Fire,
+            Qos::AtLeastOnce => Step::AwaitAck,
+            Qos::ExactlyOnce => Step::AwaitRec,
+        };
+        let msgid = out.env.msgid.clone();
+        Self { frame: Frame::Message(out.env), msgid, step, attempts: 0, deadline: None, done: out.done }
+    }
+
+    fn finish(self, result: Result<(), DeviceError>) {
+        let _ = self.done.send(result.map(|()| self.msgid));
+    }
+}
+
+/// How a session ended.
+enum SessionEnd {
+    /// Shut down by the client; the loop stops.
+    Stop,
+    /// The link ended.
+    Closed { code: Option<u16>, reason: String },
+}
+
+/// A device's event loop; returned by [`crate::Device::new`] for the caller to spawn.
+#[derive(Debug)]
+pub struct EventLoop {
+    opts: DeviceOptions,
+    shared: Arc<Shared>,
+    requests: mpsc::Receiver<Request>,
+    requests_open: bool,
+    events: mpsc::Sender<DeviceEvent>,
+    /// Only handed to `IncomingCommand`s, so commands alive in the app do not keep the
+    /// loop running after every client is gone.
+    responder: mpsc::WeakSender<Request>,
+    inflight: VecDeque<Inflight>,
+    dedupe: DedupeCache,
+    backoff: Backoff,
+    sessions: u32,
+}
+
+impl EventLoop {
+    pub(crate) fn new(
+        opts: DeviceOptions,
+        shared: Arc<Shared>,
+        requests: mpsc::Receiver<Request>,
+        events: mpsc::Sender<DeviceEvent>,
+        responder: mpsc::WeakSender<Request>,
+    ) -> Self {
+        let backoff = Backoff::new(opts.reconnect_backoff_min, opts.reconnect_backoff_max);
+        let dedupe = DedupeCache::new(opts.dedupe_capacity);
+        Self {
+            opts,
+            shared,
+            requests,
+            requests_open: true,
+            events,
+            responder,
+            inflight: VecDeque::new(),
+            dedupe,
+            backoff,
+            sessions: 0,
+        }
+    }
+
+    /// Runs until [`crate::DeviceClient::disconnect`], a final close, or every client is
+    /// dropped. Pending sends then fail with [`DeviceError::Stopped`].
+    pub async fn run(mut self) {
+        let mut shutdown = self.shared.shutdown.subscribe();
+        loop {
+            if *shutdown.borrow() || !self.requests_open {
+                break;
+            }
+            self.shared.state.send_replace(LinkState::Connecting);
+            // Boxed: the handshake future is large and only lives while connecting.
+            let attempt = Box::pin(Connection::connect(&self.opts));
+            let result = tokio::select! {
+                r = attempt => r,
+                _ = shutdown.wait_for(|s| *s) => break,
+            };
+            let delay = match result {
+                Ok(mut conn) => {
+                    self.backoff.reset();
+                    let session = conn.session().cloned().unwrap_or_else(|| unreachable!());
+                    self.shared.state.send_replace(LinkState::Connected);
+                    debug!(session_id = %session.session_id, reconnects = self.sessions, "connected");
+                    self.emit(DeviceEvent::Connected {
+                        session_id: session.session_id,
+                        heartbeat_ms: session.heartbeat_ms,
+                        reconnects: self.sessions,
+                    });
+                    self.sessions = self.sessions.saturating_add(1);
+                    let end = self.session(&mut conn, &mut shutdown).await;
+                    self.shared.state.send_replace(LinkState::Connecting);
+                    match end {
+                        SessionEnd::Stop => {
+                            self.emit(DeviceEvent::Disconnected {
+                                code: Some(1000),
+                                reason: "client disconnect".into(),
+                                reconnect_in: None,
+                            });
+                            break;
+                        }
+                        SessionEnd::Closed { code, reason } => {
+                            let again = should_reconnect(code, self.opts.reconnect_on_replaced);
+                            let delay = again.then(|| self.backoff.delay_after_close(&reason));
+                            debug!(?code, %reason, ?delay, "disconnected");
+                            self.emit(DeviceEvent::Disconnected { code, reason, reconnect_in: delay });
+                            match delay {
+                                Some(d) => d,
+                                None => break,
+                            }
+                        }
+                    }
+                }
+                Err(DeviceError::AuthFailed { reason }) => {
+                    warn!(%reason, "authentication failed; not reconnecting");
+                    self.emit(DeviceEvent::AuthFailed { reason });
+                    break;
+                }
+                Err(e) => {
+                    let delay = match &e {
+                        DeviceError::Closed { code, reason } => should_reconnect(
+                            *code,
+                            self.opts.reconnect_on_replaced,
+                        )
+                        .then(|| self.backoff.delay_after_close(reason)),
+                        DeviceError::InvalidOptions(_) => None,
+                        _ => Some(self.backoff.next_delay()),
+                    };
+                    debug!(error = %e, ?delay, "connect failed");
+                    self.emit(DeviceEvent::ConnectFailed { reason: e.to_string(), reconnect_in: delay });
+                    match delay {
+                        Some(d) => d,
+                        None => break,
+                    }
+                }
+            };
+            if !self.wait_offline(delay, &mut shutdown).await {
+                break;
+            }
+        }
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.shared.state.send_replace(LinkState::Stopped);
+        for entry in self.inflight.drain(..) {
+            entry.finish(Err(DeviceError::Stopped));
+        }
+        self.requests.close();
+        while let Ok(req) = self.requests.try_recv() {
+            if let Request::Publish(out) = req {
+                let _ = out.done.send(Err(DeviceError::Stopped));
+            }
+        }
+    }
+
+    /// Sleeps before reconnecting while still queueing sends; false to stop.
+    async fn wait_offline(
+        &mut self,
+        delay: Duration,
+        shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> bool {
+        let until = Instant::now() + delay;
+        loop {
+            let room = self.requests_open && self.inflight.len() < self.opts.max_inflight;
+            tokio::select! {
+                () = sleep_until(until) => return true,
+                _ = shutdown.wait_for(|s| *s) => return false,
+                req = self.requests.recv(), if room => match req {
+                    None => {
+                        self.requests_open = false;
+                        return false;
+                    }
+                    Some(Request::Publish(out)) => self.inflight.push_back(Inflight::new(*out)),
+                    Some(Request::Answer(a)) => {
+                        // Sent when the gateway redelivers the command after reconnecting.
+                        self.dedupe.answer(&a.msgid, a.qos, a.payload);
+                    }
+                },
+            }
+        }
+    }
+
+    async fn session(
+        &mut self,
+        conn: &mut Connection,
+        shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> SessionEnd {
+        // Everything unacknowledged goes out again, in order, with its original msgid.
+        let mut i = 0;
+        while i < self.inflight.len() {
+            match self.transmit(conn, i).await {
+                Ok(true) => i += 1,
+                Ok(false) => {}
+                Err(e) => return ended(conn, e),
+            }
+        }
+        let keepalive = self.opts.keepalive;
+        let mut next_ping = (!keepalive.is_zero()).then(|| Instant::now() + keepalive);
+        loop {
+            let deadline = self.next_deadline(next_ping);
+            let room = self.requests_open && self.inflight.len() < self.opts.max_inflight;
+            let step = tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|s| *s) => {
+                    let _ = conn.close(1000, "client disconnect", CLOSE_GRACE).await;
+                    return SessionEnd::Stop;
+                }
+                frame = conn.recv_frame() => match frame {
+                    Ok(frame) => self.on_frame(conn, frame).await,
+                    Err(DeviceError::Protocol(e)) => {
+                        warn!(error = %e, "undecodable frame from gateway ignored");
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                },
+                req = self.requests.recv(), if room => match req {
+                    Some(req) => self.on_request(conn, req).await,
+                    None => {
+                        self.requests_open = false;
+                        let _ = conn.close(1000, "client dropped", CLOSE_GRACE).await;
+                        return SessionEnd::Stop;
+                    }
+                },
+                () = sleep_opt(deadline) => self.on_timer(conn, &mut next_ping).await,
+            };
+            if let Err(e) = step {
+                return ended(conn, e);
+            }
+        }
+    }
+
+    fn next_deadline(&self, next_ping: Option<Instant>) -> Option<Instant> {
+        self.inflight.iter().filter_map(|e| e.deadline).chain(next_ping).min()
+    }
+
+    async fn on_timer(
+        &mut self,
+        conn: &mut Connection,
+        next_ping: &mut Option<Instant>,
+    ) -> Result<(), DeviceError> {
+        let now = Instant::now();
+        if let Some(at) = *next_ping
+            && now >= at
+        {
+            let keepalive = self.opts.keepalive;
+            if now.into_std().duration_since(conn.last_activity()) >= keepalive * 2 {
+                return Err(DeviceError::Closed {
+                    code: None,
+                    reason: "keepalive timeout: nothing received".into(),
+                });
+            }
+            conn.send_ping().await?;
+            *next_ping = Some(now + keepalive);
+        }
+        let mut i = 0;
+        while i < self.inflight.len() {
+            let due = self.inflight[i].deadline.is_some_and(|d| d <= now);
+            if !due || self.transmit(conn, i).await? {
+                i += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// (Re)transmits entry `i`; returns false when the entry was removed.
+    async fn transmit(&mut self, conn: &mut Connection, i: usize) -> Result<bool, DeviceError> {
+        let max = self.opts.max_attempts;
+        let entry = &mut self.inflight[i];
+        if max != 0 && entry.attempts >= max {
+            let entry = self.inflight.remove(i).unwrap_or_else(|| unreachable!());
+            let attempts = entry.attempts;
+            warn!(msgid = %entry.msgid, attempts, "message not acknowledged; giving up");
+            let msgid = entry.msgid.clone();
+            entry.finish(Err(DeviceError::AckTimeout { msgid, attempts }));
+            return Ok(false);
+        }
+        match entry.step {
+            Step::Fire => {
+                let entry = self.inflight.remove(i).unwrap_or_else(|| unreachable!());
+                let result = conn.send_frame(&entry.frame).await;
+                let failed = result.as_ref().err().map(ToString::to_string);
+                entry.finish(result);
+                return match failed {
+                    Some(reason) => Err(DeviceError::Closed { code: conn.close_code(), reason }),
+                    None => Ok(false),
+                };
+            }
+            Step::AwaitAck | Step::AwaitRec => {
+                if let Frame::Message(env) = &mut entry.frame {
+                    env.dup = entry.attempts > 0;
+                }
+                entry.attempts += 1;
+                entry.deadline = Some(Instant::now() + retry_delay(self.opts.ack_timeout, entry.attempts));
+                conn.send_frame(&entry.frame).await?;
+            }
+            Step::AwaitComp => {
+                entry.attempts += 1;
+                entry.deadline = Some(Instant::now() + retry_delay(self.opts.ack_timeout, entry.attempts));
+                let rel = handshake(HandshakeKind::Rel, entry.msgid.clone(), None);
+                conn.send_frame(&rel).await?;
+            }
+        }
+        Ok(true)
+    }
+
+    async fn on_request(&mut self, conn: &mut Connection, req: Request) -> Result<(), DeviceError> {
+        match req {
+            Request::Publish(out) => {
+                self.inflight.push_back(Inflight::new(*out));
+                self.transmit(conn, self.inflight.len() - 1).await.map(drop)
+            }
+            Request::Answer(a) => {
+                let Answer { msgid, qos, payload } = *a;
+                self.dedupe.answer(&msgid, qos, payload.clone());
+                let kind = if qos == Qos::ExactlyOnce { HandshakeKind::Rec } else { HandshakeKind::Ack };
+                conn.send_frame(&handshake(kind, msgid, payload)).await
+            }
+        }
+    }
+
+    async fn on_frame(&mut self, conn: &mut Connection, frame: Frame) -> Result<(), DeviceError> {
+        match frame {
+            Frame::Handshake(h) => self.on_handshake(conn, h).await,
+            Frame::Message(env) if env.kind == MessageKind::Command => self.on_command(conn, env).await,
+            Frame::Error(err) => {
+                self.on_error(err);
+                Ok(())
+            }
+            other => {
+                debug!(kind = frame_name(&other), "unexpected frame from gateway ignored");
+                Ok(())
+            }
+        }
+    }
+
+    async fn on_handshake(&mut self, conn: &mut Connection, h: Handshake) -> Result<(), DeviceError> {
+        let pos = self.inflight.iter().position(|e| e.msgid == h.msgid);
+        match (h.kind, pos) {
+            (HandshakeKind::Ack, Some(i)) if self.inflight[i].step == Step::AwaitAck => {
+                let entry = self.inflight.remove(i).unwrap_or_else(|| unreachable!());
+                let refused = h.payload.as_ref().and_then(|p| p.get("error"));
+                let result = match refused {
+                    Some(err) => Err(DeviceError::Refused {
+                        msgid: entry.msgid.clone(),
+                        code: None,
+                        message: err.to_string(),
+                    }),
+                    None => Ok(()),
+                };
+                entry.finish(result);
+            }
+            (HandshakeKind::Rec, Some(i)) if self.inflight[i].step == Step::AwaitRec => {
+                let entry = &mut self.inflight[i];
+                entry.step = Step::AwaitComp;
+                entry.attempts = 0;
+                self.transmit(conn, i).await?;
+            }
+            (HandshakeKind::Rec, _) => {
+                // A repeated rec (our rel was lost) or one for a message we gave up on: release
+                // it so the gateway's handshake completes.
+                conn.send_frame(&handshake(HandshakeKind::Rel, h.msgid, None)).await?;
+            }
+            (HandshakeKind::Comp, Some(i)) if self.inflight[i].step == Step::AwaitComp => {
+                let entry = self.inflight.remove(i).unwrap_or_else(|| unreachable!());
+                entry.finish(Ok(()));
+            }
+            (HandshakeKind::Rel, _) => {
+                let answered = match self.dedupe.release(&h.msgid) {
+                    Some(CmdState::Pending) => false,
+                    Some(CmdState::Answered { .. }) | None => true,
+                };
+                if answered {
+                    conn.send_frame(&handshake(HandshakeKind::Comp, h.msgid, None)).await?;
+                }
+            }
+            (kind, _) => debug!(kind = kind.as_str(), msgid = %h.msgid, "stray handshake ignored"),
+        }
+        Ok(())
+    }
+
+    async fn on_command(&mut self, conn: &mut Connection, env: Envelope) -> Result<(), DeviceError> {
+        if let Some(entry) = self.dedupe.get(&env.msgid) {
+            let resend = match &entry.state {
+                CmdState::Pending => None,
+                CmdState::Answered { payload, .. } => Some((entry.qos, payload.clone())),
+            };
+            debug!(msgid = %env.msgid, answered = resend.is_some(), "redelivered command deduped");
+            return match resend {
+                Some((Qos::AtLeastOnce, payload)) => {
+                    conn.send_frame(&handshake(HandshakeKind::Ack, env.msgid, payload)).await
+                }
+                Some((Qos::ExactlyOnce, payload)) => {
+                    conn.send_frame(&handshake(HandshakeKind::Rec, env.msgid, payload)).await
+                }
+                _ => Ok(()),
+            };
+        }
+        let permit = match self.events.try_reserve() {
+            Ok(permit) => permit,
+            Err(TrySendError::Full(())) => {
+                self.shared.dropped_events.fetch_add(1, Ordering::Relaxed);
+                warn!(msgid = %env.msgid, "event channel full; command dropped until redelivered");
+                return Ok(());
+            }
+            Err(TrySendError::Closed(())) => return Ok(()),
+        };
+        if env.qos != Qos::AtMostOnce {
+            self.dedupe.insert_pending(env.msgid.clone(), env.qos);
+        }
+        permit.send(DeviceEvent::Command(Box::new(IncomingCommand {
+            msgid: env.msgid,
+            payload: env.payload,
+            qos: env.qos,
+            dup: env.dup,
+            timestamp: env.timestamp,
+            responder: self.responder.clone(),
+        })));
+        Ok(())
+    }
+
+    fn on_error(&mut self, err: ErrorFrame) {
+        warn!(code = err.code.as_str(), msgid = ?err.msgid, message = %err.message, "gateway error frame");
+        let pos = err.msgid.as_ref().and_then(|id| self.inflight.iter().position(|e| &e.msgid == id));
+        // `unavailable` means "retry it": leave the message to its retransmission timer.
+        if let Some(i) = pos
+            && err.code != ErrorCode::Unavailable
+        {
+            let entry = self.inflight.remove(i).unwrap_or_else(|| unreachable!());
+            let msgid = entry.msgid.clone();
+            entry.finish(Err(DeviceError::Refused {
+                msgid,
+                code: Some(err.code),
+                message: err.message.clone(),
+            }));
+        }
+        self.emit(DeviceEvent::Error(Box::new(err)));
+    }
+
+    fn emit(&self, event: DeviceEvent) {
+        match self.events.try_send(event) {
+            Ok(()) | Err(TrySendError::Closed(_)) => {}
+            Err(TrySendError::Full(_)) => {
+                self.shared.dropped_events.fetch_add(1, Ordering::Relaxed);
+                debug!("event channel full; event dropped");
+            }
+        }
+    }
+}
+
+fn ended(conn: &Connection, e: DeviceError) -> SessionEnd {
+    match e {
+        DeviceError::Closed { code, reason } => SessionEnd::Closed { code, reason },
+        other => SessionEnd::Closed { code: conn.close_code(), reason: other.to_string() },
+    }
+}
+
+fn handshake(kind: HandshakeKind, msgid: MsgId, payload: Option<Value>) -> Frame {
+    Frame::Handshake(Handshake { kind, msgid, payload })
+}
+
+/// Wait before retransmission number `attempts + 1`: `ack_timeout * 2^(attempts-1)`.
+pub(crate) fn retry_delay(ack_timeout: Duration, attempts: u32) -> Duration {
+    let doublings = attempts.saturating_sub(1).min(MAX_RETRY_DOUBLINGS);
+    ack_timeout.saturating_mul(1 << doublings)
+}
+
+async fn sleep_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => sleep_until(d).await,
+        None => pending().await,
+    }
+}

@@ -1,0 +1,84 @@
+//! Gateway settings. Defaults live here and nowhere else; the `fleetgate` binary layers the
+//! config file, `FLEETGATE_*` environment variables and flags on top.
+
+use std::time::Duration;
+
+use fleetgate_protocol::Limits;
+
+/// Everything a gateway node needs to know.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// This node's ID in membership, presence and routing.
+    pub node_id: String,
+    /// First-frame auth must arrive within this.
+    pub auth_timeout: Duration,
+    /// The server pings this often.
+    pub heartbeat: Duration,
+    /// No frame or pong for this long closes the session with 4001.
+    pub idle_timeout: Duration,
+    /// First retransmit of an unacknowledged QoS 1/2 command after this; doubles per attempt.
+    pub ack_timeout: Duration,
+    /// Longest wait between retransmits.
+    pub max_ack_backoff: Duration,
+    /// Deliveries of one command before it is reported failed.
+    pub max_attempts: u32,
+    /// Authenticated device connections this node accepts; more get 503 before the upgrade.
+    pub max_connections: usize,
+    /// Protocol limits (frame size, skew, replay window, batch size).
+    pub limits: Limits,
+    /// Sustained messages per second per device; above it (past the burst) the session closes
+    /// with 4429.
+    pub rate_limit_per_second: u32,
+    /// Messages a device may send in a burst above the sustained rate.
+    pub rate_limit_burst: u32,
+    /// Frames waiting to be written to one device; a consumer that lets it fill is closed.
+    pub outbox_capacity: usize,
+    /// QoS 1/2 commands in flight to one device at once.
+    pub inflight_window: usize,
+    /// A write blocked longer than this marks the device a slow consumer and ends the session.
+    pub write_timeout: Duration,
+    /// Initial WebSocket read buffer; it grows only while a large frame is read.
+    pub read_buffer_bytes: usize,
+    /// On SIGTERM, sessions are closed with 1012 spread over this period.
+    pub drain_period: Duration,
+    /// Membership entry lifetime; refreshed every third of it.
+    pub node_ttl: Duration,
+    /// How long device -> server QoS 2 msgids are remembered awaiting `rel`.
+    pub qos2_ttl: Duration,
+    /// How often expired commands are collected and reported.
+    pub expiry_sweep_interval: Duration,
+}
+
+impl GatewayConfig {
+    /// Default for [`GatewayConfig::max_connections`]: about one connection per 16 KiB of
+    /// `memory_bytes` (each costs a few KiB idle, more while busy), capped at one million.
+    pub fn max_connections_for_memory(memory_bytes: u64) -> usize {
+        (memory_bytes / (16 * 1024)).clamp(1_000, 1_000_000) as usize
+    }
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            node_id: "node".to_owned(),
+            auth_timeout: Duration::from_millis(10_000),
+            heartbeat: Duration::from_millis(30_000),
+            idle_timeout: Duration::from_millis(90_000),
+            ack_timeout: Duration::from_millis(5_000),
+            max_ack_backoff: Duration::from_millis(60_000),
+            max_attempts: 5,
+            max_connections: 100_000,
+            limits: Limits::default(),
+            rate_limit_per_second: 100,
+            rate_limit_burst: 200,
+            outbox_capacity: 64,
+            inflight_window: 16,
+            write_timeout: Duration::from_millis(10_000),
+            read_buffer_bytes: 1024,
+            drain_period: Duration::from_millis(30_000),
+            node_ttl: Duration::from_millis(15_000),
+            qos2_ttl: Duration::from_millis(10 * 60 * 1000),
+            expiry_sweep_interval: Duration::from_millis(1_000),
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! HTTP surface: the `/v1/device` upgrade (capacity, drain and header auth are checked before
+//! the upgrade) and the internal listener.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use fleetgate_protocol::{Codec, SUBPROTOCOL_JSON, SUBPROTOCOL_PROTO};
+use prometheus_client::registry::Registry;
+use serde::Deserialize;
+use tracing::{Instrument, info_span, warn};
+
+use crate::Shared;
+use crate::auth::AuthError;
+use crate::session::{self, Admission};
+
+pub(crate) fn public_router(shared: Arc<Shared>) -> Router {
+    Router::new().route("/v1/device", get(device_upgrade)).with_state(shared)
+}
+
+#[derive(Deserialize)]
+struct DeviceQuery {
+    device_id: Option<String>,
+}
+
+/// `{"error":{"code","message"}}` with a status, the error shape of every HTTP answer.
+pub(crate) fn json_error(status: StatusCode, code: &str, message: &str) -> Response {
+    let body = serde_json::json!({ "error": { "code": code, "message": message } });
+    (status, axum::Json(body)).into_response()
+}
+
+fn unavailable(code: &str, message: &str, retry_after_s: u32) -> Response {
+    let mut resp = json_error(StatusCode::SERVICE_UNAVAILABLE, code, message);
+    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
+    resp
+}
+
+async fn device_upgrade(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    query: Result<Query<DeviceQuery>, axum::extract::rejection::QueryRejection>,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => {
+            return json_error(StatusCode::BAD_REQUEST, "not_websocket", &rejection.body_text());
+        }
+    };
+    if shared.draining.load(Ordering::Relaxed) {
+        shared.metrics.connections_rejected.inc();
+        return unavailable("draining", "node is draining; connect to another node", 1);
+    }
+    let Ok(permit) = shared.capacity.clone().try_acquire_owned() else {
+        shared.metrics.connections_rejected.inc();
+        return unavailable("at_capacity", "node is at its connection limit", 5);
+    };
+    let routed_id = headers
+        .get("device-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| query.ok().and_then(|q| q.0.device_id))
+        .filter(|id| !id.is_empty());
+    if routed_id.as_ref().is_some_and(|id| id.len() > 128) {
+        return json_error(StatusCode::BAD_REQUEST, "bad_device_id", "device ID longer than 128 bytes");
+    }
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let admission = match bearer {
+        Some(token) => match shared.auth.authenticate(routed_id.as_deref(), token).await {
+            Ok(device) => Admission::Authenticated(device),
+            Err(AuthError::Unavailable(error)) => {
+                shared.metrics.bus_errors.inc();
+                warn!(message = "auth lookup failed", %error);
+                return unavailable("bus_unavailable", "cannot verify credentials now", 1);
+            }
+            Err(error) => {
+                shared.metrics.auth_failures.inc();
+                return json_error(StatusCode::UNAUTHORIZED, "auth_failed", &error.to_string());
+            }
+        },
+        None => Admission::AwaitAuthFrame { routed_id },
+    };
+    let max = shared.config.limits.max_frame_bytes;
+    let ws = ws
+        .protocols([SUBPROTOCOL_JSON, SUBPROTOCOL_PROTO])
+        .read_buffer_size(shared.config.read_buffer_bytes)
+        // Write each frame straight to the socket; keeping a write buffer costs every idle
+        // connection, and an unbounded one lets a slow consumer grow memory.
+        .write_buffer_size(0)
+        .max_write_buffer_size(max + 64 * 1024)
+        .max_message_size(max)
+        .max_frame_size(max);
+    let codec = ws
+        .selected_protocol()
+        .and_then(|p| p.to_str().ok())
+        .and_then(Codec::from_subprotocol)
+        .unwrap_or_default();
+    shared.metrics.connections_total.inc();
+    let token = shared.tracker.token();
+    let conn_id: u64 = rand::random();
+    let span = info_span!("conn", conn_id, node_id = %shared.config.node_id, device_id = tracing::field::Empty);
+    ws.on_failed_upgrade(|error| warn!(message = "upgrade failed", %error))
+        .on_upgrade(move |socket| {
+            async move {
+                session::run(shared, socket, codec, conn_id, admission).await;
+                drop(permit);
+                drop(token);
+            }
+            .instrument(span)
+        })
+}
+
+pub(crate) fn internal_router(
+    registry: Arc<Registry>,
+    ready: impl Fn() -> bool + Clone + Send + Sync + 'static,
+) -> Router {
+    Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let registry = registry.clone();
+                async move {
+                    let mut body = String::new();
+                    match prometheus_client::encoding::text::encode(&mut body, &registry) {
+                        Ok(()) => (
+                            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                            body,
+                        )
+                            .into_response(),
+                        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+                    }
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready.clone();
+                async move {
+                    if ready() {
+                        (StatusCode::OK, "ready").into_response()
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response()
+                    }
+                }
+            }),
+        )
+}

@@ -1,0 +1,229 @@
+//! Device -> server messages: validation, replay and rate checks, the QoS 0/1/2 answers, and
+//! what an accepted message does (telemetry append, shadow merge, fan-out publish).
+
+use bytes::Bytes;
+use fleetgate_bus::{Channel, TelemetryRecord};
+use fleetgate_protocol::{
+    Codec, Envelope, ErrorCode, Frame, Handshake, HandshakeKind, MessageKind, MsgId, Qos,
+    batch_items, check_from_device,
+};
+use serde_json::{Map, Value};
+use tracing::warn;
+
+use crate::metrics::KindLabel;
+use crate::now_ms;
+use crate::session::{Close, Session};
+
+/// The answer a message's QoS asks for once it is durable.
+fn answer(qos: Qos, msgid: &MsgId) -> Option<Frame> {
+    let kind = match qos {
+        Qos::AtMostOnce => return None,
+        Qos::AtLeastOnce => HandshakeKind::Ack,
+        Qos::ExactlyOnce => HandshakeKind::Rec,
+    };
+    Some(Frame::Handshake(Handshake { kind, msgid: msgid.clone(), payload: None }))
+}
+
+/// The shadow patch a status carries: IIoT `values` merge as `reported.<tag> = value`,
+/// other objects merge as they are.
+fn shadow_patch(payload: &Value) -> Option<Map<String, Value>> {
+    let obj = payload.as_object()?;
+    match obj.get("values").and_then(Value::as_array) {
+        Some(values) => {
+            let mut patch = Map::new();
+            for v in values {
+                if let (Some(tag), Some(value)) = (v.get("tag").and_then(Value::as_str), v.get("value")) {
+                    patch.insert(tag.to_owned(), value.clone());
+                }
+            }
+            if let Some(q) = obj.get("quality") {
+                patch.insert("quality".to_owned(), q.clone());
+            }
+            Some(patch)
+        }
+        None => Some(obj.clone()),
+    }
+}
+
+impl Session {
+    /// Handles a status, event or batch from the device.
+    pub(crate) async fn ingest(&mut self, env: Envelope) -> Result<Vec<Frame>, Close> {
+        let now = now_ms();
+        let shared = self.shared.clone();
+        let limits = &shared.config.limits;
+        let items = if env.kind == MessageKind::Batch {
+            match batch_items(&env, &self.device, now, limits) {
+                Ok(items) => items,
+                Err(error) => return self.reject(Some(&env.msgid), &error),
+            }
+        } else {
+            Vec::new()
+        };
+        self.charge(items.len().max(1) as u32)?;
+        if let Err(error) = check_from_device(&env, &self.device, now, limits) {
+            return self.reject(Some(&env.msgid), &error);
+        }
+        let fresh = match self.replay.check(&env.msgid, env.dup, now, limits) {
+            Ok(fresh) => fresh,
+            Err(error) => return self.reject(Some(&env.msgid), &error),
+        };
+        if !fresh {
+            // A retransmission of something already accepted: answer again, don't reprocess.
+            return Ok(answer(env.qos, &env.msgid).into_iter().collect());
+        }
+        if env.qos == Qos::ExactlyOnce {
+            match self.shared.bus.qos2_receive(&self.device, env.msgid.as_str(), self.qos2_ttl_ms()).await {
+                Ok(true) => {}
+                Ok(false) => return Ok(answer(env.qos, &env.msgid).into_iter().collect()),
+                Err(error) => return Ok(vec![self.unavailable(&env.msgid, &error)]),
+            }
+        }
+        let mut replies = Vec::new();
+        let accepted: Vec<Envelope> = if env.kind == MessageKind::Batch {
+            let mut accepted = Vec::with_capacity(items.len());
+            for item in items {
+                match self.replay.check(&item.msgid, item.dup, now, limits) {
+                    Ok(true) => accepted.push(item),
+                    // Already accepted earlier: only its answer is owed.
+                    Ok(false) => replies.extend(answer(item.qos, &item.msgid)),
+                    Err(error) => replies.push(Session::error_frame(
+                        Some(item.msgid.clone()),
+                        error.error_code(),
+                        error.to_string(),
+                    )),
+                }
+            }
+            accepted
+        } else {
+            vec![env.clone()]
+        };
+        if let Err(error) = self.accept(&accepted, now).await {
+            if env.qos == Qos::ExactlyOnce {
+                // Undo the dedupe mark so the device's retransmission is processed.
+                let _ = self.shared.bus.qos2_release(&self.device, env.msgid.as_str()).await;
+            }
+            return Ok(vec![self.unavailable(&env.msgid, &error)]);
+        }
+        if env.kind == MessageKind::Batch {
+            for item in &accepted {
+                replies.extend(answer(item.qos, &item.msgid));
+            }
+        }
+        replies.extend(answer(env.qos, &env.msgid));
+        Ok(replies)
+    }
+
+    fn qos2_ttl_ms(&self) -> u64 {
+        self.shared.config.qos2_ttl.as_millis() as u64
+    }
+
+    fn reject(
+        &self,
+        msgid: Option<&MsgId>,
+        error: &fleetgate_protocol::ProtocolError,
+    ) -> Result<Vec<Frame>, Close> {
+        self.shared.metrics.messages_rejected.inc();
+        match error.close_code() {
+            Some(code) => Err(Close::new(code, error.to_string())),
+            None => Ok(vec![Session::error_frame(msgid.cloned(), error.error_code(), error.to_string())]),
+        }
+    }
+
+    fn unavailable(&self, msgid: &MsgId, error: &fleetgate_bus::BusError) -> Frame {
+        self.shared.metrics.bus_errors.inc();
+        warn!(message = "could not store device message", %error);
+        Session::error_frame(Some(msgid.clone()), ErrorCode::Unavailable, "could not store the message; retry".to_owned())
+    }
+
+    /// Makes accepted messages durable (telemetry), then merges shadows and publishes. Only
+    /// the telemetry append decides success: it is what QoS 1/2 answers promise.
+    async fn accept(&self, messages: &[Envelope], now: i64) -> Result<(), fleetgate_bus::BusError> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let records: Vec<TelemetryRecord> = messages
+            .iter()
+            .map(|m| TelemetryRecord {
+                device: self.device.clone(),
+                msgid: m.msgid.to_string(),
+                kind: m.kind,
+                timestamp: m.timestamp,
+                received_ms: now,
+                payload: m.payload.clone(),
+            })
+            .collect();
+        self.shared.bus.telemetry_append(&records).await?;
+        for m in messages {
+            self.shared
+                .metrics
+                .messages_received
+                .get_or_create(&KindLabel { kind: m.kind.as_str() })
+                .inc();
+            if m.kind == MessageKind::Status {
+                if let Some(patch) = shadow_patch(&m.payload) {
+                    if let Err(error) = self.shared.bus.shadow_merge_reported(&self.device, &patch, now).await {
+                        self.shared.metrics.bus_errors.inc();
+                        warn!(message = "shadow merge failed", %error);
+                    }
+                }
+            }
+            self.publish(m).await;
+        }
+        Ok(())
+    }
+
+    /// Fans an accepted message out to `device:<id>`, its groups and, for events with a
+    /// `severity`, `alerts`. Subscribers always get JSON.
+    async fn publish(&self, m: &Envelope) {
+        let frame: Bytes = Codec::Json.encode(&Frame::Message(m.clone()));
+        let mut channels = Vec::with_capacity(2 + self.groups.len());
+        channels.push(Channel::Device(self.device.clone()));
+        channels.extend(self.groups.iter().map(|g| Channel::Group(g.clone())));
+        if m.kind == MessageKind::Event && m.payload.get("severity").is_some() {
+            channels.push(Channel::Alerts);
+        }
+        for (i, channel) in channels.iter().enumerate() {
+            // Only the device's own channel keeps a retained value.
+            let retain = m.retain && i == 0;
+            if let Err(error) = self.shared.bus.publish(channel, frame.clone(), retain).await {
+                self.shared.metrics.bus_errors.inc();
+                warn!(message = "publish failed", %error);
+            }
+        }
+    }
+
+    /// Handles ack / rec / comp (answers to our commands) and rel (QoS 2 from the device).
+    pub(crate) async fn on_handshake(&mut self, h: Handshake) -> Result<Vec<Frame>, Close> {
+        match h.kind {
+            HandshakeKind::Rel => {
+                if let Err(error) = self.shared.bus.qos2_release(&self.device, h.msgid.as_str()).await {
+                    return Ok(vec![self.unavailable(&h.msgid, &error)]);
+                }
+                Ok(vec![Frame::Handshake(Handshake { kind: HandshakeKind::Comp, msgid: h.msgid, payload: None })])
+            }
+            HandshakeKind::Ack | HandshakeKind::Rec | HandshakeKind::Comp => {
+                let shared = self.shared.clone();
+                Ok(self.outgoing.on_handshake(&shared, &self.device, h).await)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn iiot_values_merge_by_tag() {
+        let p = json!({"values":[{"tag":"temperature","value":42.5,"unit":"C"},{"tag":"pressure","value":101.3}],"quality":"good"});
+        let patch = shadow_patch(&p).unwrap();
+        assert_eq!(Value::Object(patch), json!({"temperature":42.5,"pressure":101.3,"quality":"good"}));
+    }
+
+    #[test]
+    fn plain_objects_merge_as_they_are_and_scalars_not_at_all() {
+        assert_eq!(Value::Object(shadow_patch(&json!({"battery":80})).unwrap()), json!({"battery":80}));
+        assert!(shadow_patch(&json!(5)).is_none());
+    }
+}

@@ -1,0 +1,148 @@
+//! The fleetgate gateway node: device WebSocket sessions (`/v1/device`), authentication,
+//! the QoS engine in both directions, limits, drain, and the internal listener
+//! (`/metrics`, `/healthz`, `/readyz`).
+//!
+//! The node holds no state that matters beyond its sockets: presence, queues, shadows and
+//! telemetry live in the [`Bus`]. See docs/ARCHITECTURE.md for the map.
+
+pub mod auth;
+pub mod config;
+mod http;
+mod ingest;
+pub mod metrics;
+mod node;
+mod outbound;
+mod registry;
+mod session;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use fleetgate_bus::Bus;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use auth::{AuthError, Authenticator, JwtKeySpec, JwtKeys, secret_digest};
+pub use config::GatewayConfig;
+pub use metrics::Metrics;
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+/// State shared by every session of a node.
+pub(crate) struct Shared {
+    pub(crate) config: GatewayConfig,
+    pub(crate) bus: Arc<dyn Bus>,
+    pub(crate) auth: Authenticator,
+    pub(crate) sessions: registry::Sessions,
+    pub(crate) metrics: Arc<Metrics>,
+    /// One permit per open device socket.
+    pub(crate) capacity: Arc<Semaphore>,
+    /// Every upgraded socket's task, so drain can wait for them (axum's graceful shutdown
+    /// does not).
+    pub(crate) tracker: TaskTracker,
+    pub(crate) draining: AtomicBool,
+    pub(crate) bus_ok: AtomicBool,
+    pub(crate) started_ms: i64,
+}
+
+/// A gateway node, ready to serve.
+#[derive(Clone)]
+pub struct Gateway {
+    shared: Arc<Shared>,
+}
+
+impl Gateway {
+    /// Creates a node on `bus`, registering its metrics in `registry`.
+    pub fn new(
+        config: GatewayConfig,
+        bus: Arc<dyn Bus>,
+        jwt: JwtKeys,
+        registry: &mut Registry,
+    ) -> Self {
+        let metrics = Arc::new(Metrics::default());
+        metrics.register(registry);
+        let shared = Shared {
+            capacity: Arc::new(Semaphore::new(config.max_connections)),
+            auth: Authenticator::new(bus.clone(), jwt),
+            sessions: registry::Sessions::default(),
+            config,
+            bus,
+            metrics,
+            tracker: TaskTracker::new(),
+            draining: AtomicBool::new(false),
+            bus_ok: AtomicBool::new(true),
+            started_ms: now_ms(),
+        };
+        Self { shared: Arc::new(shared) }
+    }
+
+    /// The router of the public listener (`/v1/device`).
+    pub fn router(&self) -> axum::Router {
+        http::public_router(self.shared.clone())
+    }
+
+    /// Whether the node should receive traffic: not draining and its bus answers.
+    pub fn is_ready(&self) -> bool {
+        !self.shared.draining.load(Ordering::Relaxed) && self.shared.bus_ok.load(Ordering::Relaxed)
+    }
+
+    /// Number of authenticated sessions open now.
+    pub fn connections(&self) -> usize {
+        self.shared.sessions.len()
+    }
+
+    /// Serves `listener` until `shutdown` fires, then drains: readiness off, sessions closed
+    /// with 1012 spread over the drain period, and waits for every socket task.
+    ///
+    /// # Errors
+    /// When the bus refuses this node's subscription at start, or the listener fails.
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), std::io::Error> {
+        let shared = self.shared.clone();
+        let background = CancellationToken::new();
+        let node_tasks = node::start(shared.clone(), background.clone())
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let stop_accepting = CancellationToken::new();
+        let server = {
+            let stop = stop_accepting.clone();
+            let app = self.router();
+            tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await
+            })
+        };
+        shutdown.cancelled().await;
+        node::drain(&shared).await;
+        stop_accepting.cancel();
+        background.cancel();
+        let _ = node_tasks.await;
+        match server.await {
+            Ok(result) => result,
+            Err(join) => Err(std::io::Error::other(join.to_string())),
+        }
+    }
+}
+
+/// The router of the internal listener: `/metrics`, `/healthz`, `/readyz`. `ready` decides
+/// readiness (it can combine several roles of one process).
+pub fn internal_router(
+    registry: Arc<Registry>,
+    ready: impl Fn() -> bool + Clone + Send + Sync + 'static,
+) -> axum::Router {
+    http::internal_router(registry, ready)
+}

@@ -1,0 +1,184 @@
+//! Node-wide tasks: membership heartbeat, the node channel dispatcher, the command expiry
+//! sweeper, and drain.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use fleetgate_bus::{
+    BusError, Channel, CommandOutcome, FailReason, NodeInfo, NodeMessage, QueuedCommand,
+};
+use fleetgate_protocol::{CloseCode, retry_after_reason};
+use rand::Rng;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::metrics::OutcomeLabel;
+use crate::registry::{Offer, Outbound};
+use crate::{Shared, now_ms};
+
+/// Subscribes to this node's channel and starts the background tasks; the returned handle
+/// ends when `stop` fires.
+pub(crate) async fn start(
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) -> Result<JoinHandle<()>, BusError> {
+    let mut inbox = shared.bus.node_subscribe(&shared.config.node_id).await?;
+    heartbeat_once(&shared).await;
+    Ok(tokio::spawn(async move {
+        let mut beat = tokio::time::interval(shared.config.node_ttl / 3);
+        let mut sweep = tokio::time::interval(shared.config.expiry_sweep_interval);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                msg = inbox.recv() => match msg {
+                    Some(msg) => dispatch(&shared, msg).await,
+                    None => {
+                        warn!(message = "node channel closed; resubscribing");
+                        shared.bus_ok.store(false, Ordering::Relaxed);
+                        match shared.bus.node_subscribe(&shared.config.node_id).await {
+                            Ok(rx) => inbox = rx,
+                            Err(error) => {
+                                warn!(message = "resubscribe failed", %error);
+                                tokio::time::sleep(Duration::from_millis(500)).await;
+                            }
+                        }
+                    }
+                },
+                _ = beat.tick() => heartbeat_once(&shared).await,
+                _ = sweep.tick() => sweep_expired(&shared).await,
+            }
+        }
+        if let Err(error) = shared.bus.node_remove(&shared.config.node_id).await {
+            warn!(message = "could not leave membership", %error);
+        }
+    }))
+}
+
+async fn heartbeat_once(shared: &Shared) {
+    let info = NodeInfo {
+        id: shared.config.node_id.clone(),
+        connections: shared.sessions.len() as u64,
+        draining: shared.draining.load(Ordering::Relaxed),
+        started_ms: shared.started_ms,
+        updated_ms: now_ms(),
+    };
+    let ttl = shared.config.node_ttl.as_millis() as u64;
+    let ok = match shared.bus.node_heartbeat(&info, ttl).await {
+        Ok(()) => true,
+        Err(error) => {
+            shared.metrics.bus_errors.inc();
+            warn!(message = "membership heartbeat failed", %error);
+            false
+        }
+    };
+    shared.bus_ok.store(ok, Ordering::Relaxed);
+}
+
+async fn dispatch(shared: &Shared, msg: NodeMessage) {
+    let (device, conn_id, out) = match msg {
+        NodeMessage::Deliver { device } => (device, None, Outbound::Deliver),
+        NodeMessage::Command(cmd) => (cmd.device.clone(), None, Outbound::Command(Box::new(cmd))),
+        NodeMessage::Close { device, conn_id, code, reason } => {
+            (device, conn_id, Outbound::Close(Box::new((code, reason))))
+        }
+        // Results are for admin nodes; a gateway node has nobody waiting.
+        NodeMessage::CommandResult { .. } => return,
+    };
+    if let Offer::Dropped = shared.sessions.offer(&device, conn_id, out) {
+        shared.metrics.outbox_dropped.inc();
+        warn!(message = "slow consumer dropped", device = %device);
+    }
+}
+
+/// Reports commands whose TTL ended, whoever their device is connected to.
+async fn sweep_expired(shared: &Shared) {
+    loop {
+        let expired = match shared.bus.queue_take_expired(now_ms(), 256).await {
+            Ok(expired) => expired,
+            Err(error) => {
+                shared.metrics.bus_errors.inc();
+                warn!(message = "expiry sweep failed", %error);
+                return;
+            }
+        };
+        let n = expired.len();
+        for q in expired {
+            report_failure(shared, &q, FailReason::Expired).await;
+        }
+        if n < 256 {
+            return;
+        }
+    }
+}
+
+/// Tells whoever waits on a command, and the `alerts` channel, that it failed.
+pub(crate) async fn report_failure(shared: &Shared, q: &QueuedCommand, reason: FailReason) {
+    let cmd = &q.command;
+    shared
+        .metrics
+        .commands_finished
+        .get_or_create(&OutcomeLabel { outcome: reason.as_str() })
+        .inc();
+    warn!(message = "command failed", device = %cmd.device, msgid = %cmd.msgid, reason = reason.as_str(), attempts = q.attempts);
+    if let Some(node) = &cmd.reply_to {
+        let msg = NodeMessage::CommandResult {
+            device: cmd.device.clone(),
+            msgid: cmd.msgid.to_string(),
+            outcome: CommandOutcome::Failed(reason),
+        };
+        if let Err(error) = shared.bus.node_publish(node, &msg).await {
+            shared.metrics.bus_errors.inc();
+            warn!(message = "could not report command failure", %error);
+        }
+    }
+    let alert = serde_json::json!({
+        "ver": fleetgate_protocol::PROTOCOL_VERSION,
+        "type": "event",
+        "from": "server",
+        "timestamp": now_ms(),
+        "payload": {
+            "event": "command_failed",
+            "device": cmd.device,
+            "msgid": cmd.msgid.as_str(),
+            "reason": reason.as_str(),
+            "attempts": q.attempts,
+        }
+    });
+    let frame = bytes::Bytes::from(alert.to_string());
+    if let Err(error) = shared.bus.publish(&Channel::Alerts, frame, false).await {
+        shared.metrics.bus_errors.inc();
+        warn!(message = "could not publish command failure", %error);
+    }
+}
+
+/// Drains the node: readiness off, membership marked draining, then every session closed
+/// with 1012 at a point spread evenly over the drain period, then waits (bounded) for their
+/// tasks to end.
+pub(crate) async fn drain(shared: &Shared) {
+    shared.draining.store(true, Ordering::Relaxed);
+    heartbeat_once(shared).await;
+    let sessions = shared.sessions.snapshot();
+    let period = shared.config.drain_period;
+    info!(message = "draining", sessions = sessions.len(), period_ms = period.as_millis() as u64);
+    let n = sessions.len().max(1) as u32;
+    let start = tokio::time::Instant::now();
+    for (i, (_device, _conn, tx)) in sessions.into_iter().enumerate() {
+        let at = start + period.mul_f64(f64::from(i as u32) / f64::from(n));
+        tokio::time::sleep_until(at).await;
+        // Each device is told to come back after a jittered delay, so the survivors see a
+        // ramp rather than a wall.
+        let retry_ms = rand::rng().random_range(0..=period.as_millis().max(1) as u64);
+        let reason = retry_after_reason("node draining", retry_ms);
+        let _ = tx.try_send(Outbound::Close(Box::new((CloseCode::Draining, reason))));
+    }
+    shared.tracker.close();
+    let grace = period.max(Duration::from_secs(1));
+    if tokio::time::timeout(grace, shared.tracker.wait()).await.is_err() {
+        warn!(message = "drain grace period ended with sessions still open", open = shared.tracker.len());
+    }
+    if let Err(error) = shared.bus.presence_sweep_node(&shared.config.node_id).await {
+        warn!(message = "could not sweep own presence", %error);
+    }
+}

@@ -1,0 +1,250 @@
+//! Server -> device QoS 1/2 commands of one session: the in-flight window, retransmits with
+//! exponential backoff, the QoS 2 release step, and outcome reports. The device's queue in
+//! the bus is the source of truth; this is only the session's view of its head.
+
+use std::time::Duration;
+
+use fleetgate_bus::{Command, CommandOutcome, DeliveryState, FailReason, NodeMessage, QueuedCommand};
+use fleetgate_protocol::{Envelope, Frame, Handshake, HandshakeKind, MessageKind, PROTOCOL_VERSION, Qos};
+use serde_json::Value;
+use tokio::time::Instant;
+use tracing::warn;
+
+use crate::Shared;
+use crate::metrics::OutcomeLabel;
+use crate::node::report_failure;
+use crate::now_ms;
+
+struct InFlight {
+    queued: QueuedCommand,
+    deadline: Instant,
+}
+
+/// The commands a session has written and not yet seen answered. Empty (and unallocated)
+/// while the device has nothing queued.
+#[derive(Default)]
+pub(crate) struct Outgoing {
+    inflight: Vec<InFlight>,
+}
+
+/// The command frame for a queued or QoS 0 command.
+pub(crate) fn command_frame(cmd: &Command, dup: bool) -> Frame {
+    Frame::Message(Envelope {
+        ver: PROTOCOL_VERSION.to_owned(),
+        msgid: cmd.msgid.clone(),
+        timestamp: now_ms(),
+        from: "server".to_owned(),
+        to: cmd.device.clone(),
+        kind: MessageKind::Command,
+        payload: cmd.payload.clone(),
+        qos: cmd.qos,
+        retain: false,
+        dup,
+    })
+}
+
+fn rel_frame(q: &QueuedCommand) -> Frame {
+    Frame::Handshake(Handshake { kind: HandshakeKind::Rel, msgid: q.command.msgid.clone(), payload: None })
+}
+
+/// The frame that (re)sends a queued command in its current state.
+fn frame_for(q: &QueuedCommand, dup: bool) -> Frame {
+    match q.state {
+        DeliveryState::Pending => command_frame(&q.command, dup),
+        DeliveryState::Released => rel_frame(q),
+    }
+}
+
+fn backoff(shared: &Shared, attempts: u32) -> Duration {
+    let c = &shared.config;
+    let factor = 1u32 << attempts.saturating_sub(1).min(16);
+    c.ack_timeout.saturating_mul(factor).min(c.max_ack_backoff)
+}
+
+/// What an answer's payload (`{"result"}` / `{"error"}`), or the one kept from a QoS 2 `rec`,
+/// says about the command.
+fn outcome_of(payload: Option<&Value>, kept: Option<&Value>) -> CommandOutcome {
+    let from = |p: &Value| {
+        if let Some(e) = p.get("error") {
+            Some(CommandOutcome::Error(e.clone()))
+        } else {
+            p.get("result").map(|r| CommandOutcome::Result(r.clone()))
+        }
+    };
+    payload.and_then(from).or_else(|| kept.and_then(from)).unwrap_or(CommandOutcome::Done)
+}
+
+impl Outgoing {
+    /// The earliest retransmit deadline.
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+        self.inflight.iter().map(|f| f.deadline).min()
+    }
+
+    /// Writes queued commands not yet in flight, oldest first, up to the window.
+    pub(crate) async fn fill(&mut self, shared: &Shared, device: &str) -> Vec<Frame> {
+        let window = shared.config.inflight_window;
+        if self.inflight.len() >= window {
+            return Vec::new();
+        }
+        let pending = match shared.bus.queue_pending(device, window).await {
+            Ok(p) => p,
+            Err(error) => {
+                shared.metrics.bus_errors.inc();
+                warn!(message = "could not read the command queue", %error);
+                return Vec::new();
+            }
+        };
+        let mut frames = Vec::new();
+        for q in pending {
+            if self.inflight.len() >= window {
+                break;
+            }
+            if self.inflight.iter().any(|f| f.queued.command.msgid == q.command.msgid) {
+                continue;
+            }
+            let attempts = match shared.bus.queue_attempt(device, q.command.msgid.as_str()).await {
+                Ok(Some(a)) => a,
+                Ok(None) => continue,
+                Err(error) => {
+                    shared.metrics.bus_errors.inc();
+                    warn!(message = "could not count a delivery attempt", %error);
+                    break;
+                }
+            };
+            // A command sent before (on an earlier connection) goes out marked as a duplicate.
+            frames.push(frame_for(&q, attempts > 1));
+            if attempts > 1 {
+                shared.metrics.commands_retransmitted.inc();
+            } else {
+                shared.metrics.commands_sent.inc();
+            }
+            let deadline = Instant::now() + backoff(shared, attempts);
+            self.inflight.push(InFlight { queued: QueuedCommand { attempts, ..q }, deadline });
+        }
+        frames
+    }
+
+    /// Retransmits what timed out; fails what has used all its attempts.
+    pub(crate) async fn on_timer(&mut self, shared: &Shared, device: &str, now: Instant) -> Vec<Frame> {
+        let mut frames = Vec::new();
+        let mut i = 0;
+        let mut freed = false;
+        while i < self.inflight.len() {
+            if self.inflight[i].deadline > now {
+                i += 1;
+                continue;
+            }
+            let msgid = self.inflight[i].queued.command.msgid.clone();
+            if self.inflight[i].queued.attempts >= shared.config.max_attempts {
+                let f = self.inflight.remove(i);
+                freed = true;
+                match shared.bus.queue_fail(device, msgid.as_str()).await {
+                    Ok(Some(q)) => report_failure(shared, &q, FailReason::AttemptsExhausted).await,
+                    Ok(None) => {}
+                    Err(error) => {
+                        shared.metrics.bus_errors.inc();
+                        warn!(message = "could not fail a command", %error);
+                        self.inflight.insert(i, InFlight { deadline: now + shared.config.ack_timeout, ..f });
+                        i += 1;
+                    }
+                }
+                continue;
+            }
+            match shared.bus.queue_attempt(device, msgid.as_str()).await {
+                Ok(Some(attempts)) => {
+                    let f = &mut self.inflight[i];
+                    f.queued.attempts = attempts;
+                    f.deadline = now + backoff(shared, attempts);
+                    frames.push(frame_for(&f.queued, true));
+                    shared.metrics.commands_retransmitted.inc();
+                    i += 1;
+                }
+                // Gone from the queue: expired, or answered through another connection.
+                Ok(None) => {
+                    self.inflight.remove(i);
+                    freed = true;
+                }
+                Err(error) => {
+                    shared.metrics.bus_errors.inc();
+                    warn!(message = "could not count a retransmit", %error);
+                    self.inflight[i].deadline = now + shared.config.ack_timeout;
+                    i += 1;
+                }
+            }
+        }
+        if freed {
+            frames.extend(self.fill(shared, device).await);
+        }
+        frames
+    }
+
+    /// Handles the device's ack / rec / comp for one of our commands.
+    pub(crate) async fn on_handshake(&mut self, shared: &Shared, device: &str, h: Handshake) -> Vec<Frame> {
+        let msgid = h.msgid.as_str();
+        let pos = self.inflight.iter().position(|f| f.queued.command.msgid == h.msgid);
+        match h.kind {
+            HandshakeKind::Rec => {
+                let result = h.payload.as_ref().and_then(|p| p.get("result").or_else(|| p.get("error")).map(|_| p));
+                // Keep the whole answer payload ({"result"} or {"error"}) for the comp.
+                match shared.bus.queue_release(device, msgid, result).await {
+                    Ok(Some(q)) => {
+                        let deadline = Instant::now() + shared.config.ack_timeout;
+                        match pos {
+                            Some(i) => {
+                                self.inflight[i].queued.state = DeliveryState::Released;
+                                self.inflight[i].queued.result = q.result.clone();
+                                self.inflight[i].deadline = deadline;
+                            }
+                            None => self.inflight.push(InFlight { queued: q.clone(), deadline }),
+                        }
+                        vec![rel_frame(&q)]
+                    }
+                    // Not queued any more: answered already; release so the device can finish.
+                    Ok(None) => vec![Frame::Handshake(Handshake { kind: HandshakeKind::Rel, msgid: h.msgid, payload: None })],
+                    Err(error) => {
+                        shared.metrics.bus_errors.inc();
+                        warn!(message = "could not release a command", %error);
+                        Vec::new()
+                    }
+                }
+            }
+            HandshakeKind::Ack | HandshakeKind::Comp => {
+                if let Some(i) = pos {
+                    self.inflight.remove(i);
+                }
+                match shared.bus.queue_ack(device, msgid).await {
+                    Ok(Some(q)) => {
+                        let expected = match q.command.qos {
+                            Qos::ExactlyOnce => HandshakeKind::Comp,
+                            _ => HandshakeKind::Ack,
+                        };
+                        if expected != h.kind {
+                            warn!(message = "command answered with the wrong handshake", msgid, kind = h.kind.as_str());
+                        }
+                        // A QoS 2 result may have ridden on the rec; the comp's wins if both have one.
+                        let outcome = outcome_of(h.payload.as_ref(), q.result.as_ref());
+                        shared.metrics.commands_finished.get_or_create(&OutcomeLabel { outcome: "acked" }).inc();
+                        if let Some(node) = &q.command.reply_to {
+                            let msg = NodeMessage::CommandResult {
+                                device: device.to_owned(),
+                                msgid: msgid.to_owned(),
+                                outcome,
+                            };
+                            if let Err(error) = shared.bus.node_publish(node, &msg).await {
+                                shared.metrics.bus_errors.inc();
+                                warn!(message = "could not report a command result", %error);
+                            }
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(error) => {
+                        shared.metrics.bus_errors.inc();
+                        warn!(message = "could not acknowledge a command", %error);
+                    }
+                }
+                self.fill(shared, device).await
+            }
+            HandshakeKind::Rel => Vec::new(),
+        }
+    }
+}

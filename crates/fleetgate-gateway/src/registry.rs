@@ -1,0 +1,96 @@
+//! The sessions this node holds, by device ID.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use fleetgate_bus::Command;
+use fleetgate_protocol::CloseCode;
+use tokio::sync::mpsc;
+
+/// What a session is told from outside its own socket. Kept pointer-sized where it can be,
+/// since every idle session's outbox pre-allocates a block of these.
+#[derive(Debug)]
+pub(crate) enum Outbound {
+    /// Commands were queued for the device: read its queue.
+    Deliver,
+    /// A QoS 0 command to write as is.
+    Command(Box<Command>),
+    /// Close the session.
+    Close(Box<(CloseCode, String)>),
+}
+
+/// A session as seen by the rest of the node.
+pub(crate) struct SessionHandle {
+    pub(crate) conn_id: u64,
+    pub(crate) tx: mpsc::Sender<Outbound>,
+}
+
+/// Outcome of offering a message to a session.
+pub(crate) enum Offer {
+    Sent,
+    NoSession,
+    /// The outbox was full: the session is a slow consumer and has been dropped from the
+    /// registry, which closes its outbox and ends it.
+    Dropped,
+}
+
+/// Sessions by device ID. Short critical sections only; never held across `.await`.
+#[derive(Default)]
+pub(crate) struct Sessions {
+    inner: Mutex<HashMap<String, SessionHandle>>,
+}
+
+impl Sessions {
+    /// Registers a session, returning the one it replaces.
+    pub(crate) fn insert(&self, device: &str, handle: SessionHandle) -> Option<SessionHandle> {
+        self.lock().insert(device.to_owned(), handle)
+    }
+
+    /// Removes `device`'s session if it is still connection `conn_id`.
+    pub(crate) fn remove(&self, device: &str, conn_id: u64) -> bool {
+        let mut map = self.lock();
+        if map.get(device).is_some_and(|h| h.conn_id == conn_id) {
+            map.remove(device);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Offers `msg` to `device`'s session (only connection `conn_id`, if given) without
+    /// waiting.
+    pub(crate) fn offer(&self, device: &str, conn_id: Option<u64>, msg: Outbound) -> Offer {
+        let mut map = self.lock();
+        let Some(handle) = map.get(device) else { return Offer::NoSession };
+        if conn_id.is_some_and(|c| c != handle.conn_id) {
+            return Offer::NoSession;
+        }
+        match handle.tx.try_send(msg) {
+            Ok(()) => Offer::Sent,
+            Err(mpsc::error::TrySendError::Closed(_)) => Offer::NoSession,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                map.remove(device);
+                Offer::Dropped
+            }
+        }
+    }
+
+    /// Senders of every session, for drain.
+    pub(crate) fn snapshot(&self) -> Vec<(String, u64, mpsc::Sender<Outbound>)> {
+        self.lock()
+            .iter()
+            .map(|(d, h)| (d.clone(), h.conn_id, h.tx.clone()))
+            .collect()
+    }
+
+    /// Number of sessions.
+    pub(crate) fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, SessionHandle>> {
+        // A panic while holding this lock cannot leave the map half-updated (every critical
+        // section is a single map operation), so a poisoned lock is safe to reuse.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}

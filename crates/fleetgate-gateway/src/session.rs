@@ -1,0 +1,418 @@
+//! One device session: authentication, then one loop over the socket, the session's bounded
+//! outbox and its single timer (ping, idle deadline, retransmits).
+
+use std::sync::Arc;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use fleetgate_bus::Presence;
+use fleetgate_protocol::{
+    AuthResponse, CloseCode, Codec, ErrorCode, ErrorFrame, Frame, MsgId, ProtocolError,
+    ReplayWindow, retry_after_reason,
+};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{Span, debug, warn};
+
+use crate::auth::{AuthError, AuthedDevice};
+use crate::metrics::CodeLabel;
+use crate::outbound::Outgoing;
+use crate::registry::{Outbound, SessionHandle};
+use crate::{Shared, now_ms};
+
+/// How a socket arrives at its session task.
+pub(crate) enum Admission {
+    /// Authenticated by the `Authorization` header before the upgrade.
+    Authenticated(AuthedDevice),
+    /// Must send an auth frame first; `routed_id` is the `Device-ID` header or query.
+    AwaitAuthFrame { routed_id: Option<String> },
+}
+
+/// Why a session ends.
+pub(crate) struct Close {
+    pub(crate) code: CloseCode,
+    pub(crate) reason: String,
+}
+
+impl Close {
+    pub(crate) fn new(code: CloseCode, reason: impl Into<String>) -> Self {
+        Self { code, reason: reason.into() }
+    }
+
+    fn protocol(error: &ProtocolError) -> Self {
+        Self::new(error.close_code().unwrap_or(CloseCode::ProtocolError), error.to_string())
+    }
+}
+
+/// A token bucket: `rate` per second sustained, `burst` at once.
+pub(crate) struct RateLimit {
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimit {
+    fn new(burst: u32) -> Self {
+        Self { tokens: f64::from(burst), last: Instant::now() }
+    }
+
+    fn take(&mut self, n: u32, rate: u32, burst: u32) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * f64::from(rate);
+        self.tokens = (self.tokens + refill).min(f64::from(burst));
+        self.last = now;
+        if self.tokens >= f64::from(n) {
+            self.tokens -= f64::from(n);
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// State of an authenticated session.
+pub(crate) struct Session {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) device: String,
+    pub(crate) groups: Vec<String>,
+    pub(crate) conn_id: u64,
+    pub(crate) codec: Codec,
+    pub(crate) replay: ReplayWindow,
+    pub(crate) rate: RateLimit,
+    pub(crate) outgoing: Outgoing,
+    last_activity: Instant,
+    next_ping: Instant,
+}
+
+/// Runs a socket from upgrade to close.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    mut ws: WebSocket,
+    codec: Codec,
+    conn_id: u64,
+    admission: Admission,
+) {
+    let device = match admission {
+        Admission::Authenticated(device) => device,
+        Admission::AwaitAuthFrame { routed_id } => {
+            match Box::pin(auth_frame(&shared, &mut ws, codec, routed_id)).await {
+                Ok(device) => device,
+                Err(close) => {
+                    finish(&shared, &mut ws, close).await;
+                    return;
+                }
+            }
+        }
+    };
+    Span::current().record("device_id", device.id.as_str());
+    let (tx, rx) = mpsc::channel(shared.config.outbox_capacity);
+    let mut session = match Box::pin(register(&shared, device, conn_id, codec, tx)).await {
+        Ok(session) => session,
+        Err(close) => {
+            finish(&shared, &mut ws, close).await;
+            return;
+        }
+    };
+    let close = session.serve(&mut ws, rx).await;
+    Box::pin(session.unregister()).await;
+    finish(&shared, &mut ws, close).await;
+}
+
+/// Sends the close frame and counts it. Errors are ignored: the peer may be gone already.
+async fn finish(shared: &Shared, ws: &mut WebSocket, close: Close) {
+    shared.metrics.closes.get_or_create(&CodeLabel { code: close.code.as_u16() }).inc();
+    debug!(message = "closing", code = close.code.as_u16(), reason = %close.reason);
+    let frame = CloseFrame { code: close.code.as_u16(), reason: Utf8Bytes::from(close.reason) };
+    let _ = tokio::time::timeout(shared.config.write_timeout, ws.send(Message::Close(Some(frame)))).await;
+}
+
+async fn send_frame(shared: &Shared, ws: &mut WebSocket, codec: Codec, frame: &Frame) -> Result<(), Close> {
+    let bytes = codec.encode(frame);
+    let msg = match codec {
+        Codec::Json => match Utf8Bytes::try_from(bytes) {
+            Ok(text) => Message::Text(text),
+            Err(_) => return Err(Close::new(CloseCode::InternalError, "encoder produced invalid UTF-8")),
+        },
+        Codec::Protobuf => Message::Binary(bytes),
+    };
+    match tokio::time::timeout(shared.config.write_timeout, ws.send(msg)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(Close::new(CloseCode::GoingAway, "socket closed")),
+        Err(_) => Err(Close::new(CloseCode::TryAgainLater, "slow consumer: write timed out")),
+    }
+}
+
+fn bus_unavailable(shared: &Shared) -> Close {
+    shared.metrics.bus_errors.inc();
+    let retry = rand::random_range(500..3000);
+    Close::new(CloseCode::TryAgainLater, retry_after_reason("bus unavailable", retry))
+}
+
+/// Waits for the first frame, which must be `auth`, and checks it.
+async fn auth_frame(
+    shared: &Shared,
+    ws: &mut WebSocket,
+    codec: Codec,
+    routed_id: Option<String>,
+) -> Result<AuthedDevice, Close> {
+    let first = loop {
+        let msg = match tokio::time::timeout(shared.config.auth_timeout, ws.recv()).await {
+            Err(_) => return Err(Close::new(CloseCode::AuthTimeout, "no auth frame within the auth timeout")),
+            Ok(None) => return Err(Close::new(CloseCode::GoingAway, "closed before auth")),
+            Ok(Some(Err(error))) => return Err(read_error(&error)),
+            Ok(Some(Ok(msg))) => msg,
+        };
+        match msg {
+            Message::Text(t) => break codec_decode(codec, t.as_bytes()),
+            Message::Binary(b) => break codec_decode(codec, &b),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            Message::Close(_) => return Err(Close::new(CloseCode::Normal, "closed before auth")),
+        }
+    };
+    let auth = match first {
+        Ok(Frame::Auth(auth)) => auth,
+        Ok(_) => return Err(Close::new(CloseCode::ProtocolError, "first frame must be auth")),
+        Err(error) => return Err(Close::protocol(&error)),
+    };
+    let refuse = |reason: String| AuthResponse::Error { timestamp: now_ms(), reason };
+    let result = if routed_id.as_deref().is_some_and(|id| id != auth.device_id) {
+        Err(AuthError::Mismatch)
+    } else {
+        shared.auth.authenticate(Some(&auth.device_id), &auth.token).await
+    };
+    match result {
+        Ok(device) if device.id == auth.device_id => Ok(device),
+        Ok(_) => {
+            shared.metrics.auth_failures.inc();
+            let _ = send_frame(shared, ws, codec, &Frame::AuthResponse(refuse(AuthError::Mismatch.to_string()))).await;
+            Err(Close::new(CloseCode::AuthFailed, AuthError::Mismatch.to_string()))
+        }
+        Err(AuthError::Unavailable(_)) => Err(bus_unavailable(shared)),
+        Err(error) => {
+            shared.metrics.auth_failures.inc();
+            let _ = send_frame(shared, ws, codec, &Frame::AuthResponse(refuse(error.to_string()))).await;
+            Err(Close::new(CloseCode::AuthFailed, error.to_string()))
+        }
+    }
+}
+
+fn codec_decode(codec: Codec, bytes: &[u8]) -> Result<Frame, ProtocolError> {
+    codec.decode(bytes)
+}
+
+fn read_error(error: &axum::Error) -> Close {
+    let text = error.to_string();
+    // tungstenite reports oversize frames as a capacity error; the peer learns it by 1009.
+    if text.contains("too long") || text.contains("Space limit") || text.contains("apacity") {
+        Close::new(CloseCode::TooBig, "frame exceeds max_frame_bytes")
+    } else {
+        Close::new(CloseCode::ProtocolError, "invalid WebSocket stream")
+    }
+}
+
+/// Claims the device: local registry, presence (replacing an older connection, 4409), then
+/// confirms with `auth_response`.
+async fn register(
+    shared: &Arc<Shared>,
+    device: AuthedDevice,
+    conn_id: u64,
+    codec: Codec,
+    tx: mpsc::Sender<Outbound>,
+) -> Result<Session, Close> {
+    shared.metrics.auth_success.inc();
+    let node = &shared.config.node_id;
+    if let Some(old) = shared.sessions.insert(&device.id, SessionHandle { conn_id, tx }) {
+        let _ = old.tx.try_send(Outbound::Close(Box::new((
+            CloseCode::Replaced,
+            "replaced by a newer connection".to_owned(),
+        ))));
+    }
+    let presence = Presence { node: node.clone(), conn_id, since_ms: now_ms() };
+    match shared.bus.presence_set(&device.id, &presence).await {
+        Ok(Some(prev)) if prev.node != *node => {
+            let msg = fleetgate_bus::NodeMessage::Close {
+                device: device.id.clone(),
+                conn_id: Some(prev.conn_id),
+                code: CloseCode::Replaced,
+                reason: "replaced by a newer connection".to_owned(),
+            };
+            if let Err(error) = shared.bus.node_publish(&prev.node, &msg).await {
+                warn!(message = "could not ask the old node to close the replaced session", %error);
+            }
+        }
+        Ok(_) => {}
+        Err(error) => {
+            warn!(message = "presence write failed", %error);
+            shared.sessions.remove(&device.id, conn_id);
+            return Err(bus_unavailable(shared));
+        }
+    }
+    shared.metrics.connections_active.inc();
+    let now = Instant::now();
+    Ok(Session {
+        shared: shared.clone(),
+        device: device.id,
+        groups: device.groups,
+        conn_id,
+        codec,
+        replay: ReplayWindow::default(),
+        rate: RateLimit::new(shared.config.rate_limit_burst),
+        outgoing: Outgoing::default(),
+        last_activity: now,
+        next_ping: now + shared.config.heartbeat,
+    })
+}
+
+impl Session {
+    async fn unregister(self) {
+        self.shared.metrics.connections_active.dec();
+        self.shared.sessions.remove(&self.device, self.conn_id);
+        if let Err(error) = self.shared.bus.presence_remove(&self.device, self.conn_id).await {
+            self.shared.metrics.bus_errors.inc();
+            warn!(message = "presence delete failed; the entry goes when this node's membership does", %error);
+        }
+    }
+
+    /// Writes frames in order; the first failure ends the session.
+    pub(crate) async fn send_all(&self, ws: &mut WebSocket, frames: Vec<Frame>) -> Result<(), Close> {
+        for frame in &frames {
+            send_frame(&self.shared, ws, self.codec, frame).await?;
+        }
+        Ok(())
+    }
+
+    /// Answers one rejected message with an `error` frame.
+    pub(crate) fn error_frame(msgid: Option<MsgId>, code: ErrorCode, message: String) -> Frame {
+        Frame::Error(ErrorFrame { msgid, code, message })
+    }
+
+    fn next_wake(&self) -> Instant {
+        let idle = self.last_activity + self.shared.config.idle_timeout;
+        let mut at = self.next_ping.min(idle);
+        if let Some(retry) = self.outgoing.next_deadline() {
+            at = at.min(retry);
+        }
+        at
+    }
+
+    async fn serve(&mut self, ws: &mut WebSocket, mut rx: mpsc::Receiver<Outbound>) -> Close {
+        let welcome = Frame::AuthResponse(AuthResponse::Success {
+            timestamp: now_ms(),
+            session_id: format!("{:016x}", self.conn_id),
+            heartbeat_ms: self.shared.config.heartbeat.as_millis() as u64,
+        });
+        if let Err(close) = send_frame(&self.shared, ws, self.codec, &welcome).await {
+            return close;
+        }
+        // Commands queued while the device was offline go out first, in order.
+        if let Err(close) = self.deliver(ws).await {
+            return close;
+        }
+        let timer = tokio::time::sleep_until(self.next_wake());
+        tokio::pin!(timer);
+        loop {
+            let result = tokio::select! {
+                biased;
+                out = rx.recv() => match out {
+                    Some(out) => self.on_outbound(ws, out).await,
+                    None => Err(Close::new(CloseCode::TryAgainLater, "slow consumer: outbox full")),
+                },
+                msg = ws.recv() => match msg {
+                    Some(Ok(msg)) => self.on_message(ws, msg).await,
+                    Some(Err(error)) => Err(read_error(&error)),
+                    None => Err(Close::new(CloseCode::GoingAway, "peer went away")),
+                },
+                () = &mut timer => self.on_timer(ws).await,
+            };
+            if let Err(close) = result {
+                return close;
+            }
+            timer.as_mut().reset(self.next_wake());
+        }
+    }
+
+    async fn on_outbound(&mut self, ws: &mut WebSocket, out: Outbound) -> Result<(), Close> {
+        match out {
+            Outbound::Deliver => self.deliver(ws).await,
+            Outbound::Command(cmd) => {
+                let frame = crate::outbound::command_frame(&cmd, false);
+                self.shared.metrics.commands_sent.inc();
+                send_frame(&self.shared, ws, self.codec, &frame).await
+            }
+            Outbound::Close(close) => {
+                let (code, reason) = *close;
+                Err(Close::new(code, reason))
+            }
+        }
+    }
+
+    async fn deliver(&mut self, ws: &mut WebSocket) -> Result<(), Close> {
+        let frames = self.outgoing.fill(&self.shared, &self.device).await;
+        self.send_all(ws, frames).await
+    }
+
+    async fn on_timer(&mut self, ws: &mut WebSocket) -> Result<(), Close> {
+        let now = Instant::now();
+        if now >= self.last_activity + self.shared.config.idle_timeout {
+            return Err(Close::new(CloseCode::HeartbeatTimeout, "heartbeat timeout"));
+        }
+        if now >= self.next_ping {
+            self.next_ping = now + self.shared.config.heartbeat;
+            let ping = tokio::time::timeout(self.shared.config.write_timeout, ws.send(Message::Ping(Default::default())));
+            match ping.await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(Close::new(CloseCode::GoingAway, "socket closed")),
+                Err(_) => return Err(Close::new(CloseCode::TryAgainLater, "slow consumer: write timed out")),
+            }
+        }
+        let frames = self.outgoing.on_timer(&self.shared, &self.device, now).await;
+        self.send_all(ws, frames).await
+    }
+
+    async fn on_message(&mut self, ws: &mut WebSocket, msg: Message) -> Result<(), Close> {
+        self.last_activity = Instant::now();
+        let decoded = match msg {
+            Message::Text(t) => self.codec_decode(t.as_bytes()),
+            Message::Binary(b) => self.codec_decode(&b),
+            Message::Ping(_) | Message::Pong(_) => return Ok(()),
+            Message::Close(_) => return Err(Close::new(CloseCode::Normal, "closed by device")),
+        };
+        let frame = match decoded {
+            Ok(frame) => frame,
+            Err(error) => {
+                self.shared.metrics.messages_rejected.inc();
+                return Err(Close::protocol(&error));
+            }
+        };
+        let replies = Box::pin(self.on_frame(frame)).await?;
+        self.send_all(ws, replies).await
+    }
+
+    fn codec_decode(&self, bytes: &[u8]) -> Result<Frame, ProtocolError> {
+        codec_decode(self.codec, bytes)
+    }
+
+    /// Handles one decoded frame, returning the frames to write back.
+    async fn on_frame(&mut self, frame: Frame) -> Result<Vec<Frame>, Close> {
+        match frame {
+            Frame::Message(env) => self.ingest(env).await,
+            Frame::Compact(compact) => {
+                let msgid = MsgId::new(format!("c{:x}", rand::random::<u64>()))
+                    .map_err(|e| Close::protocol(&e))?;
+                self.ingest(compact.into_envelope(msgid, now_ms())).await
+            }
+            Frame::Handshake(h) => self.on_handshake(h).await,
+            Frame::Auth(_) => Err(Close::new(CloseCode::ProtocolError, "already authenticated")),
+            Frame::AuthResponse(_) | Frame::Error(_) => {
+                Err(Close::new(CloseCode::ProtocolError, "frame type not accepted from devices"))
+            }
+        }
+    }
+
+    /// Rate-limit check for `n` messages; past the burst the session ends with 4429.
+    pub(crate) fn charge(&mut self, n: u32) -> Result<(), Close> {
+        let c = &self.shared.config;
+        if self.rate.take(n, c.rate_limit_per_second, c.rate_limit_burst) {
+            Ok(())
+        } else {
+            Err(Close::new(CloseCode::RateLimited, "rate limit exceeded"))
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! `fleetgate`: one binary, three roles. `gateway` serves devices, `admin` serves the REST
+//! API, `all` runs both on one node (on the memory bus unless Redis is configured).
+
+mod settings;
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use fleetgate_admin::Admin;
+use fleetgate_bus::Bus;
+use fleetgate_bus::memory::MemoryBus;
+use fleetgate_gateway::{Gateway, JwtKeySpec, JwtKeys};
+use prometheus_client::registry::Registry;
+use serde::Deserialize;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use settings::{Overrides, Settings};
+
+#[derive(Parser)]
+#[command(name = "fleetgate", version, about = "WebSocket gateway for IoT fleets")]
+struct Cli {
+    #[command(subcommand)]
+    role: Role,
+}
+
+#[derive(Subcommand)]
+enum Role {
+    /// Serve devices on `/v1/device`.
+    Gateway(Overrides),
+    /// Serve the admin REST API.
+    Admin(Overrides),
+    /// Gateway and admin API in one process.
+    All(Overrides),
+    /// Print the effective configuration as TOML and exit.
+    Config(Overrides),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let (overrides, gateway, admin) = match &cli.role {
+        Role::Gateway(o) => (o, true, false),
+        Role::Admin(o) => (o, false, true),
+        Role::All(o) => (o, true, true),
+        Role::Config(o) => {
+            let s = Settings::load(o)?;
+            let mut shown = s.clone();
+            if !shown.api_key.is_empty() {
+                shown.api_key = "<set>".into();
+            }
+            let text = toml::to_string(&shown)?;
+            std::io::stdout().write_all(text.as_bytes())?;
+            return Ok(());
+        }
+    };
+    let settings = Settings::load(overrides)?;
+    init_logging(&settings.log_format);
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(serve(settings, gateway, admin))
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Binds with a deep accept backlog: a connect storm overflows tokio's default queue and
+/// refused clients only retry after a second.
+fn bind(addr: &str) -> anyhow::Result<TcpListener> {
+    let addr: SocketAddr = addr.parse().with_context(|| format!("listen address {addr}"))?;
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr).with_context(|| format!("binding {addr}"))?;
+    Ok(socket.listen(8192)?)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyFile {
+    keys: Vec<JwtKeySpec>,
+}
+
+fn load_jwt_keys(settings: &Settings) -> anyhow::Result<JwtKeys> {
+    let Some(path) = &settings.jwt_keys else { return Ok(JwtKeys::default()) };
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let file: KeyFile = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    Ok(JwtKeys::from_specs(&file.keys)?)
+}
+
+async fn shutdown_signal(token: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => info!(message = "SIGTERM: draining"),
+        _ = tokio::signal::ctrl_c() => info!(message = "SIGINT: draining"),
+    }
+    token.cancel();
+}
+
+async fn serve(settings: Settings, run_gateway: bool, run_admin: bool) -> anyhow::Result<()> {
+    if !settings.redis_urls.is_empty() {
+        bail!("FLEETGATE_REDIS_URLS is set, but this build has only the memory bus; unset it to run one node");
+    }
+    if settings.otlp_endpoint.is_some() {
+        tracing::warn!(message = "OTLP export is not available in this build; FLEETGATE_OTLP_ENDPOINT is ignored");
+    }
+    if run_gateway && run_admin {
+        info!(message = "memory bus: single node, state is kept in this process only");
+    } else {
+        // Two processes cannot share a memory bus; a split deployment needs Redis.
+        bail!("`fleetgate gateway` and `fleetgate admin` as separate processes need FLEETGATE_REDIS_URLS; use `fleetgate all` for one node");
+    }
+    let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new(settings.memory_bus_config()));
+    let mut registry = Registry::default();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(shutdown_signal(shutdown.clone()));
+
+    let mut addrs = serde_json::Map::new();
+    let gateway = if run_gateway {
+        let listener = bind(&settings.listen)?;
+        addrs.insert("gateway".into(), listener.local_addr()?.to_string().into());
+        let gw = Gateway::new(settings.gateway_config(), bus.clone(), load_jwt_keys(&settings)?, &mut registry);
+        Some((gw, listener))
+    } else {
+        None
+    };
+    let admin = if run_admin {
+        let listener = bind(&settings.admin_listen)?;
+        addrs.insert("admin".into(), listener.local_addr()?.to_string().into());
+        let admin = Admin::start(settings.admin_config(), bus.clone()).await?;
+        Some((admin, listener))
+    } else {
+        None
+    };
+    let internal = bind(&settings.internal_listen)?;
+    addrs.insert("internal".into(), internal.local_addr()?.to_string().into());
+
+    let ready_gw = gateway.as_ref().map(|(g, _)| g.clone());
+    let ready = move || ready_gw.as_ref().is_none_or(Gateway::is_ready);
+    let internal_app = fleetgate_gateway::internal_router(Arc::new(registry), ready);
+    let internal_task = tokio::spawn(async move { axum::serve(internal, internal_app).await });
+
+    let admin_task = admin.map(|(admin, listener)| {
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, admin.router())
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+        })
+    });
+
+    // Scripts and tests find the bound ports here (port 0 binds a free one).
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", serde_json::Value::Object(addrs))?;
+    out.flush()?;
+    drop(out);
+    info!(message = "fleetgate started", node_id = %settings.node_id);
+
+    if let Some((gw, listener)) = gateway {
+        gw.run(listener, shutdown.clone()).await?;
+    } else {
+        shutdown.cancelled().await;
+    }
+    if let Some(task) = admin_task {
+        task.await??;
+    }
+    internal_task.abort();
+    info!(message = "fleetgate stopped");
+    Ok(())
+}

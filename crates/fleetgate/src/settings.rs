@@ -1,0 +1,403 @@
+//! The effective configuration: built-in defaults (taken from each crate's `Default`), then
+//! the TOML file, then `FLEETGATE_*` environment variables, then flags. `fleetgate config`
+//! prints the result.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use fleetgate_admin::AdminConfig;
+use fleetgate_bus::memory::MemoryBusConfig;
+use fleetgate_gateway::GatewayConfig;
+use serde::{Deserialize, Serialize};
+
+/// Everything configurable, with units in the names.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Public WebSocket listener (`/v1/device`).
+    pub listen: String,
+    /// Admin REST listener.
+    pub admin_listen: String,
+    /// Internal listener: `/metrics`, `/healthz`, `/readyz`.
+    pub internal_listen: String,
+    /// This node's ID; empty = hostname + random suffix.
+    pub node_id: String,
+    /// Bootstrap admin API key.
+    pub api_key: String,
+    /// Redis shards; empty = the in-process memory bus.
+    pub redis_urls: Vec<String>,
+    /// TOML file of JWT verification keys (`[[keys]] kid, algorithm, secret | public_key_pem`).
+    pub jwt_keys: Option<PathBuf>,
+    /// OTLP collector endpoint.
+    pub otlp_endpoint: Option<String>,
+    /// `text` or `json` logs on stderr.
+    pub log_format: String,
+    /// Gateway node settings.
+    pub gateway: GatewaySettings,
+    /// Admin API settings.
+    pub admin: AdminSettings,
+    /// Memory bus settings.
+    pub bus: BusSettings,
+}
+
+/// `[gateway]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewaySettings {
+    /// First-frame auth deadline.
+    pub auth_timeout_ms: u64,
+    /// Server ping interval.
+    pub heartbeat_ms: u64,
+    /// Silence that closes a session with 4001.
+    pub idle_timeout_ms: u64,
+    /// First retransmit delay of an unacknowledged command.
+    pub ack_timeout_ms: u64,
+    /// Longest retransmit delay.
+    pub max_ack_backoff_ms: u64,
+    /// Deliveries before a command is reported failed.
+    pub max_attempts: u32,
+    /// Device sockets per node; 0 = sized from memory and the open-file limit.
+    pub max_connections: usize,
+    /// Largest frame.
+    pub max_frame_bytes: usize,
+    /// Accepted clock skew of message timestamps.
+    pub max_skew_ms: i64,
+    /// Per-device replay window.
+    pub replay_window_ms: i64,
+    /// Items per batch.
+    pub max_batch_items: usize,
+    /// Sustained messages per second per device.
+    pub rate_limit_per_second: u32,
+    /// Burst above the sustained rate.
+    pub rate_limit_burst: u32,
+    /// Frames queued for one device's socket.
+    pub outbox_capacity: usize,
+    /// Commands in flight per device.
+    pub inflight_window: usize,
+    /// A write blocked this long drops a slow consumer.
+    pub write_timeout_ms: u64,
+    /// Initial WebSocket read buffer.
+    pub read_buffer_bytes: usize,
+    /// Period over which SIGTERM closes sessions with 1012.
+    pub drain_period_ms: u64,
+    /// Membership entry lifetime.
+    pub node_ttl_ms: u64,
+    /// How long device QoS 2 msgids wait for `rel`.
+    pub qos2_ttl_ms: u64,
+    /// How often expired commands are collected.
+    pub expiry_sweep_interval_ms: u64,
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminSettings {
+    /// Command TTL when a request gives none.
+    pub default_ttl_ms: u64,
+    /// Longest command TTL.
+    pub max_ttl_ms: u64,
+    /// Longest `waitMs`.
+    pub max_wait_ms: u64,
+}
+
+/// `[bus]` (memory backend).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BusSettings {
+    /// Commands queued per device.
+    pub queue_max_len: usize,
+    /// Telemetry stream partitions.
+    pub telemetry_partitions: u32,
+    /// Records kept per partition.
+    pub telemetry_max_len: usize,
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            admin_listen: "127.0.0.1:8081".into(),
+            internal_listen: "127.0.0.1:9090".into(),
+            node_id: String::new(),
+            api_key: String::new(),
+            redis_urls: Vec::new(),
+            jwt_keys: None,
+            otlp_endpoint: None,
+            log_format: "text".into(),
+            gateway: GatewaySettings::default(),
+            admin: AdminSettings::default(),
+            bus: BusSettings::default(),
+        }
+    }
+}
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        let g = GatewayConfig::default();
+        Self {
+            auth_timeout_ms: ms(g.auth_timeout),
+            heartbeat_ms: ms(g.heartbeat),
+            idle_timeout_ms: ms(g.idle_timeout),
+            ack_timeout_ms: ms(g.ack_timeout),
+            max_ack_backoff_ms: ms(g.max_ack_backoff),
+            max_attempts: g.max_attempts,
+            max_connections: 0,
+            max_frame_bytes: g.limits.max_frame_bytes,
+            max_skew_ms: g.limits.max_skew_ms,
+            replay_window_ms: g.limits.replay_window_ms,
+            max_batch_items: g.limits.max_batch_items,
+            rate_limit_per_second: g.rate_limit_per_second,
+            rate_limit_burst: g.rate_limit_burst,
+            outbox_capacity: g.outbox_capacity,
+            inflight_window: g.inflight_window,
+            write_timeout_ms: ms(g.write_timeout),
+            read_buffer_bytes: g.read_buffer_bytes,
+            drain_period_ms: ms(g.drain_period),
+            node_ttl_ms: ms(g.node_ttl),
+            qos2_ttl_ms: ms(g.qos2_ttl),
+            expiry_sweep_interval_ms: ms(g.expiry_sweep_interval),
+        }
+    }
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        let a = AdminConfig::default();
+        Self { default_ttl_ms: ms(a.default_ttl), max_ttl_ms: ms(a.max_ttl), max_wait_ms: ms(a.max_wait) }
+    }
+}
+
+impl Default for BusSettings {
+    fn default() -> Self {
+        let b = MemoryBusConfig::default();
+        Self {
+            queue_max_len: b.queue_max_len,
+            telemetry_partitions: b.telemetry_partitions,
+            telemetry_max_len: b.telemetry_max_len,
+        }
+    }
+}
+
+/// Options every role takes; each is also an environment variable and a config-file key.
+#[derive(Debug, Clone, Args)]
+pub struct Overrides {
+    /// TOML config file.
+    #[arg(long, env = "FLEETGATE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Public WebSocket listener (port 0 = any free port).
+    #[arg(long, env = "FLEETGATE_LISTEN")]
+    pub listen: Option<String>,
+    /// Admin REST listener.
+    #[arg(long, env = "FLEETGATE_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
+    /// Internal listener (/metrics, /healthz, /readyz).
+    #[arg(long, env = "FLEETGATE_INTERNAL_LISTEN")]
+    pub internal_listen: Option<String>,
+    /// Bootstrap admin API key.
+    #[arg(long, env = "FLEETGATE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Comma-separated Redis shard URLs; unset = memory bus.
+    #[arg(long, env = "FLEETGATE_REDIS_URLS", value_delimiter = ',')]
+    pub redis_urls: Option<Vec<String>>,
+    /// This node's ID.
+    #[arg(long, env = "FLEETGATE_NODE_ID")]
+    pub node_id: Option<String>,
+    /// JWT key file.
+    #[arg(long, env = "FLEETGATE_JWT_KEYS")]
+    pub jwt_keys: Option<PathBuf>,
+    /// OTLP collector endpoint.
+    #[arg(long, env = "FLEETGATE_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// `text` or `json`.
+    #[arg(long, env = "FLEETGATE_LOG_FORMAT")]
+    pub log_format: Option<String>,
+    /// First-frame auth deadline, ms.
+    #[arg(long, env = "FLEETGATE_AUTH_TIMEOUT_MS")]
+    pub auth_timeout_ms: Option<u64>,
+    /// Server ping interval, ms.
+    #[arg(long, env = "FLEETGATE_HEARTBEAT_MS")]
+    pub heartbeat_ms: Option<u64>,
+    /// Idle time that closes a session with 4001, ms.
+    #[arg(long, env = "FLEETGATE_IDLE_TIMEOUT_MS")]
+    pub idle_timeout_ms: Option<u64>,
+    /// First command retransmit delay, ms.
+    #[arg(long, env = "FLEETGATE_ACK_TIMEOUT_MS")]
+    pub ack_timeout_ms: Option<u64>,
+    /// Deliveries before a command fails.
+    #[arg(long, env = "FLEETGATE_MAX_ATTEMPTS")]
+    pub max_attempts: Option<u32>,
+    /// Device sockets per node (0 = sized from memory and open-file limit).
+    #[arg(long, env = "FLEETGATE_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Largest frame, bytes.
+    #[arg(long, env = "FLEETGATE_MAX_FRAME_BYTES")]
+    pub max_frame_bytes: Option<usize>,
+    /// Sustained messages per second per device.
+    #[arg(long, env = "FLEETGATE_RATE_LIMIT_PER_SECOND")]
+    pub rate_limit_per_second: Option<u32>,
+    /// Burst above the sustained rate.
+    #[arg(long, env = "FLEETGATE_RATE_LIMIT_BURST")]
+    pub rate_limit_burst: Option<u32>,
+    /// Drain period on SIGTERM, ms.
+    #[arg(long, env = "FLEETGATE_DRAIN_PERIOD_MS")]
+    pub drain_period_ms: Option<u64>,
+}
+
+impl Settings {
+    /// Defaults, then the file, then env and flags.
+    ///
+    /// # Errors
+    /// An unreadable or invalid file, or an invalid combination of values.
+    pub fn load(o: &Overrides) -> anyhow::Result<Self> {
+        let mut s = match &o.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
+            }
+            None => Settings::default(),
+        };
+        macro_rules! set {
+            ($($src:ident => $($dst:ident).+),* $(,)?) => {
+                $(if let Some(v) = o.$src.clone() { s.$($dst).+ = v.into(); })*
+            };
+        }
+        set!(
+            listen => listen, admin_listen => admin_listen, internal_listen => internal_listen,
+            api_key => api_key, node_id => node_id, log_format => log_format,
+            auth_timeout_ms => gateway.auth_timeout_ms, heartbeat_ms => gateway.heartbeat_ms,
+            idle_timeout_ms => gateway.idle_timeout_ms, ack_timeout_ms => gateway.ack_timeout_ms,
+            max_attempts => gateway.max_attempts, max_connections => gateway.max_connections,
+            max_frame_bytes => gateway.max_frame_bytes,
+            rate_limit_per_second => gateway.rate_limit_per_second,
+            rate_limit_burst => gateway.rate_limit_burst, drain_period_ms => gateway.drain_period_ms,
+        );
+        if let Some(v) = &o.redis_urls {
+            s.redis_urls = v.iter().map(|u| u.trim().to_owned()).filter(|u| !u.is_empty()).collect();
+        }
+        if o.jwt_keys.is_some() {
+            s.jwt_keys = o.jwt_keys.clone();
+        }
+        if o.otlp_endpoint.is_some() {
+            s.otlp_endpoint = o.otlp_endpoint.clone();
+        }
+        if s.node_id.is_empty() {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "fleetgate".into());
+            s.node_id = format!("{host}-{:06x}", rand::random::<u32>() & 0xff_ffff);
+        }
+        s.validate()?;
+        Ok(s)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        let g = &self.gateway;
+        if g.heartbeat_ms == 0 || g.idle_timeout_ms <= g.heartbeat_ms {
+            bail!("idle_timeout_ms ({}) must exceed heartbeat_ms ({}) > 0", g.idle_timeout_ms, g.heartbeat_ms);
+        }
+        if g.auth_timeout_ms == 0 || g.ack_timeout_ms == 0 || g.max_attempts == 0 {
+            bail!("auth_timeout_ms, ack_timeout_ms and max_attempts must be positive");
+        }
+        if g.max_frame_bytes < 1024 {
+            bail!("max_frame_bytes must be at least 1024");
+        }
+        if g.outbox_capacity == 0 || g.inflight_window == 0 || g.rate_limit_burst == 0 {
+            bail!("outbox_capacity, inflight_window and rate_limit_burst must be positive");
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            bail!("log_format must be `text` or `json`");
+        }
+        if self.node_id.len() > 128 {
+            bail!("node_id is longer than 128 bytes");
+        }
+        Ok(())
+    }
+
+    /// The gateway crate's config.
+    pub fn gateway_config(&self) -> GatewayConfig {
+        let g = &self.gateway;
+        let d = Duration::from_millis;
+        let mut c = GatewayConfig {
+            node_id: self.node_id.clone(),
+            auth_timeout: d(g.auth_timeout_ms),
+            heartbeat: d(g.heartbeat_ms),
+            idle_timeout: d(g.idle_timeout_ms),
+            ack_timeout: d(g.ack_timeout_ms),
+            max_ack_backoff: d(g.max_ack_backoff_ms),
+            max_attempts: g.max_attempts,
+            max_connections: g.max_connections,
+            rate_limit_per_second: g.rate_limit_per_second,
+            rate_limit_burst: g.rate_limit_burst,
+            outbox_capacity: g.outbox_capacity,
+            inflight_window: g.inflight_window,
+            write_timeout: d(g.write_timeout_ms),
+            read_buffer_bytes: g.read_buffer_bytes,
+            drain_period: d(g.drain_period_ms),
+            node_ttl: d(g.node_ttl_ms),
+            qos2_ttl: d(g.qos2_ttl_ms),
+            expiry_sweep_interval: d(g.expiry_sweep_interval_ms),
+            ..GatewayConfig::default()
+        };
+        c.limits.max_frame_bytes = g.max_frame_bytes;
+        c.limits.max_skew_ms = g.max_skew_ms;
+        c.limits.replay_window_ms = g.replay_window_ms;
+        c.limits.max_batch_items = g.max_batch_items;
+        if c.max_connections == 0 {
+            c.max_connections = auto_max_connections();
+        }
+        c
+    }
+
+    /// The admin crate's config.
+    pub fn admin_config(&self) -> AdminConfig {
+        let a = &self.admin;
+        AdminConfig {
+            node_id: format!("{}-admin", self.node_id),
+            api_key: self.api_key.clone(),
+            default_ttl: Duration::from_millis(a.default_ttl_ms),
+            max_ttl: Duration::from_millis(a.max_ttl_ms),
+            max_wait: Duration::from_millis(a.max_wait_ms),
+        }
+    }
+
+    /// The memory bus's config.
+    pub fn memory_bus_config(&self) -> MemoryBusConfig {
+        MemoryBusConfig {
+            queue_max_len: self.bus.queue_max_len,
+            telemetry_partitions: self.bus.telemetry_partitions,
+            telemetry_max_len: self.bus.telemetry_max_len,
+            ..MemoryBusConfig::default()
+        }
+    }
+}
+
+/// Connections the machine can hold: bounded by memory (about 16 KiB each, busy) and by the
+/// open-file limit (one descriptor each, less a reserve for listeners, Redis and logs).
+fn auto_max_connections() -> usize {
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(1 << 30, |kb| kb * 1024);
+    let by_mem = GatewayConfig::max_connections_for_memory(mem);
+    let by_files = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|l| {
+            l.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3))
+                .and_then(|soft| soft.parse::<usize>().ok())
+        })
+        .map_or(usize::MAX, |n| n.saturating_sub(200).max(100));
+    by_mem.min(by_files)
+}
