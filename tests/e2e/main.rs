@@ -1,1 +1,11 @@
-//! e2e
+//! End-to-end tests: each starts the real `fleetgate` binary on port 0 and drives it over
+//! real sockets.
+
+mod admin;
+mod auth;
+mod commands;
+mod ingest;
+mod interop;
+mod lifecycle;
+mod limits;
+mod support;

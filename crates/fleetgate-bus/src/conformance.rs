@@ -121,7 +121,11 @@ fn node_info(id: &str, connections: u64) -> NodeInfo {
 }
 
 fn presence(node: &str, conn_id: u64) -> Presence {
-    Presence { node: node.to_owned(), conn_id, since_ms: now_ms() }
+    Presence {
+        node: node.to_owned(),
+        conn_id,
+        since_ms: now_ms(),
+    }
 }
 
 fn msgid(s: &str) -> MsgId {
@@ -164,12 +168,15 @@ fn obj(v: Value) -> Map<String, Value> {
 }
 
 fn parse_id(id: &StreamId) -> (u64, u64) {
-    let (ms, seq) = id
-        .0
-        .split_once('-')
-        .unwrap_or_else(|| panic!("stream id {:?} is not <ms>-<seq>", id.0));
-    let ms = ms.parse().unwrap_or_else(|_| panic!("stream id {:?}: bad ms", id.0));
-    let seq = seq.parse().unwrap_or_else(|_| panic!("stream id {:?}: bad seq", id.0));
+    let (ms, seq) =
+        id.0.split_once('-')
+            .unwrap_or_else(|| panic!("stream id {:?} is not <ms>-<seq>", id.0));
+    let ms = ms
+        .parse()
+        .unwrap_or_else(|_| panic!("stream id {:?}: bad ms", id.0));
+    let seq = seq
+        .parse()
+        .unwrap_or_else(|_| panic!("stream id {:?}: bad seq", id.0));
     (ms, seq)
 }
 
@@ -192,7 +199,10 @@ async fn read_device(
             .telemetry_read(partition, Some(&cursor), 500)
             .await
             .expect("telemetry_read");
-        assert!(page.len() <= 500, "telemetry_read returned more than its limit");
+        assert!(
+            page.len() <= 500,
+            "telemetry_read returned more than its limit"
+        );
         let Some((last, _)) = page.last() else {
             return out;
         };
@@ -218,9 +228,19 @@ pub async fn ping(bus: &dyn Bus) {
 pub async fn registry_create_get_update(bus: &dyn Bus) {
     let id = unique_id("reg");
     let rec = device_record(&id, &["farm-a"]);
-    assert_eq!(bus.device_get(&id).await.expect("device_get"), None, "unknown device must read as None");
-    assert!(bus.device_create(&rec).await.expect("device_create"), "first create must return true");
-    assert_eq!(bus.device_get(&id).await.expect("device_get").as_ref(), Some(&rec));
+    assert_eq!(
+        bus.device_get(&id).await.expect("device_get"),
+        None,
+        "unknown device must read as None"
+    );
+    assert!(
+        bus.device_create(&rec).await.expect("device_create"),
+        "first create must return true"
+    );
+    assert_eq!(
+        bus.device_get(&id).await.expect("device_get").as_ref(),
+        Some(&rec)
+    );
 
     let other = device_record(&id, &["farm-b"]);
     assert!(
@@ -237,8 +257,14 @@ pub async fn registry_create_get_update(bus: &dyn Bus) {
     updated.revoked = true;
     updated.groups = vec!["farm-a".into(), "farm-c".into()];
     updated.secret_sha256 = [9; 32];
-    assert!(bus.device_update(&updated).await.expect("device_update"), "update of an existing device");
-    assert_eq!(bus.device_get(&id).await.expect("device_get"), Some(updated));
+    assert!(
+        bus.device_update(&updated).await.expect("device_update"),
+        "update of an existing device"
+    );
+    assert_eq!(
+        bus.device_get(&id).await.expect("device_get"),
+        Some(updated)
+    );
 
     let missing = device_record(&unique_id("reg-missing"), &[]);
     assert!(
@@ -258,7 +284,11 @@ pub async fn registry_list_paging(bus: &dyn Bus) {
     let ids: Vec<String> = (0..5).map(|i| format!("{prefix}/{i}")).collect();
     // Created out of order: the listing must sort.
     for i in [3, 0, 4, 1, 2] {
-        assert!(bus.device_create(&device_record(&ids[i], &[])).await.expect("device_create"));
+        assert!(
+            bus.device_create(&device_record(&ids[i], &[]))
+                .await
+                .expect("device_create")
+        );
     }
 
     let start = format!("{prefix}/");
@@ -266,14 +296,31 @@ pub async fn registry_list_paging(bus: &dyn Bus) {
     let got: Vec<&str> = page1.iter().map(|d| d.id.as_str()).collect();
     assert_eq!(got, [ids[0].as_str(), ids[1].as_str()], "first page");
 
-    let page2 = bus.device_list(Some(&ids[1]), 2).await.expect("device_list");
+    let page2 = bus
+        .device_list(Some(&ids[1]), 2)
+        .await
+        .expect("device_list");
     let got: Vec<&str> = page2.iter().map(|d| d.id.as_str()).collect();
-    assert_eq!(got, [ids[2].as_str(), ids[3].as_str()], "second page (after is exclusive)");
+    assert_eq!(
+        got,
+        [ids[2].as_str(), ids[3].as_str()],
+        "second page (after is exclusive)"
+    );
 
-    let page3 = bus.device_list(Some(&ids[3]), 2).await.expect("device_list");
-    assert!(!page3.is_empty() && page3.len() <= 2, "third page size {}", page3.len());
+    let page3 = bus
+        .device_list(Some(&ids[3]), 2)
+        .await
+        .expect("device_list");
+    assert!(
+        !page3.is_empty() && page3.len() <= 2,
+        "third page size {}",
+        page3.len()
+    );
     assert_eq!(page3[0].id, ids[4], "third page starts after the cursor");
-    assert!(page3.iter().all(|d| d.id > ids[3]), "page entries must sort after the cursor");
+    assert!(
+        page3.iter().all(|d| d.id > ids[3]),
+        "page entries must sort after the cursor"
+    );
 
     let all = bus.device_list(None, 50).await.expect("device_list");
     assert!(all.len() <= 50, "device_list returned more than its limit");
@@ -282,7 +329,10 @@ pub async fn registry_list_paging(bus: &dyn Bus) {
         "device_list must be in strictly increasing ID order"
     );
     assert!(
-        bus.device_list(Some(&start), 0).await.expect("device_list").is_empty(),
+        bus.device_list(Some(&start), 0)
+            .await
+            .expect("device_list")
+            .is_empty(),
         "limit 0 returns nothing"
     );
 }
@@ -293,7 +343,9 @@ pub async fn registry_list_paging(bus: &dyn Bus) {
 pub async fn membership_heartbeat_and_remove(bus: &dyn Bus) {
     let id = unique_id("node");
     let first = node_info(&id, 3);
-    bus.node_heartbeat(&first, LONG_TTL_MS).await.expect("node_heartbeat");
+    bus.node_heartbeat(&first, LONG_TTL_MS)
+        .await
+        .expect("node_heartbeat");
     let listed = bus.nodes().await.expect("nodes");
     assert_eq!(
         listed.iter().find(|n| n.id == id),
@@ -304,27 +356,39 @@ pub async fn membership_heartbeat_and_remove(bus: &dyn Bus) {
     let mut second = first.clone();
     second.connections = 42;
     second.draining = true;
-    bus.node_heartbeat(&second, LONG_TTL_MS).await.expect("node_heartbeat");
+    bus.node_heartbeat(&second, LONG_TTL_MS)
+        .await
+        .expect("node_heartbeat");
     let listed = bus.nodes().await.expect("nodes");
     let mine: Vec<_> = listed.iter().filter(|n| n.id == id).collect();
-    assert_eq!(mine, [&second], "a refresh must replace the entry, not add one");
+    assert_eq!(
+        mine,
+        [&second],
+        "a refresh must replace the entry, not add one"
+    );
 
     bus.node_remove(&id).await.expect("node_remove");
     assert!(
         !bus.nodes().await.expect("nodes").iter().any(|n| n.id == id),
         "a removed node must not be listed"
     );
-    bus.node_remove(&id).await.expect("removing an absent node is not an error");
+    bus.node_remove(&id)
+        .await
+        .expect("removing an absent node is not an error");
 }
 
 /// A node that stops heartbeating drops out of membership once its TTL ends.
 pub async fn membership_ttl_expiry(bus: &dyn Bus) {
     let id = unique_id("node-ttl");
     let node = node_info(&id, 0);
-    bus.node_heartbeat(&node, LONG_TTL_MS).await.expect("node_heartbeat");
+    bus.node_heartbeat(&node, LONG_TTL_MS)
+        .await
+        .expect("node_heartbeat");
     assert!(bus.nodes().await.expect("nodes").iter().any(|n| n.id == id));
     // A refresh with a short TTL replaces the long one.
-    bus.node_heartbeat(&node, SHORT_TTL_MS).await.expect("node_heartbeat");
+    bus.node_heartbeat(&node, SHORT_TTL_MS)
+        .await
+        .expect("node_heartbeat");
     wait_until("the node's membership TTL has ended", PATIENCE, || async {
         !bus.nodes().await.expect("nodes").iter().any(|n| n.id == id)
     })
@@ -336,24 +400,47 @@ pub async fn membership_ttl_expiry(bus: &dyn Bus) {
 /// Presence reads back as written; `presence_get_many` answers in request order.
 pub async fn presence_set_get_many(bus: &dyn Bus) {
     let node = unique_id("pnode");
-    bus.node_heartbeat(&node_info(&node, 2), LONG_TTL_MS).await.expect("node_heartbeat");
+    bus.node_heartbeat(&node_info(&node, 2), LONG_TTL_MS)
+        .await
+        .expect("node_heartbeat");
     let a = unique_id("pdev");
     let b = unique_id("pdev");
     let missing = unique_id("pdev-missing");
     let pa = presence(&node, 1);
     let pb = presence(&node, 2);
-    assert_eq!(bus.presence_set(&a, &pa).await.expect("presence_set"), None, "no previous entry");
-    assert_eq!(bus.presence_set(&b, &pb).await.expect("presence_set"), None, "no previous entry");
-    assert_eq!(bus.presence_get(&a).await.expect("presence_get"), Some(pa.clone()));
-    assert_eq!(bus.presence_get(&missing).await.expect("presence_get"), None);
+    assert_eq!(
+        bus.presence_set(&a, &pa).await.expect("presence_set"),
+        None,
+        "no previous entry"
+    );
+    assert_eq!(
+        bus.presence_set(&b, &pb).await.expect("presence_set"),
+        None,
+        "no previous entry"
+    );
+    assert_eq!(
+        bus.presence_get(&a).await.expect("presence_get"),
+        Some(pa.clone())
+    );
+    assert_eq!(
+        bus.presence_get(&missing).await.expect("presence_get"),
+        None
+    );
 
     let many = bus
         .presence_get_many(&[b.clone(), missing.clone(), a.clone(), b.clone()])
         .await
         .expect("presence_get_many");
-    assert_eq!(many, vec![Some(pb.clone()), None, Some(pa), Some(pb)], "same order as asked");
+    assert_eq!(
+        many,
+        vec![Some(pb.clone()), None, Some(pa), Some(pb)],
+        "same order as asked"
+    );
     assert!(
-        bus.presence_get_many(&[]).await.expect("presence_get_many").is_empty(),
+        bus.presence_get_many(&[])
+            .await
+            .expect("presence_get_many")
+            .is_empty(),
         "no devices, no answers"
     );
     bus.node_remove(&node).await.expect("node_remove");
@@ -364,19 +451,29 @@ pub async fn presence_set_get_many(bus: &dyn Bus) {
 pub async fn presence_replace_returns_previous(bus: &dyn Bus) {
     let node_a = unique_id("pnode-a");
     let node_b = unique_id("pnode-b");
-    bus.node_heartbeat(&node_info(&node_a, 1), LONG_TTL_MS).await.expect("node_heartbeat");
-    bus.node_heartbeat(&node_info(&node_b, 1), LONG_TTL_MS).await.expect("node_heartbeat");
+    bus.node_heartbeat(&node_info(&node_a, 1), LONG_TTL_MS)
+        .await
+        .expect("node_heartbeat");
+    bus.node_heartbeat(&node_info(&node_b, 1), LONG_TTL_MS)
+        .await
+        .expect("node_heartbeat");
     let dev = unique_id("pdev");
 
     let p1 = presence(&node_a, 10);
-    assert_eq!(bus.presence_set(&dev, &p1).await.expect("presence_set"), None);
+    assert_eq!(
+        bus.presence_set(&dev, &p1).await.expect("presence_set"),
+        None
+    );
     let p2 = presence(&node_b, 11);
     assert_eq!(
         bus.presence_set(&dev, &p2).await.expect("presence_set"),
         Some(p1),
         "replacing a live entry must return it (its node closes it with 4409)"
     );
-    assert_eq!(bus.presence_get(&dev).await.expect("presence_get"), Some(p2));
+    assert_eq!(
+        bus.presence_get(&dev).await.expect("presence_get"),
+        Some(p2)
+    );
 
     bus.node_remove(&node_b).await.expect("node_remove");
     let p3 = presence(&node_a, 12);
@@ -385,31 +482,47 @@ pub async fn presence_replace_returns_previous(bus: &dyn Bus) {
         None,
         "an entry naming a dead node is not a live previous connection"
     );
-    assert_eq!(bus.presence_get(&dev).await.expect("presence_get"), Some(p3));
+    assert_eq!(
+        bus.presence_get(&dev).await.expect("presence_get"),
+        Some(p3)
+    );
     bus.node_remove(&node_a).await.expect("node_remove");
 }
 
 /// `presence_remove` deletes only when the connection ID still matches.
 pub async fn presence_compare_and_delete(bus: &dyn Bus) {
     let node = unique_id("pnode");
-    bus.node_heartbeat(&node_info(&node, 1), LONG_TTL_MS).await.expect("node_heartbeat");
+    bus.node_heartbeat(&node_info(&node, 1), LONG_TTL_MS)
+        .await
+        .expect("node_heartbeat");
     let dev = unique_id("pdev");
     let p = presence(&node, 77);
     bus.presence_set(&dev, &p).await.expect("presence_set");
 
     assert!(
-        !bus.presence_remove(&dev, 76).await.expect("presence_remove"),
+        !bus.presence_remove(&dev, 76)
+            .await
+            .expect("presence_remove"),
         "a stale connection ID must not delete the newer entry"
     );
     assert_eq!(bus.presence_get(&dev).await.expect("presence_get"), Some(p));
-    assert!(bus.presence_remove(&dev, 77).await.expect("presence_remove"), "matching ID deletes");
+    assert!(
+        bus.presence_remove(&dev, 77)
+            .await
+            .expect("presence_remove"),
+        "matching ID deletes"
+    );
     assert_eq!(bus.presence_get(&dev).await.expect("presence_get"), None);
     assert!(
-        !bus.presence_remove(&dev, 77).await.expect("presence_remove"),
+        !bus.presence_remove(&dev, 77)
+            .await
+            .expect("presence_remove"),
         "deleting twice returns false"
     );
     assert!(
-        !bus.presence_remove(&unique_id("pdev-missing"), 1).await.expect("presence_remove"),
+        !bus.presence_remove(&unique_id("pdev-missing"), 1)
+            .await
+            .expect("presence_remove"),
         "unknown device returns false"
     );
     bus.node_remove(&node).await.expect("node_remove");
@@ -421,11 +534,16 @@ pub async fn presence_compare_and_delete(bus: &dyn Bus) {
 pub async fn presence_dead_node_reads_offline(bus: &dyn Bus) {
     let node = unique_id("pnode");
     let info = node_info(&node, 1);
-    bus.node_heartbeat(&info, LONG_TTL_MS).await.expect("node_heartbeat");
+    bus.node_heartbeat(&info, LONG_TTL_MS)
+        .await
+        .expect("node_heartbeat");
     let dev = unique_id("pdev");
     let p = presence(&node, 5);
     bus.presence_set(&dev, &p).await.expect("presence_set");
-    assert_eq!(bus.presence_get(&dev).await.expect("presence_get"), Some(p.clone()));
+    assert_eq!(
+        bus.presence_get(&dev).await.expect("presence_get"),
+        Some(p.clone())
+    );
 
     bus.node_remove(&node).await.expect("node_remove");
     assert_eq!(
@@ -434,12 +552,16 @@ pub async fn presence_dead_node_reads_offline(bus: &dyn Bus) {
         "an entry naming a dead node must read as offline"
     );
     assert_eq!(
-        bus.presence_get_many(std::slice::from_ref(&dev)).await.expect("presence_get_many"),
+        bus.presence_get_many(std::slice::from_ref(&dev))
+            .await
+            .expect("presence_get_many"),
         vec![None],
         "presence_get_many must apply liveness too"
     );
 
-    bus.node_heartbeat(&info, LONG_TTL_MS).await.expect("node_heartbeat");
+    bus.node_heartbeat(&info, LONG_TTL_MS)
+        .await
+        .expect("node_heartbeat");
     assert_eq!(
         bus.presence_get(&dev).await.expect("presence_get"),
         Some(p),
@@ -452,14 +574,32 @@ pub async fn presence_dead_node_reads_offline(bus: &dyn Bus) {
 pub async fn presence_node_ttl_expiry(bus: &dyn Bus) {
     let node = unique_id("pnode-ttl");
     let info = node_info(&node, 1);
-    bus.node_heartbeat(&info, LONG_TTL_MS).await.expect("node_heartbeat");
+    bus.node_heartbeat(&info, LONG_TTL_MS)
+        .await
+        .expect("node_heartbeat");
     let dev = unique_id("pdev");
-    bus.presence_set(&dev, &presence(&node, 1)).await.expect("presence_set");
-    assert!(bus.presence_get(&dev).await.expect("presence_get").is_some());
-    bus.node_heartbeat(&info, SHORT_TTL_MS).await.expect("node_heartbeat");
-    wait_until("presence reads offline after its node's TTL", PATIENCE, || async {
-        bus.presence_get(&dev).await.expect("presence_get").is_none()
-    })
+    bus.presence_set(&dev, &presence(&node, 1))
+        .await
+        .expect("presence_set");
+    assert!(
+        bus.presence_get(&dev)
+            .await
+            .expect("presence_get")
+            .is_some()
+    );
+    bus.node_heartbeat(&info, SHORT_TTL_MS)
+        .await
+        .expect("node_heartbeat");
+    wait_until(
+        "presence reads offline after its node's TTL",
+        PATIENCE,
+        || async {
+            bus.presence_get(&dev)
+                .await
+                .expect("presence_get")
+                .is_none()
+        },
+    )
     .await;
 }
 
@@ -467,26 +607,47 @@ pub async fn presence_node_ttl_expiry(bus: &dyn Bus) {
 pub async fn presence_sweep_node(bus: &dyn Bus) {
     let dead = unique_id("pnode-dead");
     let alive = unique_id("pnode-alive");
-    bus.node_heartbeat(&node_info(&alive, 1), LONG_TTL_MS).await.expect("node_heartbeat");
-    bus.node_heartbeat(&node_info(&dead, 3), LONG_TTL_MS).await.expect("node_heartbeat");
+    bus.node_heartbeat(&node_info(&alive, 1), LONG_TTL_MS)
+        .await
+        .expect("node_heartbeat");
+    bus.node_heartbeat(&node_info(&dead, 3), LONG_TTL_MS)
+        .await
+        .expect("node_heartbeat");
     let on_dead: Vec<String> = (0..3).map(|_| unique_id("pdev")).collect();
     for (i, d) in on_dead.iter().enumerate() {
-        bus.presence_set(d, &presence(&dead, i as u64)).await.expect("presence_set");
+        bus.presence_set(d, &presence(&dead, i as u64))
+            .await
+            .expect("presence_set");
     }
     let survivor = unique_id("pdev");
     let ps = presence(&alive, 99);
-    bus.presence_set(&survivor, &ps).await.expect("presence_set");
+    bus.presence_set(&survivor, &ps)
+        .await
+        .expect("presence_set");
     bus.node_remove(&dead).await.expect("node_remove");
 
     assert_eq!(
-        bus.presence_sweep_node(&dead).await.expect("presence_sweep_node"),
+        bus.presence_sweep_node(&dead)
+            .await
+            .expect("presence_sweep_node"),
         3,
         "sweep must count the entries it deleted"
     );
-    assert_eq!(bus.presence_sweep_node(&dead).await.expect("presence_sweep_node"), 0, "second sweep");
+    assert_eq!(
+        bus.presence_sweep_node(&dead)
+            .await
+            .expect("presence_sweep_node"),
+        0,
+        "second sweep"
+    );
     // Back alive, the dead node's former devices stay offline: their entries are gone.
-    bus.node_heartbeat(&node_info(&dead, 0), LONG_TTL_MS).await.expect("node_heartbeat");
-    let got = bus.presence_get_many(&on_dead).await.expect("presence_get_many");
+    bus.node_heartbeat(&node_info(&dead, 0), LONG_TTL_MS)
+        .await
+        .expect("node_heartbeat");
+    let got = bus
+        .presence_get_many(&on_dead)
+        .await
+        .expect("presence_get_many");
     assert_eq!(got, vec![None, None, None], "swept entries must be deleted");
     assert_eq!(
         bus.presence_get(&survivor).await.expect("presence_get"),
@@ -514,7 +675,9 @@ pub async fn routing_roundtrip_every_variant(bus: &dyn Bus) {
         outcome,
     };
     let messages = vec![
-        NodeMessage::Deliver { device: dev.clone() },
+        NodeMessage::Deliver {
+            device: dev.clone(),
+        },
         NodeMessage::Command(live_command(&dev, "full-cmd")),
         NodeMessage::Command(qos0),
         NodeMessage::Close {
@@ -535,7 +698,9 @@ pub async fn routing_roundtrip_every_variant(bus: &dyn Bus) {
             code: CloseCode::Draining,
             reason: "draining; retry-after=1500".into(),
         },
-        result(CommandOutcome::Result(json!({"ok": true, "n": 1.5, "list": [null, "x"]}))),
+        result(CommandOutcome::Result(
+            json!({"ok": true, "n": 1.5, "list": [null, "x"]}),
+        )),
         result(CommandOutcome::Error(json!("boom"))),
         result(CommandOutcome::Done),
         result(CommandOutcome::Failed(FailReason::Expired)),
@@ -546,7 +711,10 @@ pub async fn routing_roundtrip_every_variant(bus: &dyn Bus) {
     }
     for (i, sent) in messages.iter().enumerate() {
         let got = recv_node(&mut rx, &format!("node message {i}")).await;
-        assert_eq!(&got, sent, "node message {i} must arrive unchanged and in order");
+        assert_eq!(
+            &got, sent,
+            "node message {i} must arrive unchanged and in order"
+        );
     }
 }
 
@@ -557,11 +725,18 @@ pub async fn routing_publish_without_subscriber(bus: &dyn Bus) {
     let nobody = unique_id("rnode-nobody");
     let mut rx = bus.node_subscribe(&listener).await.expect("node_subscribe");
     let dev = unique_id("rdev");
-    bus.node_publish(&nobody, &NodeMessage::Deliver { device: "elsewhere".into() })
-        .await
-        .expect("publishing to a node without subscriber must be Ok");
+    bus.node_publish(
+        &nobody,
+        &NodeMessage::Deliver {
+            device: "elsewhere".into(),
+        },
+    )
+    .await
+    .expect("publishing to a node without subscriber must be Ok");
     let mine = NodeMessage::Deliver { device: dev };
-    bus.node_publish(&listener, &mine).await.expect("node_publish");
+    bus.node_publish(&listener, &mine)
+        .await
+        .expect("node_publish");
     assert_eq!(
         recv_node(&mut rx, "own message").await,
         mine,
@@ -575,21 +750,37 @@ pub async fn routing_publish_without_subscriber(bus: &dyn Bus) {
 pub async fn queue_push_order_and_limit(bus: &dyn Bus) {
     let dev = unique_id("qdev");
     let other = unique_id("qdev-other");
-    let cmds: Vec<Command> = (0..5).map(|i| live_command(&dev, &format!("m{i}"))).collect();
+    let cmds: Vec<Command> = (0..5)
+        .map(|i| live_command(&dev, &format!("m{i}")))
+        .collect();
     for (i, c) in cmds.iter().enumerate() {
         bus.queue_push(c).await.expect("queue_push");
         if i == 2 {
-            bus.queue_push(&live_command(&other, "m0")).await.expect("queue_push");
+            bus.queue_push(&live_command(&other, "m0"))
+                .await
+                .expect("queue_push");
         }
     }
     assert_eq!(bus.queue_len(&dev).await.expect("queue_len"), 5);
-    assert_eq!(bus.queue_len(&other).await.expect("queue_len"), 1, "queues are per device");
-    assert_eq!(bus.queue_len(&unique_id("qdev-none")).await.expect("queue_len"), 0);
+    assert_eq!(
+        bus.queue_len(&other).await.expect("queue_len"),
+        1,
+        "queues are per device"
+    );
+    assert_eq!(
+        bus.queue_len(&unique_id("qdev-none"))
+            .await
+            .expect("queue_len"),
+        0
+    );
 
     let all = bus.queue_pending(&dev, 100).await.expect("queue_pending");
     let got: Vec<&Command> = all.iter().map(|q| &q.command).collect();
     let want: Vec<&Command> = cmds.iter().collect();
-    assert_eq!(got, want, "pending must return the commands unchanged, in push order");
+    assert_eq!(
+        got, want,
+        "pending must return the commands unchanged, in push order"
+    );
     for q in &all {
         assert_eq!(q.attempts, 0, "a fresh command has no attempts");
         assert_eq!(q.state, DeliveryState::Pending);
@@ -598,13 +789,24 @@ pub async fn queue_push_order_and_limit(bus: &dyn Bus) {
     let first2 = bus.queue_pending(&dev, 2).await.expect("queue_pending");
     let ids: Vec<&str> = first2.iter().map(|q| q.command.msgid.as_str()).collect();
     assert_eq!(ids, ["m0", "m1"], "limit takes the oldest");
-    assert!(bus.queue_pending(&dev, 0).await.expect("queue_pending").is_empty(), "limit 0");
     assert!(
-        bus.queue_pending(&unique_id("qdev-none"), 10).await.expect("queue_pending").is_empty(),
+        bus.queue_pending(&dev, 0)
+            .await
+            .expect("queue_pending")
+            .is_empty(),
+        "limit 0"
+    );
+    assert!(
+        bus.queue_pending(&unique_id("qdev-none"), 10)
+            .await
+            .expect("queue_pending")
+            .is_empty(),
         "unknown device has no pending commands"
     );
     for c in &cmds {
-        bus.queue_ack(&dev, c.msgid.as_str()).await.expect("queue_ack");
+        bus.queue_ack(&dev, c.msgid.as_str())
+            .await
+            .expect("queue_ack");
     }
     bus.queue_ack(&other, "m0").await.expect("queue_ack");
 }
@@ -616,20 +818,36 @@ pub async fn queue_full(bus: &dyn Bus) {
     let dev = unique_id("qfull");
     let mut pushed = 0usize;
     let max = loop {
-        match bus.queue_push(&live_command(&dev, &format!("f{pushed}"))).await {
+        match bus
+            .queue_push(&live_command(&dev, &format!("f{pushed}")))
+            .await
+        {
             Ok(()) => pushed += 1,
             Err(BusError::QueueFull { max }) => break max,
             Err(e) => panic!("queue_push failed with {e}"),
         }
-        assert!(pushed <= CAP, "queue accepted {CAP} commands without QueueFull");
+        assert!(
+            pushed <= CAP,
+            "queue accepted {CAP} commands without QueueFull"
+        );
     };
-    assert_eq!(pushed, max, "QueueFull must report the maximum actually enforced");
+    assert_eq!(
+        pushed, max,
+        "QueueFull must report the maximum actually enforced"
+    );
     assert!(max > 0, "a queue must hold at least one command");
     assert_eq!(bus.queue_len(&dev).await.expect("queue_len"), max);
 
     // Room again after an ack; then full again.
-    assert!(bus.queue_ack(&dev, "f0").await.expect("queue_ack").is_some());
-    bus.queue_push(&live_command(&dev, "again")).await.expect("push after ack must succeed");
+    assert!(
+        bus.queue_ack(&dev, "f0")
+            .await
+            .expect("queue_ack")
+            .is_some()
+    );
+    bus.queue_push(&live_command(&dev, "again"))
+        .await
+        .expect("push after ack must succeed");
     assert_eq!(
         bus.queue_push(&live_command(&dev, "overflow")).await,
         Err(BusError::QueueFull { max }),
@@ -640,11 +858,16 @@ pub async fn queue_full(bus: &dyn Bus) {
         .await
         .expect("duplicate push into a full queue must be a no-op, not QueueFull");
 
-    let rest = bus.queue_pending(&dev, max + 10).await.expect("queue_pending");
+    let rest = bus
+        .queue_pending(&dev, max + 10)
+        .await
+        .expect("queue_pending");
     assert_eq!(rest.len(), max);
     assert_eq!(rest.last().map(|q| q.command.msgid.as_str()), Some("again"));
     for q in rest {
-        bus.queue_ack(&dev, q.command.msgid.as_str()).await.expect("queue_ack");
+        bus.queue_ack(&dev, q.command.msgid.as_str())
+            .await
+            .expect("queue_ack");
     }
     assert_eq!(bus.queue_len(&dev).await.expect("queue_len"), 0);
 }
@@ -652,15 +875,37 @@ pub async fn queue_full(bus: &dyn Bus) {
 /// `queue_attempt` counts up per command and is `None` for unknown commands.
 pub async fn queue_attempt_counting(bus: &dyn Bus) {
     let dev = unique_id("qatt");
-    bus.queue_push(&live_command(&dev, "a")).await.expect("queue_push");
-    bus.queue_push(&live_command(&dev, "b")).await.expect("queue_push");
-    assert_eq!(bus.queue_attempt(&dev, "a").await.expect("queue_attempt"), Some(1));
-    assert_eq!(bus.queue_attempt(&dev, "a").await.expect("queue_attempt"), Some(2));
-    assert_eq!(bus.queue_attempt(&dev, "b").await.expect("queue_attempt"), Some(1));
-    assert_eq!(bus.queue_attempt(&dev, "a").await.expect("queue_attempt"), Some(3));
-    assert_eq!(bus.queue_attempt(&dev, "zzz").await.expect("queue_attempt"), None, "unknown msgid");
+    bus.queue_push(&live_command(&dev, "a"))
+        .await
+        .expect("queue_push");
+    bus.queue_push(&live_command(&dev, "b"))
+        .await
+        .expect("queue_push");
     assert_eq!(
-        bus.queue_attempt(&unique_id("qatt-none"), "a").await.expect("queue_attempt"),
+        bus.queue_attempt(&dev, "a").await.expect("queue_attempt"),
+        Some(1)
+    );
+    assert_eq!(
+        bus.queue_attempt(&dev, "a").await.expect("queue_attempt"),
+        Some(2)
+    );
+    assert_eq!(
+        bus.queue_attempt(&dev, "b").await.expect("queue_attempt"),
+        Some(1)
+    );
+    assert_eq!(
+        bus.queue_attempt(&dev, "a").await.expect("queue_attempt"),
+        Some(3)
+    );
+    assert_eq!(
+        bus.queue_attempt(&dev, "zzz").await.expect("queue_attempt"),
+        None,
+        "unknown msgid"
+    );
+    assert_eq!(
+        bus.queue_attempt(&unique_id("qatt-none"), "a")
+            .await
+            .expect("queue_attempt"),
         None,
         "unknown device"
     );
@@ -669,9 +914,20 @@ pub async fn queue_attempt_counting(bus: &dyn Bus) {
         .iter()
         .map(|q| (q.command.msgid.as_str(), q.attempts))
         .collect();
-    assert_eq!(attempts, [("a", 3), ("b", 1)], "pending must show the attempt counts, order kept");
-    let acked = bus.queue_ack(&dev, "a").await.expect("queue_ack").expect("queued");
-    assert_eq!(acked.attempts, 3, "ack returns the command with its attempts");
+    assert_eq!(
+        attempts,
+        [("a", 3), ("b", 1)],
+        "pending must show the attempt counts, order kept"
+    );
+    let acked = bus
+        .queue_ack(&dev, "a")
+        .await
+        .expect("queue_ack")
+        .expect("queued");
+    assert_eq!(
+        acked.attempts, 3,
+        "ack returns the command with its attempts"
+    );
     bus.queue_ack(&dev, "b").await.expect("queue_ack");
 }
 
@@ -699,22 +955,40 @@ pub async fn queue_release_keeps_result(bus: &dyn Bus) {
         .await
         .expect("queue_release")
         .expect("still queued");
-    assert_eq!(again.result.as_ref(), Some(&result), "a release without result keeps the stored one");
+    assert_eq!(
+        again.result.as_ref(),
+        Some(&result),
+        "a release without result keeps the stored one"
+    );
     assert_eq!(again.state, DeliveryState::Released);
 
     let pending = bus.queue_pending(&dev, 10).await.expect("queue_pending");
-    assert_eq!(pending.len(), 1, "a released command stays queued until comp");
+    assert_eq!(
+        pending.len(),
+        1,
+        "a released command stays queued until comp"
+    );
     assert_eq!(pending[0].state, DeliveryState::Released);
     assert_eq!(pending[0].result.as_ref(), Some(&result));
     assert_eq!(bus.queue_len(&dev).await.expect("queue_len"), 1);
 
     assert_eq!(
-        bus.queue_release(&dev, "nope", Some(&result)).await.expect("queue_release"),
+        bus.queue_release(&dev, "nope", Some(&result))
+            .await
+            .expect("queue_release"),
         None,
         "release of an unknown command"
     );
-    let done = bus.queue_ack(&dev, "q2").await.expect("queue_ack").expect("queued");
-    assert_eq!(done.result, Some(result), "comp (ack) returns the kept result");
+    let done = bus
+        .queue_ack(&dev, "q2")
+        .await
+        .expect("queue_ack")
+        .expect("queued");
+    assert_eq!(
+        done.result,
+        Some(result),
+        "comp (ack) returns the kept result"
+    );
     assert_eq!(done.state, DeliveryState::Released);
 }
 
@@ -727,9 +1001,17 @@ pub async fn queue_ack_removes(bus: &dyn Bus) {
     for cmd in [&a, &b, &c] {
         bus.queue_push(cmd).await.expect("queue_push");
     }
-    let acked = bus.queue_ack(&dev, "b").await.expect("queue_ack").expect("b was queued");
+    let acked = bus
+        .queue_ack(&dev, "b")
+        .await
+        .expect("queue_ack")
+        .expect("b was queued");
     assert_eq!(acked.command, b);
-    assert_eq!(bus.queue_ack(&dev, "b").await.expect("queue_ack"), None, "acked twice");
+    assert_eq!(
+        bus.queue_ack(&dev, "b").await.expect("queue_ack"),
+        None,
+        "acked twice"
+    );
     assert_eq!(bus.queue_len(&dev).await.expect("queue_len"), 2);
     let ids: Vec<String> = bus
         .queue_pending(&dev, 10)
@@ -740,7 +1022,9 @@ pub async fn queue_ack_removes(bus: &dyn Bus) {
         .collect();
     assert_eq!(ids, ["a", "c"], "removing from the middle keeps the order");
     assert_eq!(
-        bus.queue_ack(&unique_id("qack-none"), "a").await.expect("queue_ack"),
+        bus.queue_ack(&unique_id("qack-none"), "a")
+            .await
+            .expect("queue_ack"),
         None,
         "msgids are per device"
     );
@@ -755,11 +1039,23 @@ pub async fn queue_fail_removes(bus: &dyn Bus) {
     let a = live_command(&dev, "a");
     bus.queue_push(&a).await.expect("queue_push");
     bus.queue_attempt(&dev, "a").await.expect("queue_attempt");
-    let failed = bus.queue_fail(&dev, "a").await.expect("queue_fail").expect("a was queued");
+    let failed = bus
+        .queue_fail(&dev, "a")
+        .await
+        .expect("queue_fail")
+        .expect("a was queued");
     assert_eq!(failed.command, a);
     assert_eq!(failed.attempts, 1);
-    assert_eq!(bus.queue_fail(&dev, "a").await.expect("queue_fail"), None, "failed twice");
-    assert_eq!(bus.queue_ack(&dev, "a").await.expect("queue_ack"), None, "gone for ack too");
+    assert_eq!(
+        bus.queue_fail(&dev, "a").await.expect("queue_fail"),
+        None,
+        "failed twice"
+    );
+    assert_eq!(
+        bus.queue_ack(&dev, "a").await.expect("queue_ack"),
+        None,
+        "gone for ack too"
+    );
     assert_eq!(bus.queue_len(&dev).await.expect("queue_len"), 0);
 }
 
@@ -770,21 +1066,39 @@ pub async fn queue_duplicate_push_idempotent(bus: &dyn Bus) {
     let other = unique_id("qdup-other");
     let first = live_command(&dev, "same");
     bus.queue_push(&first).await.expect("queue_push");
-    bus.queue_push(&live_command(&dev, "next")).await.expect("queue_push");
-    bus.queue_attempt(&dev, "same").await.expect("queue_attempt");
+    bus.queue_push(&live_command(&dev, "next"))
+        .await
+        .expect("queue_push");
+    bus.queue_attempt(&dev, "same")
+        .await
+        .expect("queue_attempt");
     let mut changed = live_command(&dev, "same");
     changed.payload = json!({"different": true});
-    bus.queue_push(&changed).await.expect("duplicate push must be Ok");
-    bus.queue_push(&first).await.expect("duplicate push must be Ok");
+    bus.queue_push(&changed)
+        .await
+        .expect("duplicate push must be Ok");
+    bus.queue_push(&first)
+        .await
+        .expect("duplicate push must be Ok");
 
-    assert_eq!(bus.queue_len(&dev).await.expect("queue_len"), 2, "no second copy");
+    assert_eq!(
+        bus.queue_len(&dev).await.expect("queue_len"),
+        2,
+        "no second copy"
+    );
     let pending = bus.queue_pending(&dev, 10).await.expect("queue_pending");
     assert_eq!(pending[0].command, first, "the first copy stays, unchanged");
     assert_eq!(pending[0].attempts, 1, "the first copy keeps its attempts");
     assert_eq!(pending[1].command.msgid.as_str(), "next", "and its place");
 
-    bus.queue_push(&live_command(&other, "same")).await.expect("queue_push");
-    assert_eq!(bus.queue_len(&other).await.expect("queue_len"), 1, "msgids are per device");
+    bus.queue_push(&live_command(&other, "same"))
+        .await
+        .expect("queue_push");
+    assert_eq!(
+        bus.queue_len(&other).await.expect("queue_len"),
+        1,
+        "msgids are per device"
+    );
     for (d, m) in [(&dev, "same"), (&dev, "next"), (&other, "same")] {
         bus.queue_ack(d, m).await.expect("queue_ack");
     }
@@ -795,16 +1109,30 @@ pub async fn queue_duplicate_push_idempotent(bus: &dyn Bus) {
 pub async fn queue_pending_excludes_expired(bus: &dyn Bus) {
     let dev = unique_id("qexp");
     let now = now_ms();
-    bus.queue_push(&command(&dev, "old", Qos::AtLeastOnce, now - 1_000)).await.expect("queue_push");
-    bus.queue_push(&live_command(&dev, "fresh")).await.expect("queue_push");
-    bus.queue_push(&command(&dev, "soon", Qos::AtLeastOnce, now + SHORT_TTL_MS as i64))
+    bus.queue_push(&command(&dev, "old", Qos::AtLeastOnce, now - 1_000))
         .await
         .expect("queue_push");
+    bus.queue_push(&live_command(&dev, "fresh"))
+        .await
+        .expect("queue_push");
+    bus.queue_push(&command(
+        &dev,
+        "soon",
+        Qos::AtLeastOnce,
+        now + SHORT_TTL_MS as i64,
+    ))
+    .await
+    .expect("queue_push");
     let ids = |v: Vec<QueuedCommand>| -> Vec<String> {
-        v.into_iter().map(|q| q.command.msgid.into_string()).collect()
+        v.into_iter()
+            .map(|q| q.command.msgid.into_string())
+            .collect()
     };
     let pending = ids(bus.queue_pending(&dev, 10).await.expect("queue_pending"));
-    assert!(!pending.contains(&"old".to_owned()), "expired command listed as pending: {pending:?}");
+    assert!(
+        !pending.contains(&"old".to_owned()),
+        "expired command listed as pending: {pending:?}"
+    );
     assert!(pending.contains(&"fresh".to_owned()));
     let first = ids(bus.queue_pending(&dev, 1).await.expect("queue_pending"));
     assert_eq!(first, ["fresh"], "the limit counts only unexpired commands");
@@ -813,9 +1141,11 @@ pub async fn queue_pending_excludes_expired(bus: &dyn Bus) {
         3,
         "expired commands stay queued until taken (they must be reported, not lost)"
     );
-    wait_until("a command's TTL has ended for queue_pending", PATIENCE, || async {
-        ids(bus.queue_pending(&dev, 10).await.expect("queue_pending")) == ["fresh"]
-    })
+    wait_until(
+        "a command's TTL has ended for queue_pending",
+        PATIENCE,
+        || async { ids(bus.queue_pending(&dev, 10).await.expect("queue_pending")) == ["fresh"] },
+    )
     .await;
     for m in ["old", "fresh", "soon"] {
         bus.queue_ack(&dev, m).await.expect("queue_ack");
@@ -842,8 +1172,12 @@ pub async fn queue_expiry_exactly_once(bus: &dyn Bus) {
     }
     let later = command(&dev_a, "later", Qos::AtLeastOnce, t + 1);
     bus.queue_push(&later).await.expect("queue_push");
-    bus.queue_push(&live_command(&dev_a, "live")).await.expect("queue_push");
-    bus.queue_release(&dev_b, "e0", Some(&json!("r"))).await.expect("queue_release");
+    bus.queue_push(&live_command(&dev_a, "live"))
+        .await
+        .expect("queue_push");
+    bus.queue_release(&dev_b, "e0", Some(&json!("r")))
+        .await
+        .expect("queue_release");
 
     const LIMIT: usize = 3;
     let mut taken: Vec<QueuedCommand> = Vec::new();
@@ -858,7 +1192,11 @@ pub async fn queue_expiry_exactly_once(bus: &dyn Bus) {
         let mut all_empty = true;
         for r in [r1, r2, r3, r4] {
             let r = r.expect("queue_take_expired");
-            assert!(r.len() <= LIMIT, "queue_take_expired returned {} > limit {LIMIT}", r.len());
+            assert!(
+                r.len() <= LIMIT,
+                "queue_take_expired returned {} > limit {LIMIT}",
+                r.len()
+            );
             all_empty &= r.is_empty();
             for c in r {
                 assert!(
@@ -874,36 +1212,70 @@ pub async fn queue_expiry_exactly_once(bus: &dyn Bus) {
         if all_empty {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "queue_take_expired never ran dry");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "queue_take_expired never ran dry"
+        );
     }
     let mut seen = HashSet::new();
     for c in &taken {
-        let key = (c.command.device.clone(), c.command.msgid.as_str().to_owned());
-        assert!(seen.insert(key.clone()), "command {key:?} was handed out twice");
+        let key = (
+            c.command.device.clone(),
+            c.command.msgid.as_str().to_owned(),
+        );
+        assert!(
+            seen.insert(key.clone()),
+            "command {key:?} was handed out twice"
+        );
     }
-    assert_eq!(seen, expected, "every expired command must be taken exactly once");
+    assert_eq!(
+        seen, expected,
+        "every expired command must be taken exactly once"
+    );
     let released = taken
         .iter()
         .find(|c| c.command.device == dev_b && c.command.msgid.as_str() == "e0")
         .expect("taken");
-    assert_eq!(released.state, DeliveryState::Released, "taken commands keep their state");
+    assert_eq!(
+        released.state,
+        DeliveryState::Released,
+        "taken commands keep their state"
+    );
     assert_eq!(released.result, Some(json!("r")), "and their result");
     assert_eq!(released.command.qos, Qos::ExactlyOnce);
 
-    assert_eq!(bus.queue_len(&dev_b).await.expect("queue_len"), 0, "taken commands leave the queue");
-    assert_eq!(bus.queue_len(&dev_a).await.expect("queue_len"), 2, "later and live stay");
-    assert_eq!(bus.queue_ack(&dev_a, "e1").await.expect("queue_ack"), None, "taken, not ackable");
+    assert_eq!(
+        bus.queue_len(&dev_b).await.expect("queue_len"),
+        0,
+        "taken commands leave the queue"
+    );
+    assert_eq!(
+        bus.queue_len(&dev_a).await.expect("queue_len"),
+        2,
+        "later and live stay"
+    );
+    assert_eq!(
+        bus.queue_ack(&dev_a, "e1").await.expect("queue_ack"),
+        None,
+        "taken, not ackable"
+    );
 
     // With the real clock, `later` has expired too, but `live` has not.
     let mut later_taken = Vec::new();
     loop {
-        let r = bus.queue_take_expired(now_ms(), 100).await.expect("queue_take_expired");
+        let r = bus
+            .queue_take_expired(now_ms(), 100)
+            .await
+            .expect("queue_take_expired");
         if r.is_empty() {
             break;
         }
         later_taken.extend(r.into_iter().filter(|c| ours(c)));
     }
-    let ids: Vec<&str> = later_taken.iter().map(|c| c.command.msgid.as_str()).collect();
+    let ids: Vec<&str> = later_taken
+        .iter()
+        .map(|c| c.command.msgid.as_str())
+        .collect();
     assert_eq!(ids, ["later"], "only `later` was left to expire");
     assert_eq!(later_taken[0].command, later);
     let left = bus.queue_pending(&dev_a, 10).await.expect("queue_pending");
@@ -918,23 +1290,58 @@ pub async fn queue_expiry_exactly_once(bus: &dyn Bus) {
 pub async fn qos2_receive_dup_release(bus: &dyn Bus) {
     let dev = unique_id("q2dev");
     let other = unique_id("q2dev-other");
-    assert!(bus.qos2_receive(&dev, "m1", LONG_TTL_MS).await.expect("qos2_receive"), "new msgid");
-    assert!(!bus.qos2_receive(&dev, "m1", LONG_TTL_MS).await.expect("qos2_receive"), "duplicate");
-    assert!(!bus.qos2_receive(&dev, "m1", LONG_TTL_MS).await.expect("qos2_receive"), "duplicate");
-    assert!(bus.qos2_receive(&dev, "m2", LONG_TTL_MS).await.expect("qos2_receive"), "other msgid");
     assert!(
-        bus.qos2_receive(&other, "m1", LONG_TTL_MS).await.expect("qos2_receive"),
+        bus.qos2_receive(&dev, "m1", LONG_TTL_MS)
+            .await
+            .expect("qos2_receive"),
+        "new msgid"
+    );
+    assert!(
+        !bus.qos2_receive(&dev, "m1", LONG_TTL_MS)
+            .await
+            .expect("qos2_receive"),
+        "duplicate"
+    );
+    assert!(
+        !bus.qos2_receive(&dev, "m1", LONG_TTL_MS)
+            .await
+            .expect("qos2_receive"),
+        "duplicate"
+    );
+    assert!(
+        bus.qos2_receive(&dev, "m2", LONG_TTL_MS)
+            .await
+            .expect("qos2_receive"),
+        "other msgid"
+    );
+    assert!(
+        bus.qos2_receive(&other, "m1", LONG_TTL_MS)
+            .await
+            .expect("qos2_receive"),
         "msgids are per device"
     );
-    assert!(bus.qos2_release(&dev, "m1").await.expect("qos2_release"), "stored msgid released");
-    assert!(!bus.qos2_release(&dev, "m1").await.expect("qos2_release"), "released twice");
-    assert!(!bus.qos2_release(&dev, "never").await.expect("qos2_release"), "unknown msgid");
     assert!(
-        !bus.qos2_receive(&dev, "m2", LONG_TTL_MS).await.expect("qos2_receive"),
+        bus.qos2_release(&dev, "m1").await.expect("qos2_release"),
+        "stored msgid released"
+    );
+    assert!(
+        !bus.qos2_release(&dev, "m1").await.expect("qos2_release"),
+        "released twice"
+    );
+    assert!(
+        !bus.qos2_release(&dev, "never").await.expect("qos2_release"),
+        "unknown msgid"
+    );
+    assert!(
+        !bus.qos2_receive(&dev, "m2", LONG_TTL_MS)
+            .await
+            .expect("qos2_receive"),
         "releasing m1 must not forget m2"
     );
     assert!(
-        bus.qos2_receive(&dev, "m1", LONG_TTL_MS).await.expect("qos2_receive"),
+        bus.qos2_receive(&dev, "m1", LONG_TTL_MS)
+            .await
+            .expect("qos2_receive"),
         "after release the msgid is new again"
     );
     for (d, m) in [(&dev, "m1"), (&dev, "m2"), (&other, "m1")] {
@@ -945,13 +1352,21 @@ pub async fn qos2_receive_dup_release(bus: &dyn Bus) {
 /// A received msgid is forgotten once its TTL ends.
 pub async fn qos2_ttl(bus: &dyn Bus) {
     let dev = unique_id("q2ttl");
-    assert!(bus.qos2_receive(&dev, "t", SHORT_TTL_MS).await.expect("qos2_receive"));
+    assert!(
+        bus.qos2_receive(&dev, "t", SHORT_TTL_MS)
+            .await
+            .expect("qos2_receive")
+    );
     wait_until("the QoS 2 entry's TTL has ended", PATIENCE, || async {
-        bus.qos2_receive(&dev, "t", LONG_TTL_MS).await.expect("qos2_receive")
+        bus.qos2_receive(&dev, "t", LONG_TTL_MS)
+            .await
+            .expect("qos2_receive")
     })
     .await;
     assert!(
-        !bus.qos2_receive(&dev, "t", LONG_TTL_MS).await.expect("qos2_receive"),
+        !bus.qos2_receive(&dev, "t", LONG_TTL_MS)
+            .await
+            .expect("qos2_receive"),
         "re-received after expiry, the msgid is stored again"
     );
     bus.qos2_release(&dev, "t").await.expect("qos2_release");
@@ -969,30 +1384,53 @@ pub async fn telemetry_append_read_order(bus: &dyn Bus) {
     let cursor = recent_cursor();
     let records: Vec<TelemetryRecord> = (0..25)
         .map(|i| {
-            let kind = if i % 5 == 4 { MessageKind::Event } else { MessageKind::Status };
+            let kind = if i % 5 == 4 {
+                MessageKind::Event
+            } else {
+                MessageKind::Status
+            };
             telemetry(&dev, &format!("t{i}"), kind, i)
         })
         .collect();
-    bus.telemetry_append(&records[..20]).await.expect("telemetry_append");
-    bus.telemetry_append(&[]).await.expect("appending nothing is Ok");
-    bus.telemetry_append(&records[20..]).await.expect("telemetry_append");
+    bus.telemetry_append(&records[..20])
+        .await
+        .expect("telemetry_append");
+    bus.telemetry_append(&[])
+        .await
+        .expect("appending nothing is Ok");
+    bus.telemetry_append(&records[20..])
+        .await
+        .expect("telemetry_append");
 
     let got = read_device(bus, p, &cursor, &dev).await;
     let got_records: Vec<&TelemetryRecord> = got.iter().map(|(_, r)| r).collect();
     let want: Vec<&TelemetryRecord> = records.iter().collect();
-    assert_eq!(got_records, want, "records must read back unchanged and in append order");
+    assert_eq!(
+        got_records, want,
+        "records must read back unchanged and in append order"
+    );
     assert!(
-        got.windows(2).all(|w| parse_id(&w[0].0) < parse_id(&w[1].0)),
+        got.windows(2)
+            .all(|w| parse_id(&w[0].0) < parse_id(&w[1].0)),
         "stream IDs must increase strictly (numerically)"
     );
 
-    let one = bus.telemetry_read(p, Some(&cursor), 1).await.expect("telemetry_read");
+    let one = bus
+        .telemetry_read(p, Some(&cursor), 1)
+        .await
+        .expect("telemetry_read");
     assert_eq!(one.len(), 1, "limit 1 returns one record");
     assert!(
-        bus.telemetry_read(p, Some(&cursor), 0).await.expect("telemetry_read").is_empty(),
+        bus.telemetry_read(p, Some(&cursor), 0)
+            .await
+            .expect("telemetry_read")
+            .is_empty(),
         "limit 0 returns nothing"
     );
-    let first = bus.telemetry_read(p, None, 1).await.expect("telemetry_read");
+    let first = bus
+        .telemetry_read(p, None, 1)
+        .await
+        .expect("telemetry_read");
     assert_eq!(first.len(), 1, "reading from the start finds records");
     assert!(
         parse_id(&first[0].0) <= parse_id(&got[0].0),
@@ -1011,19 +1449,32 @@ pub async fn telemetry_partition_stability(bus: &dyn Bus) {
             .iter()
             .map(|d| telemetry(d, &format!("r{round}"), MessageKind::Status, round))
             .collect();
-        bus.telemetry_append(&batch).await.expect("telemetry_append");
+        bus.telemetry_append(&batch)
+            .await
+            .expect("telemetry_append");
     }
     for d in &devices {
-        assert_eq!(partition_for(d, parts), partition_for(d, parts), "partition_for is a function");
+        assert_eq!(
+            partition_for(d, parts),
+            partition_for(d, parts),
+            "partition_for is a function"
+        );
         let home = partition_for(d, parts);
         assert!(home < parts);
         for p in 0..parts {
             let found = read_device(bus, p, &cursor, d).await;
             if p == home {
                 let ids: Vec<&str> = found.iter().map(|(_, r)| r.msgid.as_str()).collect();
-                assert_eq!(ids, ["r0", "r1"], "device {d} must find both records in partition {p}");
+                assert_eq!(
+                    ids,
+                    ["r0", "r1"],
+                    "device {d} must find both records in partition {p}"
+                );
             } else {
-                assert!(found.is_empty(), "device {d} has records in foreign partition {p}");
+                assert!(
+                    found.is_empty(),
+                    "device {d} has records in foreign partition {p}"
+                );
             }
         }
     }
@@ -1039,24 +1490,36 @@ pub async fn telemetry_exclusive_cursor(bus: &dyn Bus) {
     let records: Vec<TelemetryRecord> = (0..30)
         .map(|i| telemetry(&dev, &format!("c{i}"), MessageKind::Status, i))
         .collect();
-    bus.telemetry_append(&records).await.expect("telemetry_append");
+    bus.telemetry_append(&records)
+        .await
+        .expect("telemetry_append");
     let got = read_device(bus, p, &cursor, &dev).await;
     assert_eq!(got.len(), 30);
     for k in [0usize, 9, 10, 28, 29] {
         let after = read_device(bus, p, &got[k].0, &dev).await;
         let ids: Vec<&str> = after.iter().map(|(_, r)| r.msgid.as_str()).collect();
         let want: Vec<String> = (k + 1..30).map(|i| format!("c{i}")).collect();
-        assert_eq!(ids, want, "read after record {k} ({:?}) must start at record {}", got[k].0 .0, k + 1);
+        assert_eq!(
+            ids,
+            want,
+            "read after record {k} ({:?}) must start at record {}",
+            got[k].0.0,
+            k + 1
+        );
     }
     let page = bus
         .telemetry_read(p, Some(&got[9].0), 1)
         .await
         .expect("telemetry_read");
-    assert_ne!(page.first().map(|(id, _)| id), Some(&got[9].0), "after is exclusive");
+    assert_ne!(
+        page.first().map(|(id, _)| id),
+        Some(&got[9].0),
+        "after is exclusive"
+    );
     assert!(
         parse_id(&page[0].0) > parse_id(&got[9].0),
         "the record after {:?} must have a larger ID",
-        got[9].0 .0
+        got[9].0.0
     );
 }
 
@@ -1065,7 +1528,11 @@ pub async fn telemetry_exclusive_cursor(bus: &dyn Bus) {
 /// Reported patches merge at the top level, `null` deletes a key, each change bumps the version.
 pub async fn shadow_reported_merge(bus: &dyn Bus) {
     let dev = unique_id("sdev");
-    assert_eq!(bus.shadow_get(&dev).await.expect("shadow_get"), None, "no shadow yet");
+    assert_eq!(
+        bus.shadow_get(&dev).await.expect("shadow_get"),
+        None,
+        "no shadow yet"
+    );
     let v1 = bus
         .shadow_merge_reported(&dev, &obj(json!({"a": 1, "b": {"x": 1, "y": 2}})), 1_000)
         .await
@@ -1076,7 +1543,11 @@ pub async fn shadow_reported_merge(bus: &dyn Bus) {
         .await
         .expect("shadow_merge_reported");
     assert!(v2 > v1, "each change bumps the version ({v1} -> {v2})");
-    let s = bus.shadow_get(&dev).await.expect("shadow_get").expect("shadow exists");
+    let s = bus
+        .shadow_get(&dev)
+        .await
+        .expect("shadow_get")
+        .expect("shadow exists");
     assert_eq!(
         Value::Object(s.reported.clone()),
         json!({"a": 1, "b": {"x": 5}, "c": "on"}),
@@ -1091,8 +1562,16 @@ pub async fn shadow_reported_merge(bus: &dyn Bus) {
         .await
         .expect("shadow_merge_reported");
     assert!(v3 > v2);
-    let s = bus.shadow_get(&dev).await.expect("shadow_get").expect("shadow exists");
-    assert_eq!(Value::Object(s.reported), json!({"b": {"x": 5}, "c": "on"}), "null deletes");
+    let s = bus
+        .shadow_get(&dev)
+        .await
+        .expect("shadow_get")
+        .expect("shadow exists");
+    assert_eq!(
+        Value::Object(s.reported),
+        json!({"b": {"x": 5}, "c": "on"}),
+        "null deletes"
+    );
     assert_eq!(s.version, v3);
 }
 
@@ -1103,8 +1582,15 @@ pub async fn shadow_noop_merge_keeps_version(bus: &dyn Bus) {
         .shadow_merge_reported(&dev, &obj(json!({"gone": null})), 500)
         .await
         .expect("shadow_merge_reported");
-    assert_eq!(v0, 0, "nothing changed on a device without shadow: version 0");
-    assert_eq!(bus.shadow_get(&dev).await.expect("shadow_get"), None, "no shadow created");
+    assert_eq!(
+        v0, 0,
+        "nothing changed on a device without shadow: version 0"
+    );
+    assert_eq!(
+        bus.shadow_get(&dev).await.expect("shadow_get"),
+        None,
+        "no shadow created"
+    );
 
     let v1 = bus
         .shadow_merge_reported(&dev, &obj(json!({"t": 20})), 1_000)
@@ -1124,7 +1610,10 @@ pub async fn shadow_noop_merge_keeps_version(bus: &dyn Bus) {
         .shadow_merge_desired(&dev, &obj(json!({"absent": null})), 3_000)
         .await
         .expect("shadow_merge_desired");
-    assert_eq!(s.version, v1, "deleting an absent desired key is not a change");
+    assert_eq!(
+        s.version, v1,
+        "deleting an absent desired key is not a change"
+    );
     assert_eq!(s.updated_ms, 1_000, "updated_ms marks the last change");
     assert_eq!(Value::Object(s.reported), json!({"t": 20}));
 }
@@ -1134,22 +1623,36 @@ pub async fn shadow_noop_merge_keeps_version(bus: &dyn Bus) {
 pub async fn shadow_desired_delta(bus: &dyn Bus) {
     let dev = unique_id("sdelta");
     let v1 = bus
-        .shadow_merge_reported(&dev, &obj(json!({"temp": 20, "mode": "eco", "fw": "1.0"})), 1_000)
+        .shadow_merge_reported(
+            &dev,
+            &obj(json!({"temp": 20, "mode": "eco", "fw": "1.0"})),
+            1_000,
+        )
         .await
         .expect("shadow_merge_reported");
     let s = bus
-        .shadow_merge_desired(&dev, &obj(json!({"temp": 22, "mode": "eco", "light": true})), 2_000)
+        .shadow_merge_desired(
+            &dev,
+            &obj(json!({"temp": 22, "mode": "eco", "light": true})),
+            2_000,
+        )
         .await
         .expect("shadow_merge_desired");
     assert!(s.version > v1, "a desired change bumps the version");
     assert_eq!(s.updated_ms, 2_000);
-    assert_eq!(Value::Object(s.desired.clone()), json!({"temp": 22, "mode": "eco", "light": true}));
+    assert_eq!(
+        Value::Object(s.desired.clone()),
+        json!({"temp": 22, "mode": "eco", "light": true})
+    );
     assert_eq!(
         Value::Object(s.delta.clone()),
         json!({"temp": 22, "light": true}),
         "delta = desired keys that differ from reported"
     );
-    assert_eq!(Value::Object(s.reported.clone()), json!({"temp": 20, "mode": "eco", "fw": "1.0"}));
+    assert_eq!(
+        Value::Object(s.reported.clone()),
+        json!({"temp": 20, "mode": "eco", "fw": "1.0"})
+    );
     assert_eq!(
         bus.shadow_get(&dev).await.expect("shadow_get").as_ref(),
         Some(&s),
@@ -1161,7 +1664,11 @@ pub async fn shadow_desired_delta(bus: &dyn Bus) {
         .await
         .expect("shadow_merge_reported");
     assert!(v3 > s.version);
-    let s = bus.shadow_get(&dev).await.expect("shadow_get").expect("shadow");
+    let s = bus
+        .shadow_get(&dev)
+        .await
+        .expect("shadow_get")
+        .expect("shadow");
     assert_eq!(
         Value::Object(s.delta.clone()),
         json!({"light": true}),
@@ -1172,7 +1679,10 @@ pub async fn shadow_desired_delta(bus: &dyn Bus) {
         .shadow_merge_desired(&dev, &obj(json!({"light": null})), 4_000)
         .await
         .expect("shadow_merge_desired");
-    assert!(s.delta.is_empty(), "deleting a desired key removes it from delta");
+    assert!(
+        s.delta.is_empty(),
+        "deleting a desired key removes it from delta"
+    );
     assert_eq!(Value::Object(s.desired), json!({"temp": 22, "mode": "eco"}));
 
     let fresh = unique_id("sdelta-fresh");
@@ -1203,10 +1713,20 @@ pub async fn pubsub_fan_out(bus: &dyn Bus) {
     for f in &frames {
         bus.publish(&ch, f.clone(), false).await.expect("publish");
     }
-    bus.publish(&other, Bytes::from_static(b"group"), false).await.expect("publish");
+    bus.publish(&other, Bytes::from_static(b"group"), false)
+        .await
+        .expect("publish");
     for f in &frames {
-        assert_eq!(&recv_frame(&mut s1, "subscriber 1").await, f, "subscriber 1 order");
-        assert_eq!(&recv_frame(&mut s2, "subscriber 2").await, f, "subscriber 2 order");
+        assert_eq!(
+            &recv_frame(&mut s1, "subscriber 1").await,
+            f,
+            "subscriber 1 order"
+        );
+        assert_eq!(
+            &recv_frame(&mut s2, "subscriber 2").await,
+            f,
+            "subscriber 2 order"
+        );
     }
     assert_eq!(
         recv_frame(&mut so, "other channel").await,
@@ -1215,7 +1735,9 @@ pub async fn pubsub_fan_out(bus: &dyn Bus) {
     );
     // Binary frames (Protobuf) pass unchanged.
     let binary = Bytes::from(vec![0u8, 255, 10, 13, 0x80, 0]);
-    bus.publish(&ch, binary.clone(), false).await.expect("publish");
+    bus.publish(&ch, binary.clone(), false)
+        .await
+        .expect("publish");
     assert_eq!(recv_frame(&mut s1, "binary frame").await, binary);
     assert_eq!(recv_frame(&mut s2, "binary frame").await, binary);
     bus.publish(&Channel::Alerts, Bytes::from_static(b"alert"), false)
@@ -1229,14 +1751,21 @@ pub async fn pubsub_unsubscribe_on_drop(bus: &dyn Bus) {
     let s1 = bus.subscribe(&ch).await.expect("subscribe");
     let mut s2 = bus.subscribe(&ch).await.expect("subscribe");
     drop(s1);
-    bus.publish(&ch, Bytes::from_static(b"one"), false).await.expect("publish after a drop");
-    assert_eq!(recv_frame(&mut s2, "remaining subscriber").await, Bytes::from_static(b"one"));
+    bus.publish(&ch, Bytes::from_static(b"one"), false)
+        .await
+        .expect("publish after a drop");
+    assert_eq!(
+        recv_frame(&mut s2, "remaining subscriber").await,
+        Bytes::from_static(b"one")
+    );
     drop(s2);
     bus.publish(&ch, Bytes::from_static(b"none"), false)
         .await
         .expect("publish with every subscriber gone");
     let mut s3 = bus.subscribe(&ch).await.expect("resubscribe");
-    bus.publish(&ch, Bytes::from_static(b"two"), false).await.expect("publish");
+    bus.publish(&ch, Bytes::from_static(b"two"), false)
+        .await
+        .expect("publish");
     assert_eq!(
         recv_frame(&mut s3, "new subscriber").await,
         Bytes::from_static(b"two"),
@@ -1247,25 +1776,43 @@ pub async fn pubsub_unsubscribe_on_drop(bus: &dyn Bus) {
 /// A retained publish becomes the channel's last value; a plain publish leaves it alone.
 pub async fn pubsub_retained(bus: &dyn Bus) {
     let ch = Channel::Group(unique_id("pret"));
-    assert_eq!(bus.retained(&ch).await.expect("retained"), None, "nothing retained yet");
-    bus.publish(&ch, Bytes::from_static(b"first"), true).await.expect("publish");
-    assert_eq!(bus.retained(&ch).await.expect("retained"), Some(Bytes::from_static(b"first")));
-    bus.publish(&ch, Bytes::from_static(b"plain"), false).await.expect("publish");
+    assert_eq!(
+        bus.retained(&ch).await.expect("retained"),
+        None,
+        "nothing retained yet"
+    );
+    bus.publish(&ch, Bytes::from_static(b"first"), true)
+        .await
+        .expect("publish");
+    assert_eq!(
+        bus.retained(&ch).await.expect("retained"),
+        Some(Bytes::from_static(b"first"))
+    );
+    bus.publish(&ch, Bytes::from_static(b"plain"), false)
+        .await
+        .expect("publish");
     assert_eq!(
         bus.retained(&ch).await.expect("retained"),
         Some(Bytes::from_static(b"first")),
         "a non-retained publish keeps the retained value"
     );
     let mut sub = bus.subscribe(&ch).await.expect("subscribe");
-    bus.publish(&ch, Bytes::from_static(b"second"), true).await.expect("publish");
+    bus.publish(&ch, Bytes::from_static(b"second"), true)
+        .await
+        .expect("publish");
     assert_eq!(
         recv_frame(&mut sub, "retained publish").await,
         Bytes::from_static(b"second"),
         "a retained publish is also delivered"
     );
-    assert_eq!(bus.retained(&ch).await.expect("retained"), Some(Bytes::from_static(b"second")));
     assert_eq!(
-        bus.retained(&Channel::Device(unique_id("pret-none"))).await.expect("retained"),
+        bus.retained(&ch).await.expect("retained"),
+        Some(Bytes::from_static(b"second"))
+    );
+    assert_eq!(
+        bus.retained(&Channel::Device(unique_id("pret-none")))
+            .await
+            .expect("retained"),
         None
     );
 }
@@ -1278,21 +1825,28 @@ pub async fn pubsub_slow_subscriber_does_not_block(bus: &dyn Bus) {
     let mut slow = bus.subscribe(&ch).await.expect("subscribe");
     let publishing = async {
         for i in 0..FRAMES {
-            bus.publish(&ch, Bytes::from(format!("f{i}")), false).await.expect("publish");
+            bus.publish(&ch, Bytes::from(format!("f{i}")), false)
+                .await
+                .expect("publish");
         }
     };
     tokio::time::timeout(Duration::from_secs(60), publishing)
         .await
         .expect("publishing to a channel with a stalled subscriber must not block");
     let mut fresh = bus.subscribe(&ch).await.expect("subscribe");
-    bus.publish(&ch, Bytes::from_static(b"after"), false).await.expect("publish");
+    bus.publish(&ch, Bytes::from_static(b"after"), false)
+        .await
+        .expect("publish");
     // The fresh subscriber may first see frames still in flight from the loop above.
     let mut got = recv_frame(&mut fresh, "fresh subscriber").await;
     while got != Bytes::from_static(b"after") {
         got = recv_frame(&mut fresh, "fresh subscriber").await;
     }
     let first = recv_frame(&mut slow, "stalled subscriber").await;
-    assert!(first.starts_with(b"f"), "the stalled subscriber keeps what it had room for");
+    assert!(
+        first.starts_with(b"f"),
+        "the stalled subscriber keeps what it had room for"
+    );
 }
 
 /// Expands into one `#[tokio::test]` per conformance behaviour, each calling the async

@@ -92,12 +92,13 @@ pub trait Bus: Send + Sync + 'static {
     async fn node_publish(&self, node_id: &str, message: &NodeMessage) -> BusResult<()>;
     /// Receives the messages sent to `node_id`. The channel is bounded; when the receiver
     /// falls behind, messages are dropped (and counted by the backend), never buffered
-    /// without bound.
+    /// without bound. A second subscribe for the same node replaces (closes) the first.
     async fn node_subscribe(&self, node_id: &str) -> BusResult<mpsc::Receiver<NodeMessage>>;
 
     // --- server -> device QoS queues -------------------------------------------------
 
-    /// Appends a QoS 1/2 command to its device's queue.
+    /// Appends a QoS 1/2 command to its device's queue. Pushing a msgid already queued for
+    /// the device is a no-op (`Ok`, even when the queue is full), so a retried push is safe.
     ///
     /// # Errors
     /// [`BusError::QueueFull`] when the queue is at its maximum length.
@@ -107,7 +108,7 @@ pub trait Bus: Send + Sync + 'static {
     /// Counts one more delivery attempt; returns the new count (`None` if not queued).
     async fn queue_attempt(&self, device: &str, msgid: &str) -> BusResult<Option<u32>>;
     /// Marks a QoS 2 command as released (the device answered `rec`, the server sent `rel`),
-    /// keeping any result the `rec` carried.
+    /// keeping any result the `rec` carried (a later release without one keeps it too).
     async fn queue_release(
         &self,
         device: &str,
@@ -122,7 +123,7 @@ pub trait Bus: Send + Sync + 'static {
     /// at or before `now_ms`. Exactly one caller gets each expired command, so exactly one
     /// node reports it.
     async fn queue_take_expired(&self, now_ms: i64, limit: usize) -> BusResult<Vec<QueuedCommand>>;
-    /// Number of commands queued for `device`.
+    /// Number of commands queued for `device`, counting expired ones not yet taken.
     async fn queue_len(&self, device: &str) -> BusResult<usize>;
 
     // --- device -> server QoS 2 dedupe -----------------------------------------------
@@ -150,7 +151,8 @@ pub trait Bus: Send + Sync + 'static {
     fn telemetry_partitions(&self) -> u32;
 
     /// Merges a reported-state patch into `device`'s shadow (top-level keys; `null` deletes
-    /// a key) and returns the new version.
+    /// a key) and returns the new version. A patch that changes nothing keeps the version
+    /// (0 and no shadow created when there was none).
     async fn shadow_merge_reported(
         &self,
         device: &str,
@@ -158,7 +160,7 @@ pub trait Bus: Send + Sync + 'static {
         now_ms: i64,
     ) -> BusResult<u64>;
     /// Merges a desired-state patch and returns the whole new shadow (its `delta` is what
-    /// the device should be told).
+    /// the device should be told). A no-op patch keeps the version, as for reported.
     async fn shadow_merge_desired(
         &self,
         device: &str,
@@ -171,7 +173,9 @@ pub trait Bus: Send + Sync + 'static {
     /// Publishes an encoded frame on a fan-out channel; with `retain` it also becomes the
     /// channel's last value.
     async fn publish(&self, channel: &Channel, frame: Bytes, retain: bool) -> BusResult<()>;
-    /// Subscribes to a channel; dropping the [`Subscription`] unsubscribes.
+    /// Subscribes to a channel; dropping the [`Subscription`] unsubscribes. Frames published
+    /// after this returns are delivered; the retained value is not replayed (see
+    /// [`Bus::retained`]).
     async fn subscribe(&self, channel: &Channel) -> BusResult<Subscription>;
     /// The channel's retained value, if any.
     async fn retained(&self, channel: &Channel) -> BusResult<Option<Bytes>>;

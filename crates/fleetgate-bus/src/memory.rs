@@ -25,9 +25,9 @@ use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::time::Instant;
 
 use crate::{
-    Bus, BusError, BusResult, Channel, Command, DeliveryState, DeviceRecord, NodeInfo,
-    NodeMessage, Presence, QueuedCommand, Shadow, StreamId, Subscription, TelemetryRecord,
-    merge_patch, partition_for,
+    Bus, BusError, BusResult, Channel, Command, DeliveryState, DeviceRecord, NodeInfo, NodeMessage,
+    Presence, QueuedCommand, Shadow, StreamId, Subscription, TelemetryRecord, merge_patch,
+    partition_for,
 };
 
 /// Sizing of a [`MemoryBus`].
@@ -107,7 +107,9 @@ impl std::fmt::Debug for MemoryBus {
 impl MemoryBus {
     /// A bus sized by `config` (zero sizes are raised to 1).
     pub fn new(config: MemoryBusConfig) -> Self {
-        Self { inner: Arc::new(Inner::new(config)) }
+        Self {
+            inner: Arc::new(Inner::new(config)),
+        }
     }
 
     /// The effective configuration.
@@ -143,14 +145,21 @@ impl MemoryBus {
         };
         let (queued_commands, queued_devices, expiry_index) = {
             let q = lock(&inner.queues);
-            (q.devices.values().map(|d| d.order.len()).sum(), q.devices.len(), q.expiry.len())
+            (
+                q.devices.values().map(|d| d.order.len()).sum(),
+                q.devices.len(),
+                q.expiry.len(),
+            )
         };
         let qos2_entries = lock(&inner.qos2).len;
         let telemetry_records = inner.telemetry.iter().map(|p| lock(p).records.len()).sum();
         let shadows = lock(&inner.shadows).len();
         let (channels, subscribers) = {
             let p = lock(&inner.pubsub);
-            (p.channels.len(), p.channels.values().map(|c| c.subs.len()).sum())
+            (
+                p.channels.len(),
+                p.channels.values().map(|c| c.subs.len()).sum(),
+            )
         };
         let node_subscribers = lock(&inner.node_channels).len();
         MemoryBusStats {
@@ -240,7 +249,9 @@ struct Cluster {
 
 impl Cluster {
     fn is_live(&self, node: &str, now: Instant) -> bool {
-        self.nodes.get(node).is_some_and(|(_, deadline)| *deadline > now)
+        self.nodes
+            .get(node)
+            .is_some_and(|(_, deadline)| *deadline > now)
     }
 
     fn live_presence(&self, device: &str, now: Instant) -> Option<Presence> {
@@ -320,7 +331,11 @@ struct Qos2 {
 
 impl Default for Qos2 {
     fn default() -> Self {
-        Self { entries: HashMap::new(), len: 0, sweep_at: QOS2_MIN_SWEEP }
+        Self {
+            entries: HashMap::new(),
+            len: 0,
+            sweep_at: QOS2_MIN_SWEEP,
+        }
     }
 }
 
@@ -336,8 +351,10 @@ impl Qos2 {
             }
             ids.insert(msgid.to_owned(), deadline);
         } else {
-            self.entries
-                .insert(device.to_owned(), HashMap::from([(msgid.to_owned(), deadline)]));
+            self.entries.insert(
+                device.to_owned(),
+                HashMap::from([(msgid.to_owned(), deadline)]),
+            );
         }
         self.len += 1;
         if self.len >= self.sweep_at {
@@ -496,7 +513,9 @@ impl Bus for MemoryBus {
         let deadline = now + Duration::from_millis(ttl_ms);
         let mut cluster = lock(&self.inner.cluster);
         cluster.purge_dead_nodes(now);
-        cluster.nodes.insert(node.id.clone(), (node.clone(), deadline));
+        cluster
+            .nodes
+            .insert(node.id.clone(), (node.clone(), deadline));
         Ok(())
     }
 
@@ -529,12 +548,19 @@ impl Bus for MemoryBus {
     async fn presence_get_many(&self, devices: &[String]) -> BusResult<Vec<Option<Presence>>> {
         let now = Instant::now();
         let cluster = lock(&self.inner.cluster);
-        Ok(devices.iter().map(|d| cluster.live_presence(d, now)).collect())
+        Ok(devices
+            .iter()
+            .map(|d| cluster.live_presence(d, now))
+            .collect())
     }
 
     async fn presence_remove(&self, device: &str, conn_id: u64) -> BusResult<bool> {
         let mut cluster = lock(&self.inner.cluster);
-        if cluster.presence.get(device).is_some_and(|p| p.conn_id == conn_id) {
+        if cluster
+            .presence
+            .get(device)
+            .is_some_and(|p| p.conn_id == conn_id)
+        {
             cluster.presence.remove(device);
             Ok(true)
         } else {
@@ -557,7 +583,9 @@ impl Bus for MemoryBus {
         match tx.try_send(message.clone()) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
-                self.inner.dropped_node_messages.fetch_add(1, Ordering::Relaxed);
+                self.inner
+                    .dropped_node_messages
+                    .fetch_add(1, Ordering::Relaxed);
             }
             Err(TrySendError::Closed(_)) => {
                 channels.remove(node_id);
@@ -744,7 +772,10 @@ impl Bus for MemoryBus {
         now_ms: i64,
     ) -> BusResult<u64> {
         let mut shadows = lock(&self.inner.shadows);
-        Ok(merge_into(&mut shadows, device, patch, now_ms, |s| &mut s.reported).map_or(0, |s| s.version))
+        Ok(
+            merge_into(&mut shadows, device, patch, now_ms, |s| &mut s.reported)
+                .map_or(0, |s| s.version),
+        )
     }
 
     /// A merge that changes nothing leaves the version (and `updated_ms`) as they were and
@@ -756,9 +787,11 @@ impl Bus for MemoryBus {
         now_ms: i64,
     ) -> BusResult<Shadow> {
         let mut shadows = lock(&self.inner.shadows);
-        Ok(merge_into(&mut shadows, device, patch, now_ms, |s| &mut s.desired)
-            .cloned()
-            .unwrap_or_default())
+        Ok(
+            merge_into(&mut shadows, device, patch, now_ms, |s| &mut s.desired)
+                .cloned()
+                .unwrap_or_default(),
+        )
     }
 
     async fn shadow_get(&self, device: &str) -> BusResult<Option<Shadow>> {
@@ -786,7 +819,9 @@ impl Bus for MemoryBus {
             }
         }
         if dropped > 0 {
-            self.inner.dropped_messages.fetch_add(dropped, Ordering::Relaxed);
+            self.inner
+                .dropped_messages
+                .fetch_add(dropped, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -797,7 +832,12 @@ impl Bus for MemoryBus {
             let mut pubsub = lock(&self.inner.pubsub);
             let id = pubsub.next_id;
             pubsub.next_id += 1;
-            pubsub.channels.entry(channel.clone()).or_default().subs.push((id, tx));
+            pubsub
+                .channels
+                .entry(channel.clone())
+                .or_default()
+                .subs
+                .push((id, tx));
             id
         };
         let guard = SubscriptionGuard {

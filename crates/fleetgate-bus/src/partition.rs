@@ -21,7 +21,7 @@ mod tests {
     #[test]
     fn fnv1a_reference_values() {
         // FNV-1a 32 reference vectors: "" -> 0x811c9dc5, "a" -> 0xe40c292c, "foobar" -> 0xbf9cf968.
-        assert_eq!(partition_for("", u32::MAX), 0x811c_9dc5 % u32::MAX);
+        assert_eq!(partition_for("", u32::MAX), 0x811c_9dc5);
         assert_eq!(partition_for("a", u32::MAX), 0xe40c_292c);
         assert_eq!(partition_for("foobar", u32::MAX), 0xbf9c_f968);
         assert_eq!(partition_for("a", 4), 0xe40c_292c % 4);

@@ -257,7 +257,10 @@ pub struct Subscription {
 impl Subscription {
     /// Wraps a receiver and whatever must be dropped to unsubscribe.
     pub fn new(rx: mpsc::Receiver<Bytes>, guard: impl Send + Sync + 'static) -> Self {
-        Self { rx, _guard: Box::new(guard) }
+        Self {
+            rx,
+            _guard: Box::new(guard),
+        }
     }
 
     /// The next frame; `None` once the bus closed the subscription.

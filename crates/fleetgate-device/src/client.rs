@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fleetgate_protocol::{
-    Envelope, ErrorFrame, Frame, MessageKind, MsgId, PROTOCOL_VERSION, Qos,
+    Envelope, ErrorFrame, MessageKind, MsgId, PROTOCOL_VERSION, Qos,
 };
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -294,10 +294,7 @@ impl DeviceClient {
             }
             let env =
                 self.envelope(item.kind, item.payload, Qos::AtMostOnce, item.retain, item.timestamp);
-            let bytes = fleetgate_protocol::json::encode(&Frame::Message(env));
-            let value = serde_json::from_slice(&bytes)
-                .map_err(|e| DeviceError::InvalidOptions(format!("batch item: {e}")))?;
-            values.push(value);
+            values.push(fleetgate_protocol::json::envelope_into_value(env));
         }
         let env = self.envelope(MessageKind::Batch, json!({ "items": values }), qos, false, None);
         self.deliver(env).await

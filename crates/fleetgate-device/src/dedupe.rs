@@ -38,6 +38,7 @@ impl DedupeCache {
         self.map.get(id)
     }
 
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.map.len()
     }

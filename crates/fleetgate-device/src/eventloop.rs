@@ -131,7 +131,7 @@ impl EventLoop {
             let attempt = Box::pin(Connection::connect(&self.opts));
             let result = tokio::select! {
                 r = attempt => r,
-                _ = shutdown.wait_for(|s| *s) => break,
+                () = shutdown_requested(&mut shutdown) => break,
             };
             let delay = match result {
                 Ok(mut conn) => {
@@ -222,7 +222,7 @@ impl EventLoop {
             let room = self.requests_open && self.inflight.len() < self.opts.max_inflight;
             tokio::select! {
                 () = sleep_until(until) => return true,
-                _ = shutdown.wait_for(|s| *s) => return false,
+                () = shutdown_requested(shutdown) => return false,
                 req = self.requests.recv(), if room => match req {
                     None => {
                         self.requests_open = false;
@@ -259,7 +259,7 @@ impl EventLoop {
             let room = self.requests_open && self.inflight.len() < self.opts.max_inflight;
             let step = tokio::select! {
                 biased;
-                _ = shutdown.wait_for(|s| *s) => {
+                () = shutdown_requested(shutdown) => {
                     let _ = conn.close(1000, "client disconnect", CLOSE_GRACE).await;
                     return SessionEnd::Stop;
                 }
@@ -527,4 +527,10 @@ async fn sleep_opt(deadline: Option<Instant>) {
         Some(d) => sleep_until(d).await,
         None => pending().await,
     }
+}
+
+/// Resolves once shutdown is requested; the watch guard is released before returning so the
+/// future stays `Send`.
+async fn shutdown_requested(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
 }

@@ -98,6 +98,12 @@ impl Session {
             vec![env.clone()]
         };
         if let Err(error) = self.accept(&accepted, now).await {
+            // Nothing was stored: forget the msgids so the device's retry is processed, not
+            // refused as a replay or acked unstored.
+            self.replay.forget(&env.msgid);
+            for item in &accepted {
+                self.replay.forget(&item.msgid);
+            }
             if env.qos == Qos::ExactlyOnce {
                 // Undo the dedupe mark so the device's retransmission is processed.
                 let _ = self.shared.bus.qos2_release(&self.device, env.msgid.as_str()).await;

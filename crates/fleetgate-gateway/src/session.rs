@@ -120,8 +120,25 @@ async fn finish(shared: &Shared, ws: &mut WebSocket, close: Close) {
     shared.metrics.closes.get_or_create(&CodeLabel { code: close.code.as_u16() }).inc();
     debug!(message = "closing", code = close.code.as_u16(), reason = %close.reason);
     let frame = CloseFrame { code: close.code.as_u16(), reason: Utf8Bytes::from(close.reason) };
-    let _ = tokio::time::timeout(shared.config.write_timeout, ws.send(Message::Close(Some(frame)))).await;
+    let sent = tokio::time::timeout(shared.config.write_timeout, ws.send(Message::Close(Some(frame)))).await;
+    if !matches!(sent, Ok(Ok(()))) {
+        return;
+    }
+    // Wait (briefly) for the peer's close before dropping the socket: closing TCP with unread
+    // input sends a reset, and a reset can destroy our close frame in the peer's receive
+    // buffer before the device reads it, and with it the close code.
+    let _ = tokio::time::timeout(CLOSE_LINGER, async {
+        while let Some(Ok(msg)) = ws.recv().await {
+            if matches!(msg, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
 }
+
+/// How long a closing session waits for the peer's close frame.
+const CLOSE_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 
 async fn send_frame(shared: &Shared, ws: &mut WebSocket, codec: Codec, frame: &Frame) -> Result<(), Close> {
     let bytes = codec.encode(frame);

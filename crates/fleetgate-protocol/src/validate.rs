@@ -141,6 +141,14 @@ impl ReplayWindow {
         Ok(true)
     }
 
+    /// Forgets `msgid`, so that its next arrival counts as new: for a message that was
+    /// checked but then could not be stored, whose retransmission must be processed.
+    pub fn forget(&mut self, msgid: &MsgId) {
+        if self.seen.remove(msgid) {
+            self.order.retain(|(_, id)| id != msgid);
+        }
+    }
+
     /// Number of msgids remembered.
     pub fn len(&self) -> usize {
         self.order.len()
@@ -210,6 +218,18 @@ mod tests {
                 Err(ProtocolError::ClockSkew { .. })
             ));
         }
+    }
+
+    #[test]
+    fn forgotten_msgids_count_as_new() {
+        let l = Limits::default();
+        let mut w = ReplayWindow::default();
+        let a = MsgId::new("a").unwrap();
+        assert_eq!(w.check(&a, false, 0, &l), Ok(true));
+        w.forget(&a);
+        assert!(w.is_empty());
+        assert_eq!(w.check(&a, true, 1, &l), Ok(true));
+        assert_eq!(w.check(&a, true, 2, &l), Ok(false));
     }
 
     #[test]

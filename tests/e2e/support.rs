@@ -1,0 +1,289 @@
+//! Test harness: starts the real `fleetgate` binary on free ports and talks to it over real
+//! sockets. Nothing here sleeps to wait for a condition; every wait has a deadline.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// The API key every test node starts with.
+pub const API_KEY: &str = "test-api-key-0123456789";
+
+/// Upper bound for any single wait in these tests.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Path of the `fleetgate` binary built beside this test.
+fn binary() -> PathBuf {
+    if let Ok(p) = std::env::var("FLEETGATE_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let bin = dir.join("fleetgate");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (`make test` does, or `cargo build -p fleetgate`)",
+        bin.display()
+    );
+    bin
+}
+
+/// A running `fleetgate all` process, killed on drop.
+pub struct Node {
+    child: Child,
+    /// Public WebSocket listener.
+    pub gateway: String,
+    /// Admin REST listener.
+    pub admin: String,
+    /// Internal listener.
+    pub internal: String,
+    http: reqwest::Client,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+/// Timers short enough for tests; a test overrides what it exercises.
+fn test_env() -> Vec<(&'static str, String)> {
+    vec![
+        ("FLEETGATE_API_KEY", API_KEY.into()),
+        ("FLEETGATE_LISTEN", "127.0.0.1:0".into()),
+        ("FLEETGATE_ADMIN_LISTEN", "127.0.0.1:0".into()),
+        ("FLEETGATE_INTERNAL_LISTEN", "127.0.0.1:0".into()),
+        ("FLEETGATE_AUTH_TIMEOUT_MS", "2000".into()),
+        ("FLEETGATE_HEARTBEAT_MS", "1000".into()),
+        ("FLEETGATE_IDLE_TIMEOUT_MS", "5000".into()),
+        ("FLEETGATE_ACK_TIMEOUT_MS", "300".into()),
+        ("FLEETGATE_DRAIN_PERIOD_MS", "500".into()),
+        ("RUST_LOG", "warn".into()),
+    ]
+}
+
+impl Node {
+    /// Starts a node with the test defaults plus `overrides`.
+    pub async fn start(overrides: &[(&str, &str)]) -> Node {
+        let mut cmd = Command::new(binary());
+        cmd.arg("all").stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true);
+        for (k, v) in test_env() {
+            cmd.env(k, v);
+        }
+        for (k, v) in overrides {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start fleetgate");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(DEADLINE, lines.next_line())
+            .await
+            .expect("fleetgate printed its addresses in time")
+            .expect("read stdout")
+            .expect("fleetgate exited before printing its addresses");
+        let addrs: Value = serde_json::from_str(&line).expect("address line is JSON");
+        let get = |k: &str| addrs[k].as_str().unwrap_or_else(|| panic!("no {k} in {line}")).to_owned();
+        Node {
+            gateway: get("gateway"),
+            admin: get("admin"),
+            internal: get("internal"),
+            child,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// The process, for signals.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
+    /// Waits for the process to exit.
+    pub async fn wait_exit(&mut self) -> std::process::ExitStatus {
+        tokio::time::timeout(DEADLINE, self.child.wait()).await.expect("exit in time").expect("wait")
+    }
+
+    /// `ws://.../v1/device`.
+    pub fn device_url(&self) -> String {
+        format!("ws://{}/v1/device", self.gateway)
+    }
+
+    /// An admin API call with the API key; returns status and JSON body (Null if empty).
+    pub async fn admin(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.admin_with_key(method, path, body, Some(API_KEY)).await
+    }
+
+    /// An admin API call with any (or no) key.
+    pub async fn admin_with_key(&self, method: &str, path: &str, body: Option<Value>, key: Option<&str>) -> (u16, Value) {
+        let url = format!("http://{}{}", self.admin, path);
+        let mut req = self.http.request(method.parse().expect("method"), url);
+        if let Some(key) = key {
+            req = req.bearer_auth(key);
+        }
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = tokio::time::timeout(DEADLINE, req.send()).await.expect("admin answered in time").expect("admin request");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.expect("body");
+        let json = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        (status, json)
+    }
+
+    /// An internal listener GET; returns status and text.
+    pub async fn internal_get(&self, path: &str) -> (u16, String) {
+        let resp = self.http.get(format!("http://{}{}", self.internal, path)).send().await.expect("internal request");
+        (resp.status().as_u16(), resp.text().await.expect("body"))
+    }
+
+    /// Provisions `id` and returns its secret.
+    pub async fn provision(&self, id: &str) -> String {
+        self.provision_in(id, &[]).await
+    }
+
+    /// Provisions `id` in `groups` and returns its secret.
+    pub async fn provision_in(&self, id: &str, groups: &[&str]) -> String {
+        let (status, body) = self.admin("POST", "/v1/devices", Some(json!({ "id": id, "groups": groups }))).await;
+        assert_eq!(status, 201, "provision {id}: {body}");
+        body["secret"].as_str().expect("secret").to_owned()
+    }
+}
+
+/// Waits until `check` returns `Some`, polling, up to `DEADLINE`.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+/// A raw WebSocket to the gateway, for tests that craft frames by hand.
+pub struct Raw {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+/// What a raw socket saw when it closed.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Closed {
+    /// Close code (0 if the peer dropped the socket without a close frame).
+    pub code: u16,
+    /// Close reason.
+    pub reason: String,
+}
+
+/// A status envelope from `device`.
+pub fn status(device: &str, msgid: &str, qos: u8, payload: Value) -> Value {
+    json!({"ver":"1.0","msgid":msgid,"timestamp":now_ms(),"from":device,"to":"server","type":"status","payload":payload,"qos":qos})
+}
+
+impl Raw {
+    /// Opens a socket with extra headers; panics unless the upgrade succeeds.
+    pub async fn connect(url: &str, headers: &[(&str, &str)]) -> Raw {
+        match Self::try_connect(url, headers).await {
+            Ok(raw) => raw,
+            Err(status) => panic!("upgrade refused with {status}"),
+        }
+    }
+
+    /// Opens a socket; `Err(http status)` if the upgrade is refused.
+    pub async fn try_connect(url: &str, headers: &[(&str, &str)]) -> Result<Raw, u16> {
+        let mut req = url.into_client_request().expect("request");
+        for (k, v) in headers {
+            let name = HeaderName::from_bytes(k.as_bytes()).expect("header name");
+            req.headers_mut().insert(name, HeaderValue::from_str(v).expect("header"));
+        }
+        match tokio::time::timeout(DEADLINE, tokio_tungstenite::connect_async(req)).await.expect("connect in time") {
+            Ok((ws, _)) => Ok(Raw { ws }),
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
+            Err(e) => panic!("connect: {e}"),
+        }
+    }
+
+    /// Opens a socket and authenticates with an auth frame; returns the auth response.
+    pub async fn auth(url: &str, device: &str, token: &str) -> (Raw, Value) {
+        let mut raw = Raw::connect(url, &[]).await;
+        raw.send(json!({"type":"auth","deviceId":device,"token":token})).await;
+        let resp = raw.recv().await;
+        (raw, resp)
+    }
+
+    /// Like [`Raw::auth`], asserting success.
+    pub async fn authed(url: &str, device: &str, token: &str) -> Raw {
+        let (raw, resp) = Raw::auth(url, device, token).await;
+        assert_eq!(resp["status"], "success", "auth of {device}: {resp}");
+        raw
+    }
+
+    /// Sends a JSON text frame.
+    pub async fn send(&mut self, frame: Value) {
+        self.send_text(frame.to_string()).await;
+    }
+
+    /// Sends a text frame as is.
+    pub async fn send_text(&mut self, text: String) {
+        self.ws.send(Message::text(text)).await.expect("send");
+    }
+
+    /// Sends a binary frame.
+    pub async fn send_binary(&mut self, bytes: Vec<u8>) {
+        self.ws.send(Message::binary(bytes)).await.expect("send");
+    }
+
+    /// The next text frame as JSON; panics on close or after the deadline.
+    pub async fn recv(&mut self) -> Value {
+        match self.next().await {
+            Ok(v) => v,
+            Err(closed) => panic!("socket closed while a frame was expected: {closed:?}"),
+        }
+    }
+
+    /// The next data frame, or how the socket closed.
+    pub async fn next(&mut self) -> Result<Value, Closed> {
+        loop {
+            let msg = tokio::time::timeout(DEADLINE, self.ws.next()).await.expect("frame in time");
+            match msg {
+                Some(Ok(Message::Text(t))) => return Ok(serde_json::from_str(&t).expect("server sent JSON")),
+                Some(Ok(Message::Binary(b))) => return Ok(json!({ "binary": b.to_vec() })),
+                Some(Ok(Message::Close(frame))) => {
+                    return Err(match frame {
+                        Some(f) => Closed { code: f.code.into(), reason: f.reason.to_string() },
+                        None => Closed { code: 1005, reason: String::new() },
+                    });
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return Err(Closed { code: 0, reason: String::new() }),
+            }
+        }
+    }
+
+    /// Reads until the socket closes (failing on any data frame if `strict`); returns how.
+    pub async fn closed(&mut self) -> Closed {
+        loop {
+            if let Err(closed) = self.next().await {
+                return closed;
+            }
+        }
+    }
+}
