@@ -18,17 +18,31 @@ async fn requests_without_the_api_key_get_401_with_a_json_error() {
 #[tokio::test]
 async fn provisioning_shows_the_secret_once_and_refuses_duplicates() {
     let node = Node::start(&[]).await;
-    let (status, body) = node.admin("POST", "/v1/devices", Some(json!({"id":"p-1","groups":["farm-a"]}))).await;
+    let (status, body) = node
+        .admin(
+            "POST",
+            "/v1/devices",
+            Some(json!({"id":"p-1","groups":["farm-a"]})),
+        )
+        .await;
     assert_eq!(status, 201);
     assert_eq!(body["id"], "p-1");
     assert!(body["secret"].as_str().is_some_and(|s| s.len() >= 43));
-    let (status, body) = node.admin("POST", "/v1/devices", Some(json!({"id":"p-1"}))).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (409, Some("exists")));
+    let (status, body) = node
+        .admin("POST", "/v1/devices", Some(json!({"id":"p-1"})))
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("exists"))
+    );
     let (status, dev) = node.admin("GET", "/v1/devices/p-1", None).await;
     assert_eq!(status, 200);
     assert_eq!(dev["groups"], json!(["farm-a"]));
     assert_eq!(dev["online"], false);
-    assert!(dev.get("secret").is_none(), "the secret is never shown again");
+    assert!(
+        dev.get("secret").is_none(),
+        "the secret is never shown again"
+    );
 }
 
 #[tokio::test]
@@ -39,10 +53,30 @@ async fn bad_requests_get_4xx_with_json_bodies() {
         ("POST", "/v1/devices", Some(json!({"id":"has space"})), 400),
         ("POST", "/v1/devices", Some(json!({"nope":1})), 400),
         ("GET", "/v1/devices/nobody", None, 404),
-        ("POST", "/v1/devices/nobody/commands", Some(json!({"payload":{}})), 404),
-        ("POST", "/v1/devices/bad-req/commands", Some(json!({"payload":{},"qos":3})), 400),
-        ("POST", "/v1/devices/bad-req/commands", Some(json!({"payload":{},"ttlMs":0})), 400),
-        ("POST", "/v1/devices/bad-req/commands", Some(json!({"qos":1})), 400),
+        (
+            "POST",
+            "/v1/devices/nobody/commands",
+            Some(json!({"payload":{}})),
+            404,
+        ),
+        (
+            "POST",
+            "/v1/devices/bad-req/commands",
+            Some(json!({"payload":{},"qos":3})),
+            400,
+        ),
+        (
+            "POST",
+            "/v1/devices/bad-req/commands",
+            Some(json!({"payload":{},"ttlMs":0})),
+            400,
+        ),
+        (
+            "POST",
+            "/v1/devices/bad-req/commands",
+            Some(json!({"qos":1})),
+            400,
+        ),
         ("GET", "/v1/nothing-here", None, 404),
     ];
     for (method, path, body, want) in cases {
@@ -62,12 +96,22 @@ async fn listing_pages_through_devices_with_presence() {
     let _online = Raw::authed(&node.device_url(), "list-3", &secrets[3]).await;
     let (status, page1) = node.admin("GET", "/v1/devices?limit=3", None).await;
     assert_eq!(status, 200);
-    let ids: Vec<&str> = page1["devices"].as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = page1["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, ["list-0", "list-1", "list-2"]);
     let next = page1["next"].as_str().unwrap();
-    let (_, page2) = node.admin("GET", &format!("/v1/devices?limit=3&after={next}"), None).await;
+    let (_, page2) = node
+        .admin("GET", &format!("/v1/devices?limit=3&after={next}"), None)
+        .await;
     let devices = page2["devices"].as_array().unwrap();
     assert_eq!(devices.len(), 2);
-    assert_eq!((devices[0]["id"].as_str(), devices[0]["online"].as_bool()), (Some("list-3"), Some(true)));
+    assert_eq!(
+        (devices[0]["id"].as_str(), devices[0]["online"].as_bool()),
+        (Some("list-3"), Some(true))
+    );
     assert_eq!(page2["next"], serde_json::Value::Null);
 }

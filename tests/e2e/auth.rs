@@ -22,7 +22,11 @@ async fn header_auth_succeeds_and_server_still_sends_auth_response() {
     let node = Node::start(&[]).await;
     let secret = node.provision("hdr-1").await;
     let bearer = format!("Bearer {secret}");
-    let mut raw = Raw::connect(&node.device_url(), &[("Authorization", &bearer), ("Device-ID", "hdr-1")]).await;
+    let mut raw = Raw::connect(
+        &node.device_url(),
+        &[("Authorization", &bearer), ("Device-ID", "hdr-1")],
+    )
+    .await;
     let resp = raw.recv().await;
     assert_eq!(resp["status"], "success", "{resp}");
 }
@@ -31,9 +35,12 @@ async fn header_auth_succeeds_and_server_still_sends_auth_response() {
 async fn header_auth_with_bad_secret_is_refused_at_upgrade_with_401() {
     let node = Node::start(&[]).await;
     node.provision("hdr-2").await;
-    let status = Raw::try_connect(&node.device_url(), &[("Authorization", "Bearer wrong"), ("Device-ID", "hdr-2")])
-        .await
-        .err();
+    let status = Raw::try_connect(
+        &node.device_url(),
+        &[("Authorization", "Bearer wrong"), ("Device-ID", "hdr-2")],
+    )
+    .await
+    .err();
     assert_eq!(status, Some(401));
 }
 
@@ -88,7 +95,8 @@ async fn non_auth_first_frame_is_4400() {
     let node = Node::start(&[]).await;
     node.provision("sensor-004").await;
     let mut raw = Raw::connect(&node.device_url(), &[]).await;
-    raw.send(json!({"type":"status","deviceId":"sensor-004","data":{"t":1}})).await;
+    raw.send(json!({"type":"status","deviceId":"sensor-004","data":{"t":1}}))
+        .await;
     assert_eq!(raw.closed().await.code, 4400);
 }
 

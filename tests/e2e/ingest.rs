@@ -16,8 +16,10 @@ async fn qos0_status_merges_into_the_shadow_without_an_answer() {
     let node = Node::start(&[]).await;
     let secret = node.provision("q0").await;
     let mut raw = Raw::authed(&node.device_url(), "q0", &secret).await;
-    raw.send(status("q0", "s1", 0, json!({"temp": 21.5, "hum": 40}))).await;
-    raw.send(status("q0", "s2", 0, json!({"hum": null, "battery": 80}))).await;
+    raw.send(status("q0", "s1", 0, json!({"temp": 21.5, "hum": 40})))
+        .await;
+    raw.send(status("q0", "s2", 0, json!({"hum": null, "battery": 80})))
+        .await;
     let reported = eventually("both statuses merged", || async {
         let s = shadow(&node, "q0").await;
         (s["version"] == 2).then(|| s["reported"].clone())
@@ -40,7 +42,11 @@ async fn qos1_status_is_acked_once_durable_and_dup_is_reacked_not_reprocessed() 
     dup["dup"] = json!(true);
     raw.send(dup).await;
     assert_eq!(raw.recv().await, json!({"type":"ack","msgid":"m-1"}));
-    assert_eq!(shadow(&node, "q1").await["version"], 1, "the retransmission was processed again");
+    assert_eq!(
+        shadow(&node, "q1").await["version"],
+        1,
+        "the retransmission was processed again"
+    );
 }
 
 #[tokio::test]
@@ -48,7 +54,8 @@ async fn qos2_status_runs_rec_rel_comp_and_is_processed_exactly_once() {
     let node = Node::start(&[]).await;
     let secret = node.provision("q2").await;
     let mut raw = Raw::authed(&node.device_url(), "q2", &secret).await;
-    raw.send(status("q2", "x-1", 2, json!({"valve": "open"}))).await;
+    raw.send(status("q2", "x-1", 2, json!({"valve": "open"})))
+        .await;
     assert_eq!(raw.recv().await, json!({"type":"rec","msgid":"x-1"}));
     // The device did not see the rec and retransmits: rec again, no second processing.
     let mut dup = status("q2", "x-1", 2, json!({"valve": "open"}));
@@ -84,7 +91,9 @@ async fn batch_items_and_the_batch_are_acked_by_their_own_msgids() {
     let node = Node::start(&[]).await;
     let secret = node.provision("b1").await;
     let mut raw = Raw::authed(&node.device_url(), "b1", &secret).await;
-    let items: Vec<Value> = (0..5).map(|i| status("b1", &format!("it-{i}"), 1, json!({ format!("k{i}"): i }))).collect();
+    let items: Vec<Value> = (0..5)
+        .map(|i| status("b1", &format!("it-{i}"), 1, json!({ format!("k{i}"): i })))
+        .collect();
     raw.send(json!({"ver":"1.0","msgid":"batch-1","timestamp":now_ms(),"from":"b1","to":"server","type":"batch","payload":{"items":items},"qos":1})).await;
     let mut acked = Vec::new();
     for _ in 0..6 {
@@ -92,7 +101,10 @@ async fn batch_items_and_the_batch_are_acked_by_their_own_msgids() {
         assert_eq!(f["type"], "ack", "{f}");
         acked.push(f["msgid"].as_str().unwrap().to_owned());
     }
-    assert_eq!(acked, vec!["it-0", "it-1", "it-2", "it-3", "it-4", "batch-1"]);
+    assert_eq!(
+        acked,
+        vec!["it-0", "it-1", "it-2", "it-3", "it-4", "batch-1"]
+    );
     let s = shadow(&node, "b1").await;
     assert_eq!(s["reported"], json!({"k0":0,"k1":1,"k2":2,"k3":3,"k4":4}));
 }
@@ -102,7 +114,10 @@ async fn seed_compact_frames_are_normalised() {
     let node = Node::start(&[]).await;
     let secret = node.provision("plc-101").await;
     let mut raw = Raw::authed(&node.device_url(), "plc-101", &secret).await;
-    raw.send(json!({"type":"status","deviceId":"plc-101","timestamp":now_ms(),"data":{"battery":90}})).await;
+    raw.send(
+        json!({"type":"status","deviceId":"plc-101","timestamp":now_ms(),"data":{"battery":90}}),
+    )
+    .await;
     raw.send(json!({"type":"status","deviceId":"plc-101","timestamp":now_ms(),
         "values":[{"tag":"temperature","value":42.5,"unit":"°C"},{"tag":"pressure","value":101.3,"unit":"kPa"}],"quality":"good"})).await;
     raw.send(json!({"type":"batch","data":[{"deviceId":"plc-101","timestamp":now_ms(),"data":{"vibration":0.15}}]})).await;
@@ -111,7 +126,10 @@ async fn seed_compact_frames_are_normalised() {
         (s["version"] == 3).then(|| s["reported"].clone())
     })
     .await;
-    assert_eq!(reported, json!({"battery":90,"temperature":42.5,"pressure":101.3,"quality":"good","vibration":0.15}));
+    assert_eq!(
+        reported,
+        json!({"battery":90,"temperature":42.5,"pressure":101.3,"quality":"good","vibration":0.15})
+    );
 }
 
 #[tokio::test]
@@ -123,7 +141,14 @@ async fn replayed_msgid_and_clock_skew_get_error_frames_and_the_session_goes_on(
     assert_eq!(raw.recv().await["type"], "ack");
     raw.send(status("r1", "once", 1, json!({"a": 2}))).await;
     let err = raw.recv().await;
-    assert_eq!((err["type"].as_str(), err["msgid"].as_str(), err["payload"]["code"].as_str()), (Some("error"), Some("once"), Some("replay")));
+    assert_eq!(
+        (
+            err["type"].as_str(),
+            err["msgid"].as_str(),
+            err["payload"]["code"].as_str()
+        ),
+        (Some("error"), Some("once"), Some("replay"))
+    );
     let mut old = status("r1", "late", 1, json!({"a": 3}));
     old["timestamp"] = json!(now_ms() - 10 * 60 * 1000);
     raw.send(old).await;
@@ -142,10 +167,18 @@ async fn spoofed_from_and_garbage_close_with_4400_and_nothing_else_is_affected()
     let mut good = Raw::authed(&node.device_url(), "good", &good_secret).await;
 
     let mut spoofer = Raw::authed(&node.device_url(), "bad", &bad_secret).await;
-    spoofer.send(status("good", "spoof-1", 1, json!({"owned": true}))).await;
+    spoofer
+        .send(status("good", "spoof-1", 1, json!({"owned": true})))
+        .await;
     assert_eq!(spoofer.closed().await.code, 4400);
 
-    for garbage in ["not json", "[1,2,3]", "{\"type\":\"status\"}", "{\"type\":\"warp\",\"msgid\":\"a\"}", "{\"ver\":\"1.0\",\"msgid\":\"bad id!\",\"timestamp\":1,\"from\":\"bad\",\"type\":\"status\",\"payload\":{}}"] {
+    for garbage in [
+        "not json",
+        "[1,2,3]",
+        "{\"type\":\"status\"}",
+        "{\"type\":\"warp\",\"msgid\":\"a\"}",
+        "{\"ver\":\"1.0\",\"msgid\":\"bad id!\",\"timestamp\":1,\"from\":\"bad\",\"type\":\"status\",\"payload\":{}}",
+    ] {
         let mut raw = Raw::authed(&node.device_url(), "bad", &bad_secret).await;
         raw.send_text(garbage.to_owned()).await;
         let closed = raw.closed().await;
@@ -156,7 +189,15 @@ async fn spoofed_from_and_garbage_close_with_4400_and_nothing_else_is_affected()
     raw.send_binary(vec![0xff, 0x00, 0x13]).await;
     assert_eq!(raw.closed().await.code, 4400);
 
-    good.send(status("good", "still-fine", 1, json!({"ok": true}))).await;
-    assert_eq!(good.recv().await, json!({"type":"ack","msgid":"still-fine"}));
-    assert_eq!(shadow(&node, "good").await["reported"], json!({"ok": true}), "the spoofed status never landed");
+    good.send(status("good", "still-fine", 1, json!({"ok": true})))
+        .await;
+    assert_eq!(
+        good.recv().await,
+        json!({"type":"ack","msgid":"still-fine"})
+    );
+    assert_eq!(
+        shadow(&node, "good").await["reported"],
+        json!({"ok": true}),
+        "the spoofed status never landed"
+    );
 }

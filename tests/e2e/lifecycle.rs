@@ -12,14 +12,25 @@ async fn a_newer_connection_replaces_the_older_with_4409() {
     let mut new = Raw::authed(&node.device_url(), "twin", &secret).await;
     assert_eq!(old.closed().await.code, 4409);
     new.send(status("twin", "n1", 1, json!({}))).await;
-    assert_eq!(new.recv().await["type"], "ack", "the newer connection keeps working");
+    assert_eq!(
+        new.recv().await["type"],
+        "ack",
+        "the newer connection keeps working"
+    );
     let (_, dev) = node.admin("GET", "/v1/devices/twin", None).await;
-    assert_eq!(dev["online"], true, "presence belongs to the newer connection");
+    assert_eq!(
+        dev["online"], true,
+        "presence belongs to the newer connection"
+    );
 }
 
 #[tokio::test]
 async fn a_silent_device_is_closed_with_4001() {
-    let node = Node::start(&[("FLEETGATE_HEARTBEAT_MS", "100"), ("FLEETGATE_IDLE_TIMEOUT_MS", "400")]).await;
+    let node = Node::start(&[
+        ("FLEETGATE_HEARTBEAT_MS", "100"),
+        ("FLEETGATE_IDLE_TIMEOUT_MS", "400"),
+    ])
+    .await;
     let secret = node.provision("mute").await;
     // Reading nothing means answering no ping: the server sees silence.
     let mut raw = Raw::authed(&node.device_url(), "mute", &secret).await;
@@ -35,12 +46,19 @@ async fn a_silent_device_is_closed_with_4001() {
 
 #[tokio::test]
 async fn pongs_keep_a_quiet_device_alive() {
-    let node = Node::start(&[("FLEETGATE_HEARTBEAT_MS", "100"), ("FLEETGATE_IDLE_TIMEOUT_MS", "400")]).await;
+    let node = Node::start(&[
+        ("FLEETGATE_HEARTBEAT_MS", "100"),
+        ("FLEETGATE_IDLE_TIMEOUT_MS", "400"),
+    ])
+    .await;
     let secret = node.provision("pong").await;
     let mut raw = Raw::authed(&node.device_url(), "pong", &secret).await;
     // Reading for 1.2 s answers the server's pings (tungstenite replies to each one).
     let quiet = tokio::time::timeout(std::time::Duration::from_millis(1200), raw.next()).await;
-    assert!(quiet.is_err(), "no frame and no close while pongs flow: {quiet:?}");
+    assert!(
+        quiet.is_err(),
+        "no frame and no close while pongs flow: {quiet:?}"
+    );
     raw.send(status("pong", "alive", 1, json!({}))).await;
     assert_eq!(raw.recv().await["type"], "ack");
 }
@@ -56,9 +74,15 @@ async fn sigterm_drains_with_1012_and_retry_after_then_exits_cleanly() {
     }
     let (code, _) = node.internal_get("/readyz").await;
     assert_eq!(code, 200);
-    let kill = std::process::Command::new("kill").args(["-TERM", &node.pid().to_string()]).status().unwrap();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &node.pid().to_string()])
+        .status()
+        .unwrap();
     assert!(kill.success());
-    eventually("readiness off", || async { (node.internal_get("/readyz").await.0 == 503).then_some(()) }).await;
+    eventually("readiness off", || async {
+        (node.internal_get("/readyz").await.0 == 503).then_some(())
+    })
+    .await;
     let refused = Raw::try_connect(&node.device_url(), &[]).await.err();
     assert_eq!(refused, Some(503), "no new upgrades while draining");
     for mut s in sockets {
@@ -75,7 +99,9 @@ async fn operator_disconnect_closes_with_1000() {
     let node = Node::start(&[]).await;
     let secret = node.provision("kick").await;
     let mut raw = Raw::authed(&node.device_url(), "kick", &secret).await;
-    let (status, _) = node.admin("POST", "/v1/devices/kick/disconnect", None).await;
+    let (status, _) = node
+        .admin("POST", "/v1/devices/kick/disconnect", None)
+        .await;
     assert_eq!(status, 204);
     assert_eq!(raw.closed().await.code, 1000);
 }
@@ -89,6 +115,9 @@ async fn health_readiness_and_metrics_are_served_on_the_internal_listener() {
     assert_eq!(node.internal_get("/readyz").await.0, 200);
     let (code, text) = node.internal_get("/metrics").await;
     assert_eq!(code, 200);
-    assert!(text.lines().any(|l| l == "fleetgate_connections_active 1"), "{text}");
+    assert!(
+        text.lines().any(|l| l == "fleetgate_connections_active 1"),
+        "{text}"
+    );
     assert!(text.contains("fleetgate_auth_success_total 1"), "{text}");
 }

@@ -13,14 +13,18 @@ async fn past_max_connections_upgrades_get_503() {
         let secret = node.provision(&id).await;
         held.push(Raw::authed(&node.device_url(), &id, &secret).await);
     }
-    assert_eq!(Raw::try_connect(&node.device_url(), &[]).await.err(), Some(503));
+    assert_eq!(
+        Raw::try_connect(&node.device_url(), &[]).await.err(),
+        Some(503)
+    );
     // A slot frees when a device leaves.
     drop(held.pop());
     let secret = node.provision("cap-late").await;
     crate::support::eventually("a free slot", || async {
         match Raw::try_connect(&node.device_url(), &[]).await {
             Ok(mut raw) => {
-                raw.send(json!({"type":"auth","deviceId":"cap-late","token":secret})).await;
+                raw.send(json!({"type":"auth","deviceId":"cap-late","token":secret}))
+                    .await;
                 Some(raw.recv().await)
             }
             Err(503) => None,
@@ -35,19 +39,26 @@ async fn an_oversize_frame_closes_with_1009() {
     let node = Node::start(&[("FLEETGATE_MAX_FRAME_BYTES", "2048")]).await;
     let secret = node.provision("big").await;
     let mut raw = Raw::authed(&node.device_url(), "big", &secret).await;
-    raw.send(status("big", "ok", 1, json!({"pad": "x".repeat(1000)}))).await;
+    raw.send(status("big", "ok", 1, json!({"pad": "x".repeat(1000)})))
+        .await;
     assert_eq!(raw.recv().await["type"], "ack", "under the limit is fine");
-    raw.send(status("big", "huge", 1, json!({"pad": "x".repeat(4096)}))).await;
+    raw.send(status("big", "huge", 1, json!({"pad": "x".repeat(4096)})))
+        .await;
     assert_eq!(raw.closed().await.code, 1009);
 }
 
 #[tokio::test]
 async fn a_device_over_its_rate_limit_is_closed_with_4429() {
-    let node = Node::start(&[("FLEETGATE_RATE_LIMIT_PER_SECOND", "5"), ("FLEETGATE_RATE_LIMIT_BURST", "10")]).await;
+    let node = Node::start(&[
+        ("FLEETGATE_RATE_LIMIT_PER_SECOND", "5"),
+        ("FLEETGATE_RATE_LIMIT_BURST", "10"),
+    ])
+    .await;
     let secret = node.provision("chatty").await;
     let mut raw = Raw::authed(&node.device_url(), "chatty", &secret).await;
     for i in 0..50 {
-        raw.send(status("chatty", &format!("r{i}"), 0, json!({"i": i}))).await;
+        raw.send(status("chatty", &format!("r{i}"), 0, json!({"i": i})))
+            .await;
     }
     assert_eq!(raw.closed().await.code, 4429);
 }

@@ -76,7 +76,10 @@ impl Node {
     /// Starts a node with the test defaults plus `overrides`.
     pub async fn start(overrides: &[(&str, &str)]) -> Node {
         let mut cmd = Command::new(binary());
-        cmd.arg("all").stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true);
+        cmd.arg("all")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
         for (k, v) in test_env() {
             cmd.env(k, v);
         }
@@ -92,7 +95,12 @@ impl Node {
             .expect("read stdout")
             .expect("fleetgate exited before printing its addresses");
         let addrs: Value = serde_json::from_str(&line).expect("address line is JSON");
-        let get = |k: &str| addrs[k].as_str().unwrap_or_else(|| panic!("no {k} in {line}")).to_owned();
+        let get = |k: &str| {
+            addrs[k]
+                .as_str()
+                .unwrap_or_else(|| panic!("no {k} in {line}"))
+                .to_owned()
+        };
         Node {
             gateway: get("gateway"),
             admin: get("admin"),
@@ -109,7 +117,10 @@ impl Node {
 
     /// Waits for the process to exit.
     pub async fn wait_exit(&mut self) -> std::process::ExitStatus {
-        tokio::time::timeout(DEADLINE, self.child.wait()).await.expect("exit in time").expect("wait")
+        tokio::time::timeout(DEADLINE, self.child.wait())
+            .await
+            .expect("exit in time")
+            .expect("wait")
     }
 
     /// `ws://.../v1/device`.
@@ -123,7 +134,13 @@ impl Node {
     }
 
     /// An admin API call with any (or no) key.
-    pub async fn admin_with_key(&self, method: &str, path: &str, body: Option<Value>, key: Option<&str>) -> (u16, Value) {
+    pub async fn admin_with_key(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        key: Option<&str>,
+    ) -> (u16, Value) {
         let url = format!("http://{}{}", self.admin, path);
         let mut req = self.http.request(method.parse().expect("method"), url);
         if let Some(key) = key {
@@ -132,16 +149,28 @@ impl Node {
         if let Some(body) = body {
             req = req.json(&body);
         }
-        let resp = tokio::time::timeout(DEADLINE, req.send()).await.expect("admin answered in time").expect("admin request");
+        let resp = tokio::time::timeout(DEADLINE, req.send())
+            .await
+            .expect("admin answered in time")
+            .expect("admin request");
         let status = resp.status().as_u16();
         let text = resp.text().await.expect("body");
-        let json = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        let json = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
         (status, json)
     }
 
     /// An internal listener GET; returns status and text.
     pub async fn internal_get(&self, path: &str) -> (u16, String) {
-        let resp = self.http.get(format!("http://{}{}", self.internal, path)).send().await.expect("internal request");
+        let resp = self
+            .http
+            .get(format!("http://{}{}", self.internal, path))
+            .send()
+            .await
+            .expect("internal request");
         (resp.status().as_u16(), resp.text().await.expect("body"))
     }
 
@@ -152,7 +181,13 @@ impl Node {
 
     /// Provisions `id` in `groups` and returns its secret.
     pub async fn provision_in(&self, id: &str, groups: &[&str]) -> String {
-        let (status, body) = self.admin("POST", "/v1/devices", Some(json!({ "id": id, "groups": groups }))).await;
+        let (status, body) = self
+            .admin(
+                "POST",
+                "/v1/devices",
+                Some(json!({ "id": id, "groups": groups })),
+            )
+            .await;
         assert_eq!(status, 201, "provision {id}: {body}");
         body["secret"].as_str().expect("secret").to_owned()
     }
@@ -169,14 +204,20 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 /// Milliseconds since the epoch.
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
 }
 
 /// A raw WebSocket to the gateway, for tests that craft frames by hand.
@@ -212,9 +253,13 @@ impl Raw {
         let mut req = url.into_client_request().expect("request");
         for (k, v) in headers {
             let name = HeaderName::from_bytes(k.as_bytes()).expect("header name");
-            req.headers_mut().insert(name, HeaderValue::from_str(v).expect("header"));
+            req.headers_mut()
+                .insert(name, HeaderValue::from_str(v).expect("header"));
         }
-        match tokio::time::timeout(DEADLINE, tokio_tungstenite::connect_async(req)).await.expect("connect in time") {
+        match tokio::time::timeout(DEADLINE, tokio_tungstenite::connect_async(req))
+            .await
+            .expect("connect in time")
+        {
             Ok((ws, _)) => Ok(Raw { ws }),
             Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
             Err(e) => panic!("connect: {e}"),
@@ -224,7 +269,8 @@ impl Raw {
     /// Opens a socket and authenticates with an auth frame; returns the auth response.
     pub async fn auth(url: &str, device: &str, token: &str) -> (Raw, Value) {
         let mut raw = Raw::connect(url, &[]).await;
-        raw.send(json!({"type":"auth","deviceId":device,"token":token})).await;
+        raw.send(json!({"type":"auth","deviceId":device,"token":token}))
+            .await;
         let resp = raw.recv().await;
         (raw, resp)
     }
@@ -262,18 +308,33 @@ impl Raw {
     /// The next data frame, or how the socket closed.
     pub async fn next(&mut self) -> Result<Value, Closed> {
         loop {
-            let msg = tokio::time::timeout(DEADLINE, self.ws.next()).await.expect("frame in time");
+            let msg = tokio::time::timeout(DEADLINE, self.ws.next())
+                .await
+                .expect("frame in time");
             match msg {
-                Some(Ok(Message::Text(t))) => return Ok(serde_json::from_str(&t).expect("server sent JSON")),
+                Some(Ok(Message::Text(t))) => {
+                    return Ok(serde_json::from_str(&t).expect("server sent JSON"));
+                }
                 Some(Ok(Message::Binary(b))) => return Ok(json!({ "binary": b.to_vec() })),
                 Some(Ok(Message::Close(frame))) => {
                     return Err(match frame {
-                        Some(f) => Closed { code: f.code.into(), reason: f.reason.to_string() },
-                        None => Closed { code: 1005, reason: String::new() },
+                        Some(f) => Closed {
+                            code: f.code.into(),
+                            reason: f.reason.to_string(),
+                        },
+                        None => Closed {
+                            code: 1005,
+                            reason: String::new(),
+                        },
                     });
                 }
                 Some(Ok(_)) => continue,
-                Some(Err(_)) | None => return Err(Closed { code: 0, reason: String::new() }),
+                Some(Err(_)) | None => {
+                    return Err(Closed {
+                        code: 0,
+                        reason: String::new(),
+                    });
+                }
             }
         }
     }

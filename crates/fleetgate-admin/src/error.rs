@@ -19,7 +19,12 @@ pub struct AppError {
 impl AppError {
     /// An error with a status, a stable code and a message for people.
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), msgid: None }
+        Self {
+            status,
+            code,
+            message: message.into(),
+            msgid: None,
+        }
     }
 
     /// Names the command the error is about, so the caller can follow it up.
@@ -54,7 +59,11 @@ impl From<BusError> for AppError {
             ),
             other => {
                 warn!(message = "bus call failed", error = %other);
-                Self::new(StatusCode::SERVICE_UNAVAILABLE, "bus_unavailable", "the bus is unavailable; retry later")
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "bus_unavailable",
+                    "the bus is unavailable; retry later",
+                )
             }
         }
     }

@@ -20,23 +20,31 @@ use crate::{AdminState, AppError};
 type Res = Result<Response, AppError>;
 
 fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
 }
 
 /// Device IDs travel in headers, URLs and Redis keys: keep them to a safe alphabet.
 fn check_device_id(id: &str) -> Result<(), AppError> {
     let ok = !id.is_empty()
         && id.len() <= 128
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
     if ok {
         Ok(())
     } else {
-        Err(AppError::bad_request("device id must be 1-128 characters of [A-Za-z0-9._:-]"))
+        Err(AppError::bad_request(
+            "device id must be 1-128 characters of [A-Za-z0-9._:-]",
+        ))
     }
 }
 
 fn body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, AppError> {
-    body.map(|Json(b)| b).map_err(|rejection| AppError::bad_request(rejection.body_text()))
+    body.map(|Json(b)| b)
+        .map_err(|rejection| AppError::bad_request(rejection.body_text()))
 }
 
 fn shadow_json(shadow: &Shadow) -> Value {
@@ -78,10 +86,13 @@ pub(crate) async fn create_device(
     let req = body(req)?;
     check_device_id(&req.id)?;
     for g in &req.groups {
-        check_device_id(g).map_err(|_| AppError::bad_request("group names must be 1-128 characters of [A-Za-z0-9._:-]"))?;
+        check_device_id(g).map_err(|_| {
+            AppError::bad_request("group names must be 1-128 characters of [A-Za-z0-9._:-]")
+        })?;
     }
     // 256 random bits; base64url has no '.', which keeps secrets distinguishable from JWTs.
-    let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>());
+    let secret =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>());
     let record = DeviceRecord {
         id: req.id.clone(),
         groups: req.groups.clone(),
@@ -90,7 +101,11 @@ pub(crate) async fn create_device(
         revoked: false,
     };
     if !state.bus.device_create(&record).await? {
-        return Err(AppError::new(StatusCode::CONFLICT, "exists", format!("device {} exists", req.id)));
+        return Err(AppError::new(
+            StatusCode::CONFLICT,
+            "exists",
+            format!("device {} exists", req.id),
+        ));
     }
     let answer = json!({ "id": req.id, "groups": req.groups, "secret": secret });
     Ok((StatusCode::CREATED, Json(answer)).into_response())
@@ -118,12 +133,19 @@ pub(crate) async fn list_devices(
         .zip(presence.iter())
         .map(|(r, p)| device_json(Some(r), &r.id, p.as_ref()))
         .collect();
-    let next = if records.len() == limit { records.last().map(|r| r.id.clone()) } else { None };
+    let next = if records.len() == limit {
+        records.last().map(|r| r.id.clone())
+    } else {
+        None
+    };
     Ok(Json(json!({ "devices": devices, "next": next })).into_response())
 }
 
 /// `GET /v1/devices/{id}`: registry entry, presence and shadow.
-pub(crate) async fn get_device(State(state): State<Arc<AdminState>>, Path(id): Path<String>) -> Res {
+pub(crate) async fn get_device(
+    State(state): State<Arc<AdminState>>,
+    Path(id): Path<String>,
+) -> Res {
     check_device_id(&id)?;
     let record = state.bus.device_get(&id).await?;
     let presence = state.bus.presence_get(&id).await?;
@@ -159,15 +181,22 @@ pub(crate) async fn send_command(
 ) -> Res {
     check_device_id(&id)?;
     let req = body(req)?;
-    let qos = Qos::from_u8(u64::from(req.qos.unwrap_or(1))).map_err(|_| AppError::bad_request("qos must be 0, 1 or 2"))?;
+    let qos = Qos::from_u8(u64::from(req.qos.unwrap_or(1)))
+        .map_err(|_| AppError::bad_request("qos must be 0, 1 or 2"))?;
     let cfg = &state.config;
     let ttl = req.ttl_ms.map_or(cfg.default_ttl, Duration::from_millis);
     if ttl.is_zero() || ttl > cfg.max_ttl {
-        return Err(AppError::bad_request(format!("ttlMs must be 1..={}", cfg.max_ttl.as_millis())));
+        return Err(AppError::bad_request(format!(
+            "ttlMs must be 1..={}",
+            cfg.max_ttl.as_millis()
+        )));
     }
     let wait = Duration::from_millis(req.wait_ms.unwrap_or(0));
     if wait > cfg.max_wait {
-        return Err(AppError::bad_request(format!("waitMs must be at most {}", cfg.max_wait.as_millis())));
+        return Err(AppError::bad_request(format!(
+            "waitMs must be at most {}",
+            cfg.max_wait.as_millis()
+        )));
     }
     let presence = state.bus.presence_get(&id).await?;
     if presence.is_none() && state.bus.device_get(&id).await?.is_none() {
@@ -187,26 +216,50 @@ pub(crate) async fn send_command(
     };
     if qos == Qos::AtMostOnce {
         let Some(p) = presence else {
-            return Err(AppError::new(StatusCode::CONFLICT, "device_offline", "QoS 0 commands are not queued; the device is offline"));
+            return Err(AppError::new(
+                StatusCode::CONFLICT,
+                "device_offline",
+                "QoS 0 commands are not queued; the device is offline",
+            ));
         };
-        state.bus.node_publish(&p.node, &NodeMessage::Command(command)).await?;
-        return Ok((StatusCode::ACCEPTED, Json(json!({ "msgid": msgid.as_str() }))).into_response());
+        state
+            .bus
+            .node_publish(&p.node, &NodeMessage::Command(command))
+            .await?;
+        return Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({ "msgid": msgid.as_str() })),
+        )
+            .into_response());
     }
     let mut waiter = (!wait.is_zero()).then(|| state.waiters.wait(msgid.as_str()));
     state.bus.queue_push(&command).await?;
     if let Some(p) = presence {
         // Best effort: the queue is the truth, and the device reads it on its next connect.
-        let _ = state.bus.node_publish(&p.node, &NodeMessage::Deliver { device: id.clone() }).await;
+        let _ = state
+            .bus
+            .node_publish(&p.node, &NodeMessage::Deliver { device: id.clone() })
+            .await;
     }
     let Some(waiter) = waiter.as_mut() else {
-        return Ok((StatusCode::ACCEPTED, Json(json!({ "msgid": msgid.as_str() }))).into_response());
+        return Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({ "msgid": msgid.as_str() })),
+        )
+            .into_response());
     };
     let outcome = tokio::time::timeout(wait, waiter.outcome()).await;
     let m = msgid.as_str();
     match outcome {
-        Ok(Some(CommandOutcome::Result(result))) => Ok(Json(json!({ "msgid": m, "result": result })).into_response()),
-        Ok(Some(CommandOutcome::Error(error))) => Ok(Json(json!({ "msgid": m, "error": error })).into_response()),
-        Ok(Some(CommandOutcome::Done)) => Ok(Json(json!({ "msgid": m, "result": null })).into_response()),
+        Ok(Some(CommandOutcome::Result(result))) => {
+            Ok(Json(json!({ "msgid": m, "result": result })).into_response())
+        }
+        Ok(Some(CommandOutcome::Error(error))) => {
+            Ok(Json(json!({ "msgid": m, "error": error })).into_response())
+        }
+        Ok(Some(CommandOutcome::Done)) => {
+            Ok(Json(json!({ "msgid": m, "result": null })).into_response())
+        }
         Ok(Some(CommandOutcome::Failed(reason))) => Err(AppError::new(
             StatusCode::GATEWAY_TIMEOUT,
             reason.as_str(),
@@ -222,18 +275,34 @@ pub(crate) async fn send_command(
     }
 }
 
-async fn close_session(state: &AdminState, id: &str, code: CloseCode, reason: &str) -> Result<bool, AppError> {
-    let Some(p) = state.bus.presence_get(id).await? else { return Ok(false) };
-    let msg = NodeMessage::Close { device: id.to_owned(), conn_id: Some(p.conn_id), code, reason: reason.to_owned() };
+async fn close_session(
+    state: &AdminState,
+    id: &str,
+    code: CloseCode,
+    reason: &str,
+) -> Result<bool, AppError> {
+    let Some(p) = state.bus.presence_get(id).await? else {
+        return Ok(false);
+    };
+    let msg = NodeMessage::Close {
+        device: id.to_owned(),
+        conn_id: Some(p.conn_id),
+        code,
+        reason: reason.to_owned(),
+    };
     state.bus.node_publish(&p.node, &msg).await?;
     Ok(true)
 }
 
 /// `POST /v1/devices/{id}/disconnect`: closes the live session with 1000.
-pub(crate) async fn disconnect(State(state): State<Arc<AdminState>>, Path(id): Path<String>) -> Res {
+pub(crate) async fn disconnect(
+    State(state): State<Arc<AdminState>>,
+    Path(id): Path<String>,
+) -> Res {
     check_device_id(&id)?;
     let known = state.bus.device_get(&id).await?.is_some();
-    let was_online = close_session(&state, &id, CloseCode::Normal, "disconnected by operator").await?;
+    let was_online =
+        close_session(&state, &id, CloseCode::Normal, "disconnected by operator").await?;
     if !known && !was_online {
         return Err(AppError::not_found(format!("no device {id}")));
     }

@@ -80,20 +80,32 @@ impl Admin {
             return Err(StartError::NoApiKey);
         }
         let waiters = waiters::Waiters::start(bus.clone(), &config.node_id).await?;
-        Ok(Self { state: Arc::new(AdminState { config, bus, waiters }) })
+        Ok(Self {
+            state: Arc::new(AdminState {
+                config,
+                bus,
+                waiters,
+            }),
+        })
     }
 
     /// The admin REST router (`/v1/...`).
     pub fn router(&self) -> Router {
         Router::new()
-            .route("/v1/devices", post(handlers::create_device).get(handlers::list_devices))
+            .route(
+                "/v1/devices",
+                post(handlers::create_device).get(handlers::list_devices),
+            )
             .route("/v1/devices/{id}", get(handlers::get_device))
             .route("/v1/devices/{id}/commands", post(handlers::send_command))
             .route("/v1/devices/{id}/disconnect", post(handlers::disconnect))
             .route("/v1/devices/{id}/revoke", post(handlers::revoke))
             .route("/v1/nodes", get(handlers::list_nodes))
             .fallback(handlers::not_found)
-            .layer(middleware::from_fn_with_state(self.state.clone(), require_api_key))
+            .layer(middleware::from_fn_with_state(
+                self.state.clone(),
+                require_api_key,
+            ))
             .with_state(self.state.clone())
     }
 }
@@ -109,7 +121,8 @@ async fn require_api_key(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    let ok = presented.is_some_and(|key| bool::from(key.as_bytes().ct_eq(state.config.api_key.as_bytes())));
+    let ok = presented
+        .is_some_and(|key| bool::from(key.as_bytes().ct_eq(state.config.api_key.as_bytes())));
     if ok {
         Ok(next.run(request).await)
     } else {

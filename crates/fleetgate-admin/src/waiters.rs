@@ -38,7 +38,9 @@ impl Drop for Wait {
     }
 }
 
-fn lock(p: &Pending) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<CommandOutcome>>> {
+fn lock(
+    p: &Pending,
+) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<CommandOutcome>>> {
     // Every critical section is one map operation, so a poisoned map is still consistent.
     p.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -82,6 +84,10 @@ impl Waiters {
     pub(crate) fn wait(&self, msgid: &str) -> Wait {
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(msgid.to_owned(), tx);
-        Wait { pending: self.pending.clone(), msgid: msgid.to_owned(), rx: Some(rx) }
+        Wait {
+            pending: self.pending.clone(),
+            msgid: msgid.to_owned(),
+            rx: Some(rx),
+        }
     }
 }

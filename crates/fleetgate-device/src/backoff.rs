@@ -33,7 +33,11 @@ pub(crate) struct Backoff {
 
 impl Backoff {
     pub(crate) fn new(min: Duration, max: Duration) -> Self {
-        Self { min, max: max.max(min), attempt: 0 }
+        Self {
+            min,
+            max: max.max(min),
+            attempt: 0,
+        }
     }
 
     /// The upper bound of the next delay.
@@ -87,7 +91,10 @@ mod tests {
             for _ in 0..50 {
                 let mut probe = b.clone();
                 let d = probe.next_delay();
-                assert!(d >= min && d <= cap, "attempt {n}: {d:?} outside [{min:?}, {cap:?}]");
+                assert!(
+                    d >= min && d <= cap,
+                    "attempt {n}: {d:?} outside [{min:?}, {cap:?}]"
+                );
             }
             b.next_delay();
         }
@@ -102,7 +109,10 @@ mod tests {
         }
         let delays: std::collections::HashSet<_> =
             (0..20).map(|_| b.clone().next_delay()).collect();
-        assert!(delays.len() > 10, "full jitter should rarely repeat: {delays:?}");
+        assert!(
+            delays.len() > 10,
+            "full jitter should rarely repeat: {delays:?}"
+        );
     }
 
     #[test]
@@ -123,7 +133,10 @@ mod tests {
             Duration::from_millis(1500),
             "retry-after wins even above backoff max"
         );
-        assert_eq!(b.delay_after_close("retry-after=99999999999"), MAX_RETRY_AFTER);
+        assert_eq!(
+            b.delay_after_close("retry-after=99999999999"),
+            MAX_RETRY_AFTER
+        );
         let d = b.delay_after_close("bye");
         assert!(d >= Duration::from_millis(10) && d <= Duration::from_millis(20));
     }

@@ -5,9 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use fleetgate_protocol::{
-    Envelope, ErrorFrame, MessageKind, MsgId, PROTOCOL_VERSION, Qos,
-};
+use fleetgate_protocol::{Envelope, ErrorFrame, MessageKind, MsgId, PROTOCOL_VERSION, Qos};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -134,8 +132,14 @@ impl IncomingCommand {
             return Ok(());
         }
         let tx = self.responder.upgrade().ok_or(DeviceError::Stopped)?;
-        let answer = Answer { msgid: self.msgid, qos: self.qos, payload };
-        tx.send(Request::Answer(Box::new(answer))).await.map_err(|_| DeviceError::Stopped)
+        let answer = Answer {
+            msgid: self.msgid,
+            qos: self.qos,
+            payload,
+        };
+        tx.send(Request::Answer(Box::new(answer)))
+            .await
+            .map_err(|_| DeviceError::Stopped)
     }
 }
 
@@ -155,12 +159,22 @@ pub struct BatchItem {
 impl BatchItem {
     /// A status item stamped now.
     pub fn status(payload: Value) -> Self {
-        Self { kind: MessageKind::Status, payload, timestamp: None, retain: false }
+        Self {
+            kind: MessageKind::Status,
+            payload,
+            timestamp: None,
+            retain: false,
+        }
     }
 
     /// An event item stamped now.
     pub fn event(payload: Value) -> Self {
-        Self { kind: MessageKind::Event, payload, timestamp: None, retain: false }
+        Self {
+            kind: MessageKind::Event,
+            payload,
+            timestamp: None,
+            retain: false,
+        }
     }
 }
 
@@ -221,7 +235,8 @@ impl Device {
             state: watch::Sender::new(LinkState::Connecting),
             dropped_events: AtomicU64::new(0),
         });
-        let event_loop = EventLoop::new(opts, Arc::clone(&shared), req_rx, ev_tx, req_tx.downgrade());
+        let event_loop =
+            EventLoop::new(opts, Arc::clone(&shared), req_rx, ev_tx, req_tx.downgrade());
         Ok((DeviceClient { tx: req_tx, shared }, ev_rx, event_loop))
     }
 }
@@ -272,7 +287,9 @@ impl DeviceClient {
         retain: bool,
     ) -> Result<MsgId, DeviceError> {
         if kind == MessageKind::Command {
-            return Err(DeviceError::InvalidOptions("devices cannot send commands".into()));
+            return Err(DeviceError::InvalidOptions(
+                "devices cannot send commands".into(),
+            ));
         }
         let env = self.envelope(kind, payload, qos, retain, None);
         self.deliver(env).await
@@ -292,11 +309,22 @@ impl DeviceClient {
                     "batch items must be status or event".into(),
                 ));
             }
-            let env =
-                self.envelope(item.kind, item.payload, Qos::AtMostOnce, item.retain, item.timestamp);
+            let env = self.envelope(
+                item.kind,
+                item.payload,
+                Qos::AtMostOnce,
+                item.retain,
+                item.timestamp,
+            );
             values.push(fleetgate_protocol::json::envelope_into_value(env));
         }
-        let env = self.envelope(MessageKind::Batch, json!({ "items": values }), qos, false, None);
+        let env = self.envelope(
+            MessageKind::Batch,
+            json!({ "items": values }),
+            qos,
+            false,
+            None,
+        );
         self.deliver(env).await
     }
 

@@ -80,7 +80,13 @@ impl Connection {
         config: WebSocketConfig,
     ) -> Result<Self, DeviceError> {
         let (ws, _response) = connect_async_with_config(req, Some(config), true).await?;
-        Ok(Self { ws, codec, session: None, close: None, last_rx: Instant::now() })
+        Ok(Self {
+            ws,
+            codec,
+            session: None,
+            close: None,
+            last_rx: Instant::now(),
+        })
     }
 
     /// Sends the auth frame in [`AuthMode::FirstFrame`], then waits for `auth_response`.
@@ -90,7 +96,10 @@ impl Connection {
     /// [`DeviceError::UnexpectedFrame`] when something else arrives first.
     pub async fn authenticate(&mut self, opts: &DeviceOptions) -> Result<&Session, DeviceError> {
         if opts.auth == AuthMode::FirstFrame {
-            let auth = Auth { device_id: opts.device_id.clone(), token: opts.token.clone() };
+            let auth = Auth {
+                device_id: opts.device_id.clone(),
+                token: opts.token.clone(),
+            };
             self.send_frame(&Frame::Auth(auth)).await?;
         }
         match self.recv_frame().await {
@@ -107,9 +116,10 @@ impl Connection {
                 Err(DeviceError::AuthFailed { reason })
             }
             Ok(other) => Err(DeviceError::UnexpectedFrame(frame_name(&other))),
-            Err(DeviceError::Closed { code: Some(4403), reason }) => {
-                Err(DeviceError::AuthFailed { reason })
-            }
+            Err(DeviceError::Closed {
+                code: Some(4403),
+                reason,
+            }) => Err(DeviceError::AuthFailed { reason }),
             Err(e) => Err(e),
         }
     }
@@ -145,7 +155,10 @@ impl Connection {
     /// # Errors
     /// A transport error.
     pub async fn send_ping(&mut self) -> Result<(), DeviceError> {
-        self.ws.send(Message::Ping(bytes::Bytes::new())).await.map_err(DeviceError::from)
+        self.ws
+            .send(Message::Ping(bytes::Bytes::new()))
+            .await
+            .map_err(DeviceError::from)
     }
 
     /// Receives the next protocol frame. Cancel-safe: a frame is never lost when the
@@ -189,12 +202,21 @@ impl Connection {
     ///
     /// # Errors
     /// A transport error while sending the close frame.
-    pub async fn close(&mut self, code: u16, reason: &str, grace: Duration) -> Result<(), DeviceError> {
-        let frame = CloseFrame { code: WsCloseCode::from(code), reason: reason.into() };
-        self.ws.close(Some(frame)).await.map_err(DeviceError::from)?;
-        let drain = async {
-            while let Some(Ok(_)) = self.ws.next().await {}
+    pub async fn close(
+        &mut self,
+        code: u16,
+        reason: &str,
+        grace: Duration,
+    ) -> Result<(), DeviceError> {
+        let frame = CloseFrame {
+            code: WsCloseCode::from(code),
+            reason: reason.into(),
         };
+        self.ws
+            .close(Some(frame))
+            .await
+            .map_err(DeviceError::from)?;
+        let drain = async { while let Some(Ok(_)) = self.ws.next().await {} };
         let _ = tokio::time::timeout(grace, drain).await;
         Ok(())
     }
@@ -220,7 +242,10 @@ impl Connection {
     }
 
     fn closed_error(&mut self, fallback: &str) -> DeviceError {
-        let (code, reason) = self.close.get_or_insert_with(|| (None, fallback.to_owned())).clone();
+        let (code, reason) = self
+            .close
+            .get_or_insert_with(|| (None, fallback.to_owned()))
+            .clone();
         DeviceError::Closed { code, reason }
     }
 }

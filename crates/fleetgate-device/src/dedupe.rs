@@ -12,7 +12,10 @@ pub(crate) enum CmdState {
     /// Handed to the app, not answered yet: a redelivery is ignored.
     Pending,
     /// Answered with this `ack`/`rec` payload; `released` once the QoS 2 `rel` arrived.
-    Answered { payload: Option<Value>, released: bool },
+    Answered {
+        payload: Option<Value>,
+        released: bool,
+    },
 }
 
 #[derive(Debug)]
@@ -31,7 +34,11 @@ pub(crate) struct DedupeCache {
 
 impl DedupeCache {
     pub(crate) fn new(cap: usize) -> Self {
-        Self { map: HashMap::new(), order: VecDeque::new(), cap }
+        Self {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            cap,
+        }
     }
 
     pub(crate) fn get(&self, id: &MsgId) -> Option<&Entry> {
@@ -45,13 +52,22 @@ impl DedupeCache {
 
     /// Records a command handed to the app.
     pub(crate) fn insert_pending(&mut self, id: MsgId, qos: Qos) {
-        self.put(id, Entry { qos, state: CmdState::Pending });
+        self.put(
+            id,
+            Entry {
+                qos,
+                state: CmdState::Pending,
+            },
+        );
     }
 
     /// Records the app's answer; also for a msgid already forgotten, so a later
     /// redelivery still gets it.
     pub(crate) fn answer(&mut self, id: &MsgId, qos: Qos, payload: Option<Value>) {
-        let state = CmdState::Answered { payload, released: false };
+        let state = CmdState::Answered {
+            payload,
+            released: false,
+        };
         match self.map.get_mut(id) {
             Some(e) => e.state = state,
             None => self.put(id.clone(), Entry { qos, state }),
@@ -112,7 +128,13 @@ mod tests {
         assert_eq!(c.get(&id(1)).unwrap().state, CmdState::Pending);
         c.answer(&id(1), Qos::ExactlyOnce, Some(json!({"result": 1})));
         let st = c.release(&id(1)).unwrap().clone();
-        assert_eq!(st, CmdState::Answered { payload: Some(json!({"result": 1})), released: true });
+        assert_eq!(
+            st,
+            CmdState::Answered {
+                payload: Some(json!({"result": 1})),
+                released: true
+            }
+        );
         assert!(c.release(&id(2)).is_none());
     }
 
@@ -122,7 +144,10 @@ mod tests {
         c.insert_pending(id(1), Qos::AtLeastOnce);
         c.insert_pending(id(2), Qos::AtLeastOnce);
         c.answer(&id(1), Qos::AtLeastOnce, None);
-        assert!(matches!(c.get(&id(1)).unwrap().state, CmdState::Answered { .. }));
+        assert!(matches!(
+            c.get(&id(1)).unwrap().state,
+            CmdState::Answered { .. }
+        ));
         assert_eq!(c.len(), 1);
     }
 

@@ -74,13 +74,18 @@ impl From<tungstenite::Error> for DeviceError {
             tungstenite::Error::Http(resp) => {
                 let status = resp.status().as_u16();
                 if status == 401 || status == 403 {
-                    Self::AuthFailed { reason: format!("HTTP {status} at upgrade") }
+                    Self::AuthFailed {
+                        reason: format!("HTTP {status} at upgrade"),
+                    }
                 } else {
                     Self::UpgradeRefused { status }
                 }
             }
             tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => {
-                Self::Closed { code: None, reason: "connection closed".into() }
+                Self::Closed {
+                    code: None,
+                    reason: "connection closed".into(),
+                }
             }
             e => Self::WebSocket(Box::new(e)),
         }

@@ -61,7 +61,14 @@ impl Inflight {
             Qos::ExactlyOnce => Step::AwaitRec,
         };
         let msgid = out.env.msgid.clone();
-        Self { frame: Frame::Message(out.env), msgid, step, attempts: 0, deadline: None, done: out.done }
+        Self {
+            frame: Frame::Message(out.env),
+            msgid,
+            step,
+            attempts: 0,
+            deadline: None,
+            done: out.done,
+        }
     }
 
     fn finish(self, result: Result<(), DeviceError>) {
@@ -160,7 +167,11 @@ impl EventLoop {
                             let again = should_reconnect(code, self.opts.reconnect_on_replaced);
                             let delay = again.then(|| self.backoff.delay_after_close(&reason));
                             debug!(?code, %reason, ?delay, "disconnected");
-                            self.emit(DeviceEvent::Disconnected { code, reason, reconnect_in: delay });
+                            self.emit(DeviceEvent::Disconnected {
+                                code,
+                                reason,
+                                reconnect_in: delay,
+                            });
                             match delay {
                                 Some(d) => d,
                                 None => break,
@@ -175,16 +186,18 @@ impl EventLoop {
                 }
                 Err(e) => {
                     let delay = match &e {
-                        DeviceError::Closed { code, reason } => should_reconnect(
-                            *code,
-                            self.opts.reconnect_on_replaced,
-                        )
-                        .then(|| self.backoff.delay_after_close(reason)),
+                        DeviceError::Closed { code, reason } => {
+                            should_reconnect(*code, self.opts.reconnect_on_replaced)
+                                .then(|| self.backoff.delay_after_close(reason))
+                        }
                         DeviceError::InvalidOptions(_) => None,
                         _ => Some(self.backoff.next_delay()),
                     };
                     debug!(error = %e, ?delay, "connect failed");
-                    self.emit(DeviceEvent::ConnectFailed { reason: e.to_string(), reconnect_in: delay });
+                    self.emit(DeviceEvent::ConnectFailed {
+                        reason: e.to_string(),
+                        reconnect_in: delay,
+                    });
                     match delay {
                         Some(d) => d,
                         None => break,
@@ -288,7 +301,11 @@ impl EventLoop {
     }
 
     fn next_deadline(&self, next_ping: Option<Instant>) -> Option<Instant> {
-        self.inflight.iter().filter_map(|e| e.deadline).chain(next_ping).min()
+        self.inflight
+            .iter()
+            .filter_map(|e| e.deadline)
+            .chain(next_ping)
+            .min()
     }
 
     async fn on_timer(
@@ -339,7 +356,10 @@ impl EventLoop {
                 let failed = result.as_ref().err().map(ToString::to_string);
                 entry.finish(result);
                 return match failed {
-                    Some(reason) => Err(DeviceError::Closed { code: conn.close_code(), reason }),
+                    Some(reason) => Err(DeviceError::Closed {
+                        code: conn.close_code(),
+                        reason,
+                    }),
                     None => Ok(false),
                 };
             }
@@ -348,12 +368,14 @@ impl EventLoop {
                     env.dup = entry.attempts > 0;
                 }
                 entry.attempts += 1;
-                entry.deadline = Some(Instant::now() + retry_delay(self.opts.ack_timeout, entry.attempts));
+                entry.deadline =
+                    Some(Instant::now() + retry_delay(self.opts.ack_timeout, entry.attempts));
                 conn.send_frame(&entry.frame).await?;
             }
             Step::AwaitComp => {
                 entry.attempts += 1;
-                entry.deadline = Some(Instant::now() + retry_delay(self.opts.ack_timeout, entry.attempts));
+                entry.deadline =
+                    Some(Instant::now() + retry_delay(self.opts.ack_timeout, entry.attempts));
                 let rel = handshake(HandshakeKind::Rel, entry.msgid.clone(), None);
                 conn.send_frame(&rel).await?;
             }
@@ -368,9 +390,17 @@ impl EventLoop {
                 self.transmit(conn, self.inflight.len() - 1).await.map(drop)
             }
             Request::Answer(a) => {
-                let Answer { msgid, qos, payload } = *a;
+                let Answer {
+                    msgid,
+                    qos,
+                    payload,
+                } = *a;
                 self.dedupe.answer(&msgid, qos, payload.clone());
-                let kind = if qos == Qos::ExactlyOnce { HandshakeKind::Rec } else { HandshakeKind::Ack };
+                let kind = if qos == Qos::ExactlyOnce {
+                    HandshakeKind::Rec
+                } else {
+                    HandshakeKind::Ack
+                };
                 conn.send_frame(&handshake(kind, msgid, payload)).await
             }
         }
@@ -379,19 +409,28 @@ impl EventLoop {
     async fn on_frame(&mut self, conn: &mut Connection, frame: Frame) -> Result<(), DeviceError> {
         match frame {
             Frame::Handshake(h) => self.on_handshake(conn, h).await,
-            Frame::Message(env) if env.kind == MessageKind::Command => self.on_command(conn, env).await,
+            Frame::Message(env) if env.kind == MessageKind::Command => {
+                self.on_command(conn, env).await
+            }
             Frame::Error(err) => {
                 self.on_error(err);
                 Ok(())
             }
             other => {
-                debug!(kind = frame_name(&other), "unexpected frame from gateway ignored");
+                debug!(
+                    kind = frame_name(&other),
+                    "unexpected frame from gateway ignored"
+                );
                 Ok(())
             }
         }
     }
 
-    async fn on_handshake(&mut self, conn: &mut Connection, h: Handshake) -> Result<(), DeviceError> {
+    async fn on_handshake(
+        &mut self,
+        conn: &mut Connection,
+        h: Handshake,
+    ) -> Result<(), DeviceError> {
         let pos = self.inflight.iter().position(|e| e.msgid == h.msgid);
         match (h.kind, pos) {
             (HandshakeKind::Ack, Some(i)) if self.inflight[i].step == Step::AwaitAck => {
@@ -416,7 +455,8 @@ impl EventLoop {
             (HandshakeKind::Rec, _) => {
                 // A repeated rec (our rel was lost) or one for a message we gave up on: release
                 // it so the gateway's handshake completes.
-                conn.send_frame(&handshake(HandshakeKind::Rel, h.msgid, None)).await?;
+                conn.send_frame(&handshake(HandshakeKind::Rel, h.msgid, None))
+                    .await?;
             }
             (HandshakeKind::Comp, Some(i)) if self.inflight[i].step == Step::AwaitComp => {
                 let entry = self.inflight.remove(i).unwrap_or_else(|| unreachable!());
@@ -428,7 +468,8 @@ impl EventLoop {
                     Some(CmdState::Answered { .. }) | None => true,
                 };
                 if answered {
-                    conn.send_frame(&handshake(HandshakeKind::Comp, h.msgid, None)).await?;
+                    conn.send_frame(&handshake(HandshakeKind::Comp, h.msgid, None))
+                        .await?;
                 }
             }
             (kind, _) => debug!(kind = kind.as_str(), msgid = %h.msgid, "stray handshake ignored"),
@@ -436,7 +477,11 @@ impl EventLoop {
         Ok(())
     }
 
-    async fn on_command(&mut self, conn: &mut Connection, env: Envelope) -> Result<(), DeviceError> {
+    async fn on_command(
+        &mut self,
+        conn: &mut Connection,
+        env: Envelope,
+    ) -> Result<(), DeviceError> {
         if let Some(entry) = self.dedupe.get(&env.msgid) {
             let resend = match &entry.state {
                 CmdState::Pending => None,
@@ -445,10 +490,12 @@ impl EventLoop {
             debug!(msgid = %env.msgid, answered = resend.is_some(), "redelivered command deduped");
             return match resend {
                 Some((Qos::AtLeastOnce, payload)) => {
-                    conn.send_frame(&handshake(HandshakeKind::Ack, env.msgid, payload)).await
+                    conn.send_frame(&handshake(HandshakeKind::Ack, env.msgid, payload))
+                        .await
                 }
                 Some((Qos::ExactlyOnce, payload)) => {
-                    conn.send_frame(&handshake(HandshakeKind::Rec, env.msgid, payload)).await
+                    conn.send_frame(&handshake(HandshakeKind::Rec, env.msgid, payload))
+                        .await
                 }
                 _ => Ok(()),
             };
@@ -478,7 +525,10 @@ impl EventLoop {
 
     fn on_error(&mut self, err: ErrorFrame) {
         warn!(code = err.code.as_str(), msgid = ?err.msgid, message = %err.message, "gateway error frame");
-        let pos = err.msgid.as_ref().and_then(|id| self.inflight.iter().position(|e| &e.msgid == id));
+        let pos = err
+            .msgid
+            .as_ref()
+            .and_then(|id| self.inflight.iter().position(|e| &e.msgid == id));
         // `unavailable` means "retry it": leave the message to its retransmission timer.
         if let Some(i) = pos
             && err.code != ErrorCode::Unavailable
@@ -508,12 +558,19 @@ impl EventLoop {
 fn ended(conn: &Connection, e: DeviceError) -> SessionEnd {
     match e {
         DeviceError::Closed { code, reason } => SessionEnd::Closed { code, reason },
-        other => SessionEnd::Closed { code: conn.close_code(), reason: other.to_string() },
+        other => SessionEnd::Closed {
+            code: conn.close_code(),
+            reason: other.to_string(),
+        },
     }
 }
 
 fn handshake(kind: HandshakeKind, msgid: MsgId, payload: Option<Value>) -> Frame {
-    Frame::Handshake(Handshake { kind, msgid, payload })
+    Frame::Handshake(Handshake {
+        kind,
+        msgid,
+        payload,
+    })
 }
 
 /// Wait before retransmission number `attempts + 1`: `ack_timeout * 2^(attempts-1)`.

@@ -31,7 +31,10 @@ impl MsgIdGen {
             *slot = ALPHABET[(n % 62) as usize];
             n /= 62;
         }
-        Self { prefix: buf, counter: AtomicU64::new(0) }
+        Self {
+            prefix: buf,
+            counter: AtomicU64::new(0),
+        }
     }
 
     /// The next msgid; one allocation of at most 23 bytes.

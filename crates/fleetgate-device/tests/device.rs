@@ -8,7 +8,7 @@ use fleetgate_device::{
     AuthMode, BatchItem, Codec, Connection, Device, DeviceClient, DeviceError, DeviceEvent,
     DeviceOptions, ErrorCode, ErrorFrame, Frame, LinkState, MessageKind, MsgId, Qos,
 };
-use fleetgate_protocol::{AuthResponse, Auth, Envelope, HandshakeKind};
+use fleetgate_protocol::{Auth, AuthResponse, Envelope, HandshakeKind};
 use serde_json::json;
 use support::{Gateway, Peer, within};
 use tokio::sync::mpsc;
@@ -36,7 +36,11 @@ async fn connected(
     let (client, mut events) = Device::connect(o).unwrap();
     let peer = gw.accept_authed("sess-1").await;
     match next_event(&mut events).await {
-        DeviceEvent::Connected { session_id, reconnects: 0, .. } => assert_eq!(session_id, "sess-1"),
+        DeviceEvent::Connected {
+            session_id,
+            reconnects: 0,
+            ..
+        } => assert_eq!(session_id, "sess-1"),
         other => panic!("expected Connected, got {other:?}"),
     }
     within(client.wait_connected()).await.unwrap();
@@ -58,7 +62,9 @@ fn command(msgid: &str, qos: Qos, dup: bool) -> Frame {
     })
 }
 
-async fn expect_command(events: &mut mpsc::Receiver<DeviceEvent>) -> Box<fleetgate_device::IncomingCommand> {
+async fn expect_command(
+    events: &mut mpsc::Receiver<DeviceEvent>,
+) -> Box<fleetgate_device::IncomingCommand> {
     match next_event(events).await {
         DeviceEvent::Command(cmd) => cmd,
         other => panic!("expected Command, got {other:?}"),
@@ -72,24 +78,32 @@ async fn header_auth_sends_bearer_device_id_and_subprotocol() {
     assert_eq!(peer.path, "/v1/device");
     assert_eq!(peer.header("authorization"), Some("Bearer s3cret"));
     assert_eq!(peer.header("device-id"), Some(DEVICE));
-    assert_eq!(peer.header("sec-websocket-protocol"), Some("fleetgate.v1.json"));
+    assert_eq!(
+        peer.header("sec-websocket-protocol"),
+        Some("fleetgate.v1.json")
+    );
     assert_eq!(client.state(), LinkState::Connected);
 }
 
 #[tokio::test]
 async fn first_frame_auth_sends_auth_frame_and_no_header() {
     let gw = Gateway::bind().await;
-    let (_client, mut events) =
-        Device::connect(opts(&gw).with_auth(AuthMode::FirstFrame)).unwrap();
+    let (_client, mut events) = Device::connect(opts(&gw).with_auth(AuthMode::FirstFrame)).unwrap();
     let mut peer = gw.accept().await;
     assert_eq!(peer.header("authorization"), None);
     assert_eq!(peer.header("device-id"), Some(DEVICE));
     assert_eq!(
         peer.recv().await,
-        Frame::Auth(Auth { device_id: DEVICE.into(), token: TOKEN.into() })
+        Frame::Auth(Auth {
+            device_id: DEVICE.into(),
+            token: TOKEN.into()
+        })
     );
     peer.auth_ok("sess-ff").await;
-    assert!(matches!(next_event(&mut events).await, DeviceEvent::Connected { .. }));
+    assert!(matches!(
+        next_event(&mut events).await,
+        DeviceEvent::Connected { .. }
+    ));
 }
 
 #[tokio::test]
@@ -98,7 +112,9 @@ async fn qos1_send_returns_on_ack() {
     let (client, _events, mut peer) = connected(&gw, opts(&gw)).await;
     let before = fleetgate_now();
     let send = tokio::spawn(async move {
-        client.send_status(json!({"temp": 21.5}), Qos::AtLeastOnce).await
+        client
+            .send_status(json!({"temp": 21.5}), Qos::AtLeastOnce)
+            .await
     });
     let env = peer.recv_message().await;
     assert_eq!(env.kind, MessageKind::Status);
@@ -117,9 +133,14 @@ async fn qos1_send_returns_on_ack() {
 async fn qos0_send_returns_once_written() {
     let gw = Gateway::bind().await;
     let (client, _events, mut peer) = connected(&gw, opts(&gw)).await;
-    let id = within(client.send(MessageKind::Event, json!({"alarm": true}), Qos::AtMostOnce, true))
-        .await
-        .unwrap();
+    let id = within(client.send(
+        MessageKind::Event,
+        json!({"alarm": true}),
+        Qos::AtMostOnce,
+        true,
+    ))
+    .await
+    .unwrap();
     let env = peer.recv_message().await;
     assert_eq!(env.msgid, id);
     assert_eq!(env.kind, MessageKind::Event);
@@ -133,12 +154,16 @@ async fn qos1_is_retransmitted_with_dup_after_ack_timeout() {
     let mut o = opts(&gw);
     o.ack_timeout = Duration::from_millis(100);
     let (client, _events, mut peer) = connected(&gw, o).await;
-    let send = tokio::spawn(async move { client.send_event(json!({"n": 1}), Qos::AtLeastOnce).await });
+    let send =
+        tokio::spawn(async move { client.send_event(json!({"n": 1}), Qos::AtLeastOnce).await });
     let first = peer.recv_message().await;
     let t0 = Instant::now();
     assert!(!first.dup);
     let second = peer.recv_message().await;
-    assert!(t0.elapsed() >= Duration::from_millis(90), "retransmitted too early");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(90),
+        "retransmitted too early"
+    );
     assert!(second.dup);
     assert_eq!(second.msgid, first.msgid);
     assert_eq!(second.payload, first.payload);
@@ -167,7 +192,8 @@ async fn qos1_fails_after_max_attempts() {
 async fn qos2_completes_after_rec_rel_comp() {
     let gw = Gateway::bind().await;
     let (client, _events, mut peer) = connected(&gw, opts(&gw)).await;
-    let send = tokio::spawn(async move { client.send_status(json!({"x": 1}), Qos::ExactlyOnce).await });
+    let send =
+        tokio::spawn(async move { client.send_status(json!({"x": 1}), Qos::ExactlyOnce).await });
     let env = peer.recv_message().await;
     assert_eq!(env.qos, Qos::ExactlyOnce);
     peer.handshake(HandshakeKind::Rec, &env.msgid, None).await;
@@ -187,7 +213,9 @@ async fn qos1_command_is_answered_with_result_and_error() {
     assert_eq!(cmd.msgid.as_str(), "cmd-1");
     assert_eq!(cmd.qos, Qos::AtLeastOnce);
     assert_eq!(cmd.payload, json!({"action": "reboot"}));
-    within(cmd.respond(Some(json!({"rebooted": true})))).await.unwrap();
+    within(cmd.respond(Some(json!({"rebooted": true}))))
+        .await
+        .unwrap();
     let ack = peer.recv_handshake().await;
     assert_eq!(ack.kind, HandshakeKind::Ack);
     assert_eq!(ack.msgid.as_str(), "cmd-1");
@@ -195,7 +223,9 @@ async fn qos1_command_is_answered_with_result_and_error() {
 
     peer.send(&command("cmd-2", Qos::AtLeastOnce, false)).await;
     let cmd = expect_command(&mut events).await;
-    within(cmd.respond_error(json!("unsupported"))).await.unwrap();
+    within(cmd.respond_error(json!("unsupported")))
+        .await
+        .unwrap();
     let ack = peer.recv_handshake().await;
     assert_eq!(ack.payload, Some(json!({"error": "unsupported"})));
 }
@@ -213,7 +243,10 @@ async fn qos2_command_gets_rec_with_result_then_comp_on_rel() {
     assert_eq!(rec.payload, Some(json!({"result": 42})));
     peer.handshake(HandshakeKind::Rel, &rec.msgid, None).await;
     let comp = peer.recv_handshake().await;
-    assert_eq!((comp.kind, comp.msgid.as_str()), (HandshakeKind::Comp, "cmd-q2"));
+    assert_eq!(
+        (comp.kind, comp.msgid.as_str()),
+        (HandshakeKind::Comp, "cmd-q2")
+    );
     // A repeated rel (our comp was lost) is answered again.
     peer.handshake(HandshakeKind::Rel, &rec.msgid, None).await;
     assert_eq!(peer.recv_handshake().await.kind, HandshakeKind::Comp);
@@ -235,7 +268,10 @@ async fn redelivered_commands_are_answered_from_cache_not_surfaced() {
     // Redelivery after the answer: the stored answer goes out again.
     peer.send(&command("cmd-a", Qos::AtLeastOnce, true)).await;
     let again = peer.recv_handshake().await;
-    assert_eq!((again.kind, again.msgid.as_str()), (HandshakeKind::Ack, "cmd-a"));
+    assert_eq!(
+        (again.kind, again.msgid.as_str()),
+        (HandshakeKind::Ack, "cmd-a")
+    );
     assert_eq!(again.payload, Some(json!({"result": "done"})));
 
     // QoS 2: the stored rec goes out again.
@@ -245,27 +281,42 @@ async fn redelivered_commands_are_answered_from_cache_not_surfaced() {
     assert_eq!(peer.recv_handshake().await.kind, HandshakeKind::Rec);
     peer.send(&command("cmd-b", Qos::ExactlyOnce, true)).await;
     let rec = peer.recv_handshake().await;
-    assert_eq!((rec.kind, rec.msgid.as_str(), rec.payload), (HandshakeKind::Rec, "cmd-b", None));
+    assert_eq!(
+        (rec.kind, rec.msgid.as_str(), rec.payload),
+        (HandshakeKind::Rec, "cmd-b", None)
+    );
 
     // The loop answered each redelivery before reading on, so nothing else is queued.
-    assert!(matches!(events.try_recv(), Err(mpsc::error::TryRecvError::Empty)));
+    assert!(matches!(
+        events.try_recv(),
+        Err(mpsc::error::TryRecvError::Empty)
+    ));
 }
 
 #[tokio::test]
 async fn unacked_qos1_is_resent_with_dup_and_same_msgid_after_reconnect() {
     let gw = Gateway::bind().await;
     let (client, mut events, mut peer) = connected(&gw, opts(&gw)).await;
-    let send = tokio::spawn(async move { client.send_status(json!({"v": 7}), Qos::AtLeastOnce).await });
+    let send =
+        tokio::spawn(async move { client.send_status(json!({"v": 7}), Qos::AtLeastOnce).await });
     let first = peer.recv_message().await;
     drop(peer); // the gateway vanishes without a close frame
 
     match next_event(&mut events).await {
-        DeviceEvent::Disconnected { code: None, reconnect_in: Some(_), .. } => {}
+        DeviceEvent::Disconnected {
+            code: None,
+            reconnect_in: Some(_),
+            ..
+        } => {}
         other => panic!("expected Disconnected, got {other:?}"),
     }
     let mut peer = gw.accept_authed("sess-2").await;
     match next_event(&mut events).await {
-        DeviceEvent::Connected { session_id, reconnects: 1, .. } => assert_eq!(session_id, "sess-2"),
+        DeviceEvent::Connected {
+            session_id,
+            reconnects: 1,
+            ..
+        } => assert_eq!(session_id, "sess-2"),
         other => panic!("expected Connected, got {other:?}"),
     }
     let resent = peer.recv_message().await;
@@ -298,8 +349,15 @@ async fn messages_sent_while_offline_go_out_after_reconnect() {
     let gw = Gateway::bind().await;
     let (client, mut events, mut peer) = connected(&gw, opts(&gw)).await;
     peer.close(1012, "draining; retry-after=200").await;
-    assert!(matches!(next_event(&mut events).await, DeviceEvent::Disconnected { .. }));
-    let send = tokio::spawn(async move { client.send_status(json!({"offline": 1}), Qos::AtLeastOnce).await });
+    assert!(matches!(
+        next_event(&mut events).await,
+        DeviceEvent::Disconnected { .. }
+    ));
+    let send = tokio::spawn(async move {
+        client
+            .send_status(json!({"offline": 1}), Qos::AtLeastOnce)
+            .await
+    });
     let mut peer = gw.accept_authed("sess-2").await;
     let env = peer.recv_message().await;
     assert!(!env.dup, "never sent before, so not a duplicate");
@@ -314,15 +372,25 @@ async fn retry_after_in_close_reason_is_honoured() {
     let closed_at = Instant::now();
     peer.close(1012, "node draining; retry-after=400").await;
     match next_event(&mut events).await {
-        DeviceEvent::Disconnected { code: Some(1012), reconnect_in, .. } => {
+        DeviceEvent::Disconnected {
+            code: Some(1012),
+            reconnect_in,
+            ..
+        } => {
             assert_eq!(reconnect_in, Some(Duration::from_millis(400)));
         }
         other => panic!("expected Disconnected, got {other:?}"),
     }
     let _peer = gw.accept_authed("sess-2").await;
     let waited = closed_at.elapsed();
-    assert!(waited >= Duration::from_millis(400), "reconnected after {waited:?}");
-    assert!(matches!(next_event(&mut events).await, DeviceEvent::Connected { reconnects: 1, .. }));
+    assert!(
+        waited >= Duration::from_millis(400),
+        "reconnected after {waited:?}"
+    );
+    assert!(matches!(
+        next_event(&mut events).await,
+        DeviceEvent::Connected { reconnects: 1, .. }
+    ));
 }
 
 #[tokio::test]
@@ -330,15 +398,24 @@ async fn auth_failure_is_final() {
     let gw = Gateway::bind().await;
     let (client, mut events) = Device::connect(opts(&gw)).unwrap();
     let mut peer = gw.accept().await;
-    peer.send(&Frame::AuthResponse(AuthResponse::Error { timestamp: 1, reason: "bad token".into() }))
-        .await;
+    peer.send(&Frame::AuthResponse(AuthResponse::Error {
+        timestamp: 1,
+        reason: "bad token".into(),
+    }))
+    .await;
     peer.close(4403, "authentication failed").await;
     match next_event(&mut events).await {
         DeviceEvent::AuthFailed { reason } => assert_eq!(reason, "bad token"),
         other => panic!("expected AuthFailed, got {other:?}"),
     }
-    assert!(within(events.recv()).await.is_none(), "event channel closes after a final event");
-    assert!(!gw.connection_within(Duration::from_millis(300)).await, "must not reconnect");
+    assert!(
+        within(events.recv()).await.is_none(),
+        "event channel closes after a final event"
+    );
+    assert!(
+        !gw.connection_within(Duration::from_millis(300)).await,
+        "must not reconnect"
+    );
     assert_eq!(client.state(), LinkState::Stopped);
     assert!(matches!(
         within(client.send_status(json!({}), Qos::AtMostOnce)).await,
@@ -353,11 +430,18 @@ async fn close_4403_mid_session_and_4409_are_final() {
         let (client, mut events, mut peer) = connected(&gw, opts(&gw)).await;
         peer.close(code, "bye").await;
         match next_event(&mut events).await {
-            DeviceEvent::Disconnected { code: c, reconnect_in: None, .. } => assert_eq!(c, Some(code)),
+            DeviceEvent::Disconnected {
+                code: c,
+                reconnect_in: None,
+                ..
+            } => assert_eq!(c, Some(code)),
             other => panic!("{code}: expected final Disconnected, got {other:?}"),
         }
         assert!(within(events.recv()).await.is_none());
-        assert!(!gw.connection_within(Duration::from_millis(200)).await, "{code}: reconnected");
+        assert!(
+            !gw.connection_within(Duration::from_millis(200)).await,
+            "{code}: reconnected"
+        );
         assert!(within(client.wait_connected()).await.is_err());
     }
 }
@@ -371,10 +455,17 @@ async fn replaced_reconnects_when_configured() {
     peer.close(4409, "replaced").await;
     assert!(matches!(
         next_event(&mut events).await,
-        DeviceEvent::Disconnected { code: Some(4409), reconnect_in: Some(_), .. }
+        DeviceEvent::Disconnected {
+            code: Some(4409),
+            reconnect_in: Some(_),
+            ..
+        }
     ));
     let _peer = gw.accept_authed("sess-2").await;
-    assert!(matches!(next_event(&mut events).await, DeviceEvent::Connected { reconnects: 1, .. }));
+    assert!(matches!(
+        next_event(&mut events).await,
+        DeviceEvent::Connected { reconnects: 1, .. }
+    ));
 }
 
 #[tokio::test]
@@ -383,10 +474,18 @@ async fn error_frame_fails_the_send_and_is_reported() {
     let (client, mut events, mut peer) = connected(&gw, opts(&gw)).await;
     let send = tokio::spawn(async move { client.send_status(json!({}), Qos::AtLeastOnce).await });
     let env = peer.recv_message().await;
-    let err = ErrorFrame { msgid: Some(env.msgid.clone()), code: ErrorCode::ClockSkew, message: "skew".into() };
+    let err = ErrorFrame {
+        msgid: Some(env.msgid.clone()),
+        code: ErrorCode::ClockSkew,
+        message: "skew".into(),
+    };
     peer.send(&Frame::Error(err.clone())).await;
     match within(send).await.unwrap() {
-        Err(DeviceError::Refused { msgid, code: Some(ErrorCode::ClockSkew), .. }) => {
+        Err(DeviceError::Refused {
+            msgid,
+            code: Some(ErrorCode::ClockSkew),
+            ..
+        }) => {
             assert_eq!(msgid, env.msgid);
         }
         other => panic!("expected Refused, got {other:?}"),
@@ -401,7 +500,10 @@ async fn error_frame_fails_the_send_and_is_reported() {
 async fn batch_carries_item_envelopes() {
     let gw = Gateway::bind().await;
     let (client, _events, mut peer) = connected(&gw, opts(&gw)).await;
-    let items = vec![BatchItem::status(json!({"t": 1})), BatchItem::event(json!({"alarm": "hot"}))];
+    let items = vec![
+        BatchItem::status(json!({"t": 1})),
+        BatchItem::event(json!({"alarm": "hot"})),
+    ];
     let send = tokio::spawn(async move { client.send_batch(items, Qos::AtLeastOnce).await });
     let env = peer.recv_message().await;
     assert_eq!(env.kind, MessageKind::Batch);
@@ -409,7 +511,10 @@ async fn batch_carries_item_envelopes() {
     assert_eq!(items.len(), 2);
     let first = fleetgate_protocol::json::envelope_from_value(&items[0], DEVICE).unwrap();
     let second = fleetgate_protocol::json::envelope_from_value(&items[1], DEVICE).unwrap();
-    assert_eq!((first.kind, second.kind), (MessageKind::Status, MessageKind::Event));
+    assert_eq!(
+        (first.kind, second.kind),
+        (MessageKind::Status, MessageKind::Event)
+    );
     assert_eq!(first.from, DEVICE);
     assert_ne!(first.msgid, second.msgid);
     assert_ne!(first.msgid, env.msgid);
@@ -421,8 +526,12 @@ async fn batch_carries_item_envelopes() {
 async fn protobuf_codec_uses_binary_frames() {
     let gw = Gateway::bind().await;
     let (client, _events, mut peer) = connected(&gw, opts(&gw).with_codec(Codec::Protobuf)).await;
-    assert_eq!(peer.header("sec-websocket-protocol"), Some("fleetgate.v1.proto"));
-    let send = tokio::spawn(async move { client.send_status(json!({"p": 1}), Qos::AtLeastOnce).await });
+    assert_eq!(
+        peer.header("sec-websocket-protocol"),
+        Some("fleetgate.v1.proto")
+    );
+    let send =
+        tokio::spawn(async move { client.send_status(json!({"p": 1}), Qos::AtLeastOnce).await });
     let env = peer.recv_message().await;
     assert_eq!(env.payload, json!({"p": 1}));
     peer.handshake(HandshakeKind::Ack, &env.msgid, None).await;
@@ -440,7 +549,10 @@ async fn keepalive_pings_the_gateway() {
     for _ in 0..4 {
         ticks.tick().await;
     }
-    client.send_status(json!({}), Qos::AtMostOnce).await.unwrap();
+    client
+        .send_status(json!({}), Qos::AtMostOnce)
+        .await
+        .unwrap();
     peer.recv_message().await;
     assert!(peer.pings >= 2, "pings: {}", peer.pings);
 }
@@ -460,10 +572,17 @@ async fn disconnect_closes_with_1000_and_stops() {
     });
     assert_eq!(peer.expect_close().await, Some(1000));
     within(closer).await.unwrap();
-    assert!(matches!(within(pending).await.unwrap(), Err(DeviceError::Stopped)));
+    assert!(matches!(
+        within(pending).await.unwrap(),
+        Err(DeviceError::Stopped)
+    ));
     assert!(matches!(
         next_event(&mut events).await,
-        DeviceEvent::Disconnected { code: Some(1000), reconnect_in: None, .. }
+        DeviceEvent::Disconnected {
+            code: Some(1000),
+            reconnect_in: None,
+            ..
+        }
     ));
     assert!(within(events.recv()).await.is_none());
 }

@@ -60,7 +60,9 @@ pub struct JwtKeys {
 
 impl std::fmt::Debug for JwtKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JwtKeys").field("kids", &self.keys.keys().collect::<Vec<_>>()).finish()
+        f.debug_struct("JwtKeys")
+            .field("kids", &self.keys.keys().collect::<Vec<_>>())
+            .finish()
     }
 }
 
@@ -78,29 +80,48 @@ impl JwtKeys {
             };
             let (algorithm, key) = match spec.algorithm.as_str() {
                 "HS256" => {
-                    let secret = spec.secret.as_deref().ok_or_else(|| material("HS256 needs `secret`"))?;
+                    let secret = spec
+                        .secret
+                        .as_deref()
+                        .ok_or_else(|| material("HS256 needs `secret`"))?;
                     if secret.len() < 32 {
                         return Err(material("HS256 secret must be at least 32 bytes"));
                     }
-                    (Algorithm::HS256, DecodingKey::from_secret(secret.as_bytes()))
+                    (
+                        Algorithm::HS256,
+                        DecodingKey::from_secret(secret.as_bytes()),
+                    )
                 }
                 "RS256" => {
-                    let pem = spec.public_key_pem.as_deref().ok_or_else(|| material("RS256 needs `public_key_pem`"))?;
-                    let key = DecodingKey::from_rsa_pem(pem.as_bytes()).map_err(|e| material(&e.to_string()))?;
+                    let pem = spec
+                        .public_key_pem
+                        .as_deref()
+                        .ok_or_else(|| material("RS256 needs `public_key_pem`"))?;
+                    let key = DecodingKey::from_rsa_pem(pem.as_bytes())
+                        .map_err(|e| material(&e.to_string()))?;
                     (Algorithm::RS256, key)
                 }
                 "ES256" => {
-                    let pem = spec.public_key_pem.as_deref().ok_or_else(|| material("ES256 needs `public_key_pem`"))?;
-                    let key = DecodingKey::from_ec_pem(pem.as_bytes()).map_err(|e| material(&e.to_string()))?;
+                    let pem = spec
+                        .public_key_pem
+                        .as_deref()
+                        .ok_or_else(|| material("ES256 needs `public_key_pem`"))?;
+                    let key = DecodingKey::from_ec_pem(pem.as_bytes())
+                        .map_err(|e| material(&e.to_string()))?;
                     (Algorithm::ES256, key)
                 }
                 other => {
-                    return Err(KeyError::Algorithm { kid: spec.kid.clone(), algorithm: other.to_owned() });
+                    return Err(KeyError::Algorithm {
+                        kid: spec.kid.clone(),
+                        algorithm: other.to_owned(),
+                    });
                 }
             };
             keys.insert(spec.kid.clone(), JwtKey { algorithm, key });
         }
-        Ok(Self { keys: Arc::new(keys) })
+        Ok(Self {
+            keys: Arc::new(keys),
+        })
     }
 
     /// Whether any key is configured.
@@ -184,7 +205,11 @@ impl Authenticator {
             return self.authenticate_jwt(claimed_id, token).await;
         }
         let id = claimed_id.ok_or(AuthError::MissingDeviceId)?;
-        let record = self.bus.device_get(id).await?.ok_or(AuthError::UnknownDevice)?;
+        let record = self
+            .bus
+            .device_get(id)
+            .await?
+            .ok_or(AuthError::UnknownDevice)?;
         let digest = secret_digest(token);
         if !bool::from(digest.ct_eq(&record.secret_sha256)) {
             return Err(AuthError::BadSecret);
@@ -192,7 +217,10 @@ impl Authenticator {
         if record.revoked {
             return Err(AuthError::Revoked);
         }
-        Ok(AuthedDevice { id: record.id, groups: record.groups })
+        Ok(AuthedDevice {
+            id: record.id,
+            groups: record.groups,
+        })
     }
 
     async fn authenticate_jwt(
@@ -200,7 +228,8 @@ impl Authenticator {
         claimed_id: Option<&str>,
         token: &str,
     ) -> Result<AuthedDevice, AuthError> {
-        let header = jsonwebtoken::decode_header(token).map_err(|e| AuthError::BadToken(e.to_string()))?;
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| AuthError::BadToken(e.to_string()))?;
         let key = match header.kid.as_deref() {
             Some(kid) => self.jwt.keys.get(kid),
             // Without a kid, a single configured key is unambiguous.
@@ -229,6 +258,9 @@ impl Authenticator {
                 }
             }
         }
-        Ok(AuthedDevice { id: claims.sub, groups })
+        Ok(AuthedDevice {
+            id: claims.sub,
+            groups,
+        })
     }
 }

@@ -20,7 +20,9 @@ use crate::auth::AuthError;
 use crate::session::{self, Admission};
 
 pub(crate) fn public_router(shared: Arc<Shared>) -> Router {
-    Router::new().route("/v1/device", get(device_upgrade)).with_state(shared)
+    Router::new()
+        .route("/v1/device", get(device_upgrade))
+        .with_state(shared)
 }
 
 #[derive(Deserialize)]
@@ -36,7 +38,8 @@ pub(crate) fn json_error(status: StatusCode, code: &str, message: &str) -> Respo
 
 fn unavailable(code: &str, message: &str, retry_after_s: u32) -> Response {
     let mut resp = json_error(StatusCode::SERVICE_UNAVAILABLE, code, message);
-    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
     resp
 }
 
@@ -49,7 +52,11 @@ async fn device_upgrade(
     let ws = match ws {
         Ok(ws) => ws,
         Err(rejection) => {
-            return json_error(StatusCode::BAD_REQUEST, "not_websocket", &rejection.body_text());
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                "not_websocket",
+                &rejection.body_text(),
+            );
         }
     };
     if shared.draining.load(Ordering::Relaxed) {
@@ -67,7 +74,11 @@ async fn device_upgrade(
         .or_else(|| query.ok().and_then(|q| q.0.device_id))
         .filter(|id| !id.is_empty());
     if routed_id.as_ref().is_some_and(|id| id.len() > 128) {
-        return json_error(StatusCode::BAD_REQUEST, "bad_device_id", "device ID longer than 128 bytes");
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "bad_device_id",
+            "device ID longer than 128 bytes",
+        );
     }
     let bearer = headers
         .get(header::AUTHORIZATION)
@@ -132,7 +143,10 @@ pub(crate) fn internal_router(
                     let mut body = String::new();
                     match prometheus_client::encoding::text::encode(&mut body, &registry) {
                         Ok(()) => (
-                            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                            [(
+                                header::CONTENT_TYPE,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )],
                             body,
                         )
                             .into_response(),

@@ -21,7 +21,11 @@ fn answer(qos: Qos, msgid: &MsgId) -> Option<Frame> {
         Qos::AtLeastOnce => HandshakeKind::Ack,
         Qos::ExactlyOnce => HandshakeKind::Rec,
     };
-    Some(Frame::Handshake(Handshake { kind, msgid: msgid.clone(), payload: None }))
+    Some(Frame::Handshake(Handshake {
+        kind,
+        msgid: msgid.clone(),
+        payload: None,
+    }))
 }
 
 /// The shadow patch a status carries: IIoT `values` merge as `reported.<tag> = value`,
@@ -32,7 +36,9 @@ fn shadow_patch(payload: &Value) -> Option<Map<String, Value>> {
         Some(values) => {
             let mut patch = Map::new();
             for v in values {
-                if let (Some(tag), Some(value)) = (v.get("tag").and_then(Value::as_str), v.get("value")) {
+                if let (Some(tag), Some(value)) =
+                    (v.get("tag").and_then(Value::as_str), v.get("value"))
+                {
                     patch.insert(tag.to_owned(), value.clone());
                 }
             }
@@ -72,7 +78,12 @@ impl Session {
             return Ok(answer(env.qos, &env.msgid).into_iter().collect());
         }
         if env.qos == Qos::ExactlyOnce {
-            match self.shared.bus.qos2_receive(&self.device, env.msgid.as_str(), self.qos2_ttl_ms()).await {
+            match self
+                .shared
+                .bus
+                .qos2_receive(&self.device, env.msgid.as_str(), self.qos2_ttl_ms())
+                .await
+            {
                 Ok(true) => {}
                 Ok(false) => return Ok(answer(env.qos, &env.msgid).into_iter().collect()),
                 Err(error) => return Ok(vec![self.unavailable(&env.msgid, &error)]),
@@ -106,7 +117,11 @@ impl Session {
             }
             if env.qos == Qos::ExactlyOnce {
                 // Undo the dedupe mark so the device's retransmission is processed.
-                let _ = self.shared.bus.qos2_release(&self.device, env.msgid.as_str()).await;
+                let _ = self
+                    .shared
+                    .bus
+                    .qos2_release(&self.device, env.msgid.as_str())
+                    .await;
             }
             return Ok(vec![self.unavailable(&env.msgid, &error)]);
         }
@@ -131,14 +146,22 @@ impl Session {
         self.shared.metrics.messages_rejected.inc();
         match error.close_code() {
             Some(code) => Err(Close::new(code, error.to_string())),
-            None => Ok(vec![Session::error_frame(msgid.cloned(), error.error_code(), error.to_string())]),
+            None => Ok(vec![Session::error_frame(
+                msgid.cloned(),
+                error.error_code(),
+                error.to_string(),
+            )]),
         }
     }
 
     fn unavailable(&self, msgid: &MsgId, error: &fleetgate_bus::BusError) -> Frame {
         self.shared.metrics.bus_errors.inc();
         warn!(message = "could not store device message", %error);
-        Session::error_frame(Some(msgid.clone()), ErrorCode::Unavailable, "could not store the message; retry".to_owned())
+        Session::error_frame(
+            Some(msgid.clone()),
+            ErrorCode::Unavailable,
+            "could not store the message; retry".to_owned(),
+        )
     }
 
     /// Makes accepted messages durable (telemetry), then merges shadows and publishes. Only
@@ -163,15 +186,22 @@ impl Session {
             self.shared
                 .metrics
                 .messages_received
-                .get_or_create(&KindLabel { kind: m.kind.as_str() })
+                .get_or_create(&KindLabel {
+                    kind: m.kind.as_str(),
+                })
                 .inc();
-            if m.kind == MessageKind::Status {
-                if let Some(patch) = shadow_patch(&m.payload) {
-                    if let Err(error) = self.shared.bus.shadow_merge_reported(&self.device, &patch, now).await {
-                        self.shared.metrics.bus_errors.inc();
-                        warn!(message = "shadow merge failed", %error);
-                    }
-                }
+            let patch = (m.kind == MessageKind::Status)
+                .then(|| shadow_patch(&m.payload))
+                .flatten();
+            if let Some(patch) = patch
+                && let Err(error) = self
+                    .shared
+                    .bus
+                    .shadow_merge_reported(&self.device, &patch, now)
+                    .await
+            {
+                self.shared.metrics.bus_errors.inc();
+                warn!(message = "shadow merge failed", %error);
             }
             self.publish(m).await;
         }
@@ -191,7 +221,12 @@ impl Session {
         for (i, channel) in channels.iter().enumerate() {
             // Only the device's own channel keeps a retained value.
             let retain = m.retain && i == 0;
-            if let Err(error) = self.shared.bus.publish(channel, frame.clone(), retain).await {
+            if let Err(error) = self
+                .shared
+                .bus
+                .publish(channel, frame.clone(), retain)
+                .await
+            {
                 self.shared.metrics.bus_errors.inc();
                 warn!(message = "publish failed", %error);
             }
@@ -202,10 +237,19 @@ impl Session {
     pub(crate) async fn on_handshake(&mut self, h: Handshake) -> Result<Vec<Frame>, Close> {
         match h.kind {
             HandshakeKind::Rel => {
-                if let Err(error) = self.shared.bus.qos2_release(&self.device, h.msgid.as_str()).await {
+                if let Err(error) = self
+                    .shared
+                    .bus
+                    .qos2_release(&self.device, h.msgid.as_str())
+                    .await
+                {
                     return Ok(vec![self.unavailable(&h.msgid, &error)]);
                 }
-                Ok(vec![Frame::Handshake(Handshake { kind: HandshakeKind::Comp, msgid: h.msgid, payload: None })])
+                Ok(vec![Frame::Handshake(Handshake {
+                    kind: HandshakeKind::Comp,
+                    msgid: h.msgid,
+                    payload: None,
+                })])
             }
             HandshakeKind::Ack | HandshakeKind::Rec | HandshakeKind::Comp => {
                 let shared = self.shared.clone();
@@ -224,12 +268,18 @@ mod tests {
     fn iiot_values_merge_by_tag() {
         let p = json!({"values":[{"tag":"temperature","value":42.5,"unit":"C"},{"tag":"pressure","value":101.3}],"quality":"good"});
         let patch = shadow_patch(&p).unwrap();
-        assert_eq!(Value::Object(patch), json!({"temperature":42.5,"pressure":101.3,"quality":"good"}));
+        assert_eq!(
+            Value::Object(patch),
+            json!({"temperature":42.5,"pressure":101.3,"quality":"good"})
+        );
     }
 
     #[test]
     fn plain_objects_merge_as_they_are_and_scalars_not_at_all() {
-        assert_eq!(Value::Object(shadow_patch(&json!({"battery":80})).unwrap()), json!({"battery":80}));
+        assert_eq!(
+            Value::Object(shadow_patch(&json!({"battery":80})).unwrap()),
+            json!({"battery":80})
+        );
         assert!(shadow_patch(&json!(5)).is_none());
     }
 }

@@ -83,7 +83,9 @@ impl Gateway {
             bus_ok: AtomicBool::new(true),
             started_ms: now_ms(),
         };
-        Self { shared: Arc::new(shared) }
+        Self {
+            shared: Arc::new(shared),
+        }
     }
 
     /// The router of the public listener (`/v1/device`).

@@ -62,18 +62,66 @@ impl Metrics {
     /// Registers every metric under the `fleetgate_` prefix.
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("fleetgate");
-        r.register("connections_active", "Authenticated device sessions open now", self.connections_active.clone());
-        r.register("connections", "WebSocket upgrades accepted", self.connections_total.clone());
-        r.register("connections_rejected", "Upgrades refused (full or draining)", self.connections_rejected.clone());
-        r.register("closes", "Sessions closed, by close code", self.closes.clone());
-        r.register("auth_success", "Successful device authentications", self.auth_success.clone());
-        r.register("auth_failures", "Failed device authentications", self.auth_failures.clone());
-        r.register("messages_received", "Device messages accepted, by type", self.messages_received.clone());
-        r.register("messages_rejected", "Device messages refused", self.messages_rejected.clone());
-        r.register("commands_sent", "Commands written to devices", self.commands_sent.clone());
-        r.register("commands_retransmitted", "Command retransmissions", self.commands_retransmitted.clone());
-        r.register("commands_finished", "Commands finished, by outcome", self.commands_finished.clone());
-        r.register("outbox_dropped_messages", "Node messages dropped on a full session outbox", self.outbox_dropped.clone());
+        r.register(
+            "connections_active",
+            "Authenticated device sessions open now",
+            self.connections_active.clone(),
+        );
+        r.register(
+            "connections",
+            "WebSocket upgrades accepted",
+            self.connections_total.clone(),
+        );
+        r.register(
+            "connections_rejected",
+            "Upgrades refused (full or draining)",
+            self.connections_rejected.clone(),
+        );
+        r.register(
+            "closes",
+            "Sessions closed, by close code",
+            self.closes.clone(),
+        );
+        r.register(
+            "auth_success",
+            "Successful device authentications",
+            self.auth_success.clone(),
+        );
+        r.register(
+            "auth_failures",
+            "Failed device authentications",
+            self.auth_failures.clone(),
+        );
+        r.register(
+            "messages_received",
+            "Device messages accepted, by type",
+            self.messages_received.clone(),
+        );
+        r.register(
+            "messages_rejected",
+            "Device messages refused",
+            self.messages_rejected.clone(),
+        );
+        r.register(
+            "commands_sent",
+            "Commands written to devices",
+            self.commands_sent.clone(),
+        );
+        r.register(
+            "commands_retransmitted",
+            "Command retransmissions",
+            self.commands_retransmitted.clone(),
+        );
+        r.register(
+            "commands_finished",
+            "Commands finished, by outcome",
+            self.commands_finished.clone(),
+        );
+        r.register(
+            "outbox_dropped_messages",
+            "Node messages dropped on a full session outbox",
+            self.outbox_dropped.clone(),
+        );
         r.register("bus_errors", "Failed bus calls", self.bus_errors.clone());
     }
 }

@@ -80,9 +80,12 @@ async fn dispatch(shared: &Shared, msg: NodeMessage) {
     let (device, conn_id, out) = match msg {
         NodeMessage::Deliver { device } => (device, None, Outbound::Deliver),
         NodeMessage::Command(cmd) => (cmd.device.clone(), None, Outbound::Command(Box::new(cmd))),
-        NodeMessage::Close { device, conn_id, code, reason } => {
-            (device, conn_id, Outbound::Close(Box::new((code, reason))))
-        }
+        NodeMessage::Close {
+            device,
+            conn_id,
+            code,
+            reason,
+        } => (device, conn_id, Outbound::Close(Box::new((code, reason)))),
         // Results are for admin nodes; a gateway node has nobody waiting.
         NodeMessage::CommandResult { .. } => return,
     };
@@ -119,7 +122,9 @@ pub(crate) async fn report_failure(shared: &Shared, q: &QueuedCommand, reason: F
     shared
         .metrics
         .commands_finished
-        .get_or_create(&OutcomeLabel { outcome: reason.as_str() })
+        .get_or_create(&OutcomeLabel {
+            outcome: reason.as_str(),
+        })
         .inc();
     warn!(message = "command failed", device = %cmd.device, msgid = %cmd.msgid, reason = reason.as_str(), attempts = q.attempts);
     if let Some(node) = &cmd.reply_to {
@@ -161,7 +166,11 @@ pub(crate) async fn drain(shared: &Shared) {
     heartbeat_once(shared).await;
     let sessions = shared.sessions.snapshot();
     let period = shared.config.drain_period;
-    info!(message = "draining", sessions = sessions.len(), period_ms = period.as_millis() as u64);
+    info!(
+        message = "draining",
+        sessions = sessions.len(),
+        period_ms = period.as_millis() as u64
+    );
     let n = sessions.len().max(1) as u32;
     let start = tokio::time::Instant::now();
     for (i, (_device, _conn, tx)) in sessions.into_iter().enumerate() {
@@ -175,8 +184,14 @@ pub(crate) async fn drain(shared: &Shared) {
     }
     shared.tracker.close();
     let grace = period.max(Duration::from_secs(1));
-    if tokio::time::timeout(grace, shared.tracker.wait()).await.is_err() {
-        warn!(message = "drain grace period ended with sessions still open", open = shared.tracker.len());
+    if tokio::time::timeout(grace, shared.tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            message = "drain grace period ended with sessions still open",
+            open = shared.tracker.len()
+        );
     }
     if let Err(error) = shared.bus.presence_sweep_node(&shared.config.node_id).await {
         warn!(message = "could not sweep own presence", %error);

@@ -4,8 +4,12 @@
 
 use std::time::Duration;
 
-use fleetgate_bus::{Command, CommandOutcome, DeliveryState, FailReason, NodeMessage, QueuedCommand};
-use fleetgate_protocol::{Envelope, Frame, Handshake, HandshakeKind, MessageKind, PROTOCOL_VERSION, Qos};
+use fleetgate_bus::{
+    Command, CommandOutcome, DeliveryState, FailReason, NodeMessage, QueuedCommand,
+};
+use fleetgate_protocol::{
+    Envelope, Frame, Handshake, HandshakeKind, MessageKind, PROTOCOL_VERSION, Qos,
+};
 use serde_json::Value;
 use tokio::time::Instant;
 use tracing::warn;
@@ -44,7 +48,11 @@ pub(crate) fn command_frame(cmd: &Command, dup: bool) -> Frame {
 }
 
 fn rel_frame(q: &QueuedCommand) -> Frame {
-    Frame::Handshake(Handshake { kind: HandshakeKind::Rel, msgid: q.command.msgid.clone(), payload: None })
+    Frame::Handshake(Handshake {
+        kind: HandshakeKind::Rel,
+        msgid: q.command.msgid.clone(),
+        payload: None,
+    })
 }
 
 /// The frame that (re)sends a queued command in its current state.
@@ -71,7 +79,10 @@ fn outcome_of(payload: Option<&Value>, kept: Option<&Value>) -> CommandOutcome {
             p.get("result").map(|r| CommandOutcome::Result(r.clone()))
         }
     };
-    payload.and_then(from).or_else(|| kept.and_then(from)).unwrap_or(CommandOutcome::Done)
+    payload
+        .and_then(from)
+        .or_else(|| kept.and_then(from))
+        .unwrap_or(CommandOutcome::Done)
 }
 
 impl Outgoing {
@@ -99,10 +110,18 @@ impl Outgoing {
             if self.inflight.len() >= window {
                 break;
             }
-            if self.inflight.iter().any(|f| f.queued.command.msgid == q.command.msgid) {
+            if self
+                .inflight
+                .iter()
+                .any(|f| f.queued.command.msgid == q.command.msgid)
+            {
                 continue;
             }
-            let attempts = match shared.bus.queue_attempt(device, q.command.msgid.as_str()).await {
+            let attempts = match shared
+                .bus
+                .queue_attempt(device, q.command.msgid.as_str())
+                .await
+            {
                 Ok(Some(a)) => a,
                 Ok(None) => continue,
                 Err(error) => {
@@ -119,13 +138,21 @@ impl Outgoing {
                 shared.metrics.commands_sent.inc();
             }
             let deadline = Instant::now() + backoff(shared, attempts);
-            self.inflight.push(InFlight { queued: QueuedCommand { attempts, ..q }, deadline });
+            self.inflight.push(InFlight {
+                queued: QueuedCommand { attempts, ..q },
+                deadline,
+            });
         }
         frames
     }
 
     /// Retransmits what timed out; fails what has used all its attempts.
-    pub(crate) async fn on_timer(&mut self, shared: &Shared, device: &str, now: Instant) -> Vec<Frame> {
+    pub(crate) async fn on_timer(
+        &mut self,
+        shared: &Shared,
+        device: &str,
+        now: Instant,
+    ) -> Vec<Frame> {
         let mut frames = Vec::new();
         let mut i = 0;
         let mut freed = false;
@@ -144,7 +171,13 @@ impl Outgoing {
                     Err(error) => {
                         shared.metrics.bus_errors.inc();
                         warn!(message = "could not fail a command", %error);
-                        self.inflight.insert(i, InFlight { deadline: now + shared.config.ack_timeout, ..f });
+                        self.inflight.insert(
+                            i,
+                            InFlight {
+                                deadline: now + shared.config.ack_timeout,
+                                ..f
+                            },
+                        );
                         i += 1;
                     }
                 }
@@ -179,12 +212,23 @@ impl Outgoing {
     }
 
     /// Handles the device's ack / rec / comp for one of our commands.
-    pub(crate) async fn on_handshake(&mut self, shared: &Shared, device: &str, h: Handshake) -> Vec<Frame> {
+    pub(crate) async fn on_handshake(
+        &mut self,
+        shared: &Shared,
+        device: &str,
+        h: Handshake,
+    ) -> Vec<Frame> {
         let msgid = h.msgid.as_str();
-        let pos = self.inflight.iter().position(|f| f.queued.command.msgid == h.msgid);
+        let pos = self
+            .inflight
+            .iter()
+            .position(|f| f.queued.command.msgid == h.msgid);
         match h.kind {
             HandshakeKind::Rec => {
-                let result = h.payload.as_ref().and_then(|p| p.get("result").or_else(|| p.get("error")).map(|_| p));
+                let result = h
+                    .payload
+                    .as_ref()
+                    .and_then(|p| p.get("result").or_else(|| p.get("error")).map(|_| p));
                 // Keep the whole answer payload ({"result"} or {"error"}) for the comp.
                 match shared.bus.queue_release(device, msgid, result).await {
                     Ok(Some(q)) => {
@@ -195,12 +239,19 @@ impl Outgoing {
                                 self.inflight[i].queued.result = q.result.clone();
                                 self.inflight[i].deadline = deadline;
                             }
-                            None => self.inflight.push(InFlight { queued: q.clone(), deadline }),
+                            None => self.inflight.push(InFlight {
+                                queued: q.clone(),
+                                deadline,
+                            }),
                         }
                         vec![rel_frame(&q)]
                     }
                     // Not queued any more: answered already; release so the device can finish.
-                    Ok(None) => vec![Frame::Handshake(Handshake { kind: HandshakeKind::Rel, msgid: h.msgid, payload: None })],
+                    Ok(None) => vec![Frame::Handshake(Handshake {
+                        kind: HandshakeKind::Rel,
+                        msgid: h.msgid,
+                        payload: None,
+                    })],
                     Err(error) => {
                         shared.metrics.bus_errors.inc();
                         warn!(message = "could not release a command", %error);
@@ -219,11 +270,19 @@ impl Outgoing {
                             _ => HandshakeKind::Ack,
                         };
                         if expected != h.kind {
-                            warn!(message = "command answered with the wrong handshake", msgid, kind = h.kind.as_str());
+                            warn!(
+                                message = "command answered with the wrong handshake",
+                                msgid,
+                                kind = h.kind.as_str()
+                            );
                         }
                         // A QoS 2 result may have ridden on the rec; the comp's wins if both have one.
                         let outcome = outcome_of(h.payload.as_ref(), q.result.as_ref());
-                        shared.metrics.commands_finished.get_or_create(&OutcomeLabel { outcome: "acked" }).inc();
+                        shared
+                            .metrics
+                            .commands_finished
+                            .get_or_create(&OutcomeLabel { outcome: "acked" })
+                            .inc();
                         if let Some(node) = &q.command.reply_to {
                             let msg = NodeMessage::CommandResult {
                                 device: device.to_owned(),

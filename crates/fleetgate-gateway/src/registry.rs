@@ -61,7 +61,9 @@ impl Sessions {
     /// waiting.
     pub(crate) fn offer(&self, device: &str, conn_id: Option<u64>, msg: Outbound) -> Offer {
         let mut map = self.lock();
-        let Some(handle) = map.get(device) else { return Offer::NoSession };
+        let Some(handle) = map.get(device) else {
+            return Offer::NoSession;
+        };
         if conn_id.is_some_and(|c| c != handle.conn_id) {
             return Offer::NoSession;
         }

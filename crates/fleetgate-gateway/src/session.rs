@@ -1,13 +1,13 @@
 //! One device session: authentication, then one loop over the socket, the session's bounded
 //! outbox and its single timer (ping, idle deadline, retransmits).
 
-use std::sync::Arc;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use fleetgate_bus::Presence;
 use fleetgate_protocol::{
     AuthResponse, CloseCode, Codec, ErrorCode, ErrorFrame, Frame, MsgId, ProtocolError,
     ReplayWindow, retry_after_reason,
 };
+use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{Span, debug, warn};
@@ -34,11 +34,17 @@ pub(crate) struct Close {
 
 impl Close {
     pub(crate) fn new(code: CloseCode, reason: impl Into<String>) -> Self {
-        Self { code, reason: reason.into() }
+        Self {
+            code,
+            reason: reason.into(),
+        }
     }
 
     fn protocol(error: &ProtocolError) -> Self {
-        Self::new(error.close_code().unwrap_or(CloseCode::ProtocolError), error.to_string())
+        Self::new(
+            error.close_code().unwrap_or(CloseCode::ProtocolError),
+            error.to_string(),
+        )
     }
 }
 
@@ -50,7 +56,10 @@ pub(crate) struct RateLimit {
 
 impl RateLimit {
     fn new(burst: u32) -> Self {
-        Self { tokens: f64::from(burst), last: Instant::now() }
+        Self {
+            tokens: f64::from(burst),
+            last: Instant::now(),
+        }
     }
 
     fn take(&mut self, n: u32, rate: u32, burst: u32) -> bool {
@@ -117,10 +126,23 @@ pub(crate) async fn run(
 
 /// Sends the close frame and counts it. Errors are ignored: the peer may be gone already.
 async fn finish(shared: &Shared, ws: &mut WebSocket, close: Close) {
-    shared.metrics.closes.get_or_create(&CodeLabel { code: close.code.as_u16() }).inc();
+    shared
+        .metrics
+        .closes
+        .get_or_create(&CodeLabel {
+            code: close.code.as_u16(),
+        })
+        .inc();
     debug!(message = "closing", code = close.code.as_u16(), reason = %close.reason);
-    let frame = CloseFrame { code: close.code.as_u16(), reason: Utf8Bytes::from(close.reason) };
-    let sent = tokio::time::timeout(shared.config.write_timeout, ws.send(Message::Close(Some(frame)))).await;
+    let frame = CloseFrame {
+        code: close.code.as_u16(),
+        reason: Utf8Bytes::from(close.reason),
+    };
+    let sent = tokio::time::timeout(
+        shared.config.write_timeout,
+        ws.send(Message::Close(Some(frame))),
+    )
+    .await;
     if !matches!(sent, Ok(Ok(()))) {
         return;
     }
@@ -140,26 +162,42 @@ async fn finish(shared: &Shared, ws: &mut WebSocket, close: Close) {
 /// How long a closing session waits for the peer's close frame.
 const CLOSE_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 
-async fn send_frame(shared: &Shared, ws: &mut WebSocket, codec: Codec, frame: &Frame) -> Result<(), Close> {
+async fn send_frame(
+    shared: &Shared,
+    ws: &mut WebSocket,
+    codec: Codec,
+    frame: &Frame,
+) -> Result<(), Close> {
     let bytes = codec.encode(frame);
     let msg = match codec {
         Codec::Json => match Utf8Bytes::try_from(bytes) {
             Ok(text) => Message::Text(text),
-            Err(_) => return Err(Close::new(CloseCode::InternalError, "encoder produced invalid UTF-8")),
+            Err(_) => {
+                return Err(Close::new(
+                    CloseCode::InternalError,
+                    "encoder produced invalid UTF-8",
+                ));
+            }
         },
         Codec::Protobuf => Message::Binary(bytes),
     };
     match tokio::time::timeout(shared.config.write_timeout, ws.send(msg)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err(Close::new(CloseCode::GoingAway, "socket closed")),
-        Err(_) => Err(Close::new(CloseCode::TryAgainLater, "slow consumer: write timed out")),
+        Err(_) => Err(Close::new(
+            CloseCode::TryAgainLater,
+            "slow consumer: write timed out",
+        )),
     }
 }
 
 fn bus_unavailable(shared: &Shared) -> Close {
     shared.metrics.bus_errors.inc();
     let retry = rand::random_range(500..3000);
-    Close::new(CloseCode::TryAgainLater, retry_after_reason("bus unavailable", retry))
+    Close::new(
+        CloseCode::TryAgainLater,
+        retry_after_reason("bus unavailable", retry),
+    )
 }
 
 /// Waits for the first frame, which must be `auth`, and checks it.
@@ -171,7 +209,12 @@ async fn auth_frame(
 ) -> Result<AuthedDevice, Close> {
     let first = loop {
         let msg = match tokio::time::timeout(shared.config.auth_timeout, ws.recv()).await {
-            Err(_) => return Err(Close::new(CloseCode::AuthTimeout, "no auth frame within the auth timeout")),
+            Err(_) => {
+                return Err(Close::new(
+                    CloseCode::AuthTimeout,
+                    "no auth frame within the auth timeout",
+                ));
+            }
             Ok(None) => return Err(Close::new(CloseCode::GoingAway, "closed before auth")),
             Ok(Some(Err(error))) => return Err(read_error(&error)),
             Ok(Some(Ok(msg))) => msg,
@@ -185,26 +228,52 @@ async fn auth_frame(
     };
     let auth = match first {
         Ok(Frame::Auth(auth)) => auth,
-        Ok(_) => return Err(Close::new(CloseCode::ProtocolError, "first frame must be auth")),
+        Ok(_) => {
+            return Err(Close::new(
+                CloseCode::ProtocolError,
+                "first frame must be auth",
+            ));
+        }
         Err(error) => return Err(Close::protocol(&error)),
     };
-    let refuse = |reason: String| AuthResponse::Error { timestamp: now_ms(), reason };
+    let refuse = |reason: String| AuthResponse::Error {
+        timestamp: now_ms(),
+        reason,
+    };
     let result = if routed_id.as_deref().is_some_and(|id| id != auth.device_id) {
         Err(AuthError::Mismatch)
     } else {
-        shared.auth.authenticate(Some(&auth.device_id), &auth.token).await
+        shared
+            .auth
+            .authenticate(Some(&auth.device_id), &auth.token)
+            .await
     };
     match result {
         Ok(device) if device.id == auth.device_id => Ok(device),
         Ok(_) => {
             shared.metrics.auth_failures.inc();
-            let _ = send_frame(shared, ws, codec, &Frame::AuthResponse(refuse(AuthError::Mismatch.to_string()))).await;
-            Err(Close::new(CloseCode::AuthFailed, AuthError::Mismatch.to_string()))
+            let _ = send_frame(
+                shared,
+                ws,
+                codec,
+                &Frame::AuthResponse(refuse(AuthError::Mismatch.to_string())),
+            )
+            .await;
+            Err(Close::new(
+                CloseCode::AuthFailed,
+                AuthError::Mismatch.to_string(),
+            ))
         }
         Err(AuthError::Unavailable(_)) => Err(bus_unavailable(shared)),
         Err(error) => {
             shared.metrics.auth_failures.inc();
-            let _ = send_frame(shared, ws, codec, &Frame::AuthResponse(refuse(error.to_string()))).await;
+            let _ = send_frame(
+                shared,
+                ws,
+                codec,
+                &Frame::AuthResponse(refuse(error.to_string())),
+            )
+            .await;
             Err(Close::new(CloseCode::AuthFailed, error.to_string()))
         }
     }
@@ -235,13 +304,20 @@ async fn register(
 ) -> Result<Session, Close> {
     shared.metrics.auth_success.inc();
     let node = &shared.config.node_id;
-    if let Some(old) = shared.sessions.insert(&device.id, SessionHandle { conn_id, tx }) {
+    if let Some(old) = shared
+        .sessions
+        .insert(&device.id, SessionHandle { conn_id, tx })
+    {
         let _ = old.tx.try_send(Outbound::Close(Box::new((
             CloseCode::Replaced,
             "replaced by a newer connection".to_owned(),
         ))));
     }
-    let presence = Presence { node: node.clone(), conn_id, since_ms: now_ms() };
+    let presence = Presence {
+        node: node.clone(),
+        conn_id,
+        since_ms: now_ms(),
+    };
     match shared.bus.presence_set(&device.id, &presence).await {
         Ok(Some(prev)) if prev.node != *node => {
             let msg = fleetgate_bus::NodeMessage::Close {
@@ -281,14 +357,23 @@ impl Session {
     async fn unregister(self) {
         self.shared.metrics.connections_active.dec();
         self.shared.sessions.remove(&self.device, self.conn_id);
-        if let Err(error) = self.shared.bus.presence_remove(&self.device, self.conn_id).await {
+        if let Err(error) = self
+            .shared
+            .bus
+            .presence_remove(&self.device, self.conn_id)
+            .await
+        {
             self.shared.metrics.bus_errors.inc();
             warn!(message = "presence delete failed; the entry goes when this node's membership does", %error);
         }
     }
 
     /// Writes frames in order; the first failure ends the session.
-    pub(crate) async fn send_all(&self, ws: &mut WebSocket, frames: Vec<Frame>) -> Result<(), Close> {
+    pub(crate) async fn send_all(
+        &self,
+        ws: &mut WebSocket,
+        frames: Vec<Frame>,
+    ) -> Result<(), Close> {
         for frame in &frames {
             send_frame(&self.shared, ws, self.codec, frame).await?;
         }
@@ -297,7 +382,11 @@ impl Session {
 
     /// Answers one rejected message with an `error` frame.
     pub(crate) fn error_frame(msgid: Option<MsgId>, code: ErrorCode, message: String) -> Frame {
-        Frame::Error(ErrorFrame { msgid, code, message })
+        Frame::Error(ErrorFrame {
+            msgid,
+            code,
+            message,
+        })
     }
 
     fn next_wake(&self) -> Instant {
@@ -372,14 +461,25 @@ impl Session {
         }
         if now >= self.next_ping {
             self.next_ping = now + self.shared.config.heartbeat;
-            let ping = tokio::time::timeout(self.shared.config.write_timeout, ws.send(Message::Ping(Default::default())));
+            let ping = tokio::time::timeout(
+                self.shared.config.write_timeout,
+                ws.send(Message::Ping(Default::default())),
+            );
             match ping.await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return Err(Close::new(CloseCode::GoingAway, "socket closed")),
-                Err(_) => return Err(Close::new(CloseCode::TryAgainLater, "slow consumer: write timed out")),
+                Err(_) => {
+                    return Err(Close::new(
+                        CloseCode::TryAgainLater,
+                        "slow consumer: write timed out",
+                    ));
+                }
             }
         }
-        let frames = self.outgoing.on_timer(&self.shared, &self.device, now).await;
+        let frames = self
+            .outgoing
+            .on_timer(&self.shared, &self.device, now)
+            .await;
         self.send_all(ws, frames).await
     }
 
@@ -416,17 +516,24 @@ impl Session {
                 self.ingest(compact.into_envelope(msgid, now_ms())).await
             }
             Frame::Handshake(h) => self.on_handshake(h).await,
-            Frame::Auth(_) => Err(Close::new(CloseCode::ProtocolError, "already authenticated")),
-            Frame::AuthResponse(_) | Frame::Error(_) => {
-                Err(Close::new(CloseCode::ProtocolError, "frame type not accepted from devices"))
-            }
+            Frame::Auth(_) => Err(Close::new(
+                CloseCode::ProtocolError,
+                "already authenticated",
+            )),
+            Frame::AuthResponse(_) | Frame::Error(_) => Err(Close::new(
+                CloseCode::ProtocolError,
+                "frame type not accepted from devices",
+            )),
         }
     }
 
     /// Rate-limit check for `n` messages; past the burst the session ends with 4429.
     pub(crate) fn charge(&mut self, n: u32) -> Result<(), Close> {
         let c = &self.shared.config;
-        if self.rate.take(n, c.rate_limit_per_second, c.rate_limit_burst) {
+        if self
+            .rate
+            .take(n, c.rate_limit_per_second, c.rate_limit_burst)
+        {
             Ok(())
         } else {
             Err(Close::new(CloseCode::RateLimited, "rate limit exceeded"))

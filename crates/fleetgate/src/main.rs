@@ -22,7 +22,11 @@ use tracing::info;
 use settings::{Overrides, Settings};
 
 #[derive(Parser)]
-#[command(name = "fleetgate", version, about = "WebSocket gateway for IoT fleets")]
+#[command(
+    name = "fleetgate",
+    version,
+    about = "WebSocket gateway for IoT fleets"
+)]
 struct Cli {
     #[command(subcommand)]
     role: Role,
@@ -68,7 +72,9 @@ fn main() -> anyhow::Result<()> {
 fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();
     } else {
@@ -79,10 +85,18 @@ fn init_logging(format: &str) {
 /// Binds with a deep accept backlog: a connect storm overflows tokio's default queue and
 /// refused clients only retry after a second.
 fn bind(addr: &str) -> anyhow::Result<TcpListener> {
-    let addr: SocketAddr = addr.parse().with_context(|| format!("listen address {addr}"))?;
-    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    let addr: SocketAddr = addr
+        .parse()
+        .with_context(|| format!("listen address {addr}"))?;
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
     socket.set_reuseaddr(true)?;
-    socket.bind(addr).with_context(|| format!("binding {addr}"))?;
+    socket
+        .bind(addr)
+        .with_context(|| format!("binding {addr}"))?;
     Ok(socket.listen(8192)?)
 }
 
@@ -93,9 +107,13 @@ struct KeyFile {
 }
 
 fn load_jwt_keys(settings: &Settings) -> anyhow::Result<JwtKeys> {
-    let Some(path) = &settings.jwt_keys else { return Ok(JwtKeys::default()) };
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let file: KeyFile = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let Some(path) = &settings.jwt_keys else {
+        return Ok(JwtKeys::default());
+    };
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let file: KeyFile =
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     Ok(JwtKeys::from_specs(&file.keys)?)
 }
 
@@ -111,16 +129,23 @@ async fn shutdown_signal(token: CancellationToken) {
 
 async fn serve(settings: Settings, run_gateway: bool, run_admin: bool) -> anyhow::Result<()> {
     if !settings.redis_urls.is_empty() {
-        bail!("FLEETGATE_REDIS_URLS is set, but this build has only the memory bus; unset it to run one node");
+        bail!(
+            "FLEETGATE_REDIS_URLS is set, but this build has only the memory bus; unset it to run one node"
+        );
     }
     if settings.otlp_endpoint.is_some() {
-        tracing::warn!(message = "OTLP export is not available in this build; FLEETGATE_OTLP_ENDPOINT is ignored");
+        tracing::warn!(
+            message =
+                "OTLP export is not available in this build; FLEETGATE_OTLP_ENDPOINT is ignored"
+        );
     }
     if run_gateway && run_admin {
         info!(message = "memory bus: single node, state is kept in this process only");
     } else {
         // Two processes cannot share a memory bus; a split deployment needs Redis.
-        bail!("`fleetgate gateway` and `fleetgate admin` as separate processes need FLEETGATE_REDIS_URLS; use `fleetgate all` for one node");
+        bail!(
+            "`fleetgate gateway` and `fleetgate admin` as separate processes need FLEETGATE_REDIS_URLS; use `fleetgate all` for one node"
+        );
     }
     let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new(settings.memory_bus_config()));
     let mut registry = Registry::default();
@@ -131,7 +156,12 @@ async fn serve(settings: Settings, run_gateway: bool, run_admin: bool) -> anyhow
     let gateway = if run_gateway {
         let listener = bind(&settings.listen)?;
         addrs.insert("gateway".into(), listener.local_addr()?.to_string().into());
-        let gw = Gateway::new(settings.gateway_config(), bus.clone(), load_jwt_keys(&settings)?, &mut registry);
+        let gw = Gateway::new(
+            settings.gateway_config(),
+            bus.clone(),
+            load_jwt_keys(&settings)?,
+            &mut registry,
+        );
         Some((gw, listener))
     } else {
         None

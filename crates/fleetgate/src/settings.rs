@@ -169,7 +169,11 @@ impl Default for GatewaySettings {
 impl Default for AdminSettings {
     fn default() -> Self {
         let a = AdminConfig::default();
-        Self { default_ttl_ms: ms(a.default_ttl), max_ttl_ms: ms(a.max_ttl), max_wait_ms: ms(a.max_wait) }
+        Self {
+            default_ttl_ms: ms(a.default_ttl),
+            max_ttl_ms: ms(a.max_ttl),
+            max_wait_ms: ms(a.max_wait),
+        }
     }
 }
 
@@ -257,7 +261,8 @@ impl Settings {
     pub fn load(o: &Overrides) -> anyhow::Result<Self> {
         let mut s = match &o.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
                 toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
             }
             None => Settings::default(),
@@ -278,7 +283,11 @@ impl Settings {
             rate_limit_burst => gateway.rate_limit_burst, drain_period_ms => gateway.drain_period_ms,
         );
         if let Some(v) = &o.redis_urls {
-            s.redis_urls = v.iter().map(|u| u.trim().to_owned()).filter(|u| !u.is_empty()).collect();
+            s.redis_urls = v
+                .iter()
+                .map(|u| u.trim().to_owned())
+                .filter(|u| !u.is_empty())
+                .collect();
         }
         if o.jwt_keys.is_some() {
             s.jwt_keys = o.jwt_keys.clone();
@@ -299,7 +308,11 @@ impl Settings {
     fn validate(&self) -> anyhow::Result<()> {
         let g = &self.gateway;
         if g.heartbeat_ms == 0 || g.idle_timeout_ms <= g.heartbeat_ms {
-            bail!("idle_timeout_ms ({}) must exceed heartbeat_ms ({}) > 0", g.idle_timeout_ms, g.heartbeat_ms);
+            bail!(
+                "idle_timeout_ms ({}) must exceed heartbeat_ms ({}) > 0",
+                g.idle_timeout_ms,
+                g.heartbeat_ms
+            );
         }
         if g.auth_timeout_ms == 0 || g.ack_timeout_ms == 0 || g.max_attempts == 0 {
             bail!("auth_timeout_ms, ack_timeout_ms and max_attempts must be positive");

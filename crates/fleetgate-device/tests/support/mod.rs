@@ -24,7 +24,9 @@ pub const DEADLINE: Duration = Duration::from_secs(5);
 
 /// Awaits `fut`, failing the test if it takes longer than [`DEADLINE`].
 pub async fn within<T>(fut: impl Future<Output = T>) -> T {
-    tokio::time::timeout(DEADLINE, fut).await.expect("deadline exceeded")
+    tokio::time::timeout(DEADLINE, fut)
+        .await
+        .expect("deadline exceeded")
 }
 
 /// Listens for devices.
@@ -48,7 +50,8 @@ impl Gateway {
         let seen2 = Arc::clone(&seen);
         let callback = move |req: &Request, mut resp: Response| {
             if let Some(p) = req.headers().get("Sec-WebSocket-Protocol") {
-                resp.headers_mut().insert("Sec-WebSocket-Protocol", p.clone());
+                resp.headers_mut()
+                    .insert("Sec-WebSocket-Protocol", p.clone());
             }
             *seen2.lock().unwrap() = (req.headers().clone(), req.uri().path().to_owned());
             Ok(resp)
@@ -60,7 +63,13 @@ impl Gateway {
             .and_then(|v| v.to_str().ok())
             .and_then(Codec::from_subprotocol)
             .unwrap_or(Codec::Json);
-        Peer { ws, headers, path, codec, pings: 0 }
+        Peer {
+            ws,
+            headers,
+            path,
+            codec,
+            pings: 0,
+        }
     }
 
     /// Accepts and authenticates (header mode), returning the peer.
@@ -72,7 +81,9 @@ impl Gateway {
 
     /// Whether a connection arrives within `wait` (for asserting that none does).
     pub async fn connection_within(&self, wait: Duration) -> bool {
-        tokio::time::timeout(wait, self.listener.accept()).await.is_ok()
+        tokio::time::timeout(wait, self.listener.accept())
+            .await
+            .is_ok()
     }
 }
 
@@ -100,13 +111,18 @@ impl Peer {
     }
 
     pub async fn send_json(&mut self, v: Value) {
-        within(self.ws.send(Message::Text(v.to_string().into()))).await.unwrap();
+        within(self.ws.send(Message::Text(v.to_string().into())))
+            .await
+            .unwrap();
     }
 
     /// The next frame from the device (pings are counted, not returned).
     pub async fn recv(&mut self) -> Frame {
         loop {
-            let msg = within(self.ws.next()).await.expect("device closed").unwrap();
+            let msg = within(self.ws.next())
+                .await
+                .expect("device closed")
+                .unwrap();
             match msg {
                 Message::Text(t) => return self.codec.decode(t.as_bytes()).unwrap(),
                 Message::Binary(b) => return self.codec.decode(&b).unwrap(),
@@ -143,12 +159,19 @@ impl Peer {
     }
 
     pub async fn handshake(&mut self, kind: HandshakeKind, msgid: &MsgId, payload: Option<Value>) {
-        let h = Handshake { kind, msgid: msgid.clone(), payload };
+        let h = Handshake {
+            kind,
+            msgid: msgid.clone(),
+            payload,
+        };
         self.send(&Frame::Handshake(h)).await;
     }
 
     pub async fn close(&mut self, code: u16, reason: &str) {
-        let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
+        let frame = CloseFrame {
+            code: CloseCode::from(code),
+            reason: reason.into(),
+        };
         within(self.ws.close(Some(frame))).await.unwrap();
         // Drain until the device's close reply ends the stream.
         while let Some(Ok(_)) = within(self.ws.next()).await {}

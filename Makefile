@@ -1,0 +1,26 @@
+# Every target is a one-line call; the logic lives in Rust (and .ci/run for machine setup).
+DEV_API_KEY ?= dev-api-key-change-me-0123
+
+.PHONY: test lint build run bench fmt
+
+test: lint
+	cargo build --workspace --bins
+	cargo test --workspace
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+build:
+	cargo build --release -p fleetgate
+
+run: build
+	@sed -e 's/$$API_KEY/$(DEV_API_KEY)/g' docs/run-banner.txt
+	FLEETGATE_API_KEY=$(DEV_API_KEY) ./target/release/fleetgate all
+
+bench:
+	cargo build --release -p fleetgate
+	cargo bench -p fleetgate-e2e --bench gateway
+
+fmt:
+	cargo fmt --all

@@ -1,0 +1,54 @@
+"""A minimal fleetgate device: authenticates, reports a status every 5 seconds (QoS 1) and
+answers every command with a result. Needs `pip install websockets`.
+
+usage: python3 examples/device.py DEVICE_ID SECRET [ws://127.0.0.1:8080/v1/device]
+"""
+import asyncio
+import itertools
+import json
+import random
+import sys
+import time
+
+import websockets
+
+DEVICE, SECRET = sys.argv[1], sys.argv[2]
+URL = sys.argv[3] if len(sys.argv) > 3 else "ws://127.0.0.1:8080/v1/device"
+ids = itertools.count(1)
+
+
+def envelope(kind, payload, qos):
+    return {"ver": "1.0", "msgid": f"{DEVICE}-{int(time.time())}-{next(ids)}",
+            "timestamp": int(time.time() * 1000), "from": DEVICE, "to": "server",
+            "type": kind, "payload": payload, "qos": qos}
+
+
+async def report(ws):
+    while True:
+        status = envelope("status", {"values": [
+            {"tag": "temperature", "value": round(20 + random.random() * 5, 2), "unit": "C"}],
+            "quality": "good"}, 1)
+        await ws.send(json.dumps(status))
+        await asyncio.sleep(5)
+
+
+async def main():
+    async with websockets.connect(URL, additional_headers={"Device-ID": DEVICE}) as ws:
+        await ws.send(json.dumps({"type": "auth", "deviceId": DEVICE, "token": SECRET}))
+        print("<-", await ws.recv())
+        reporter = asyncio.create_task(report(ws))
+        async for raw in ws:
+            frame = json.loads(raw)
+            print("<-", frame)
+            if frame.get("type") == "command":
+                answer = {"type": "ack" if frame["qos"] == 1 else "rec", "msgid": frame["msgid"],
+                          "payload": {"result": {"done": frame["payload"]}}}
+                if frame["qos"] > 0:
+                    await ws.send(json.dumps(answer))
+                    print("->", answer)
+            elif frame.get("type") == "rel":
+                await ws.send(json.dumps({"type": "comp", "msgid": frame["msgid"]}))
+        reporter.cancel()
+
+
+asyncio.run(main())
