@@ -112,3 +112,61 @@ async fn revoked_device_is_closed_with_4410_and_cannot_return() {
     assert_eq!(resp["status"], "error");
     assert_eq!(again.closed().await.code, 4403);
 }
+
+mod jwt {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+    use serde_json::json;
+
+    use crate::support::{Node, Raw, now_ms};
+
+    const SECRET_A: &str = "kid-a-secret-0123456789abcdefghijklmnop";
+    const SECRET_B: &str = "kid-b-secret-0123456789abcdefghijklmnop";
+
+    async fn node_with_keys() -> Node {
+        let path = std::env::temp_dir().join(format!("fleetgate-jwt-{}-{}.toml", std::process::id(), now_ms()));
+        let keys = format!(
+            "[[keys]]\nkid = \"a\"\nalgorithm = \"HS256\"\nsecret = \"{SECRET_A}\"\n\n[[keys]]\nkid = \"b\"\nalgorithm = \"HS256\"\nsecret = \"{SECRET_B}\"\n"
+        );
+        std::fs::write(&path, keys).unwrap();
+        Node::start(&[("FLEETGATE_JWT_KEYS", path.to_str().unwrap())]).await
+    }
+
+    fn token(kid: Option<&str>, alg: Algorithm, secret: &str, sub: &str, exp_offset_s: i64) -> String {
+        let mut header = Header::new(alg);
+        header.kid = kid.map(str::to_owned);
+        let claims = json!({"sub": sub, "exp": now_ms() / 1000 + exp_offset_s, "groups": ["line-1"]});
+        encode(&header, &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_jwt_signed_with_a_configured_key_authenticates_an_unprovisioned_device() {
+        let node = node_with_keys().await;
+        for kid in ["a", "b"] {
+            let secret = if kid == "a" { SECRET_A } else { SECRET_B };
+            let t = token(Some(kid), Algorithm::HS256, secret, "jwt-dev", 300);
+            let (_raw, resp) = Raw::auth(&node.device_url(), "jwt-dev", &t).await;
+            assert_eq!(resp["status"], "success", "kid {kid}: {resp}");
+        }
+        let t = token(Some("a"), Algorithm::HS256, SECRET_A, "jwt-hdr", 300);
+        let bearer = format!("Bearer {t}");
+        let mut raw = Raw::connect(&node.device_url(), &[("Authorization", &bearer)]).await;
+        assert_eq!(raw.recv().await["status"], "success", "header JWT without a routed ID");
+    }
+
+    #[tokio::test]
+    async fn bad_jwts_are_refused_with_4403() {
+        let node = node_with_keys().await;
+        let cases = [
+            ("expired", token(Some("a"), Algorithm::HS256, SECRET_A, "jwt-x", -300)),
+            ("wrong key for kid", token(Some("a"), Algorithm::HS256, SECRET_B, "jwt-x", 300)),
+            ("unknown kid", token(Some("zzz"), Algorithm::HS256, SECRET_A, "jwt-x", 300)),
+            ("algorithm not the key's", token(Some("a"), Algorithm::HS384, SECRET_A, "jwt-x", 300)),
+            ("sub is another device", token(Some("a"), Algorithm::HS256, SECRET_A, "someone-else", 300)),
+        ];
+        for (what, t) in cases {
+            let (mut raw, resp) = Raw::auth(&node.device_url(), "jwt-x", &t).await;
+            assert_eq!(resp["status"], "error", "{what}: {resp}");
+            assert_eq!(raw.closed().await.code, 4403, "{what}");
+        }
+    }
+}

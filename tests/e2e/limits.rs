@@ -62,3 +62,29 @@ async fn a_device_over_its_rate_limit_is_closed_with_4429() {
     }
     assert_eq!(raw.closed().await.code, 4429);
 }
+
+#[tokio::test]
+async fn a_device_that_stops_reading_is_dropped_and_others_are_unaffected() {
+    let node = Node::start(&[("FLEETGATE_WRITE_TIMEOUT_MS", "300")]).await;
+    let stuck_secret = node.provision("stuck").await;
+    let fine_secret = node.provision("fine").await;
+    // Authenticated, then never read again: its socket buffers fill and writes block.
+    let _stuck = Raw::authed(&node.device_url(), "stuck", &stuck_secret).await;
+    let mut fine = Raw::authed(&node.device_url(), "fine", &fine_secret).await;
+    let big = "x".repeat(512 * 1024);
+    let mut sent = 0;
+    let dropped = crate::support::eventually("the stuck device dropped", || {
+        let big = big.clone();
+        let node = &node;
+        sent += 1;
+        async move {
+            let (status, _) = node.admin("POST", "/v1/devices/stuck/commands", Some(json!({"payload": big, "qos": 0}))).await;
+            (status == 409).then_some(())
+        }
+    })
+    .await;
+    let () = dropped;
+    assert!(sent > 1, "it took more than one command to fill the socket");
+    fine.send(status("fine", "f1", 1, json!({}))).await;
+    assert_eq!(fine.recv().await, json!({"type":"ack","msgid":"f1"}));
+}

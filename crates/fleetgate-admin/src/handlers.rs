@@ -234,7 +234,10 @@ pub(crate) async fn send_command(
     }
     let mut waiter = (!wait.is_zero()).then(|| state.waiters.wait(msgid.as_str()));
     state.bus.queue_push(&command).await?;
-    if let Some(p) = presence {
+    // Read presence again after the push: a session that registered in between either shows
+    // up here (and is told) or read its queue after the push. Reading only before the push
+    // could miss both and leave the command waiting for the next reconnect.
+    if let Some(p) = state.bus.presence_get(&id).await? {
         // Best effort: the queue is the truth, and the device reads it on its next connect.
         let _ = state
             .bus

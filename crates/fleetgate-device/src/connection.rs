@@ -14,6 +14,9 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async_with_conf
 
 use crate::{AuthMode, DeviceError, DeviceOptions};
 
+/// How long to wait for our close reply to be written before giving up on the socket.
+const CLOSE_REPLY_GRACE: Duration = Duration::from_millis(500);
+
 /// The client WebSocket type underneath a [`Connection`].
 pub type WsStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -191,7 +194,10 @@ impl Connection {
                         None => (None, String::new()),
                     };
                     self.close.get_or_insert((code, reason));
-                    // Keep reading so the close reply is flushed and the stream ends.
+                    // The close reply is queued; push it out now rather than waiting for the
+                    // server to drop TCP, which it may only do after seeing the reply.
+                    let _ = tokio::time::timeout(CLOSE_REPLY_GRACE, self.ws.flush()).await;
+                    return Err(self.closed_error(""));
                 }
                 Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
             }

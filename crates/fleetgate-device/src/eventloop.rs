@@ -591,3 +591,35 @@ async fn sleep_opt(deadline: Option<Instant>) {
 async fn shutdown_requested(rx: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Device, DeviceEvent};
+
+    #[test]
+    fn retransmit_delay_doubles_then_levels_off() {
+        let t = Duration::from_millis(100);
+        assert_eq!(retry_delay(t, 1), t);
+        assert_eq!(retry_delay(t, 2), t * 2);
+        assert_eq!(retry_delay(t, 4), t * 8);
+        assert_eq!(retry_delay(t, 100), t * 64);
+    }
+
+    /// ~19k devices share one load-test process: the per-device task and channel slots
+    /// must stay small.
+    #[tokio::test]
+    async fn per_device_footprint_is_small() {
+        let opts = DeviceOptions::new("ws://127.0.0.1:1/v1/device", "d", "t");
+        let (_client, _events, event_loop) = Device::new(opts).unwrap();
+        let fut = event_loop.run();
+        let sizes = (
+            std::mem::size_of_val(&fut),
+            std::mem::size_of::<Request>(),
+            std::mem::size_of::<DeviceEvent>(),
+        );
+        assert!(sizes.0 <= 2048, "event loop future {sizes:?}");
+        assert!(sizes.1 <= 16, "request slot {sizes:?}");
+        assert!(sizes.2 <= 56, "event slot {sizes:?}");
+    }
+}

@@ -251,6 +251,9 @@ pub struct Overrides {
     /// Drain period on SIGTERM, ms.
     #[arg(long, env = "FLEETGATE_DRAIN_PERIOD_MS")]
     pub drain_period_ms: Option<u64>,
+    /// A socket write blocked this long drops the device as a slow consumer, ms.
+    #[arg(long, env = "FLEETGATE_WRITE_TIMEOUT_MS")]
+    pub write_timeout_ms: Option<u64>,
 }
 
 impl Settings {
@@ -281,6 +284,7 @@ impl Settings {
             max_frame_bytes => gateway.max_frame_bytes,
             rate_limit_per_second => gateway.rate_limit_per_second,
             rate_limit_burst => gateway.rate_limit_burst, drain_period_ms => gateway.drain_period_ms,
+            write_timeout_ms => gateway.write_timeout_ms,
         );
         if let Some(v) = &o.redis_urls {
             s.redis_urls = v

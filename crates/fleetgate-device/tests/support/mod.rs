@@ -133,6 +133,17 @@ impl Peer {
         }
     }
 
+    /// Reads (answering pings) until `n` pings have arrived; frames are not expected.
+    pub async fn wait_pings(&mut self, n: u32) {
+        while self.pings < n {
+            match self.ws.next().await.expect("device closed").unwrap() {
+                Message::Ping(_) => self.pings += 1,
+                Message::Pong(_) => {}
+                other => panic!("expected only pings, got {other:?}"),
+            }
+        }
+    }
+
     /// The next frame, which must be a message envelope.
     pub async fn recv_message(&mut self) -> fleetgate_protocol::Envelope {
         match self.recv().await {
