@@ -123,7 +123,11 @@ mod jwt {
     const SECRET_B: &str = "kid-b-secret-0123456789abcdefghijklmnop";
 
     async fn node_with_keys() -> Node {
-        let path = std::env::temp_dir().join(format!("fleetgate-jwt-{}-{}.toml", std::process::id(), now_ms()));
+        let path = std::env::temp_dir().join(format!(
+            "fleetgate-jwt-{}-{}.toml",
+            std::process::id(),
+            now_ms()
+        ));
         let keys = format!(
             "[[keys]]\nkid = \"a\"\nalgorithm = \"HS256\"\nsecret = \"{SECRET_A}\"\n\n[[keys]]\nkid = \"b\"\nalgorithm = \"HS256\"\nsecret = \"{SECRET_B}\"\n"
         );
@@ -131,11 +135,23 @@ mod jwt {
         Node::start(&[("FLEETGATE_JWT_KEYS", path.to_str().unwrap())]).await
     }
 
-    fn token(kid: Option<&str>, alg: Algorithm, secret: &str, sub: &str, exp_offset_s: i64) -> String {
+    fn token(
+        kid: Option<&str>,
+        alg: Algorithm,
+        secret: &str,
+        sub: &str,
+        exp_offset_s: i64,
+    ) -> String {
         let mut header = Header::new(alg);
         header.kid = kid.map(str::to_owned);
-        let claims = json!({"sub": sub, "exp": now_ms() / 1000 + exp_offset_s, "groups": ["line-1"]});
-        encode(&header, &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
+        let claims =
+            json!({"sub": sub, "exp": now_ms() / 1000 + exp_offset_s, "groups": ["line-1"]});
+        encode(
+            &header,
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
     }
 
     #[tokio::test]
@@ -150,18 +166,37 @@ mod jwt {
         let t = token(Some("a"), Algorithm::HS256, SECRET_A, "jwt-hdr", 300);
         let bearer = format!("Bearer {t}");
         let mut raw = Raw::connect(&node.device_url(), &[("Authorization", &bearer)]).await;
-        assert_eq!(raw.recv().await["status"], "success", "header JWT without a routed ID");
+        assert_eq!(
+            raw.recv().await["status"],
+            "success",
+            "header JWT without a routed ID"
+        );
     }
 
     #[tokio::test]
     async fn bad_jwts_are_refused_with_4403() {
         let node = node_with_keys().await;
         let cases = [
-            ("expired", token(Some("a"), Algorithm::HS256, SECRET_A, "jwt-x", -300)),
-            ("wrong key for kid", token(Some("a"), Algorithm::HS256, SECRET_B, "jwt-x", 300)),
-            ("unknown kid", token(Some("zzz"), Algorithm::HS256, SECRET_A, "jwt-x", 300)),
-            ("algorithm not the key's", token(Some("a"), Algorithm::HS384, SECRET_A, "jwt-x", 300)),
-            ("sub is another device", token(Some("a"), Algorithm::HS256, SECRET_A, "someone-else", 300)),
+            (
+                "expired",
+                token(Some("a"), Algorithm::HS256, SECRET_A, "jwt-x", -300),
+            ),
+            (
+                "wrong key for kid",
+                token(Some("a"), Algorithm::HS256, SECRET_B, "jwt-x", 300),
+            ),
+            (
+                "unknown kid",
+                token(Some("zzz"), Algorithm::HS256, SECRET_A, "jwt-x", 300),
+            ),
+            (
+                "algorithm not the key's",
+                token(Some("a"), Algorithm::HS384, SECRET_A, "jwt-x", 300),
+            ),
+            (
+                "sub is another device",
+                token(Some("a"), Algorithm::HS256, SECRET_A, "someone-else", 300),
+            ),
         ];
         for (what, t) in cases {
             let (mut raw, resp) = Raw::auth(&node.device_url(), "jwt-x", &t).await;

@@ -207,14 +207,25 @@ async fn a_protobuf_session_speaks_binary_frames() {
     use fleetgate_protocol::{Auth, Codec, Envelope, Frame, MessageKind, MsgId, Qos};
     let node = Node::start(&[]).await;
     let secret = node.provision("pb-1").await;
-    let mut raw = Raw::connect(&node.device_url(), &[("Sec-WebSocket-Protocol", "fleetgate.v1.proto")]).await;
-    let auth = Frame::Auth(Auth { device_id: "pb-1".into(), token: secret });
-    raw.send_binary(Codec::Protobuf.encode(&auth).to_vec()).await;
+    let mut raw = Raw::connect(
+        &node.device_url(),
+        &[("Sec-WebSocket-Protocol", "fleetgate.v1.proto")],
+    )
+    .await;
+    let auth = Frame::Auth(Auth {
+        device_id: "pb-1".into(),
+        token: secret,
+    });
+    raw.send_binary(Codec::Protobuf.encode(&auth).to_vec())
+        .await;
     let decode = |v: Value| {
         let bytes: Vec<u8> = serde_json::from_value(v["binary"].clone()).expect("a binary frame");
         Codec::Protobuf.decode(&bytes).expect("valid protobuf")
     };
-    assert!(matches!(decode(raw.recv().await), Frame::AuthResponse(fleetgate_protocol::AuthResponse::Success { .. })));
+    assert!(matches!(
+        decode(raw.recv().await),
+        Frame::AuthResponse(fleetgate_protocol::AuthResponse::Success { .. })
+    ));
     let status = Frame::Message(Envelope {
         ver: "1.0".into(),
         msgid: MsgId::new("pb-m1").unwrap(),
@@ -227,10 +238,14 @@ async fn a_protobuf_session_speaks_binary_frames() {
         retain: false,
         dup: false,
     });
-    raw.send_binary(Codec::Protobuf.encode(&status).to_vec()).await;
+    raw.send_binary(Codec::Protobuf.encode(&status).to_vec())
+        .await;
     match decode(raw.recv().await) {
         Frame::Handshake(h) => assert_eq!((h.kind.as_str(), h.msgid.as_str()), ("ack", "pb-m1")),
         other => panic!("expected an ack, got {other:?}"),
     }
-    assert_eq!(shadow(&node, "pb-1").await["reported"], json!({"rpm": 1200, "ok": true}));
+    assert_eq!(
+        shadow(&node, "pb-1").await["reported"],
+        json!({"rpm": 1200, "ok": true})
+    );
 }

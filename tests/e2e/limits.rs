@@ -78,7 +78,13 @@ async fn a_device_that_stops_reading_is_dropped_and_others_are_unaffected() {
         let node = &node;
         sent += 1;
         async move {
-            let (status, _) = node.admin("POST", "/v1/devices/stuck/commands", Some(json!({"payload": big, "qos": 0}))).await;
+            let (status, _) = node
+                .admin(
+                    "POST",
+                    "/v1/devices/stuck/commands",
+                    Some(json!({"payload": big, "qos": 0})),
+                )
+                .await;
             (status == 409).then_some(())
         }
     })

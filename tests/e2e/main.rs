@@ -8,4 +8,5 @@ mod ingest;
 mod interop;
 mod lifecycle;
 mod limits;
+mod sdk;
 mod support;

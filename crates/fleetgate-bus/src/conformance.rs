@@ -4,7 +4,7 @@
 //! message when the backend misbehaves; [`crate::bus_conformance_tests!`] turns the whole list
 //! into `#[tokio::test]`s, so a backend's test file is one line:
 //!
-//! ```ignore
+//! ```text
 //! fleetgate_bus::bus_conformance_tests!(async { std::sync::Arc::new(MyBus::connect().await) });
 //! ```
 //!
@@ -1856,7 +1856,8 @@ pub async fn pubsub_slow_subscriber_does_not_block(bus: &dyn Bus) {
 /// (`Arc<MyBus>`, `Box<MyBus>`, `Arc<dyn Bus>`); the calling crate needs `tokio` with the
 /// `macros` and `rt-multi-thread` features.
 ///
-/// ```ignore
+/// (`tests/memory_conformance.rs` is the working example.)
+/// ```text
 /// fleetgate_bus::bus_conformance_tests!(async { std::sync::Arc::new(MemoryBus::default()) });
 /// ```
 #[macro_export]

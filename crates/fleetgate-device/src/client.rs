@@ -212,7 +212,7 @@ impl Device {
     pub fn connect(
         opts: DeviceOptions,
     ) -> Result<(DeviceClient, mpsc::Receiver<DeviceEvent>), DeviceError> {
-        let (client, events, event_loop) = Self::new(opts)?;
+        let (client, events, event_loop) = Self::prepare(opts)?;
         tokio::spawn(event_loop.run());
         Ok((client, events))
     }
@@ -222,7 +222,7 @@ impl Device {
     ///
     /// # Errors
     /// [`DeviceError::InvalidOptions`].
-    pub fn new(
+    pub fn prepare(
         opts: DeviceOptions,
     ) -> Result<(DeviceClient, mpsc::Receiver<DeviceEvent>, EventLoop), DeviceError> {
         opts.validate()?;

@@ -142,14 +142,15 @@ impl Connection {
     /// # Errors
     /// A transport error; the connection is then unusable.
     pub async fn send_frame(&mut self, frame: &Frame) -> Result<(), DeviceError> {
-        let bytes = self.codec.encode(frame);
-        let msg = match self.codec {
-            Codec::Json => Message::Text(
-                Utf8Bytes::try_from(bytes)
-                    .map_err(|_| DeviceError::UnexpectedFrame("non-UTF-8 JSON"))?,
-            ),
-            Codec::Protobuf => Message::Binary(bytes),
-        };
+        let msg = encode(self.codec, frame)?;
+        self.send_message(msg).await
+    }
+
+    /// Sends an already encoded WebSocket message.
+    ///
+    /// # Errors
+    /// A transport error; the connection is then unusable.
+    pub async fn send_message(&mut self, msg: Message) -> Result<(), DeviceError> {
         self.ws.send(msg).await.map_err(DeviceError::from)
     }
 
@@ -196,7 +197,9 @@ impl Connection {
                     self.close.get_or_insert((code, reason));
                     // The close reply is queued; push it out now rather than waiting for the
                     // server to drop TCP, which it may only do after seeing the reply.
-                    let _ = tokio::time::timeout(CLOSE_REPLY_GRACE, self.ws.flush()).await;
+                    // Boxed: a cold path that would otherwise enlarge every recv future.
+                    let _ =
+                        Box::pin(tokio::time::timeout(CLOSE_REPLY_GRACE, self.ws.flush())).await;
                     return Err(self.closed_error(""));
                 }
                 Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
@@ -254,6 +257,19 @@ impl Connection {
             .clone();
         DeviceError::Closed { code, reason }
     }
+}
+
+/// Encodes a frame as the WebSocket message `codec` uses (text for JSON, binary for
+/// Protobuf).
+pub(crate) fn encode(codec: Codec, frame: &Frame) -> Result<Message, DeviceError> {
+    let bytes = codec.encode(frame);
+    Ok(match codec {
+        Codec::Json => Message::Text(
+            Utf8Bytes::try_from(bytes)
+                .map_err(|_| DeviceError::UnexpectedFrame("non-UTF-8 JSON"))?,
+        ),
+        Codec::Protobuf => Message::Binary(bytes),
+    })
 }
 
 /// A short name of the frame's kind, for errors and logs.

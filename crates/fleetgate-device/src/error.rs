@@ -6,7 +6,8 @@ use tokio_tungstenite::tungstenite;
 /// What went wrong with a connection or a send.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
-    /// The options cannot work (bad URL, empty device ID, zero capacity...).
+    /// The options or the request cannot work (bad URL, empty device ID, zero capacity, a
+    /// device sending a command...).
     #[error("invalid options: {0}")]
     InvalidOptions(String),
     /// Transport or WebSocket failure; boxed because it is large and cold.

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use bytes::Bytes;
 use fleetgate_protocol::{
     Envelope, ErrorCode, ErrorFrame, Frame, Handshake, HandshakeKind, MessageKind, MsgId, Qos,
 };
@@ -14,11 +15,12 @@ use serde_json::Value;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep_until};
+use tokio_tungstenite::tungstenite::Message;
 use tracing::{debug, warn};
 
 use crate::backoff::{Backoff, should_reconnect};
 use crate::client::{Answer, IncomingCommand, LinkState, Outgoing, Request, Shared};
-use crate::connection::frame_name;
+use crate::connection::{encode, frame_name};
 use crate::dedupe::{CmdState, DedupeCache};
 use crate::{Connection, DeviceError, DeviceEvent, DeviceOptions};
 
@@ -76,6 +78,9 @@ impl Inflight {
     }
 }
 
+/// Whom to tell that a QoS 0 message was written.
+type Completion = (MsgId, oneshot::Sender<Result<MsgId, DeviceError>>);
+
 /// How a session ended.
 enum SessionEnd {
     /// Shut down by the client; the loop stops.
@@ -84,7 +89,7 @@ enum SessionEnd {
     Closed { code: Option<u16>, reason: String },
 }
 
-/// A device's event loop; returned by [`crate::Device::new`] for the caller to spawn.
+/// A device's event loop; returned by [`crate::Device::prepare`] for the caller to spawn.
 #[derive(Debug)]
 pub struct EventLoop {
     opts: DeviceOptions,
@@ -96,6 +101,8 @@ pub struct EventLoop {
     /// loop running after every client is gone.
     responder: mpsc::WeakSender<Request>,
     inflight: VecDeque<Inflight>,
+    /// Encoded messages waiting to be written, with the QoS 0 sender to tell.
+    outbox: VecDeque<(Message, Option<Completion>)>,
     dedupe: DedupeCache,
     backoff: Backoff,
     sessions: u32,
@@ -119,6 +126,7 @@ impl EventLoop {
             events,
             responder,
             inflight: VecDeque::new(),
+            outbox: VecDeque::new(),
             dedupe,
             backoff,
             sessions: 0,
@@ -136,8 +144,10 @@ impl EventLoop {
             self.shared.state.send_replace(LinkState::Connecting);
             // Boxed: the handshake future is large and only lives while connecting.
             let attempt = Box::pin(Connection::connect(&self.opts));
+            // Boxed too: moving a 400-byte connection through select and match would
+            // reserve several copies of it in this per-device future.
             let result = tokio::select! {
-                r = attempt => r,
+                r = attempt => r.map(Box::new),
                 () = shutdown_requested(&mut shutdown) => break,
             };
             let delay = match result {
@@ -259,25 +269,31 @@ impl EventLoop {
         // Everything unacknowledged goes out again, in order, with its original msgid.
         let mut i = 0;
         while i < self.inflight.len() {
-            match self.transmit(conn, i).await {
-                Ok(true) => i += 1,
-                Ok(false) => {}
-                Err(e) => return ended(conn, e),
+            if self.transmit(i) {
+                i += 1;
             }
         }
         let keepalive = self.opts.keepalive;
         let mut next_ping = (!keepalive.is_zero()).then(|| Instant::now() + keepalive);
         loop {
+            if let Err(e) = self.flush(conn).await {
+                return self.ended(conn, e);
+            }
             let deadline = self.next_deadline(next_ping);
             let room = self.requests_open && self.inflight.len() < self.opts.max_inflight;
+            // Handlers are synchronous and queue what they send in `outbox`, so the one
+            // `flush` above is the only write future this (per-device) state machine holds.
             let step = tokio::select! {
                 biased;
                 () = shutdown_requested(shutdown) => {
-                    let _ = conn.close(1000, "client disconnect", CLOSE_GRACE).await;
+                    let _ = Box::pin(conn.close(1000, "client disconnect", CLOSE_GRACE)).await;
                     return SessionEnd::Stop;
                 }
                 frame = conn.recv_frame() => match frame {
-                    Ok(frame) => self.on_frame(conn, frame).await,
+                    Ok(frame) => {
+                        self.on_frame(frame);
+                        Ok(())
+                    }
                     Err(DeviceError::Protocol(e)) => {
                         warn!(error = %e, "undecodable frame from gateway ignored");
                         Ok(())
@@ -285,18 +301,64 @@ impl EventLoop {
                     Err(e) => Err(e),
                 },
                 req = self.requests.recv(), if room => match req {
-                    Some(req) => self.on_request(conn, req).await,
+                    Some(req) => {
+                        self.on_request(req);
+                        Ok(())
+                    }
                     None => {
                         self.requests_open = false;
-                        let _ = conn.close(1000, "client dropped", CLOSE_GRACE).await;
+                        let _ = Box::pin(conn.close(1000, "client dropped", CLOSE_GRACE)).await;
                         return SessionEnd::Stop;
                     }
                 },
-                () = sleep_opt(deadline) => self.on_timer(conn, &mut next_ping).await,
+                () = sleep_opt(deadline) => self.on_timer(conn.last_activity(), &mut next_ping),
             };
             if let Err(e) = step {
-                return ended(conn, e);
+                return self.ended(conn, e);
             }
+        }
+    }
+
+    /// Writes everything queued; QoS 0 senders learn the outcome of their write.
+    async fn flush(&mut self, conn: &mut Connection) -> Result<(), DeviceError> {
+        while let Some((msg, done)) = self.outbox.pop_front() {
+            let result = conn.send_message(msg).await;
+            if let Some((msgid, done)) = done {
+                let outcome = match &result {
+                    Ok(()) => Ok(msgid),
+                    Err(e) => Err(DeviceError::Closed {
+                        code: None,
+                        reason: e.to_string(),
+                    }),
+                };
+                let _ = done.send(outcome);
+            }
+            result?;
+        }
+        Ok(())
+    }
+
+    /// Maps the error that ended a session; unsent QoS 0 messages fail (at most once).
+    fn ended(&mut self, conn: &Connection, e: DeviceError) -> SessionEnd {
+        let (code, reason) = match e {
+            DeviceError::Closed { code, reason } => (code, reason),
+            other => (conn.close_code(), other.to_string()),
+        };
+        for (_, done) in self.outbox.drain(..) {
+            if let Some((_, done)) = done {
+                let _ = done.send(Err(DeviceError::Closed {
+                    code,
+                    reason: reason.clone(),
+                }));
+            }
+        }
+        SessionEnd::Closed { code, reason }
+    }
+
+    fn send(&mut self, frame: &Frame) {
+        match encode(self.opts.codec, frame) {
+            Ok(msg) => self.outbox.push_back((msg, None)),
+            Err(e) => warn!(error = %e, "frame not encodable; dropped"),
         }
     }
 
@@ -308,9 +370,9 @@ impl EventLoop {
             .min()
     }
 
-    async fn on_timer(
+    fn on_timer(
         &mut self,
-        conn: &mut Connection,
+        last_activity: std::time::Instant,
         next_ping: &mut Option<Instant>,
     ) -> Result<(), DeviceError> {
         let now = Instant::now();
@@ -318,28 +380,29 @@ impl EventLoop {
             && now >= at
         {
             let keepalive = self.opts.keepalive;
-            if now.into_std().duration_since(conn.last_activity()) >= keepalive * 2 {
+            if now.into_std().duration_since(last_activity) >= keepalive * 2 {
                 return Err(DeviceError::Closed {
                     code: None,
                     reason: "keepalive timeout: nothing received".into(),
                 });
             }
-            conn.send_ping().await?;
+            self.outbox.push_back((Message::Ping(Bytes::new()), None));
             *next_ping = Some(now + keepalive);
         }
         let mut i = 0;
         while i < self.inflight.len() {
             let due = self.inflight[i].deadline.is_some_and(|d| d <= now);
-            if !due || self.transmit(conn, i).await? {
+            if !due || self.transmit(i) {
                 i += 1;
             }
         }
         Ok(())
     }
 
-    /// (Re)transmits entry `i`; returns false when the entry was removed.
-    async fn transmit(&mut self, conn: &mut Connection, i: usize) -> Result<bool, DeviceError> {
+    /// Queues (re)transmission of entry `i`; returns false when the entry was removed.
+    fn transmit(&mut self, i: usize) -> bool {
         let max = self.opts.max_attempts;
+        let codec = self.opts.codec;
         let entry = &mut self.inflight[i];
         if max != 0 && entry.attempts >= max {
             let entry = self.inflight.remove(i).unwrap_or_else(|| unreachable!());
@@ -347,47 +410,50 @@ impl EventLoop {
             warn!(msgid = %entry.msgid, attempts, "message not acknowledged; giving up");
             let msgid = entry.msgid.clone();
             entry.finish(Err(DeviceError::AckTimeout { msgid, attempts }));
-            return Ok(false);
+            return false;
         }
-        match entry.step {
+        let encoded = match entry.step {
             Step::Fire => {
                 let entry = self.inflight.remove(i).unwrap_or_else(|| unreachable!());
-                let result = conn.send_frame(&entry.frame).await;
-                let failed = result.as_ref().err().map(ToString::to_string);
-                entry.finish(result);
-                return match failed {
-                    Some(reason) => Err(DeviceError::Closed {
-                        code: conn.close_code(),
-                        reason,
-                    }),
-                    None => Ok(false),
-                };
+                match encode(codec, &entry.frame) {
+                    Ok(msg) => self
+                        .outbox
+                        .push_back((msg, Some((entry.msgid, entry.done)))),
+                    Err(e) => entry.finish(Err(e)),
+                }
+                return false;
             }
             Step::AwaitAck | Step::AwaitRec => {
                 if let Frame::Message(env) = &mut entry.frame {
                     env.dup = entry.attempts > 0;
                 }
-                entry.attempts += 1;
-                entry.deadline =
-                    Some(Instant::now() + retry_delay(self.opts.ack_timeout, entry.attempts));
-                conn.send_frame(&entry.frame).await?;
+                encode(codec, &entry.frame)
             }
-            Step::AwaitComp => {
-                entry.attempts += 1;
-                entry.deadline =
-                    Some(Instant::now() + retry_delay(self.opts.ack_timeout, entry.attempts));
-                let rel = handshake(HandshakeKind::Rel, entry.msgid.clone(), None);
-                conn.send_frame(&rel).await?;
+            Step::AwaitComp => encode(
+                codec,
+                &handshake(HandshakeKind::Rel, entry.msgid.clone(), None),
+            ),
+        };
+        entry.attempts += 1;
+        entry.deadline = Some(Instant::now() + retry_delay(self.opts.ack_timeout, entry.attempts));
+        match encoded {
+            Ok(msg) => {
+                self.outbox.push_back((msg, None));
+                true
+            }
+            Err(e) => {
+                let entry = self.inflight.remove(i).unwrap_or_else(|| unreachable!());
+                entry.finish(Err(e));
+                false
             }
         }
-        Ok(true)
     }
 
-    async fn on_request(&mut self, conn: &mut Connection, req: Request) -> Result<(), DeviceError> {
+    fn on_request(&mut self, req: Request) {
         match req {
             Request::Publish(out) => {
                 self.inflight.push_back(Inflight::new(*out));
-                self.transmit(conn, self.inflight.len() - 1).await.map(drop)
+                self.transmit(self.inflight.len() - 1);
             }
             Request::Answer(a) => {
                 let Answer {
@@ -401,36 +467,24 @@ impl EventLoop {
                 } else {
                     HandshakeKind::Ack
                 };
-                conn.send_frame(&handshake(kind, msgid, payload)).await
+                self.send(&handshake(kind, msgid, payload));
             }
         }
     }
 
-    async fn on_frame(&mut self, conn: &mut Connection, frame: Frame) -> Result<(), DeviceError> {
+    fn on_frame(&mut self, frame: Frame) {
         match frame {
-            Frame::Handshake(h) => self.on_handshake(conn, h).await,
-            Frame::Message(env) if env.kind == MessageKind::Command => {
-                self.on_command(conn, env).await
-            }
-            Frame::Error(err) => {
-                self.on_error(err);
-                Ok(())
-            }
-            other => {
-                debug!(
-                    kind = frame_name(&other),
-                    "unexpected frame from gateway ignored"
-                );
-                Ok(())
-            }
+            Frame::Handshake(h) => self.on_handshake(h),
+            Frame::Message(env) if env.kind == MessageKind::Command => self.on_command(env),
+            Frame::Error(err) => self.on_error(err),
+            other => debug!(
+                kind = frame_name(&other),
+                "unexpected frame from gateway ignored"
+            ),
         }
     }
 
-    async fn on_handshake(
-        &mut self,
-        conn: &mut Connection,
-        h: Handshake,
-    ) -> Result<(), DeviceError> {
+    fn on_handshake(&mut self, h: Handshake) {
         let pos = self.inflight.iter().position(|e| e.msgid == h.msgid);
         match (h.kind, pos) {
             (HandshakeKind::Ack, Some(i)) if self.inflight[i].step == Step::AwaitAck => {
@@ -450,13 +504,12 @@ impl EventLoop {
                 let entry = &mut self.inflight[i];
                 entry.step = Step::AwaitComp;
                 entry.attempts = 0;
-                self.transmit(conn, i).await?;
+                self.transmit(i);
             }
             (HandshakeKind::Rec, _) => {
                 // A repeated rec (our rel was lost) or one for a message we gave up on: release
                 // it so the gateway's handshake completes.
-                conn.send_frame(&handshake(HandshakeKind::Rel, h.msgid, None))
-                    .await?;
+                self.send(&handshake(HandshakeKind::Rel, h.msgid, None));
             }
             (HandshakeKind::Comp, Some(i)) if self.inflight[i].step == Step::AwaitComp => {
                 let entry = self.inflight.remove(i).unwrap_or_else(|| unreachable!());
@@ -468,46 +521,39 @@ impl EventLoop {
                     Some(CmdState::Answered { .. }) | None => true,
                 };
                 if answered {
-                    conn.send_frame(&handshake(HandshakeKind::Comp, h.msgid, None))
-                        .await?;
+                    self.send(&handshake(HandshakeKind::Comp, h.msgid, None));
                 }
             }
             (kind, _) => debug!(kind = kind.as_str(), msgid = %h.msgid, "stray handshake ignored"),
         }
-        Ok(())
     }
 
-    async fn on_command(
-        &mut self,
-        conn: &mut Connection,
-        env: Envelope,
-    ) -> Result<(), DeviceError> {
+    fn on_command(&mut self, env: Envelope) {
         if let Some(entry) = self.dedupe.get(&env.msgid) {
             let resend = match &entry.state {
                 CmdState::Pending => None,
                 CmdState::Answered { payload, .. } => Some((entry.qos, payload.clone())),
             };
             debug!(msgid = %env.msgid, answered = resend.is_some(), "redelivered command deduped");
-            return match resend {
+            match resend {
                 Some((Qos::AtLeastOnce, payload)) => {
-                    conn.send_frame(&handshake(HandshakeKind::Ack, env.msgid, payload))
-                        .await
+                    self.send(&handshake(HandshakeKind::Ack, env.msgid, payload));
                 }
                 Some((Qos::ExactlyOnce, payload)) => {
-                    conn.send_frame(&handshake(HandshakeKind::Rec, env.msgid, payload))
-                        .await
+                    self.send(&handshake(HandshakeKind::Rec, env.msgid, payload));
                 }
-                _ => Ok(()),
-            };
+                _ => {}
+            }
+            return;
         }
         let permit = match self.events.try_reserve() {
             Ok(permit) => permit,
             Err(TrySendError::Full(())) => {
                 self.shared.dropped_events.fetch_add(1, Ordering::Relaxed);
                 warn!(msgid = %env.msgid, "event channel full; command dropped until redelivered");
-                return Ok(());
+                return;
             }
-            Err(TrySendError::Closed(())) => return Ok(()),
+            Err(TrySendError::Closed(())) => return,
         };
         if env.qos != Qos::AtMostOnce {
             self.dedupe.insert_pending(env.msgid.clone(), env.qos);
@@ -520,7 +566,6 @@ impl EventLoop {
             timestamp: env.timestamp,
             responder: self.responder.clone(),
         })));
-        Ok(())
     }
 
     fn on_error(&mut self, err: ErrorFrame) {
@@ -552,16 +597,6 @@ impl EventLoop {
                 debug!("event channel full; event dropped");
             }
         }
-    }
-}
-
-fn ended(conn: &Connection, e: DeviceError) -> SessionEnd {
-    match e {
-        DeviceError::Closed { code, reason } => SessionEnd::Closed { code, reason },
-        other => SessionEnd::Closed {
-            code: conn.close_code(),
-            reason: other.to_string(),
-        },
     }
 }
 
@@ -611,7 +646,7 @@ mod tests {
     #[tokio::test]
     async fn per_device_footprint_is_small() {
         let opts = DeviceOptions::new("ws://127.0.0.1:1/v1/device", "d", "t");
-        let (_client, _events, event_loop) = Device::new(opts).unwrap();
+        let (_client, _events, event_loop) = Device::prepare(opts).unwrap();
         let fut = event_loop.run();
         let sizes = (
             std::mem::size_of_val(&fut),
@@ -620,6 +655,6 @@ mod tests {
         );
         assert!(sizes.0 <= 2048, "event loop future {sizes:?}");
         assert!(sizes.1 <= 16, "request slot {sizes:?}");
-        assert!(sizes.2 <= 56, "event slot {sizes:?}");
+        assert!(sizes.2 <= 48, "event slot {sizes:?}");
     }
 }

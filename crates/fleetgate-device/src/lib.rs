@@ -50,3 +50,5 @@ pub use msgid::MsgIdGen;
 pub use options::{AuthMode, DeviceOptions};
 
 pub use fleetgate_protocol::{Codec, ErrorCode, ErrorFrame, Frame, MessageKind, MsgId, Qos};
+/// The raw WebSocket message type of [`Connection::send_message`].
+pub use tokio_tungstenite::tungstenite::Message as WsMessage;

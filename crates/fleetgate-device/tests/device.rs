@@ -549,9 +549,14 @@ async fn keepalive_pings_and_pongs_keep_the_link_up() {
     let (client, mut events, mut peer) = connected(&gw, o).await;
     // Reading answers the pings with pongs, which the device counts as activity.
     within(peer.wait_pings(5)).await;
-    within(client.send_status(json!({}), Qos::AtMostOnce)).await.unwrap();
+    within(client.send_status(json!({}), Qos::AtMostOnce))
+        .await
+        .unwrap();
     peer.recv_message().await;
-    assert!(matches!(events.try_recv(), Err(mpsc::error::TryRecvError::Empty)), "no disconnect");
+    assert!(
+        matches!(events.try_recv(), Err(mpsc::error::TryRecvError::Empty)),
+        "no disconnect"
+    );
 }
 
 #[tokio::test]
@@ -561,13 +566,20 @@ async fn silent_gateway_is_detected_by_keepalive() {
     o.keepalive = Duration::from_millis(50);
     let (_client, mut events, _silent_peer) = connected(&gw, o).await;
     match next_event(&mut events).await {
-        DeviceEvent::Disconnected { code: None, reason, reconnect_in: Some(_) } => {
+        DeviceEvent::Disconnected {
+            code: None,
+            reason,
+            reconnect_in: Some(_),
+        } => {
             assert!(reason.contains("keepalive"), "{reason}");
         }
         other => panic!("expected Disconnected, got {other:?}"),
     }
     let _peer = gw.accept_authed("sess-2").await;
-    assert!(matches!(next_event(&mut events).await, DeviceEvent::Connected { reconnects: 1, .. }));
+    assert!(matches!(
+        next_event(&mut events).await,
+        DeviceEvent::Connected { reconnects: 1, .. }
+    ));
 }
 
 #[tokio::test]

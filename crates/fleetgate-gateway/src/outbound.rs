@@ -63,8 +63,8 @@ fn frame_for(q: &QueuedCommand, dup: bool) -> Frame {
     }
 }
 
-fn backoff(shared: &Shared, attempts: u32) -> Duration {
-    let c = &shared.config;
+/// Wait after the `attempts`-th send: `ack_timeout` doubling per attempt, capped.
+fn backoff(c: &crate::GatewayConfig, attempts: u32) -> Duration {
     let factor = 1u32 << attempts.saturating_sub(1).min(16);
     c.ack_timeout.saturating_mul(factor).min(c.max_ack_backoff)
 }
@@ -137,7 +137,7 @@ impl Outgoing {
             } else {
                 shared.metrics.commands_sent.inc();
             }
-            let deadline = Instant::now() + backoff(shared, attempts);
+            let deadline = Instant::now() + backoff(&shared.config, attempts);
             self.inflight.push(InFlight {
                 queued: QueuedCommand { attempts, ..q },
                 deadline,
@@ -187,7 +187,7 @@ impl Outgoing {
                 Ok(Some(attempts)) => {
                     let f = &mut self.inflight[i];
                     f.queued.attempts = attempts;
-                    f.deadline = now + backoff(shared, attempts);
+                    f.deadline = now + backoff(&shared.config, attempts);
                     frames.push(frame_for(&f.queued, true));
                     shared.metrics.commands_retransmitted.inc();
                     i += 1;
@@ -305,5 +305,49 @@ impl Outgoing {
             }
             HandshakeKind::Rel => Vec::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn backoff_doubles_per_attempt_up_to_the_cap() {
+        let c = crate::GatewayConfig {
+            ack_timeout: Duration::from_millis(100),
+            max_ack_backoff: Duration::from_millis(1000),
+            ..Default::default()
+        };
+        let waits: Vec<u64> = (1..=6).map(|a| backoff(&c, a).as_millis() as u64).collect();
+        assert_eq!(waits, [100, 200, 400, 800, 1000, 1000]);
+        assert_eq!(
+            backoff(&c, u32::MAX),
+            Duration::from_millis(1000),
+            "no overflow"
+        );
+    }
+
+    #[test]
+    fn outcome_prefers_the_answer_then_the_kept_rec_payload() {
+        let rec = json!({"result": {"from": "rec"}});
+        assert_eq!(
+            outcome_of(Some(&json!({"result": 1})), Some(&rec)),
+            CommandOutcome::Result(json!(1))
+        );
+        assert_eq!(
+            outcome_of(None, Some(&rec)),
+            CommandOutcome::Result(json!({"from": "rec"}))
+        );
+        assert_eq!(
+            outcome_of(Some(&json!({"error": "nope"})), None),
+            CommandOutcome::Error(json!("nope"))
+        );
+        assert_eq!(
+            outcome_of(Some(&json!({"other": 1})), None),
+            CommandOutcome::Done
+        );
+        assert_eq!(outcome_of(None, None), CommandOutcome::Done);
     }
 }

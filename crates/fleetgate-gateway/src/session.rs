@@ -540,3 +540,39 @@ impl Session {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::RateLimit;
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn rate_limit_allows_the_burst_then_the_sustained_rate() {
+        let (rate, burst) = (10, 20);
+        let mut bucket = RateLimit::new(burst);
+        assert!(
+            (0..20).all(|_| bucket.take(1, rate, burst)),
+            "the whole burst passes"
+        );
+        assert!(!bucket.take(1, rate, burst), "nothing left");
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert!(
+            (0..5).all(|_| bucket.take(1, rate, burst)),
+            "half a second refills five"
+        );
+        assert!(!bucket.take(1, rate, burst));
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert!(bucket.take(20, rate, burst), "refill stops at the burst");
+        assert!(!bucket.take(1, rate, burst));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_is_charged_per_item() {
+        let mut bucket = RateLimit::new(10);
+        assert!(
+            !bucket.take(11, 10, 10),
+            "a batch larger than the burst never passes"
+        );
+        assert!(bucket.take(10, 10, 10));
+    }
+}

@@ -48,6 +48,7 @@ impl Gateway {
         let (tcp, _) = within(self.listener.accept()).await.unwrap();
         let seen = Arc::new(Mutex::new((HeaderMap::new(), String::new())));
         let seen2 = Arc::clone(&seen);
+        #[allow(clippy::result_large_err)] // the callback's signature is tungstenite's
         let callback = move |req: &Request, mut resp: Response| {
             if let Some(p) = req.headers().get("Sec-WebSocket-Protocol") {
                 resp.headers_mut()
