@@ -253,3 +253,26 @@ async fn waiting_longer_than_the_device_takes_answers_504_timeout_and_keeps_the_
     );
     assert!(body["error"]["msgid"].is_string());
 }
+
+#[tokio::test]
+async fn a_burst_of_commands_to_one_device_is_delivered_whole_without_dropping_it() {
+    let node = Node::start(&[]).await;
+    let secret = node.provision("burst").await;
+    let mut raw = Raw::authed(&node.device_url(), "burst", &secret).await;
+    const N: usize = 300;
+    let calls: Vec<_> = (0..N).map(|i| send(&node, "burst", json!({"payload": {"i": i}, "qos": 1}))).collect();
+    let mut queued = std::collections::HashSet::new();
+    for call in calls {
+        let (status, body) = call.await.unwrap();
+        assert_eq!(status, 202, "{body}");
+        queued.insert(body["msgid"].as_str().unwrap().to_owned());
+    }
+    let mut delivered = std::collections::HashSet::new();
+    while delivered.len() < N {
+        let cmd = raw.recv().await;
+        assert_eq!(cmd["type"], "command", "{cmd}");
+        raw.send(json!({"type":"ack","msgid":cmd["msgid"]})).await;
+        delivered.insert(cmd["msgid"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(delivered, queued, "every command, and only those");
+}

@@ -23,6 +23,9 @@ pub(crate) enum Outbound {
 pub(crate) struct SessionHandle {
     pub(crate) conn_id: u64,
     pub(crate) tx: mpsc::Sender<Outbound>,
+    /// A `Deliver` sits in the outbox unread: more are coalesced into it, so a burst of
+    /// commands to one device cannot fill its outbox with wake-ups and get it dropped.
+    pub(crate) deliver_queued: bool,
 }
 
 /// Outcome of offering a message to a session.
@@ -61,19 +64,33 @@ impl Sessions {
     /// waiting.
     pub(crate) fn offer(&self, device: &str, conn_id: Option<u64>, msg: Outbound) -> Offer {
         let mut map = self.lock();
-        let Some(handle) = map.get(device) else {
+        let Some(handle) = map.get_mut(device) else {
             return Offer::NoSession;
         };
         if conn_id.is_some_and(|c| c != handle.conn_id) {
             return Offer::NoSession;
         }
+        let deliver = matches!(msg, Outbound::Deliver);
+        if deliver && handle.deliver_queued {
+            return Offer::Sent;
+        }
         match handle.tx.try_send(msg) {
-            Ok(()) => Offer::Sent,
+            Ok(()) => {
+                handle.deliver_queued |= deliver;
+                Offer::Sent
+            }
             Err(mpsc::error::TrySendError::Closed(_)) => Offer::NoSession,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 map.remove(device);
                 Offer::Dropped
             }
+        }
+    }
+
+    /// The session took its `Deliver` from the outbox: the next one must be sent.
+    pub(crate) fn deliver_taken(&self, device: &str, conn_id: u64) {
+        if let Some(h) = self.lock().get_mut(device).filter(|h| h.conn_id == conn_id) {
+            h.deliver_queued = false;
         }
     }
 

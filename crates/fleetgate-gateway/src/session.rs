@@ -306,7 +306,11 @@ async fn register(
     let node = &shared.config.node_id;
     if let Some(old) = shared
         .sessions
-        .insert(&device.id, SessionHandle { conn_id, tx })
+        .insert(&device.id, SessionHandle {
+            conn_id,
+            tx,
+            deliver_queued: false,
+        })
     {
         let _ = old.tx.try_send(Outbound::Close(Box::new((
             CloseCode::Replaced,
@@ -436,7 +440,10 @@ impl Session {
 
     async fn on_outbound(&mut self, ws: &mut WebSocket, out: Outbound) -> Result<(), Close> {
         match out {
-            Outbound::Deliver => self.deliver(ws).await,
+            Outbound::Deliver => {
+                self.shared.sessions.deliver_taken(&self.device, self.conn_id);
+                self.deliver(ws).await
+            }
             Outbound::Command(cmd) => {
                 let frame = crate::outbound::command_frame(&cmd, false);
                 self.shared.metrics.commands_sent.inc();
