@@ -74,7 +74,7 @@ impl Default for GatewayConfig {
             outbox_capacity: 64,
             inflight_window: 16,
             write_timeout: Duration::from_millis(10_000),
-            read_buffer_bytes: 1024,
+            read_buffer_bytes: 512,
             drain_period: Duration::from_millis(30_000),
             node_ttl: Duration::from_millis(15_000),
             qos2_ttl: Duration::from_millis(10 * 60 * 1000),

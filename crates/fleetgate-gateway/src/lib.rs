@@ -12,6 +12,7 @@ mod ingest;
 pub mod metrics;
 mod node;
 mod outbound;
+mod outbox;
 mod registry;
 mod session;
 

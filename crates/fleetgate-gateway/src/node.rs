@@ -173,14 +173,17 @@ pub(crate) async fn drain(shared: &Shared) {
     );
     let n = sessions.len().max(1) as u32;
     let start = tokio::time::Instant::now();
-    for (i, (_device, _conn, tx)) in sessions.into_iter().enumerate() {
+    for (i, outbox) in sessions.into_iter().enumerate() {
         let at = start + period.mul_f64(f64::from(i as u32) / f64::from(n));
         tokio::time::sleep_until(at).await;
         // Each device is told to come back after a jittered delay, so the survivors see a
         // ramp rather than a wall.
         let retry_ms = rand::rng().random_range(0..=period.as_millis().max(1) as u64);
         let reason = retry_after_reason("node draining", retry_ms);
-        let _ = tx.try_send(Outbound::Close(Box::new((CloseCode::Draining, reason))));
+        if outbox.try_push(Outbound::Close(Box::new((CloseCode::Draining, reason)))).is_err() {
+            // Full: the session is stuck writing; closing its outbox ends it all the same.
+            outbox.close();
+        }
     }
     shared.tracker.close();
     let grace = period.max(Duration::from_secs(1));

@@ -5,7 +5,9 @@ use std::sync::Mutex;
 
 use fleetgate_bus::Command;
 use fleetgate_protocol::CloseCode;
-use tokio::sync::mpsc;
+use std::sync::Arc;
+
+use crate::outbox::{Outbox, PushError};
 
 /// What a session is told from outside its own socket. Kept pointer-sized where it can be,
 /// since every idle session's outbox pre-allocates a block of these.
@@ -22,7 +24,7 @@ pub(crate) enum Outbound {
 /// A session as seen by the rest of the node.
 pub(crate) struct SessionHandle {
     pub(crate) conn_id: u64,
-    pub(crate) tx: mpsc::Sender<Outbound>,
+    pub(crate) outbox: Arc<Outbox<Outbound>>,
     /// A `Deliver` sits in the outbox unread: more are coalesced into it, so a burst of
     /// commands to one device cannot fill its outbox with wake-ups and get it dropped.
     pub(crate) deliver_queued: bool,
@@ -32,8 +34,8 @@ pub(crate) struct SessionHandle {
 pub(crate) enum Offer {
     Sent,
     NoSession,
-    /// The outbox was full: the session is a slow consumer and has been dropped from the
-    /// registry, which closes its outbox and ends it.
+    /// The outbox was full: the session is a slow consumer; its outbox is closed, which ends
+    /// it, and it is gone from the registry.
     Dropped,
 }
 
@@ -74,13 +76,14 @@ impl Sessions {
         if deliver && handle.deliver_queued {
             return Offer::Sent;
         }
-        match handle.tx.try_send(msg) {
+        match handle.outbox.try_push(msg) {
             Ok(()) => {
                 handle.deliver_queued |= deliver;
                 Offer::Sent
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => Offer::NoSession,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(PushError::Closed) => Offer::NoSession,
+            Err(PushError::Full) => {
+                handle.outbox.close();
                 map.remove(device);
                 Offer::Dropped
             }
@@ -95,11 +98,8 @@ impl Sessions {
     }
 
     /// Senders of every session, for drain.
-    pub(crate) fn snapshot(&self) -> Vec<(String, u64, mpsc::Sender<Outbound>)> {
-        self.lock()
-            .iter()
-            .map(|(d, h)| (d.clone(), h.conn_id, h.tx.clone()))
-            .collect()
+    pub(crate) fn snapshot(&self) -> Vec<Arc<Outbox<Outbound>>> {
+        self.lock().values().map(|h| h.outbox.clone()).collect()
     }
 
     /// Number of sessions.

@@ -8,13 +8,13 @@ use fleetgate_protocol::{
     ReplayWindow, retry_after_reason,
 };
 use std::sync::Arc;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{Span, debug, warn};
 
 use crate::auth::{AuthError, AuthedDevice};
 use crate::metrics::CodeLabel;
 use crate::outbound::Outgoing;
+use crate::outbox::Outbox;
 use crate::registry::{Outbound, SessionHandle};
 use crate::{Shared, now_ms};
 
@@ -76,6 +76,13 @@ impl RateLimit {
     }
 }
 
+/// What woke the session loop.
+enum Event {
+    Outbound(Option<Outbound>),
+    Socket(Option<Result<Message, axum::Error>>),
+    Timer,
+}
+
 /// State of an authenticated session.
 pub(crate) struct Session {
     pub(crate) shared: Arc<Shared>,
@@ -91,9 +98,23 @@ pub(crate) struct Session {
 }
 
 /// Runs a socket from upgrade to close.
-pub(crate) async fn run(
+///
+/// The socket is boxed before the future is built: an `async fn` taking it by value keeps a
+/// second copy of it in its state (measured), and every idle connection would pay for both.
+pub(crate) fn run(
     shared: Arc<Shared>,
-    mut ws: WebSocket,
+    ws: WebSocket,
+    codec: Codec,
+    conn_id: u64,
+    admission: Admission,
+) -> impl Future<Output = ()> + Send {
+    let ws = Box::new(ws);
+    run_boxed(shared, ws, codec, conn_id, admission)
+}
+
+async fn run_boxed(
+    shared: Arc<Shared>,
+    mut ws: Box<WebSocket>,
     codec: Codec,
     conn_id: u64,
     admission: Admission,
@@ -104,24 +125,26 @@ pub(crate) async fn run(
             match Box::pin(auth_frame(&shared, &mut ws, codec, routed_id)).await {
                 Ok(device) => device,
                 Err(close) => {
-                    finish(&shared, &mut ws, close).await;
+                    Box::pin(finish(&shared, &mut ws, close)).await;
                     return;
                 }
             }
         }
     };
     Span::current().record("device_id", device.id.as_str());
-    let (tx, rx) = mpsc::channel(shared.config.outbox_capacity);
-    let mut session = match Box::pin(register(&shared, device, conn_id, codec, tx)).await {
+    let outbox = Arc::new(Outbox::new(shared.config.outbox_capacity));
+    let registered = Box::pin(register(&shared, device, conn_id, codec, outbox.clone())).await;
+    let mut session = match registered {
         Ok(session) => session,
         Err(close) => {
-            finish(&shared, &mut ws, close).await;
+            Box::pin(finish(&shared, &mut ws, close)).await;
             return;
         }
     };
-    let close = session.serve(&mut ws, rx).await;
+    let close = session.serve(&mut ws, &outbox).await;
+    outbox.close();
     Box::pin(session.unregister()).await;
-    finish(&shared, &mut ws, close).await;
+    Box::pin(finish(&shared, &mut ws, close)).await;
 }
 
 /// Sends the close frame and counts it. Errors are ignored: the peer may be gone already.
@@ -300,7 +323,7 @@ async fn register(
     device: AuthedDevice,
     conn_id: u64,
     codec: Codec,
-    tx: mpsc::Sender<Outbound>,
+    outbox: Arc<Outbox<Outbound>>,
 ) -> Result<Session, Close> {
     shared.metrics.auth_success.inc();
     let node = &shared.config.node_id;
@@ -308,14 +331,17 @@ async fn register(
         .sessions
         .insert(&device.id, SessionHandle {
             conn_id,
-            tx,
+            outbox,
             deliver_queued: false,
         })
     {
-        let _ = old.tx.try_send(Outbound::Close(Box::new((
+        let close = Outbound::Close(Box::new((
             CloseCode::Replaced,
             "replaced by a newer connection".to_owned(),
-        ))));
+        )));
+        if old.outbox.try_push(close).is_err() {
+            old.outbox.close();
+        }
     }
     let presence = Presence {
         node: node.clone(),
@@ -402,34 +428,40 @@ impl Session {
         at
     }
 
-    async fn serve(&mut self, ws: &mut WebSocket, mut rx: mpsc::Receiver<Outbound>) -> Close {
+    /// Sends `auth_response` and the commands queued while the device was offline. Its own
+    /// future, so the welcome frame is not kept in the idle loop's state.
+    async fn welcome(&mut self, ws: &mut WebSocket) -> Result<(), Close> {
         let welcome = Frame::AuthResponse(AuthResponse::Success {
             timestamp: now_ms(),
             session_id: format!("{:016x}", self.conn_id),
             heartbeat_ms: self.shared.config.heartbeat.as_millis() as u64,
         });
-        if let Err(close) = send_frame(&self.shared, ws, self.codec, &welcome).await {
-            return close;
-        }
-        // Commands queued while the device was offline go out first, in order.
-        if let Err(close) = self.deliver(ws).await {
+        send_frame(&self.shared, ws, self.codec, &welcome).await?;
+        self.deliver(ws).await
+    }
+
+    /// The session loop. Handlers run boxed: only the loop's own few hundred bytes stay
+    /// allocated while the session idles, not the largest handler's state.
+    async fn serve(&mut self, ws: &mut WebSocket, outbox: &Outbox<Outbound>) -> Close {
+        if let Err(close) = Box::pin(self.welcome(ws)).await {
             return close;
         }
         let timer = tokio::time::sleep_until(self.next_wake());
         tokio::pin!(timer);
         loop {
-            let result = tokio::select! {
+            let event = tokio::select! {
                 biased;
-                out = rx.recv() => match out {
-                    Some(out) => self.on_outbound(ws, out).await,
-                    None => Err(Close::new(CloseCode::TryAgainLater, "slow consumer: outbox full")),
-                },
-                msg = ws.recv() => match msg {
-                    Some(Ok(msg)) => self.on_message(ws, msg).await,
-                    Some(Err(error)) => Err(read_error(&error)),
-                    None => Err(Close::new(CloseCode::GoingAway, "peer went away")),
-                },
-                () = &mut timer => self.on_timer(ws).await,
+                out = outbox.recv() => Event::Outbound(out),
+                msg = ws.recv() => Event::Socket(msg),
+                () = &mut timer => Event::Timer,
+            };
+            let result = match event {
+                Event::Outbound(Some(out)) => Box::pin(self.on_outbound(ws, out)).await,
+                Event::Outbound(None) => Err(Close::new(CloseCode::TryAgainLater, "slow consumer: outbox full")),
+                Event::Socket(Some(Ok(msg))) => Box::pin(self.on_message(ws, msg)).await,
+                Event::Socket(Some(Err(error))) => Err(read_error(&error)),
+                Event::Socket(None) => Err(Close::new(CloseCode::GoingAway, "peer went away")),
+                Event::Timer => Box::pin(self.on_timer(ws)).await,
             };
             if let Err(close) = result {
                 return close;
