@@ -324,7 +324,7 @@ async fn register(
     conn_id: u64,
     codec: Codec,
     outbox: Arc<Outbox<Outbound>>,
-) -> Result<Session, Close> {
+) -> Result<Box<Session>, Close> {
     shared.metrics.auth_success.inc();
     let node = &shared.config.node_id;
     if let Some(old) = shared
@@ -369,7 +369,9 @@ async fn register(
     }
     shared.metrics.connections_active.inc();
     let now = Instant::now();
-    Ok(Session {
+    // Boxed: the session's state then sits once on the heap instead of in two slots of the
+    // connection's future.
+    Ok(Box::new(Session {
         shared: shared.clone(),
         device: device.id,
         groups: device.groups,
@@ -380,11 +382,11 @@ async fn register(
         outgoing: Outgoing::default(),
         last_activity: now,
         next_ping: now + shared.config.heartbeat,
-    })
+    }))
 }
 
 impl Session {
-    async fn unregister(self) {
+    async fn unregister(self: Box<Self>) {
         self.shared.metrics.connections_active.dec();
         self.shared.sessions.remove(&self.device, self.conn_id);
         if let Err(error) = self
