@@ -1,11 +1,13 @@
 //! Device -> server messages: validation, replay and rate checks, the QoS 0/1/2 answers, and
 //! what an accepted message does (telemetry append, shadow merge, fan-out publish).
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 use fleetgate_bus::{Channel, TelemetryRecord};
 use fleetgate_protocol::{
-    Codec, Envelope, ErrorCode, Frame, Handshake, HandshakeKind, MessageKind, MsgId, Qos,
-    batch_items, check_from_device,
+    Envelope, ErrorCode, Frame, Handshake, HandshakeKind, MessageKind, MsgId, Qos, batch_items,
+    check_from_device, json,
 };
 use serde_json::{Map, Value};
 use tracing::warn;
@@ -30,7 +32,7 @@ fn answer(qos: Qos, msgid: &MsgId) -> Option<Frame> {
 
 /// The shadow patch a status carries: IIoT `values` merge as `reported.<tag> = value`,
 /// other objects merge as they are.
-fn shadow_patch(payload: &Value) -> Option<Map<String, Value>> {
+fn shadow_patch(payload: &Value) -> Option<Cow<'_, Map<String, Value>>> {
     let obj = payload.as_object()?;
     match obj.get("values").and_then(Value::as_array) {
         Some(values) => {
@@ -45,9 +47,9 @@ fn shadow_patch(payload: &Value) -> Option<Map<String, Value>> {
             if let Some(q) = obj.get("quality") {
                 patch.insert("quality".to_owned(), q.clone());
             }
-            Some(patch)
+            Some(Cow::Owned(patch))
         }
-        None => Some(obj.clone()),
+        None => Some(Cow::Borrowed(obj)),
     }
 }
 
@@ -90,7 +92,8 @@ impl Session {
             }
         }
         let mut replies = Vec::new();
-        let accepted: Vec<Envelope> = if env.kind == MessageKind::Batch {
+        let (msgid, qos, is_batch) = (env.msgid.clone(), env.qos, env.kind == MessageKind::Batch);
+        let accepted: Vec<Envelope> = if is_batch {
             let mut accepted = Vec::with_capacity(items.len());
             for item in items {
                 match self.replay.check(&item.msgid, item.dup, now, limits) {
@@ -106,31 +109,35 @@ impl Session {
             }
             accepted
         } else {
-            vec![env.clone()]
+            vec![env]
         };
-        if let Err(error) = self.accept(&accepted, now).await {
+        // What each accepted batch item is owed once stored.
+        let item_answers: Vec<(Qos, MsgId)> = if is_batch {
+            accepted.iter().map(|i| (i.qos, i.msgid.clone())).collect()
+        } else {
+            Vec::new()
+        };
+        if let Err(error) = self.accept(accepted, now).await {
             // Nothing was stored: forget the msgids so the device's retry is processed, not
             // refused as a replay or acked unstored.
-            self.replay.forget(&env.msgid);
-            for item in &accepted {
-                self.replay.forget(&item.msgid);
+            self.replay.forget(&msgid);
+            for (_, item) in &item_answers {
+                self.replay.forget(item);
             }
-            if env.qos == Qos::ExactlyOnce {
+            if qos == Qos::ExactlyOnce {
                 // Undo the dedupe mark so the device's retransmission is processed.
                 let _ = self
                     .shared
                     .bus
-                    .qos2_release(&self.device, env.msgid.as_str())
+                    .qos2_release(&self.device, msgid.as_str())
                     .await;
             }
-            return Ok(vec![self.unavailable(&env.msgid, &error)]);
+            return Ok(vec![self.unavailable(&msgid, &error)]);
         }
-        if env.kind == MessageKind::Batch {
-            for item in &accepted {
-                replies.extend(answer(item.qos, &item.msgid));
-            }
+        for (item_qos, item) in &item_answers {
+            replies.extend(answer(*item_qos, item));
         }
-        replies.extend(answer(env.qos, &env.msgid));
+        replies.extend(answer(qos, &msgid));
         Ok(replies)
     }
 
@@ -165,33 +172,42 @@ impl Session {
     }
 
     /// Makes accepted messages durable (telemetry), then merges shadows and publishes. Only
-    /// the telemetry append decides success: it is what QoS 1/2 answers promise.
-    async fn accept(&self, messages: &[Envelope], now: i64) -> Result<(), fleetgate_bus::BusError> {
+    /// the telemetry append decides success: it is what QoS 1/2 answers promise. Payloads
+    /// move into the records rather than being copied; the fan-out frames are encoded first.
+    async fn accept(
+        &self,
+        messages: Vec<Envelope>,
+        now: i64,
+    ) -> Result<(), fleetgate_bus::BusError> {
         if messages.is_empty() {
             return Ok(());
         }
-        let records: Vec<TelemetryRecord> = messages
+        let fanout: Vec<(MessageKind, bool, Bytes)> = messages
             .iter()
+            .map(|m| (m.kind, m.retain, Bytes::from(json::encode_envelope(m))))
+            .collect();
+        let records: Vec<TelemetryRecord> = messages
+            .into_iter()
             .map(|m| TelemetryRecord {
                 device: self.device.clone(),
-                msgid: m.msgid.to_string(),
+                msgid: m.msgid.into_string(),
                 kind: m.kind,
                 timestamp: m.timestamp,
                 received_ms: now,
-                payload: m.payload.clone(),
+                payload: m.payload,
             })
             .collect();
         self.shared.bus.telemetry_append(&records).await?;
-        for m in messages {
+        for (record, (kind, retain, frame)) in records.iter().zip(fanout) {
             self.shared
                 .metrics
                 .messages_received
                 .get_or_create(&KindLabel {
-                    kind: m.kind.as_str(),
+                    kind: kind.as_str(),
                 })
                 .inc();
-            let patch = (m.kind == MessageKind::Status)
-                .then(|| shadow_patch(&m.payload))
+            let patch = (kind == MessageKind::Status)
+                .then(|| shadow_patch(&record.payload))
                 .flatten();
             if let Some(patch) = patch
                 && let Err(error) = self
@@ -203,24 +219,24 @@ impl Session {
                 self.shared.metrics.bus_errors.inc();
                 warn!(message = "shadow merge failed", %error);
             }
-            self.publish(m).await;
+            let alert = kind == MessageKind::Event && record.payload.get("severity").is_some();
+            self.publish(frame, retain, alert).await;
         }
         Ok(())
     }
 
     /// Fans an accepted message out to `device:<id>`, its groups and, for events with a
     /// `severity`, `alerts`. Subscribers always get JSON.
-    async fn publish(&self, m: &Envelope) {
-        let frame: Bytes = Codec::Json.encode(&Frame::Message(m.clone()));
+    async fn publish(&self, frame: Bytes, retain: bool, alert: bool) {
         let mut channels = Vec::with_capacity(2 + self.groups.len());
         channels.push(Channel::Device(self.device.clone()));
         channels.extend(self.groups.iter().map(|g| Channel::Group(g.clone())));
-        if m.kind == MessageKind::Event && m.payload.get("severity").is_some() {
+        if alert {
             channels.push(Channel::Alerts);
         }
         for (i, channel) in channels.iter().enumerate() {
             // Only the device's own channel keeps a retained value.
-            let retain = m.retain && i == 0;
+            let retain = retain && i == 0;
             if let Err(error) = self
                 .shared
                 .bus
@@ -269,7 +285,7 @@ mod tests {
         let p = json!({"values":[{"tag":"temperature","value":42.5,"unit":"C"},{"tag":"pressure","value":101.3}],"quality":"good"});
         let patch = shadow_patch(&p).unwrap();
         assert_eq!(
-            Value::Object(patch),
+            Value::Object(patch.into_owned()),
             json!({"temperature":42.5,"pressure":101.3,"quality":"good"})
         );
     }
@@ -277,7 +293,7 @@ mod tests {
     #[test]
     fn plain_objects_merge_as_they_are_and_scalars_not_at_all() {
         assert_eq!(
-            Value::Object(shadow_patch(&json!({"battery":80})).unwrap()),
+            Value::Object(shadow_patch(&json!({"battery":80})).unwrap().into_owned()),
             json!({"battery":80})
         );
         assert!(shadow_patch(&json!(5)).is_none());

@@ -180,7 +180,10 @@ pub(crate) async fn drain(shared: &Shared) {
         // ramp rather than a wall.
         let retry_ms = rand::rng().random_range(0..=period.as_millis().max(1) as u64);
         let reason = retry_after_reason("node draining", retry_ms);
-        if outbox.try_push(Outbound::Close(Box::new((CloseCode::Draining, reason)))).is_err() {
+        if outbox
+            .try_push(Outbound::Close(Box::new((CloseCode::Draining, reason))))
+            .is_err()
+        {
             // Full: the session is stuck writing; closing its outbox ends it all the same.
             outbox.close();
         }

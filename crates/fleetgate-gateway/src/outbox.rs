@@ -110,7 +110,10 @@ mod tests {
         o.try_push(7).unwrap();
         tokio::task::yield_now().await;
         o.close();
-        let (first, second) = tokio::time::timeout(std::time::Duration::from_secs(5), consumer).await.unwrap().unwrap();
+        let (first, second) = tokio::time::timeout(std::time::Duration::from_secs(5), consumer)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!((first, second), (Some(7), None));
     }
 
@@ -131,7 +134,9 @@ mod tests {
             }
         });
         for want in 0..10_000u32 {
-            let got = tokio::time::timeout(std::time::Duration::from_secs(5), o.recv()).await.expect("no lost wake-up");
+            let got = tokio::time::timeout(std::time::Duration::from_secs(5), o.recv())
+                .await
+                .expect("no lost wake-up");
             assert_eq!(got, Some(want));
         }
         producer.await.unwrap();

@@ -327,14 +327,14 @@ async fn register(
 ) -> Result<Box<Session>, Close> {
     shared.metrics.auth_success.inc();
     let node = &shared.config.node_id;
-    if let Some(old) = shared
-        .sessions
-        .insert(&device.id, SessionHandle {
+    if let Some(old) = shared.sessions.insert(
+        &device.id,
+        SessionHandle {
             conn_id,
             outbox,
             deliver_queued: false,
-        })
-    {
+        },
+    ) {
         let close = Outbound::Close(Box::new((
             CloseCode::Replaced,
             "replaced by a newer connection".to_owned(),
@@ -459,7 +459,10 @@ impl Session {
             };
             let result = match event {
                 Event::Outbound(Some(out)) => Box::pin(self.on_outbound(ws, out)).await,
-                Event::Outbound(None) => Err(Close::new(CloseCode::TryAgainLater, "slow consumer: outbox full")),
+                Event::Outbound(None) => Err(Close::new(
+                    CloseCode::TryAgainLater,
+                    "slow consumer: outbox full",
+                )),
                 Event::Socket(Some(Ok(msg))) => Box::pin(self.on_message(ws, msg)).await,
                 Event::Socket(Some(Err(error))) => Err(read_error(&error)),
                 Event::Socket(None) => Err(Close::new(CloseCode::GoingAway, "peer went away")),
@@ -475,7 +478,9 @@ impl Session {
     async fn on_outbound(&mut self, ws: &mut WebSocket, out: Outbound) -> Result<(), Close> {
         match out {
             Outbound::Deliver => {
-                self.shared.sessions.deliver_taken(&self.device, self.conn_id);
+                self.shared
+                    .sessions
+                    .deliver_taken(&self.device, self.conn_id);
                 self.deliver(ws).await
             }
             Outbound::Command(cmd) => {

@@ -102,6 +102,12 @@ pub fn encode(frame: &Frame) -> Vec<u8> {
     }
 }
 
+/// Encodes one message envelope as JSON without wrapping it in a [`Frame`] (the gateway's
+/// fan-out path encodes envelopes it still needs afterwards).
+pub fn encode_envelope(env: &Envelope) -> Vec<u8> {
+    to_vec(&EnvelopeOut::new(env))
+}
+
 /// Reads a status/event envelope from a JSON value (a batch item); a missing `from`
 /// defaults to `device_id`.
 ///
