@@ -1,1 +1,103 @@
-//! End-to-end tests live in `e2e/`; this crate has no library code.
+//! What the end-to-end tests and the benchmarks share: finding the `fleetgate` binary and
+//! starting `fleetgate all` on free loopback ports.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// The `fleetgate` binary: `FLEETGATE_BIN`, else the one beside the running test or bench
+/// executable (`<target>/<profile>/fleetgate`).
+///
+/// # Errors
+/// When it does not exist, with the command that builds it.
+pub fn fleetgate_binary() -> anyhow::Result<PathBuf> {
+    if let Ok(p) = std::env::var("FLEETGATE_BIN") {
+        let p = PathBuf::from(p);
+        if !p.exists() {
+            bail!("FLEETGATE_BIN={} does not exist", p.display());
+        }
+        return Ok(p);
+    }
+    let exe = std::env::current_exe().context("executable path")?;
+    // <target>/<profile>/deps/<name>-<hash> -> <target>/<profile>/fleetgate
+    let bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .context("target dir")?
+        .join("fleetgate");
+    if !bin.exists() {
+        bail!(
+            "{} not found: build it first with the same profile (`make test` does; or \
+             `cargo build -p fleetgate`, `cargo build --release -p fleetgate` for benches), or \
+             point FLEETGATE_BIN at a fleetgate binary",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// The addresses a node printed on start.
+#[derive(Debug, Clone)]
+pub struct Addrs {
+    /// Public WebSocket listener.
+    pub gateway: String,
+    /// Admin REST listener.
+    pub admin: String,
+    /// Internal listener.
+    pub internal: String,
+}
+
+/// Starts `fleetgate all` with `env` (listeners should be `127.0.0.1:0`) and reads the
+/// address line it prints. The child is killed when dropped; its stdout keeps being drained so
+/// it never blocks on a full pipe.
+///
+/// # Errors
+/// When the binary is missing, fails to start, or prints no address line within `deadline`.
+pub async fn spawn_all(env: &[(&str, &str)], deadline: Duration) -> anyhow::Result<(Child, Addrs)> {
+    let bin = fleetgate_binary()?;
+    let mut cmd = Command::new(&bin);
+    cmd.arg("all")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let stdout = child.stdout.take().context("child stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    // The first line that is a JSON object (a wrapper such as a profiler may print first).
+    let line = tokio::time::timeout(deadline, async {
+        loop {
+            match lines.next_line().await? {
+                Some(l) if l.trim_start().starts_with('{') => return Ok(l),
+                Some(_) => continue,
+                None => bail!("fleetgate exited before printing its addresses"),
+            }
+        }
+    })
+    .await
+    .context("fleetgate did not print its addresses in time")??;
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let addrs: serde_json::Value =
+        serde_json::from_str(&line).with_context(|| format!("address line is not JSON: {line}"))?;
+    let get = |k: &str| -> anyhow::Result<String> {
+        addrs[k]
+            .as_str()
+            .map(str::to_owned)
+            .with_context(|| format!("no {k} in {line}"))
+    };
+    let addrs = Addrs {
+        gateway: get("gateway")?,
+        admin: get("admin")?,
+        internal: get("internal")?,
+    };
+    Ok((child, addrs))
+}

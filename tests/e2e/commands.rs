@@ -260,7 +260,9 @@ async fn a_burst_of_commands_to_one_device_is_delivered_whole_without_dropping_i
     let secret = node.provision("burst").await;
     let mut raw = Raw::authed(&node.device_url(), "burst", &secret).await;
     const N: usize = 300;
-    let calls: Vec<_> = (0..N).map(|i| send(&node, "burst", json!({"payload": {"i": i}, "qos": 1}))).collect();
+    let calls: Vec<_> = (0..N)
+        .map(|i| send(&node, "burst", json!({"payload": {"i": i}, "qos": 1})))
+        .collect();
     let mut queued = std::collections::HashSet::new();
     for call in calls {
         let (status, body) = call.await.unwrap();

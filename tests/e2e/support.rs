@@ -2,15 +2,12 @@
 //! sockets. Nothing here sleeps to wait for a condition; every wait has a deadline.
 
 use std::future::Future;
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
@@ -21,22 +18,6 @@ pub const API_KEY: &str = "test-api-key-0123456789";
 
 /// Upper bound for any single wait in these tests.
 pub const DEADLINE: Duration = Duration::from_secs(10);
-
-/// Path of the `fleetgate` binary built beside this test.
-fn binary() -> PathBuf {
-    if let Ok(p) = std::env::var("FLEETGATE_BIN") {
-        return p.into();
-    }
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    let bin = dir.join("fleetgate");
-    assert!(
-        bin.exists(),
-        "{} not found: build it first (`make test` does, or `cargo build -p fleetgate`)",
-        bin.display()
-    );
-    bin
-}
 
 /// A running `fleetgate all` process, killed on drop.
 pub struct Node {
@@ -75,36 +56,16 @@ fn test_env() -> Vec<(&'static str, String)> {
 impl Node {
     /// Starts a node with the test defaults plus `overrides`.
     pub async fn start(overrides: &[(&str, &str)]) -> Node {
-        let mut cmd = Command::new(binary());
-        cmd.arg("all")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true);
-        for (k, v) in test_env() {
-            cmd.env(k, v);
-        }
-        for (k, v) in overrides {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("start fleetgate");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        let line = tokio::time::timeout(DEADLINE, lines.next_line())
+        let defaults = test_env();
+        let mut env: Vec<(&str, &str)> = defaults.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        env.extend_from_slice(overrides);
+        let (child, addrs) = fleetgate_e2e::spawn_all(&env, DEADLINE)
             .await
-            .expect("fleetgate printed its addresses in time")
-            .expect("read stdout")
-            .expect("fleetgate exited before printing its addresses");
-        let addrs: Value = serde_json::from_str(&line).expect("address line is JSON");
-        let get = |k: &str| {
-            addrs[k]
-                .as_str()
-                .unwrap_or_else(|| panic!("no {k} in {line}"))
-                .to_owned()
-        };
+            .expect("start fleetgate");
         Node {
-            gateway: get("gateway"),
-            admin: get("admin"),
-            internal: get("internal"),
+            gateway: addrs.gateway,
+            admin: addrs.admin,
+            internal: addrs.internal,
             child,
             http: reqwest::Client::new(),
         }

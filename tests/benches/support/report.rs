@@ -1,0 +1,133 @@
+//! Statistics, machine description and Markdown output.
+
+use std::fmt::Write as _;
+
+/// One figure measured once per run.
+#[derive(Debug, Clone)]
+pub struct Figure {
+    /// What was measured.
+    pub name: String,
+    /// Unit printed after the value.
+    pub unit: &'static str,
+    /// One value per run.
+    pub runs: Vec<f64>,
+    /// Digits after the point.
+    pub decimals: usize,
+}
+
+impl Figure {
+    /// A figure with no runs yet.
+    pub fn new(name: impl Into<String>, unit: &'static str, decimals: usize) -> Self {
+        Self {
+            name: name.into(),
+            unit,
+            runs: Vec::new(),
+            decimals,
+        }
+    }
+
+    /// The median of the runs (mean of the middle two for an even count).
+    pub fn median(&self) -> f64 {
+        median(&self.runs)
+    }
+}
+
+/// The median of `v` (NaN if empty).
+pub fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let m = s.len() / 2;
+    if s.len() % 2 == 1 {
+        s[m]
+    } else {
+        (s[m - 1] + s[m]) / 2.0
+    }
+}
+
+/// `1234567.8` -> `1,234,568` (with `decimals` digits after the point).
+pub fn num(v: f64, decimals: usize) -> String {
+    if !v.is_finite() {
+        return "n/a".into();
+    }
+    let s = format!("{:.*}", decimals, v.abs());
+    let (int, frac) = s
+        .split_once('.')
+        .map_or((s.as_str(), None), |(a, b)| (a, Some(b)));
+    let mut out = String::new();
+    for (i, c) in int.chars().enumerate() {
+        if i > 0 && (int.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if let Some(f) = frac {
+        out.push('.');
+        out.push_str(f);
+    }
+    if v < 0.0 { format!("-{out}") } else { out }
+}
+
+/// A Markdown table of figures: median and every run.
+pub fn table(figures: &[Figure]) -> String {
+    let mut s = String::from("| figure | median | runs |\n|---|---:|---|\n");
+    for f in figures {
+        let runs: Vec<String> = f.runs.iter().map(|v| num(*v, f.decimals)).collect();
+        let _ = writeln!(
+            s,
+            "| {} | **{} {}** | {} |",
+            f.name,
+            num(f.median(), f.decimals),
+            f.unit,
+            runs.join(" / ")
+        );
+    }
+    s
+}
+
+/// nproc, CPU model, MemTotal, kernel.
+pub fn machine() -> String {
+    let nproc = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let memtotal = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .map(|l| l["MemTotal:".len()..].trim().to_owned())
+        .unwrap_or_default();
+    let memtotal_gib = memtotal
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<f64>()
+        .map(|kb| kb / 1024.0 / 1024.0)
+        .unwrap_or(f64::NAN);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, m)| m.trim().to_owned())
+        .unwrap_or_else(|| "unknown".into());
+    let nofile = std::fs::read_to_string("/proc/self/limits")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .map(|l| {
+            l.split_whitespace()
+                .skip(3)
+                .take(2)
+                .collect::<Vec<_>>()
+                .join("/")
+        })
+        .unwrap_or_default();
+    format!(
+        "nproc {nproc}; CPU {model}; MemTotal {memtotal} ({memtotal_gib:.1} GiB); kernel {kernel}; open files (soft/hard) {nofile}"
+    )
+}
