@@ -625,7 +625,12 @@ async fn run() -> anyhow::Result<()> {
     let _ = writeln!(
         md,
         "- server: `{} all` (built {}; memory bus, one node, loopback), fresh process per run; {} runs per figure",
-        bin.display(),
+        // Relative to the workspace, so reports name no machine's paths.
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .and_then(|root| bin.strip_prefix(root).ok())
+            .unwrap_or(&bin)
+            .display(),
         std::process::Command::new("date")
             .args(["-u", "-r"])
             .arg(&bin)
