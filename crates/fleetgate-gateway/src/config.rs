@@ -22,8 +22,12 @@ pub struct GatewayConfig {
     pub max_ack_backoff: Duration,
     /// Deliveries of one command before it is reported failed.
     pub max_attempts: u32,
-    /// Authenticated device connections this node accepts; more get 503 before the upgrade.
+    /// Authenticated device sessions this node holds. When full, upgrades get 503; a device
+    /// that authenticates on a socket accepted just before the node filled up gets 1013.
     pub max_connections: usize,
+    /// Sockets upgraded but not yet authenticated, on top of `max_connections` (each costs a
+    /// file descriptor and about 5 KiB until its auth frame or the auth timeout).
+    pub max_pending_auth: usize,
     /// Protocol limits (frame size, skew, replay window, batch size).
     pub limits: Limits,
     /// Sustained messages per second per device; above it (past the burst) the session closes
@@ -68,6 +72,7 @@ impl Default for GatewayConfig {
             max_ack_backoff: Duration::from_millis(60_000),
             max_attempts: 5,
             max_connections: 100_000,
+            max_pending_auth: 1024,
             limits: Limits::default(),
             rate_limit_per_second: 100,
             rate_limit_burst: 200,

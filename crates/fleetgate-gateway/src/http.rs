@@ -63,9 +63,17 @@ async fn device_upgrade(
         shared.metrics.connections_rejected.inc();
         return unavailable("draining", "node is draining; connect to another node", 1);
     }
-    let Ok(permit) = shared.capacity.clone().try_acquire_owned() else {
+    // Refuse before upgrading when the node is full: the cheapest answer, and one a load
+    // balancer can act on.
+    let full = || {
         shared.metrics.connections_rejected.inc();
-        return unavailable("at_capacity", "node is at its connection limit", 5);
+        unavailable("at_capacity", "node is at its connection limit", 5)
+    };
+    if shared.sessions_capacity.available_permits() == 0 {
+        return full();
+    }
+    let Ok(socket_permit) = shared.sockets_capacity.clone().try_acquire_owned() else {
+        return full();
     };
     let routed_id = headers
         .get("device-id")
@@ -123,7 +131,7 @@ async fn device_upgrade(
         .on_upgrade(move |socket| {
             async move {
                 session::run(shared, socket, codec, conn_id, admission).await;
-                drop(permit);
+                drop(socket_permit);
                 drop(token);
             }
             .instrument(span)

@@ -46,8 +46,11 @@ pub(crate) struct Shared {
     pub(crate) auth: Authenticator,
     pub(crate) sessions: registry::Sessions,
     pub(crate) metrics: Arc<Metrics>,
-    /// One permit per open device socket.
-    pub(crate) capacity: Arc<Semaphore>,
+    /// One permit per authenticated session (`max_connections`).
+    pub(crate) sessions_capacity: Arc<Semaphore>,
+    /// One permit per upgraded socket, authenticated or not (`max_connections +
+    /// max_pending_auth`): bounds file descriptors and pre-auth memory.
+    pub(crate) sockets_capacity: Arc<Semaphore>,
     /// Every upgraded socket's task, so drain can wait for them (axum's graceful shutdown
     /// does not).
     pub(crate) tracker: TaskTracker,
@@ -73,7 +76,10 @@ impl Gateway {
         let metrics = Arc::new(Metrics::default());
         metrics.register(registry);
         let shared = Shared {
-            capacity: Arc::new(Semaphore::new(config.max_connections)),
+            sessions_capacity: Arc::new(Semaphore::new(config.max_connections)),
+            sockets_capacity: Arc::new(Semaphore::new(
+                config.max_connections.saturating_add(config.max_pending_auth),
+            )),
             auth: Authenticator::new(bus.clone(), jwt),
             sessions: registry::Sessions::default(),
             config,

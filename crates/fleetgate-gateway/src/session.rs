@@ -95,6 +95,8 @@ pub(crate) struct Session {
     pub(crate) outgoing: Outgoing,
     last_activity: Instant,
     next_ping: Instant,
+    /// Held while the session lives: one of `max_connections`.
+    _session_permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// Runs a socket from upgrade to close.
@@ -326,6 +328,12 @@ async fn register(
     outbox: Arc<Outbox<Outbound>>,
 ) -> Result<Box<Session>, Close> {
     shared.metrics.auth_success.inc();
+    // The node may have filled up since this socket was accepted.
+    let Ok(session_permit) = shared.sessions_capacity.clone().try_acquire_owned() else {
+        shared.metrics.connections_rejected.inc();
+        let retry = rand::random_range(1000..5000);
+        return Err(Close::new(CloseCode::TryAgainLater, retry_after_reason("node at capacity", retry)));
+    };
     let node = &shared.config.node_id;
     if let Some(old) = shared.sessions.insert(
         &device.id,
@@ -382,6 +390,7 @@ async fn register(
         outgoing: Outgoing::default(),
         last_activity: now,
         next_ping: now + shared.config.heartbeat,
+        _session_permit: session_permit,
     }))
 }
 

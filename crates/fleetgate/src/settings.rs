@@ -58,8 +58,10 @@ pub struct GatewaySettings {
     pub max_ack_backoff_ms: u64,
     /// Deliveries before a command is reported failed.
     pub max_attempts: u32,
-    /// Device sockets per node; 0 = sized from memory and the open-file limit.
+    /// Authenticated device sessions per node; 0 = sized from memory and the open-file limit.
     pub max_connections: usize,
+    /// Sockets waiting for their auth frame, on top of `max_connections`.
+    pub max_pending_auth: usize,
     /// Largest frame.
     pub max_frame_bytes: usize,
     /// Accepted clock skew of message timestamps.
@@ -148,6 +150,7 @@ impl Default for GatewaySettings {
             max_ack_backoff_ms: ms(g.max_ack_backoff),
             max_attempts: g.max_attempts,
             max_connections: 0,
+            max_pending_auth: g.max_pending_auth,
             max_frame_bytes: g.limits.max_frame_bytes,
             max_skew_ms: g.limits.max_skew_ms,
             replay_window_ms: g.limits.replay_window_ms,
@@ -236,9 +239,12 @@ pub struct Overrides {
     /// Deliveries before a command fails.
     #[arg(long, env = "FLEETGATE_MAX_ATTEMPTS")]
     pub max_attempts: Option<u32>,
-    /// Device sockets per node (0 = sized from memory and open-file limit).
+    /// Authenticated device sessions per node (0 = sized from memory and open-file limit).
     #[arg(long, env = "FLEETGATE_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// Sockets waiting for their auth frame, on top of max connections.
+    #[arg(long, env = "FLEETGATE_MAX_PENDING_AUTH")]
+    pub max_pending_auth: Option<usize>,
     /// Largest frame, bytes.
     #[arg(long, env = "FLEETGATE_MAX_FRAME_BYTES")]
     pub max_frame_bytes: Option<usize>,
@@ -281,6 +287,7 @@ impl Settings {
             auth_timeout_ms => gateway.auth_timeout_ms, heartbeat_ms => gateway.heartbeat_ms,
             idle_timeout_ms => gateway.idle_timeout_ms, ack_timeout_ms => gateway.ack_timeout_ms,
             max_attempts => gateway.max_attempts, max_connections => gateway.max_connections,
+            max_pending_auth => gateway.max_pending_auth,
             max_frame_bytes => gateway.max_frame_bytes,
             rate_limit_per_second => gateway.rate_limit_per_second,
             rate_limit_burst => gateway.rate_limit_burst, drain_period_ms => gateway.drain_period_ms,
@@ -349,6 +356,7 @@ impl Settings {
             max_ack_backoff: d(g.max_ack_backoff_ms),
             max_attempts: g.max_attempts,
             max_connections: g.max_connections,
+            max_pending_auth: g.max_pending_auth,
             rate_limit_per_second: g.rate_limit_per_second,
             rate_limit_burst: g.rate_limit_burst,
             outbox_capacity: g.outbox_capacity,
@@ -366,7 +374,7 @@ impl Settings {
         c.limits.replay_window_ms = g.replay_window_ms;
         c.limits.max_batch_items = g.max_batch_items;
         if c.max_connections == 0 {
-            c.max_connections = auto_max_connections();
+            c.max_connections = auto_max_connections(c.max_pending_auth);
         }
         c
     }
@@ -394,9 +402,10 @@ impl Settings {
     }
 }
 
-/// Connections the machine can hold: bounded by memory (about 16 KiB each, busy) and by the
-/// open-file limit (one descriptor each, less a reserve for listeners, Redis and logs).
-fn auto_max_connections() -> usize {
+/// Sessions the machine can hold: bounded by memory (about 16 KiB each, busy) and by the
+/// open-file limit (one descriptor each, less the pending-auth sockets and a reserve for
+/// listeners, Redis and logs).
+fn auto_max_connections(pending: usize) -> usize {
     let mem = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {
@@ -415,6 +424,6 @@ fn auto_max_connections() -> usize {
                 .and_then(|l| l.split_whitespace().nth(3))
                 .and_then(|soft| soft.parse::<usize>().ok())
         })
-        .map_or(usize::MAX, |n| n.saturating_sub(200).max(100));
+        .map_or(usize::MAX, |n| n.saturating_sub(200 + pending).max(100));
     by_mem.min(by_files)
 }
