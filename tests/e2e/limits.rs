@@ -17,23 +17,29 @@ async fn a_full_node_refuses_upgrades_with_503_and_late_authentications_with_101
     // A third upgrades before either has authenticated: sockets awaiting auth are allowed.
     let mut late = Raw::connect(&node.device_url(), &[]).await;
     for (raw, i) in [(&mut a, 0), (&mut b, 1)] {
-        raw.send(json!({"type":"auth","deviceId":format!("cap-{i}"),"token":secrets[i]})).await;
+        raw.send(json!({"type":"auth","deviceId":format!("cap-{i}"),"token":secrets[i]}))
+            .await;
         assert_eq!(raw.recv().await["status"], "success");
     }
     // The node is full now: the late socket's auth is refused with 1013 and a retry hint.
-    late.send(json!({"type":"auth","deviceId":"cap-2","token":secrets[2]})).await;
+    late.send(json!({"type":"auth","deviceId":"cap-2","token":secrets[2]}))
+        .await;
     let closed = late.closed().await;
     assert_eq!(closed.code, 1013, "{closed:?}");
     assert!(closed.reason.contains("retry-after="), "{closed:?}");
     // New upgrades are refused before the upgrade.
-    assert_eq!(Raw::try_connect(&node.device_url(), &[]).await.err(), Some(503));
+    assert_eq!(
+        Raw::try_connect(&node.device_url(), &[]).await.err(),
+        Some(503)
+    );
     // A slot frees when a device leaves.
     drop(a);
     let secret = secrets[3].clone();
     crate::support::eventually("a free slot", || async {
         match Raw::try_connect(&node.device_url(), &[]).await {
             Ok(mut raw) => {
-                raw.send(json!({"type":"auth","deviceId":"cap-3","token":secret})).await;
+                raw.send(json!({"type":"auth","deviceId":"cap-3","token":secret}))
+                    .await;
                 (raw.recv().await["status"] == "success").then_some(())
             }
             Err(503) => None,
@@ -45,12 +51,20 @@ async fn a_full_node_refuses_upgrades_with_503_and_late_authentications_with_101
 
 #[tokio::test]
 async fn sockets_waiting_for_auth_are_bounded() {
-    let node = Node::start(&[("FLEETGATE_MAX_CONNECTIONS", "2"), ("FLEETGATE_MAX_PENDING_AUTH", "1")]).await;
+    let node = Node::start(&[
+        ("FLEETGATE_MAX_CONNECTIONS", "2"),
+        ("FLEETGATE_MAX_PENDING_AUTH", "1"),
+    ])
+    .await;
     let mut held = Vec::new();
     for _ in 0..3 {
         held.push(Raw::connect(&node.device_url(), &[]).await);
     }
-    assert_eq!(Raw::try_connect(&node.device_url(), &[]).await.err(), Some(503), "2 + 1 sockets at most");
+    assert_eq!(
+        Raw::try_connect(&node.device_url(), &[]).await.err(),
+        Some(503),
+        "2 + 1 sockets at most"
+    );
 }
 
 #[tokio::test]

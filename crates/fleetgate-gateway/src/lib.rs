@@ -78,7 +78,9 @@ impl Gateway {
         let shared = Shared {
             sessions_capacity: Arc::new(Semaphore::new(config.max_connections)),
             sockets_capacity: Arc::new(Semaphore::new(
-                config.max_connections.saturating_add(config.max_pending_auth),
+                config
+                    .max_connections
+                    .saturating_add(config.max_pending_auth),
             )),
             auth: Authenticator::new(bus.clone(), jwt),
             sessions: registry::Sessions::default(),

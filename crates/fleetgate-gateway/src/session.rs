@@ -332,7 +332,10 @@ async fn register(
     let Ok(session_permit) = shared.sessions_capacity.clone().try_acquire_owned() else {
         shared.metrics.connections_rejected.inc();
         let retry = rand::random_range(1000..5000);
-        return Err(Close::new(CloseCode::TryAgainLater, retry_after_reason("node at capacity", retry)));
+        return Err(Close::new(
+            CloseCode::TryAgainLater,
+            retry_after_reason("node at capacity", retry),
+        ));
     };
     let node = &shared.config.node_id;
     if let Some(old) = shared.sessions.insert(
