@@ -127,3 +127,19 @@ async fn a_device_that_stops_reading_is_dropped_and_others_are_unaffected() {
     fine.send(status("fine", "f1", 1, json!({}))).await;
     assert_eq!(fine.recv().await, json!({"type":"ack","msgid":"f1"}));
 }
+
+#[tokio::test]
+async fn plain_http_on_the_device_listener_gets_json_errors() {
+    let node = Node::start(&[]).await;
+    let http = reqwest::Client::new();
+    for (path, want) in [("/v1/device", 400), ("/v1/nothing", 404), ("/", 404)] {
+        let resp = http
+            .get(format!("http://{}{path}", node.gateway))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), want, "{path}");
+        let body: serde_json::Value = resp.json().await.expect("a JSON body");
+        assert!(body["error"]["code"].is_string(), "{path}: {body}");
+    }
+}

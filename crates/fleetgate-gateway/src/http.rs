@@ -22,6 +22,13 @@ use crate::session::{self, Admission};
 pub(crate) fn public_router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/device", get(device_upgrade))
+        .fallback(|| async {
+            json_error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "devices connect to /v1/device",
+            )
+        })
         .with_state(shared)
 }
 
