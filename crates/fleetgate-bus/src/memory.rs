@@ -868,8 +868,7 @@ fn merge_into<'a>(
 ) -> Option<&'a Shadow> {
     if !shadows.contains_key(device) {
         let mut fresh = Shadow::default();
-        merge_patch(part(&mut fresh), patch);
-        if part(&mut fresh).is_empty() {
+        if !merge_patch(part(&mut fresh), patch) {
             return None;
         }
         fresh.version = 1;
@@ -878,10 +877,7 @@ fn merge_into<'a>(
         return Some(shadows.entry(device.to_owned()).or_insert(fresh));
     }
     let shadow = shadows.get_mut(device)?;
-    let target = part(shadow);
-    let before = target.clone();
-    merge_patch(target, patch);
-    if *target != before {
+    if merge_patch(part(shadow), patch) {
         shadow.version += 1;
         shadow.updated_ms = now_ms;
         shadow.recompute_delta();

@@ -202,15 +202,20 @@ impl Shadow {
     }
 }
 
-/// Applies a top-level merge patch: keys are replaced, `null` deletes.
-pub fn merge_patch(target: &mut Map<String, Value>, patch: &Map<String, Value>) {
+/// Applies a top-level merge patch: keys are replaced, `null` deletes. Returns whether
+/// anything changed, so callers can keep the version of a no-op merge without comparing a
+/// copy of the whole map.
+pub fn merge_patch(target: &mut Map<String, Value>, patch: &Map<String, Value>) -> bool {
+    let mut changed = false;
     for (k, v) in patch {
         if v.is_null() {
-            target.remove(k);
-        } else {
+            changed |= target.remove(k).is_some();
+        } else if target.get(k) != Some(v) {
             target.insert(k.clone(), v.clone());
+            changed = true;
         }
     }
+    changed
 }
 
 /// A fan-out channel.
