@@ -205,3 +205,37 @@ mod jwt {
         }
     }
 }
+
+#[tokio::test]
+async fn frames_pipelined_after_the_auth_frame_are_processed_once_authenticated() {
+    let node = Node::start(&[]).await;
+    let secret = node.provision("pipe").await;
+    let mut raw = Raw::connect(&node.device_url(), &[]).await;
+    raw.send(json!({"type":"auth","deviceId":"pipe","token":secret}))
+        .await;
+    raw.send(crate::support::status("pipe", "early", 1, json!({"t": 1})))
+        .await;
+    assert_eq!(raw.recv().await["status"], "success");
+    assert_eq!(raw.recv().await, json!({"type":"ack","msgid":"early"}));
+}
+
+#[tokio::test]
+async fn a_capacity_close_carries_a_retry_hint() {
+    let node = Node::start(&[("FLEETGATE_MAX_CONNECTIONS", "1")]).await;
+    let a = node.provision("hint-a").await;
+    let b = node.provision("hint-b").await;
+    let mut first = Raw::connect(&node.device_url(), &[]).await;
+    let mut second = Raw::connect(&node.device_url(), &[]).await;
+    first
+        .send(json!({"type":"auth","deviceId":"hint-a","token":a}))
+        .await;
+    assert_eq!(first.recv().await["status"], "success");
+    second
+        .send(json!({"type":"auth","deviceId":"hint-b","token":b}))
+        .await;
+    let closed = second.closed().await;
+    assert_eq!(closed.code, 1013);
+    let retry =
+        fleetgate_protocol::parse_retry_after(&closed.reason).expect("retry-after in the reason");
+    assert!((500..5000).contains(&retry), "{retry}");
+}

@@ -40,6 +40,15 @@ impl Close {
         }
     }
 
+    /// A close that asks the device to come back (1011, 1013): the reason carries a
+    /// `retry-after` jittered per device, so a crowd does not return at the same instant.
+    pub(crate) fn come_back(code: CloseCode, text: &str) -> Self {
+        Self::new(
+            code,
+            retry_after_reason(text, rand::random_range(500..5000)),
+        )
+    }
+
     fn protocol(error: &ProtocolError) -> Self {
         Self::new(
             error.close_code().unwrap_or(CloseCode::ProtocolError),
@@ -198,7 +207,7 @@ async fn send_frame(
         Codec::Json => match Utf8Bytes::try_from(bytes) {
             Ok(text) => Message::Text(text),
             Err(_) => {
-                return Err(Close::new(
+                return Err(Close::come_back(
                     CloseCode::InternalError,
                     "encoder produced invalid UTF-8",
                 ));
@@ -209,7 +218,7 @@ async fn send_frame(
     match tokio::time::timeout(shared.config.write_timeout, ws.send(msg)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err(Close::new(CloseCode::GoingAway, "socket closed")),
-        Err(_) => Err(Close::new(
+        Err(_) => Err(Close::come_back(
             CloseCode::TryAgainLater,
             "slow consumer: write timed out",
         )),
@@ -218,11 +227,7 @@ async fn send_frame(
 
 fn bus_unavailable(shared: &Shared) -> Close {
     shared.metrics.bus_errors.inc();
-    let retry = rand::random_range(500..3000);
-    Close::new(
-        CloseCode::TryAgainLater,
-        retry_after_reason("bus unavailable", retry),
-    )
+    Close::come_back(CloseCode::TryAgainLater, "bus unavailable")
 }
 
 /// Waits for the first frame, which must be `auth`, and checks it.
@@ -331,10 +336,9 @@ async fn register(
     // The node may have filled up since this socket was accepted.
     let Ok(session_permit) = shared.sessions_capacity.clone().try_acquire_owned() else {
         shared.metrics.connections_rejected.inc();
-        let retry = rand::random_range(1000..5000);
-        return Err(Close::new(
+        return Err(Close::come_back(
             CloseCode::TryAgainLater,
-            retry_after_reason("node at capacity", retry),
+            "node at capacity",
         ));
     };
     let node = &shared.config.node_id;
@@ -471,9 +475,9 @@ impl Session {
             };
             let result = match event {
                 Event::Outbound(Some(out)) => Box::pin(self.on_outbound(ws, out)).await,
-                Event::Outbound(None) => Err(Close::new(
+                Event::Outbound(None) => Err(Close::come_back(
                     CloseCode::TryAgainLater,
-                    "slow consumer: outbox full",
+                    "slow consumer: outbox closed",
                 )),
                 Event::Socket(Some(Ok(msg))) => Box::pin(self.on_message(ws, msg)).await,
                 Event::Socket(Some(Err(error))) => Err(read_error(&error)),
@@ -527,7 +531,7 @@ impl Session {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return Err(Close::new(CloseCode::GoingAway, "socket closed")),
                 Err(_) => {
-                    return Err(Close::new(
+                    return Err(Close::come_back(
                         CloseCode::TryAgainLater,
                         "slow consumer: write timed out",
                     ));
