@@ -52,6 +52,14 @@ async fn bad_requests_get_4xx_with_json_bodies() {
     let cases = [
         ("POST", "/v1/devices", Some(json!({"id":"has space"})), 400),
         ("POST", "/v1/devices", Some(json!({"nope":1})), 400),
+        (
+            "POST",
+            "/v1/devices",
+            Some(
+                json!({"id":"many-groups","groups":(0..65).map(|i| format!("g{i}")).collect::<Vec<_>>()}),
+            ),
+            400,
+        ),
         ("GET", "/v1/devices/nobody", None, 404),
         (
             "POST",

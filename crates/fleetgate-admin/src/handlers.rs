@@ -19,6 +19,9 @@ use crate::{AdminState, AppError};
 
 type Res = Result<Response, AppError>;
 
+/// Most groups a device may belong to (the gateway bounds JWT claims the same way).
+const MAX_GROUPS: usize = 64;
+
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -85,6 +88,12 @@ pub(crate) async fn create_device(
 ) -> Res {
     let req = body(req)?;
     check_device_id(&req.id)?;
+    // Each accepted message is published once per group, so the list stays short.
+    if req.groups.len() > MAX_GROUPS {
+        return Err(AppError::bad_request(format!(
+            "at most {MAX_GROUPS} groups per device"
+        )));
+    }
     for g in &req.groups {
         check_device_id(g).map_err(|_| {
             AppError::bad_request("group names must be 1-128 characters of [A-Za-z0-9._:-]")

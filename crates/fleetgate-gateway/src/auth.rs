@@ -130,6 +130,9 @@ impl JwtKeys {
     }
 }
 
+/// Most groups a device token may name.
+pub const MAX_GROUPS: usize = 64;
+
 #[derive(Deserialize)]
 struct DeviceClaims {
     sub: String,
@@ -243,6 +246,12 @@ impl Authenticator {
         let data = jsonwebtoken::decode::<DeviceClaims>(token, &key.key, &validation)
             .map_err(|e| AuthError::BadToken(e.to_string()))?;
         let claims = data.claims;
+        // Every accepted message is published once per group: bound the fan-out a token buys.
+        if claims.groups.len() > MAX_GROUPS {
+            return Err(AuthError::BadToken(format!(
+                "more than {MAX_GROUPS} groups"
+            )));
+        }
         if claimed_id.is_some_and(|id| id != claims.sub) {
             return Err(AuthError::Mismatch);
         }
