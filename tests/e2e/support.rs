@@ -31,12 +31,6 @@ pub struct Node {
     http: reqwest::Client,
 }
 
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-    }
-}
-
 /// Timers short enough for tests; a test overrides what it exercises.
 fn test_env() -> Vec<(&'static str, String)> {
     vec![

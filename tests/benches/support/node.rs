@@ -24,7 +24,8 @@ pub fn target_dir() -> Option<PathBuf> {
 
 /// A running `fleetgate all`, killed on drop.
 pub struct Node {
-    child: Child,
+    /// Held only to be dropped: the child is spawned with `kill_on_drop`.
+    _child: Child,
     pid: u32,
     /// Public WebSocket listener.
     pub gateway: String,
@@ -33,12 +34,6 @@ pub struct Node {
     /// Internal listener (`/metrics`).
     pub internal: String,
     http: reqwest::Client,
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-    }
 }
 
 impl Node {
@@ -59,7 +54,7 @@ impl Node {
             admin: addrs.admin,
             internal: addrs.internal,
             pid,
-            child,
+            _child: child,
             http: reqwest::Client::builder()
                 .pool_max_idle_per_host(128)
                 .build()?,
