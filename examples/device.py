@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import json
 import random
+import secrets
 import sys
 import time
 
@@ -14,11 +15,13 @@ import websockets
 
 DEVICE, SECRET = sys.argv[1], sys.argv[2]
 URL = sys.argv[3] if len(sys.argv) > 3 else "ws://127.0.0.1:8080/v1/device"
+# msgids must not repeat within the replay window, across restarts too: a random prefix each run.
+PREFIX = secrets.token_hex(6)
 ids = itertools.count(1)
 
 
 def envelope(kind, payload, qos):
-    return {"ver": "1.0", "msgid": f"{DEVICE}-{int(time.time())}-{next(ids)}",
+    return {"ver": "1.0", "msgid": f"{PREFIX}-{next(ids)}",
             "timestamp": int(time.time() * 1000), "from": DEVICE, "to": "server",
             "type": kind, "payload": payload, "qos": qos}
 

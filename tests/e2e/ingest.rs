@@ -249,3 +249,21 @@ async fn a_protobuf_session_speaks_binary_frames() {
         json!({"rpm": 1200, "ok": true})
     );
 }
+
+#[tokio::test]
+async fn the_replay_window_is_per_device_and_survives_a_reconnect() {
+    let node = Node::start(&[]).await;
+    let secret = node.provision("rw").await;
+    let mut raw = Raw::authed(&node.device_url(), "rw", &secret).await;
+    raw.send(status("rw", "only-once", 1, json!({"n": 1})))
+        .await;
+    assert_eq!(raw.recv().await["type"], "ack");
+    let (status_code, _) = node.admin("POST", "/v1/devices/rw/disconnect", None).await;
+    assert_eq!(status_code, 204);
+    assert_eq!(raw.closed().await.code, 1000);
+    let mut raw = Raw::authed(&node.device_url(), "rw", &secret).await;
+    raw.send(status("rw", "only-once", 1, json!({"n": 2})))
+        .await;
+    assert_eq!(raw.recv().await["payload"]["code"], "replay");
+    assert_eq!(shadow(&node, "rw").await["reported"], json!({"n": 1}));
+}

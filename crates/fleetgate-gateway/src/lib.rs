@@ -45,6 +45,7 @@ pub(crate) struct Shared {
     pub(crate) bus: Arc<dyn Bus>,
     pub(crate) auth: Authenticator,
     pub(crate) sessions: registry::Sessions,
+    pub(crate) parked_windows: registry::ParkedWindows,
     pub(crate) metrics: Arc<Metrics>,
     /// One permit per authenticated session (`max_connections`).
     pub(crate) sessions_capacity: Arc<Semaphore>,
@@ -84,6 +85,7 @@ impl Gateway {
             )),
             auth: Authenticator::new(bus.clone(), jwt),
             sessions: registry::Sessions::default(),
+            parked_windows: registry::ParkedWindows::default(),
             config,
             bus,
             metrics,

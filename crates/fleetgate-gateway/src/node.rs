@@ -46,7 +46,11 @@ pub(crate) async fn start(
                         }
                     }
                 },
-                _ = beat.tick() => heartbeat_once(&shared).await,
+                _ = beat.tick() => {
+                    heartbeat_once(&shared).await;
+                    let window = Duration::from_millis(shared.config.limits.replay_window_ms.max(0) as u64);
+                    shared.parked_windows.sweep(window);
+                }
                 _ = sweep.tick() => sweep_expired(&shared).await,
             }
         }

@@ -2,10 +2,12 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use fleetgate_bus::Command;
-use fleetgate_protocol::CloseCode;
+use fleetgate_protocol::{CloseCode, ReplayWindow};
 use std::sync::Arc;
+use tokio::time::Instant;
 
 use crate::outbox::{Outbox, PushError};
 
@@ -111,5 +113,85 @@ impl Sessions {
         // A panic while holding this lock cannot leave the map half-updated (every critical
         // section is a single map operation), so a poisoned lock is safe to reuse.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Most replay windows kept for disconnected devices; past it, windows are not kept (the
+/// device's QoS 2 dedupe, which lives in the bus, is unaffected).
+const MAX_PARKED_WINDOWS: usize = 100_000;
+
+/// Replay windows of devices that disconnected recently, so that a device reconnecting to
+/// this node keeps its window: replay protection is per device, not per connection. Entries
+/// leave when the device comes back or when they are older than the replay window. A device
+/// that reconnects to another node starts with an empty window there.
+#[derive(Default)]
+pub(crate) struct ParkedWindows {
+    inner: Mutex<HashMap<String, (Instant, ReplayWindow)>>,
+}
+
+impl ParkedWindows {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, ReplayWindow)>> {
+        // Each critical section is one map operation or a retain: a poisoned map is consistent.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The window `device` left behind, if any.
+    pub(crate) fn take(&self, device: &str) -> ReplayWindow {
+        self.lock()
+            .remove(device)
+            .map(|(_, w)| w)
+            .unwrap_or_default()
+    }
+
+    /// Keeps a closing session's window (an empty one costs nothing to forget).
+    pub(crate) fn park(&self, device: &str, window: ReplayWindow) {
+        if window.is_empty() {
+            return;
+        }
+        let mut map = self.lock();
+        if map.len() < MAX_PARKED_WINDOWS || map.contains_key(device) {
+            map.insert(device.to_owned(), (Instant::now(), window));
+        }
+    }
+
+    /// Drops windows parked longer than `max_age`.
+    pub(crate) fn sweep(&self, max_age: Duration) {
+        let now = Instant::now();
+        self.lock()
+            .retain(|_, (at, _)| now.duration_since(*at) < max_age);
+    }
+
+    /// Number of parked windows.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleetgate_protocol::{Limits, MsgId};
+
+    #[tokio::test(start_paused = true)]
+    async fn a_parked_window_comes_back_and_old_ones_are_swept() {
+        let parked = ParkedWindows::default();
+        let limits = Limits::default();
+        let mut w = ReplayWindow::default();
+        let m = MsgId::new("m1").unwrap();
+        w.check(&m, false, 0, &limits).unwrap();
+        parked.park("dev", w);
+        parked.park("idle", ReplayWindow::default());
+        assert_eq!(parked.len(), 1, "empty windows are not kept");
+        let mut back = parked.take("dev");
+        assert!(
+            back.check(&m, false, 1, &limits).is_err(),
+            "the msgid is still remembered"
+        );
+        assert_eq!(parked.len(), 0);
+        parked.park("dev", back);
+        tokio::time::advance(Duration::from_secs(601)).await;
+        parked.sweep(Duration::from_secs(600));
+        assert_eq!(parked.len(), 0);
     }
 }

@@ -386,13 +386,14 @@ async fn register(
     let now = Instant::now();
     // Boxed: the session's state then sits once on the heap instead of in two slots of the
     // connection's future.
+    let replay = shared.parked_windows.take(&device.id);
     Ok(Box::new(Session {
         shared: shared.clone(),
         device: device.id,
         groups: device.groups,
         conn_id,
         codec,
-        replay: ReplayWindow::default(),
+        replay,
         rate: RateLimit::new(shared.config.rate_limit_burst),
         outgoing: Outgoing::default(),
         last_activity: now,
@@ -402,8 +403,10 @@ async fn register(
 }
 
 impl Session {
-    async fn unregister(self: Box<Self>) {
+    async fn unregister(mut self: Box<Self>) {
         self.shared.metrics.connections_active.dec();
+        let window = std::mem::take(&mut self.replay);
+        self.shared.parked_windows.park(&self.device, window);
         self.shared.sessions.remove(&self.device, self.conn_id);
         if let Err(error) = self
             .shared
