@@ -1,14 +1,17 @@
-# Every target is a one-line call; the logic lives in Rust (and .ci/run for machine setup).
+# Every target is a one-line call; the logic lives in Rust (and scripts/ for machine setup).
 DEV_API_KEY ?= dev-api-key-change-me-0123
 SHELL := bash
 .SHELLFLAGS := -eo pipefail -c
 
-.PHONY: test lint build run bench fmt
+.PHONY: test deps lint build run bench fmt
 
-test: lint
+test: deps lint
 	cargo build --workspace --bins
 	cargo test --workspace 2>&1 | tee target/test-output.log
 	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "%d passed, %d failed\n", p, f }' target/test-output.log
+
+deps:
+	scripts/test-deps
 
 lint:
 	cargo fmt --all -- --check
