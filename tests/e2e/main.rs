@@ -5,6 +5,7 @@ mod admin;
 mod auth;
 mod commands;
 mod ingest;
+mod ingress;
 mod interop;
 mod lifecycle;
 mod limits;

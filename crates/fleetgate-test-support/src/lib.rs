@@ -1,12 +1,13 @@
-//! Test harness shared by the crates' tests: real servers from Debian's packages, started on
-//! free loopback ports and killed on drop. No mocks: the bus's Redis backend is tested against
-//! the real `redis-server`.
+//! Test harness shared by the crates' tests: real servers from Debian's packages (`redis-server`,
+//! `nginx`), started on free loopback ports and killed on drop. No mocks.
 //!
 //! Waits are on events with deadlines: a server counts as started when it prints that it
 //! accepts connections, not after a sleep.
 
+mod nginx;
 mod redis;
 
+pub use nginx::{CONFIG_TEMPLATE, NginxServer, render_config};
 pub use redis::{RedisOptions, RedisServer};
 
 use std::path::PathBuf;
@@ -31,6 +32,14 @@ pub fn require_program(program: &str, package: &str) -> PathBuf {
     panic!(
         "{program} not found: install Debian's `{package}` package (apt-get install {package}); `make test` does this when run as root"
     );
+}
+
+/// A port that was free a moment ago (callers retry if someone takes it first).
+pub(crate) fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }
 
 /// A fresh, empty directory under the system temp dir, removed by the caller's `Drop`.

@@ -1,7 +1,6 @@
 //! `redis-server` processes for tests.
 
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -45,7 +44,7 @@ impl RedisServer {
         let dir = scratch_dir("fleetgate-redis");
         // A free port can be taken by someone else between our probe and redis's bind: retry.
         for _ in 0..5 {
-            let port = free_port();
+            let port = crate::free_port();
             let mut server = Self {
                 child: None,
                 port,
@@ -166,13 +165,6 @@ impl Drop for RedisServer {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 #[cfg(test)]
