@@ -14,6 +14,7 @@
 pub mod conformance;
 pub mod memory;
 mod partition;
+pub mod redis;
 mod types;
 
 use async_trait::async_trait;

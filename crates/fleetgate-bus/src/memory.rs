@@ -415,15 +415,6 @@ impl Partition {
 }
 
 /// Parses `<ms>-<seq>` (or `<ms>`, read as `<ms>-0`).
-fn parse_stream_id(id: &StreamId) -> BusResult<(u64, u64)> {
-    let bad = || BusError::Corrupt(format!("bad stream id {:?}", id.0));
-    let (ms, seq) = match id.0.split_once('-') {
-        Some((ms, seq)) => (ms, seq.parse::<u64>().map_err(|_| bad())?),
-        None => (id.0.as_str(), 0),
-    };
-    Ok((ms.parse::<u64>().map_err(|_| bad())?, seq))
-}
-
 fn format_stream_id((ms, seq): (u64, u64)) -> StreamId {
     StreamId(format!("{ms}-{seq}"))
 }
@@ -745,7 +736,7 @@ impl Bus for MemoryBus {
         after: Option<&StreamId>,
         limit: usize,
     ) -> BusResult<Vec<(StreamId, TelemetryRecord)>> {
-        let after = after.map(parse_stream_id).transpose()?;
+        let after = after.map(StreamId::parts).transpose()?;
         let Some(partition) = self.inner.telemetry.get(partition as usize) else {
             return Ok(Vec::new());
         };

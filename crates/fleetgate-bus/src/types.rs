@@ -175,6 +175,22 @@ pub struct TelemetryRecord {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct StreamId(pub String);
 
+impl StreamId {
+    /// The `(milliseconds, sequence)` pair, which orders IDs numerically (as strings they do
+    /// not). A bare `<ms>` means sequence 0.
+    ///
+    /// # Errors
+    /// [`crate::BusError::Corrupt`] when the ID is not `<ms>[-<seq>]`.
+    pub fn parts(&self) -> Result<(u64, u64), crate::BusError> {
+        let bad = || crate::BusError::Corrupt(format!("bad stream id {:?}", self.0));
+        let (ms, seq) = match self.0.split_once('-') {
+            Some((ms, seq)) => (ms, seq.parse::<u64>().map_err(|_| bad())?),
+            None => (self.0.as_str(), 0),
+        };
+        Ok((ms.parse::<u64>().map_err(|_| bad())?, seq))
+    }
+}
+
 /// A device's shadow: reported and desired state and their difference.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Shadow {

@@ -16,7 +16,8 @@ pub struct RedisOptions {
 }
 
 /// A running `redis-server` on a free loopback port, with its own data directory; killed
-/// (and its directory removed) on drop.
+/// (and its directory removed) on drop, and killed with the test process if never dropped
+/// (kept in a `static`).
 pub struct RedisServer {
     child: Option<Child>,
     port: u16,
@@ -71,9 +72,8 @@ impl RedisServer {
     /// Kills the server (SIGKILL: nothing is flushed beyond what its persistence settings
     /// already wrote).
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(child) = self.child.take() {
+            stop(child);
         }
     }
 
@@ -94,33 +94,47 @@ impl RedisServer {
     /// first (for example because the port was taken).
     fn spawn(&mut self) -> bool {
         let bin = require_program("redis-server", "redis-server");
-        let mut cmd = Command::new(bin);
-        cmd.args([
+        let mut args: Vec<std::ffi::OsString> = Vec::new();
+        for a in [
             "--port",
             &self.port.to_string(),
             "--bind",
             "127.0.0.1",
             "--save",
             "",
-        ])
-        .args(["--dir".as_ref(), self.dir.as_os_str()])
-        .args([
+        ] {
+            args.push(a.into());
+        }
+        args.push("--dir".into());
+        args.push(self.dir.clone().into_os_string());
+        for a in [
             "--logfile",
             "",
             "--daemonize",
             "no",
             "--protected-mode",
             "yes",
-        ]);
-        if self.options.aof {
-            cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
-        } else {
-            cmd.args(["--appendonly", "no"]);
+        ] {
+            args.push(a.into());
         }
-        let mut child = cmd
+        let persistence: &[&str] = if self.options.aof {
+            &["--appendonly", "yes", "--appendfsync", "always"]
+        } else {
+            &["--appendonly", "no"]
+        };
+        args.extend(persistence.iter().map(Into::into));
+        // A shell ties the server to our stdin: when the guard is dropped, or this process
+        // exits without dropping it (servers kept in statics), the pipe closes, `read`
+        // returns and the server is killed with SIGKILL, as a crash would.
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(r#"bin=$1; shift; "$bin" "$@" & pid=$!; read _; kill -9 $pid; wait $pid"#)
+            .arg("sh")
+            .arg(bin)
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .spawn()
             .expect("spawn redis-server");
         let stdout = child.stdout.take().expect("stdout");
@@ -145,12 +159,11 @@ impl RedisServer {
                 true
             }
             Ok(false) => {
-                let _ = child.wait();
+                stop(child);
                 false
             }
             Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
+                stop(child);
                 panic!(
                     "redis-server on port {} not ready within {START_DEADLINE:?}",
                     self.port
@@ -158,6 +171,12 @@ impl RedisServer {
             }
         }
     }
+}
+
+/// Closes the guard shell's stdin (which kills the server) and reaps the shell.
+fn stop(mut child: Child) {
+    drop(child.stdin.take());
+    let _ = child.wait();
 }
 
 impl Drop for RedisServer {

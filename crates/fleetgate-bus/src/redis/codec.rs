@@ -1,0 +1,445 @@
+//! Explicit encoding of the bus's values as stored in Redis (internal types derive no serde).
+//!
+//! Structured values are JSON objects with short, stable field names; every decoding failure
+//! is [`BusError::Corrupt`]. Integers are JSON integers (exact for `i64`/`u64`), payloads are
+//! embedded JSON values, a device secret hash is lowercase hex.
+
+use fleetgate_protocol::{CloseCode, MessageKind, MsgId, Qos};
+use serde_json::{Map, Value, json};
+
+use crate::{
+    BusError, BusResult, Command, CommandOutcome, DeliveryState, DeviceRecord, FailReason,
+    NodeInfo, NodeMessage, Presence, QueuedCommand, Shadow, TelemetryRecord,
+};
+
+fn corrupt(what: &str, detail: impl std::fmt::Display) -> BusError {
+    BusError::Corrupt(format!("{what}: {detail}"))
+}
+
+fn parse_object(what: &str, text: &str) -> BusResult<Map<String, Value>> {
+    match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(other) => Err(corrupt(what, format!("expected an object, got {other}"))),
+        Err(e) => Err(corrupt(what, e)),
+    }
+}
+
+struct Fields<'a> {
+    what: &'a str,
+    map: &'a Map<String, Value>,
+}
+
+impl<'a> Fields<'a> {
+    fn new(what: &'a str, map: &'a Map<String, Value>) -> Self {
+        Self { what, map }
+    }
+
+    fn value(&self, key: &str) -> BusResult<&'a Value> {
+        self.map
+            .get(key)
+            .ok_or_else(|| corrupt(self.what, format!("missing field {key:?}")))
+    }
+
+    fn str(&self, key: &str) -> BusResult<&'a str> {
+        self.value(key)?
+            .as_str()
+            .ok_or_else(|| corrupt(self.what, format!("field {key:?} is not a string")))
+    }
+
+    fn opt_str(&self, key: &str) -> BusResult<Option<String>> {
+        match self.map.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(corrupt(self.what, format!("field {key:?} is not a string"))),
+        }
+    }
+
+    fn i64(&self, key: &str) -> BusResult<i64> {
+        self.value(key)?
+            .as_i64()
+            .ok_or_else(|| corrupt(self.what, format!("field {key:?} is not an i64")))
+    }
+
+    fn u64(&self, key: &str) -> BusResult<u64> {
+        self.value(key)?
+            .as_u64()
+            .ok_or_else(|| corrupt(self.what, format!("field {key:?} is not a u64")))
+    }
+
+    fn opt_u64(&self, key: &str) -> BusResult<Option<u64>> {
+        match self.map.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(Some)
+                .ok_or_else(|| corrupt(self.what, format!("field {key:?} is not a u64"))),
+        }
+    }
+
+    fn bool(&self, key: &str) -> BusResult<bool> {
+        self.value(key)?
+            .as_bool()
+            .ok_or_else(|| corrupt(self.what, format!("field {key:?} is not a bool")))
+    }
+
+    fn object(&self, key: &str) -> BusResult<Map<String, Value>> {
+        match self.value(key)? {
+            Value::Object(m) => Ok(m.clone()),
+            _ => Err(corrupt(
+                self.what,
+                format!("field {key:?} is not an object"),
+            )),
+        }
+    }
+}
+
+// --- registry and membership ---------------------------------------------------------------
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    bytes
+        .iter()
+        .flat_map(|b| [DIGITS[usize::from(b >> 4)], DIGITS[usize::from(b & 15)]])
+        .map(char::from)
+        .collect()
+}
+
+fn unhex32(what: &str, s: &str) -> BusResult<[u8; 32]> {
+    let bad = || corrupt(what, "bad secret hash");
+    if s.len() != 64 {
+        return Err(bad());
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte =
+            u8::from_str_radix(s.get(2 * i..2 * i + 2).ok_or_else(bad)?, 16).map_err(|_| bad())?;
+    }
+    Ok(out)
+}
+
+pub(super) fn encode_device(d: &DeviceRecord) -> String {
+    json!({
+        "id": d.id,
+        "groups": d.groups,
+        "secret_sha256": hex(&d.secret_sha256),
+        "created_ms": d.created_ms,
+        "revoked": d.revoked,
+    })
+    .to_string()
+}
+
+pub(super) fn decode_device(text: &str) -> BusResult<DeviceRecord> {
+    const WHAT: &str = "device record";
+    let m = parse_object(WHAT, text)?;
+    let f = Fields::new(WHAT, &m);
+    let groups = match f.value("groups")? {
+        Value::Array(a) => a
+            .iter()
+            .map(|g| {
+                g.as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| corrupt(WHAT, "group is not a string"))
+            })
+            .collect::<BusResult<Vec<_>>>()?,
+        _ => return Err(corrupt(WHAT, "groups is not an array")),
+    };
+    Ok(DeviceRecord {
+        id: f.str("id")?.to_owned(),
+        groups,
+        secret_sha256: unhex32(WHAT, f.str("secret_sha256")?)?,
+        created_ms: f.i64("created_ms")?,
+        revoked: f.bool("revoked")?,
+    })
+}
+
+pub(super) fn encode_node(n: &NodeInfo) -> String {
+    json!({
+        "id": n.id,
+        "connections": n.connections,
+        "draining": n.draining,
+        "started_ms": n.started_ms,
+        "updated_ms": n.updated_ms,
+    })
+    .to_string()
+}
+
+pub(super) fn decode_node(text: &str) -> BusResult<NodeInfo> {
+    const WHAT: &str = "node info";
+    let m = parse_object(WHAT, text)?;
+    let f = Fields::new(WHAT, &m);
+    Ok(NodeInfo {
+        id: f.str("id")?.to_owned(),
+        connections: f.u64("connections")?,
+        draining: f.bool("draining")?,
+        started_ms: f.i64("started_ms")?,
+        updated_ms: f.i64("updated_ms")?,
+    })
+}
+
+/// A presence entry from its hash fields `node`, `conn`, `since`.
+pub(super) fn decode_presence(node: String, conn: &str, since: &str) -> BusResult<Presence> {
+    const WHAT: &str = "presence";
+    Ok(Presence {
+        node,
+        conn_id: conn
+            .parse()
+            .map_err(|_| corrupt(WHAT, format!("bad conn id {conn:?}")))?,
+        since_ms: since
+            .parse()
+            .map_err(|_| corrupt(WHAT, format!("bad since {since:?}")))?,
+    })
+}
+
+// --- commands and queues -------------------------------------------------------------------
+
+fn command_value(c: &Command) -> Value {
+    json!({
+        "msgid": c.msgid.as_str(),
+        "device": c.device,
+        "payload": c.payload,
+        "qos": c.qos.as_u8(),
+        "created_ms": c.created_ms,
+        "expires_ms": c.expires_ms,
+        "reply_to": c.reply_to,
+        "traceparent": c.traceparent,
+    })
+}
+
+fn command_from(what: &str, m: &Map<String, Value>) -> BusResult<Command> {
+    let f = Fields::new(what, m);
+    Ok(Command {
+        msgid: MsgId::new(f.str("msgid")?).map_err(|e| corrupt(what, e))?,
+        device: f.str("device")?.to_owned(),
+        payload: f.value("payload")?.clone(),
+        qos: Qos::from_u8(f.u64("qos")?).map_err(|e| corrupt(what, e))?,
+        created_ms: f.i64("created_ms")?,
+        expires_ms: f.i64("expires_ms")?,
+        reply_to: f.opt_str("reply_to")?,
+        traceparent: f.opt_str("traceparent")?,
+    })
+}
+
+pub(super) fn encode_command(c: &Command) -> String {
+    command_value(c).to_string()
+}
+
+pub(super) fn decode_command(text: &str) -> BusResult<Command> {
+    const WHAT: &str = "command";
+    command_from(WHAT, &parse_object(WHAT, text)?)
+}
+
+/// A queued command from its stored parts: the encoded command, the attempt count, and the
+/// release mark (`None`: pending; `Some("")`: released without result; `Some(json)`:
+/// released with that result).
+pub(super) fn decode_queued(
+    command: &str,
+    attempts: &str,
+    release: Option<&str>,
+) -> BusResult<QueuedCommand> {
+    const WHAT: &str = "queued command";
+    let attempts = attempts
+        .parse::<u64>()
+        .map_err(|_| corrupt(WHAT, format!("bad attempts {attempts:?}")))?;
+    let (state, result) = match release {
+        None => (DeliveryState::Pending, None),
+        Some("") => (DeliveryState::Released, None),
+        Some(r) => (
+            DeliveryState::Released,
+            Some(serde_json::from_str(r).map_err(|e| corrupt(WHAT, e))?),
+        ),
+    };
+    Ok(QueuedCommand {
+        command: decode_command(command)?,
+        attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+        state,
+        result,
+    })
+}
+
+// --- node messages -------------------------------------------------------------------------
+
+pub(super) fn encode_node_message(m: &NodeMessage) -> String {
+    let v = match m {
+        NodeMessage::Deliver { device } => json!({"t": "deliver", "device": device}),
+        NodeMessage::Command(c) => json!({"t": "command", "command": command_value(c)}),
+        NodeMessage::Close {
+            device,
+            conn_id,
+            code,
+            reason,
+        } => json!({
+            "t": "close",
+            "device": device,
+            "conn_id": conn_id,
+            "code": code.as_u16(),
+            "reason": reason,
+        }),
+        NodeMessage::CommandResult {
+            device,
+            msgid,
+            outcome,
+        } => {
+            let outcome = match outcome {
+                CommandOutcome::Result(v) => json!({"k": "result", "v": v}),
+                CommandOutcome::Error(v) => json!({"k": "error", "v": v}),
+                CommandOutcome::Done => json!({"k": "done"}),
+                CommandOutcome::Failed(r) => json!({"k": "failed", "reason": r.as_str()}),
+            };
+            json!({"t": "result", "device": device, "msgid": msgid, "outcome": outcome})
+        }
+    };
+    v.to_string()
+}
+
+pub(super) fn decode_node_message(bytes: &[u8]) -> BusResult<NodeMessage> {
+    const WHAT: &str = "node message";
+    let text = std::str::from_utf8(bytes).map_err(|e| corrupt(WHAT, e))?;
+    let m = parse_object(WHAT, text)?;
+    let f = Fields::new(WHAT, &m);
+    Ok(match f.str("t")? {
+        "deliver" => NodeMessage::Deliver {
+            device: f.str("device")?.to_owned(),
+        },
+        "command" => NodeMessage::Command(command_from(WHAT, &f.object("command")?)?),
+        "close" => {
+            let code = f.u64("code")?;
+            NodeMessage::Close {
+                device: f.str("device")?.to_owned(),
+                conn_id: f.opt_u64("conn_id")?,
+                code: u16::try_from(code)
+                    .ok()
+                    .and_then(CloseCode::from_u16)
+                    .ok_or_else(|| corrupt(WHAT, format!("unknown close code {code}")))?,
+                reason: f.str("reason")?.to_owned(),
+            }
+        }
+        "result" => {
+            let o = f.object("outcome")?;
+            let of = Fields::new(WHAT, &o);
+            let outcome = match of.str("k")? {
+                "result" => CommandOutcome::Result(of.value("v")?.clone()),
+                "error" => CommandOutcome::Error(of.value("v")?.clone()),
+                "done" => CommandOutcome::Done,
+                "failed" => CommandOutcome::Failed(match of.str("reason")? {
+                    "expired" => FailReason::Expired,
+                    "attempts_exhausted" => FailReason::AttemptsExhausted,
+                    other => return Err(corrupt(WHAT, format!("unknown reason {other:?}"))),
+                }),
+                other => return Err(corrupt(WHAT, format!("unknown outcome {other:?}"))),
+            };
+            NodeMessage::CommandResult {
+                device: f.str("device")?.to_owned(),
+                msgid: f.str("msgid")?.to_owned(),
+                outcome,
+            }
+        }
+        other => return Err(corrupt(WHAT, format!("unknown message type {other:?}"))),
+    })
+}
+
+// --- telemetry -----------------------------------------------------------------------------
+
+/// The stream fields of a record, in the order `XADD` receives them (names are fixed:
+/// `device`, `msgid`, `kind`, `ts`, `rcv`, `payload`).
+pub(super) fn telemetry_fields(r: &TelemetryRecord) -> [String; 6] {
+    [
+        r.device.clone(),
+        r.msgid.clone(),
+        r.kind.as_str().to_owned(),
+        r.timestamp.to_string(),
+        r.received_ms.to_string(),
+        r.payload.to_string(),
+    ]
+}
+
+fn parse_kind(s: &str) -> Option<MessageKind> {
+    Some(match s {
+        "status" => MessageKind::Status,
+        "event" => MessageKind::Event,
+        "command" => MessageKind::Command,
+        "batch" => MessageKind::Batch,
+        _ => return None,
+    })
+}
+
+/// A record from its stream fields (name, value pairs in any order).
+pub(super) fn decode_telemetry(fields: &[(String, String)]) -> BusResult<TelemetryRecord> {
+    const WHAT: &str = "telemetry record";
+    let get = |name: &str| {
+        fields
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .ok_or_else(|| corrupt(WHAT, format!("missing field {name:?}")))
+    };
+    let int = |name: &str| -> BusResult<i64> {
+        let v = get(name)?;
+        v.parse()
+            .map_err(|_| corrupt(WHAT, format!("bad {name} {v:?}")))
+    };
+    let kind = get("kind")?;
+    Ok(TelemetryRecord {
+        device: get("device")?.to_owned(),
+        msgid: get("msgid")?.to_owned(),
+        kind: parse_kind(kind).ok_or_else(|| corrupt(WHAT, format!("bad kind {kind:?}")))?,
+        timestamp: int("ts")?,
+        received_ms: int("rcv")?,
+        payload: serde_json::from_str(get("payload")?).map_err(|e| corrupt(WHAT, e))?,
+    })
+}
+
+// --- shadows -------------------------------------------------------------------------------
+
+pub(super) fn encode_shadow(s: &Shadow) -> String {
+    json!({
+        "reported": s.reported,
+        "desired": s.desired,
+        "version": s.version,
+        "updated_ms": s.updated_ms,
+    })
+    .to_string()
+}
+
+/// Decodes a shadow; its delta is recomputed, not stored.
+pub(super) fn decode_shadow(text: &str) -> BusResult<Shadow> {
+    const WHAT: &str = "shadow";
+    let m = parse_object(WHAT, text)?;
+    let f = Fields::new(WHAT, &m);
+    let mut s = Shadow {
+        reported: f.object("reported")?,
+        desired: f.object("desired")?,
+        delta: Map::new(),
+        version: f.u64("version")?,
+        updated_ms: f.i64("updated_ms")?,
+    };
+    s.recompute_delta();
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_roundtrip() {
+        let mut b = [0u8; 32];
+        for (i, x) in b.iter_mut().enumerate() {
+            *x = (i as u8).wrapping_mul(37);
+        }
+        assert_eq!(unhex32("t", &hex(&b)).unwrap(), b);
+        assert!(unhex32("t", "zz").is_err());
+    }
+
+    #[test]
+    fn corrupt_inputs_are_corrupt() {
+        assert!(matches!(decode_node("[1]"), Err(BusError::Corrupt(_))));
+        assert!(matches!(
+            decode_node_message(b"{\"t\":\"nope\"}"),
+            Err(BusError::Corrupt(_))
+        ));
+        assert!(matches!(
+            decode_queued("{}", "x", None),
+            Err(BusError::Corrupt(_))
+        ));
+    }
+}

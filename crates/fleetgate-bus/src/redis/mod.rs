@@ -1,0 +1,1226 @@
+//! The Redis backend: [`RedisBus`], for clusters of gateway nodes.
+//!
+//! # Sharding
+//!
+//! Each URL of [`RedisBusConfig::urls`] is one shard: a plain Redis server (no Redis Cluster).
+//! Shard `i` is identified by its position in the list, so every node and admin process must
+//! list the same servers in the same order. A consistent-hash ring ([`hashring`], SipHash with
+//! fixed keys, [`VNODES_PER_SHARD`] points per shard) maps a device ID to its shard; all of a
+//! device's keys, its queue, its QoS 2 marks, its shadow and its `device:<id>` fan-out channel
+//! live there, so every per-device operation is one round trip to one server (most are one
+//! Lua script, atomic on that server). Group and alert channels hash by channel name;
+//! telemetry partition `p` hashes by `telemetry:<p>`.
+//!
+//! Shard 0 also holds the device registry (one ordered index for [`Bus::device_list`]) and the
+//! membership index (the set of node IDs behind [`Bus::nodes`]).
+//!
+//! # Key layout (every key starts with [`RedisBusConfig::key_prefix`], written `P` here)
+//!
+//! | key | type | shard | holds |
+//! |---|---|---|---|
+//! | `P dev:<id>` | string | 0 | encoded [`DeviceRecord`] |
+//! | `P devices` | zset (score 0) | 0 | device IDs, listed with `ZRANGEBYLEX` |
+//! | `P nodes` | set | 0 | registered node IDs (dead ones pruned when listed) |
+//! | `P node:<id>` | string, `PX` TTL | every | encoded [`NodeInfo`]; its existence is the node's liveness |
+//! | `P p:<device>` | hash `node`,`conn`,`since` | device's | presence |
+//! | `P pn:<node>` | set | every | devices whose presence names the node (for sweeps) |
+//! | `P q:<device>` | zset msgid by push sequence | device's | FIFO order of the queue |
+//! | `P qh:<device>` | hash | device's | per msgid: `c:` command, `e:` expires_ms, `a:` attempts, `r:` release mark |
+//! | `P qexp` | zset `"<msgid> <device>"` by expires_ms | every | expiry index of that shard's queues |
+//! | `P qseq` | counter | every | push sequence |
+//! | `P q2:<device>:<msgid>` | string, `SET NX PX` | device's | QoS 2 receive marks |
+//! | `P tm:<partition>` | stream, `MAXLEN ~` | ring(`telemetry:<p>`) | telemetry records |
+//! | `P sh:<device>` | string (JSON) | device's | shadow (reported, desired, version, updated_ms) |
+//! | `P ret:<channel>` | string | channel's | retained frame |
+//!
+//! Pub/sub channels: `P ch:<channel name>` on the channel's shard, and `P nodech:<node>` on
+//! every shard.
+//!
+//! Membership keys are written to every shard (one heartbeat costs one `SET PX` per shard) so
+//! that the presence scripts can check a node's liveness atomically on the device's shard;
+//! [`Bus::nodes`] reads shard 0. Presence rests on node liveness (see the crate docs): an idle
+//! device costs nothing after authentication; entries naming a dead node read as offline and
+//! [`Bus::presence_sweep_node`] deletes them, in batches, on every shard.
+//!
+//! The QoS queue keeps per-msgid state in one hash next to an order zset, so ack, attempt and
+//! release are O(1)/O(log n) by msgid, `queue_len` is `ZCARD`, `QueueFull` is checked in the
+//! push script, and [`Bus::queue_take_expired`] is one script per shard that pops the expiry
+//! index and removes the commands it names: exactly one caller gets each command.
+//!
+//! # Routing
+//!
+//! Nodes subscribe to their node channel on every shard. [`Bus::node_publish`] publishes on
+//! the shard of the device the message is about (every [`NodeMessage`] names one), the same
+//! server that holds that device's queue and presence, so messages about one device arrive in
+//! order; messages about different devices may interleave differently than sent. (A future
+//! node-wide message without a device would go to shard 0.)
+//!
+//! Fan-out subscriptions share one Redis subscription per channel and process; a new local
+//! subscriber starts at a marker published through the same connection, so it receives
+//! exactly what is published after `subscribe` returns (see the `pubsub` module).
+//!
+//! # Requirements
+//!
+//! Redis 6.2 or later (exclusive `XRANGE` starts, `SPOP` with a count, effect replication of
+//! scripts). Scripts derive some key names from IDs, which a plain server allows and Redis
+//! Cluster would not; sharding here is client-side.
+//!
+//! # Connections
+//!
+//! Per shard: one multiplexed command connection and one subscriber connection, both
+//! reconnecting with exponential backoff; subscriptions are restored after a reconnect.
+//! Commands time out after [`RedisBusConfig::command_timeout`] with
+//! [`BusError::Unavailable`]. [`RedisBus::is_connected`] serves readiness.
+
+mod codec;
+mod pubsub;
+mod scripts;
+
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use fred::clients::{Client, SubscriberClient};
+use fred::error::{Error as FredError, ErrorKind};
+use fred::interfaces::{ClientLike, EventInterface, KeysInterface, PubsubInterface};
+use fred::types::config::{Config, ReconnectPolicy};
+use fred::types::scripts::Script;
+use fred::types::{Builder, ClusterHash, CustomCommand, Expiration, SetOptions, Value};
+use hashring::HashRing;
+use serde_json::Map;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::{
+    Bus, BusError, BusResult, Channel, Command, DeviceRecord, NodeInfo, NodeMessage, Presence,
+    QueuedCommand, Shadow, StreamId, Subscription, TelemetryRecord, merge_patch, partition_for,
+};
+
+/// Points each shard occupies on the consistent-hash ring.
+pub const VNODES_PER_SHARD: u32 = 64;
+
+/// Devices a presence sweep handles per script call.
+const SWEEP_BATCH: usize = 1000;
+/// Keys per presence read script call.
+const PRESENCE_READ_BATCH: usize = 1000;
+/// Records per telemetry append script call.
+const TELEMETRY_BATCH: usize = 500;
+/// Attempts of an optimistic shadow merge before giving up.
+const SHADOW_RETRIES: usize = 64;
+
+/// Configuration of a [`RedisBus`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisBusConfig {
+    /// One `redis://` URL per shard, in the same order on every process (at least one).
+    pub urls: Vec<String>,
+    /// Prefix of every key and channel name.
+    pub key_prefix: String,
+    /// Most commands queued per device; further pushes fail with [`BusError::QueueFull`].
+    pub queue_max_len: usize,
+    /// Number of telemetry partitions (at least 1).
+    pub telemetry_partitions: u32,
+    /// Approximate most records kept per telemetry partition (`XADD MAXLEN ~`).
+    pub telemetry_max_len: usize,
+    /// Capacity of each node's message channel (at least 1).
+    pub node_channel_capacity: usize,
+    /// Capacity of each fan-out subscription (at least 1).
+    pub subscription_capacity: usize,
+    /// How long a command may wait for an answer (including while reconnecting).
+    pub command_timeout: Duration,
+    /// How long a connection attempt may take.
+    pub connect_timeout: Duration,
+    /// Shortest reconnect delay, in ms.
+    pub reconnect_min_delay_ms: u32,
+    /// Longest reconnect delay, in ms.
+    pub reconnect_max_delay_ms: u32,
+    /// Messages buffered between a subscriber connection and its reader task.
+    pub pubsub_buffer: usize,
+}
+
+impl Default for RedisBusConfig {
+    fn default() -> Self {
+        Self {
+            urls: vec!["redis://127.0.0.1:6379".to_owned()],
+            key_prefix: "fleetgate:".to_owned(),
+            queue_max_len: 1000,
+            telemetry_partitions: 4,
+            telemetry_max_len: 100_000,
+            node_channel_capacity: 4096,
+            subscription_capacity: 1024,
+            command_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            reconnect_min_delay_ms: 100,
+            reconnect_max_delay_ms: 5_000,
+            pubsub_buffer: 8192,
+        }
+    }
+}
+
+/// Counters of a [`RedisBus`], for metrics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RedisBusStats {
+    /// Fan-out frames dropped because a local subscriber was full.
+    pub dropped_messages: u64,
+    /// Node messages dropped because the node's receiver was full.
+    pub dropped_node_messages: u64,
+    /// Pub/sub messages missed because a reader task fell behind its connection.
+    pub lagged_messages: u64,
+    /// Node messages that could not be decoded.
+    pub corrupt_messages: u64,
+}
+
+/// A point of a shard on the hash ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct VNode {
+    shard: usize,
+    replica: u32,
+}
+
+impl Hash for VNode {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // Fixed-width, explicit bytes: the ring must be the same on every process.
+        state.write(&(self.shard as u64).to_le_bytes());
+        state.write(&self.replica.to_le_bytes());
+    }
+}
+
+struct Scripts {
+    presence_set: Script,
+    presence_get: Script,
+    presence_remove: Script,
+    presence_sweep: Script,
+    nodes_list: Script,
+    device_create: Script,
+    device_list: Script,
+    queue_push: Script,
+    queue_pending: Script,
+    queue_attempt: Script,
+    queue_release: Script,
+    queue_remove: Script,
+    queue_take_expired: Script,
+    telemetry_append: Script,
+    shadow_cas: Script,
+    publish_retained: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Self {
+            presence_set: Script::from_lua(scripts::PRESENCE_SET),
+            presence_get: Script::from_lua(scripts::PRESENCE_GET),
+            presence_remove: Script::from_lua(scripts::PRESENCE_REMOVE),
+            presence_sweep: Script::from_lua(scripts::PRESENCE_SWEEP),
+            nodes_list: Script::from_lua(scripts::NODES_LIST),
+            device_create: Script::from_lua(scripts::DEVICE_CREATE),
+            device_list: Script::from_lua(scripts::DEVICE_LIST),
+            queue_push: Script::from_lua(scripts::QUEUE_PUSH),
+            queue_pending: Script::from_lua(scripts::QUEUE_PENDING),
+            queue_attempt: Script::from_lua(scripts::QUEUE_ATTEMPT),
+            queue_release: Script::from_lua(scripts::QUEUE_RELEASE),
+            queue_remove: Script::from_lua(scripts::QUEUE_REMOVE),
+            queue_take_expired: Script::from_lua(scripts::QUEUE_TAKE_EXPIRED),
+            telemetry_append: Script::from_lua(scripts::TELEMETRY_APPEND),
+            shadow_cas: Script::from_lua(scripts::SHADOW_CAS),
+            publish_retained: Script::from_lua(scripts::PUBLISH_RETAINED),
+        }
+    }
+}
+
+struct Shard {
+    client: Client,
+    subscriber: SubscriberClient,
+}
+
+struct Inner {
+    config: RedisBusConfig,
+    shards: Vec<Shard>,
+    ring: HashRing<VNode>,
+    scripts: Scripts,
+    router: Arc<pubsub::Router>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            for shard in &self.shards {
+                let client = shard.client.clone();
+                let subscriber = shard.subscriber.clone();
+                rt.spawn(async move {
+                    let _ = subscriber.quit().await;
+                    let _ = client.quit().await;
+                });
+            }
+        }
+    }
+}
+
+/// The Redis-backed [`Bus`]. Cloning is cheap: clones share connections and subscriptions.
+#[derive(Clone)]
+pub struct RedisBus {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for RedisBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBus")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Maps a fred error: undecodable replies are [`BusError::Corrupt`], anything else means
+/// Redis could not answer properly, [`BusError::Unavailable`].
+pub(crate) fn fred_err(e: FredError) -> BusError {
+    match e.kind() {
+        ErrorKind::Parse => BusError::Corrupt(e.to_string()),
+        _ => BusError::Unavailable(e.to_string()),
+    }
+}
+
+fn wall_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+// --- reply decoding ------------------------------------------------------------------------
+
+fn bad_reply(what: &str, v: &Value) -> BusError {
+    BusError::Corrupt(format!("unexpected reply to {what}: {v:?}"))
+}
+
+/// A bulk string reply (or nil).
+fn opt_string(what: &str, v: Value) -> BusResult<Option<String>> {
+    match v {
+        Value::Null => Ok(None),
+        Value::String(s) => Ok(Some(s.to_string())),
+        Value::Bytes(b) => String::from_utf8(b.to_vec())
+            .map(Some)
+            .map_err(|_| BusError::Corrupt(format!("{what}: reply is not UTF-8"))),
+        Value::Integer(i) => Ok(Some(i.to_string())),
+        other => Err(bad_reply(what, &other)),
+    }
+}
+
+fn string(what: &str, v: Value) -> BusResult<String> {
+    match opt_string(what, v)? {
+        Some(s) => Ok(s),
+        None => Err(BusError::Corrupt(format!("{what}: unexpected nil"))),
+    }
+}
+
+fn int(what: &str, v: Value) -> BusResult<i64> {
+    match v {
+        Value::Integer(i) => Ok(i),
+        Value::String(ref s) => s.parse().map_err(|_| bad_reply(what, &v)),
+        other => Err(bad_reply(what, &other)),
+    }
+}
+
+/// An array reply (nil reads as empty).
+fn array(what: &str, v: Value) -> BusResult<Vec<Value>> {
+    match v {
+        Value::Null => Ok(Vec::new()),
+        Value::Array(a) => Ok(a),
+        other => Err(bad_reply(what, &other)),
+    }
+}
+
+/// `{command, attempts, release mark}` from a queue script, or nil.
+fn queued(what: &str, v: Value) -> BusResult<Option<QueuedCommand>> {
+    if v.is_null() {
+        return Ok(None);
+    }
+    let mut parts = array(what, v)?.into_iter();
+    let (Some(c), Some(a)) = (parts.next(), parts.next()) else {
+        return Err(BusError::Corrupt(format!("{what}: short reply")));
+    };
+    let release = match parts.next() {
+        Some(r) => opt_string(what, r)?,
+        None => None,
+    };
+    let command = string(what, c)?;
+    let attempts = string(what, a)?;
+    codec::decode_queued(&command, &attempts, release.as_deref()).map(Some)
+}
+
+/// `{node, conn, since}` from a presence script, or nil.
+fn presence_reply(what: &str, v: Value) -> BusResult<Option<Presence>> {
+    if v.is_null() {
+        return Ok(None);
+    }
+    let parts = array(what, v)?;
+    let [node, conn, since]: [Value; 3] = parts
+        .try_into()
+        .map_err(|_| BusError::Corrupt(format!("{what}: presence is not 3 fields")))?;
+    let node = string(what, node)?;
+    let conn = string(what, conn)?;
+    let since = string(what, since)?;
+    codec::decode_presence(node, &conn, &since).map(Some)
+}
+
+/// Unique per bus instance: `<pid>-<start ns>-<counter>`.
+fn instance_id() -> String {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{}-{nanos:x}-{n}", std::process::id())
+}
+
+fn v(s: impl Into<String>) -> Value {
+    Value::from(s.into())
+}
+
+impl RedisBus {
+    /// Connects to every shard (failing with [`BusError::Unavailable`] if one cannot be
+    /// reached now; later outages are retried with backoff) and starts the pub/sub tasks.
+    pub async fn connect(mut config: RedisBusConfig) -> BusResult<Self> {
+        if config.urls.is_empty() {
+            return Err(BusError::Unavailable("no redis urls configured".into()));
+        }
+        config.telemetry_partitions = config.telemetry_partitions.max(1);
+        config.telemetry_max_len = config.telemetry_max_len.max(1);
+        config.node_channel_capacity = config.node_channel_capacity.max(1);
+        config.subscription_capacity = config.subscription_capacity.max(1);
+        config.pubsub_buffer = config.pubsub_buffer.max(16);
+
+        let mut shards = Vec::with_capacity(config.urls.len());
+        for url in &config.urls {
+            let fred_config = Config::from_url(url)
+                .map_err(|e| BusError::Unavailable(format!("bad redis url {url:?}: {e}")))?;
+            let mut builder = Builder::from_config(fred_config);
+            builder
+                .set_policy(ReconnectPolicy::new_exponential(
+                    0,
+                    config.reconnect_min_delay_ms,
+                    config
+                        .reconnect_max_delay_ms
+                        .max(config.reconnect_min_delay_ms),
+                    2,
+                ))
+                .with_connection_config(|c| {
+                    c.connection_timeout = config.connect_timeout;
+                    c.internal_command_timeout = config.command_timeout;
+                })
+                .with_performance_config(|p| {
+                    p.default_command_timeout = config.command_timeout;
+                    p.broadcast_channel_capacity = config.pubsub_buffer;
+                });
+            let client = builder.build().map_err(fred_err)?;
+            let subscriber = builder.build_subscriber_client().map_err(fred_err)?;
+            client.init().await.map_err(fred_err)?;
+            subscriber.init().await.map_err(fred_err)?;
+            shards.push(Shard { client, subscriber });
+        }
+
+        let mut ring = HashRing::new();
+        for shard in 0..shards.len() {
+            for replica in 0..VNODES_PER_SHARD {
+                ring.add(VNode { shard, replica });
+            }
+        }
+
+        let marker_channel = format!("{}marker:{}", config.key_prefix, instance_id());
+        for shard in &shards {
+            shard
+                .subscriber
+                .subscribe(marker_channel.clone())
+                .await
+                .map_err(fred_err)?;
+        }
+        let (router, control_rx) =
+            pubsub::Router::new(shards.len(), marker_channel, config.command_timeout * 2);
+        let node_prefix = format!("{}nodech:", config.key_prefix);
+        let mut tasks = Vec::new();
+        for (shard, rx) in shards.iter().zip(control_rx) {
+            tasks.push(shard.subscriber.manage_subscriptions());
+            tasks.push(tokio::spawn(pubsub::reader_task(
+                Arc::downgrade(&router),
+                shard.subscriber.message_rx(),
+                node_prefix.clone(),
+            )));
+            tasks.push(tokio::spawn(pubsub::control_task(
+                Arc::downgrade(&router),
+                shard.subscriber.clone(),
+                shard.client.clone(),
+                rx,
+            )));
+        }
+
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                shards,
+                ring,
+                scripts: Scripts::new(),
+                router,
+                tasks,
+            }),
+        })
+    }
+
+    /// The effective configuration.
+    pub fn config(&self) -> &RedisBusConfig {
+        &self.inner.config
+    }
+
+    /// Whether every command and subscriber connection is up (readiness).
+    pub fn is_connected(&self) -> bool {
+        self.inner
+            .shards
+            .iter()
+            .all(|s| s.client.is_connected() && s.subscriber.is_connected())
+    }
+
+    /// Number of shards.
+    pub fn shard_count(&self) -> usize {
+        self.inner.shards.len()
+    }
+
+    /// The shard (index into [`RedisBusConfig::urls`]) holding `device`'s keys and channel.
+    pub fn shard_for_device(&self, device: &str) -> usize {
+        self.shard_for(device)
+    }
+
+    /// The full Redis key names of `device`'s per-device keys (presence, queue order, queue
+    /// state, shadow), for operations and tests.
+    pub fn device_keys(&self, device: &str) -> Vec<String> {
+        vec![
+            self.key("p:", device),
+            self.key("q:", device),
+            self.key("qh:", device),
+            self.key("sh:", device),
+        ]
+    }
+
+    /// Live local subscriptions to `channel`.
+    pub fn subscriber_count(&self, channel: &Channel) -> usize {
+        self.inner.router.counts(&self.channel_name(channel))
+    }
+
+    /// Drop and loss counters.
+    pub fn stats(&self) -> RedisBusStats {
+        let r = &self.inner.router;
+        RedisBusStats {
+            dropped_messages: r.dropped.load(Ordering::Relaxed),
+            dropped_node_messages: r.dropped_node.load(Ordering::Relaxed),
+            lagged_messages: r.lagged.load(Ordering::Relaxed),
+            corrupt_messages: r.corrupt.load(Ordering::Relaxed),
+        }
+    }
+
+    fn shard_for(&self, key: &str) -> usize {
+        if self.inner.shards.len() == 1 {
+            return 0;
+        }
+        self.inner.ring.get(&key).map_or(0, |n| n.shard)
+    }
+
+    fn channel_shard(&self, channel: &Channel) -> usize {
+        match channel {
+            Channel::Device(id) => self.shard_for(id),
+            other => self.shard_for(&other.name()),
+        }
+    }
+
+    fn telemetry_shard(&self, partition: u32) -> usize {
+        self.shard_for(&format!("telemetry:{partition}"))
+    }
+
+    fn key(&self, tag: &str, id: &str) -> String {
+        format!("{}{tag}{id}", self.inner.config.key_prefix)
+    }
+
+    fn prefix(&self) -> Value {
+        v(self.inner.config.key_prefix.clone())
+    }
+
+    fn channel_name(&self, channel: &Channel) -> String {
+        self.key("ch:", &channel.name())
+    }
+
+    fn node_channel(&self, node: &str) -> String {
+        self.key("nodech:", node)
+    }
+
+    fn client(&self, shard: usize) -> &Client {
+        &self.inner.shards[shard].client
+    }
+
+    async fn eval(
+        &self,
+        shard: usize,
+        script: &Script,
+        keys: Vec<String>,
+        args: Vec<Value>,
+    ) -> BusResult<Value> {
+        script
+            .evalsha_with_reload::<Value, _, _>(self.client(shard), keys, args)
+            .await
+            .map_err(fred_err)
+    }
+
+    async fn custom(&self, shard: usize, cmd: &'static str, args: Vec<Value>) -> BusResult<Value> {
+        self.client(shard)
+            .custom::<Value, Value>(
+                CustomCommand::new_static(cmd, ClusterHash::FirstKey, false),
+                args,
+            )
+            .await
+            .map_err(fred_err)
+    }
+
+    async fn queue_remove(&self, device: &str, msgid: &str) -> BusResult<Option<QueuedCommand>> {
+        let shard = self.shard_for(device);
+        let reply = self
+            .eval(
+                shard,
+                &self.inner.scripts.queue_remove,
+                vec![
+                    self.key("q:", device),
+                    self.key("qh:", device),
+                    self.key("qexp", ""),
+                ],
+                vec![v(msgid), v(device)],
+            )
+            .await?;
+        queued("queue remove", reply)
+    }
+
+    /// Reads, merges and compare-and-sets `device`'s shadow; `None` when there is none and
+    /// the patch added nothing.
+    async fn shadow_merge(
+        &self,
+        device: &str,
+        patch: &Map<String, serde_json::Value>,
+        now_ms: i64,
+        desired: bool,
+    ) -> BusResult<Option<Shadow>> {
+        let shard = self.shard_for(device);
+        let key = self.key("sh:", device);
+        for _ in 0..SHADOW_RETRIES {
+            let current: Option<String> = self
+                .client(shard)
+                .get::<Option<String>, _>(&key)
+                .await
+                .map_err(fred_err)?;
+            let mut shadow = match &current {
+                Some(text) => codec::decode_shadow(text)?,
+                None => Shadow::default(),
+            };
+            let part = if desired {
+                &mut shadow.desired
+            } else {
+                &mut shadow.reported
+            };
+            if !merge_patch(part, patch) {
+                return Ok(current.is_some().then_some(shadow));
+            }
+            shadow.version += 1;
+            shadow.updated_ms = now_ms;
+            shadow.recompute_delta();
+            let swapped = self
+                .eval(
+                    shard,
+                    &self.inner.scripts.shadow_cas,
+                    vec![key.clone()],
+                    vec![
+                        v(current.unwrap_or_default()),
+                        v(codec::encode_shadow(&shadow)),
+                    ],
+                )
+                .await?;
+            if int("shadow cas", swapped)? == 1 {
+                return Ok(Some(shadow));
+            }
+        }
+        Err(BusError::Unavailable(format!(
+            "shadow of {device} changed concurrently {SHADOW_RETRIES} times"
+        )))
+    }
+}
+
+#[async_trait]
+impl Bus for RedisBus {
+    async fn ping(&self) -> BusResult<()> {
+        for shard in &self.inner.shards {
+            shard.client.ping::<Value>(None).await.map_err(fred_err)?;
+        }
+        Ok(())
+    }
+
+    async fn device_create(&self, device: &DeviceRecord) -> BusResult<bool> {
+        let reply = self
+            .eval(
+                0,
+                &self.inner.scripts.device_create,
+                vec![self.key("dev:", &device.id), self.key("devices", "")],
+                vec![v(codec::encode_device(device)), v(device.id.clone())],
+            )
+            .await?;
+        Ok(int("device_create", reply)? == 1)
+    }
+
+    async fn device_get(&self, id: &str) -> BusResult<Option<DeviceRecord>> {
+        let text: Option<String> = self
+            .client(0)
+            .get(self.key("dev:", id))
+            .await
+            .map_err(fred_err)?;
+        text.as_deref().map(codec::decode_device).transpose()
+    }
+
+    async fn device_update(&self, device: &DeviceRecord) -> BusResult<bool> {
+        let reply: Value = self
+            .client(0)
+            .set(
+                self.key("dev:", &device.id),
+                codec::encode_device(device),
+                None,
+                Some(SetOptions::XX),
+                false,
+            )
+            .await
+            .map_err(fred_err)?;
+        Ok(!reply.is_null())
+    }
+
+    async fn device_list(&self, after: Option<&str>, limit: usize) -> BusResult<Vec<DeviceRecord>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let start = after.map_or_else(|| "-".to_owned(), |a| format!("({a}"));
+        let reply = self
+            .eval(
+                0,
+                &self.inner.scripts.device_list,
+                vec![self.key("devices", "")],
+                vec![self.prefix(), v(start), Value::from(limit as i64)],
+            )
+            .await?;
+        array("device_list", reply)?
+            .into_iter()
+            .map(|r| codec::decode_device(&string("device_list", r)?))
+            .collect()
+    }
+
+    async fn node_heartbeat(&self, node: &NodeInfo, ttl_ms: u64) -> BusResult<()> {
+        let key = self.key("node:", &node.id);
+        let encoded = codec::encode_node(node);
+        let ttl = i64::try_from(ttl_ms.max(1)).unwrap_or(i64::MAX);
+        for shard in 0..self.inner.shards.len() {
+            self.client(shard)
+                .set::<Value, _, _>(
+                    &key,
+                    encoded.clone(),
+                    Some(Expiration::PX(ttl)),
+                    None,
+                    false,
+                )
+                .await
+                .map_err(fred_err)?;
+        }
+        self.client(0)
+            .custom::<Value, Value>(
+                CustomCommand::new_static("SADD", ClusterHash::FirstKey, false),
+                vec![v(self.key("nodes", "")), v(node.id.clone())],
+            )
+            .await
+            .map_err(fred_err)?;
+        Ok(())
+    }
+
+    async fn node_remove(&self, node_id: &str) -> BusResult<()> {
+        let key = self.key("node:", node_id);
+        for shard in 0..self.inner.shards.len() {
+            self.client(shard)
+                .del::<Value, _>(&key)
+                .await
+                .map_err(fred_err)?;
+        }
+        self.custom(0, "SREM", vec![v(self.key("nodes", "")), v(node_id)])
+            .await?;
+        Ok(())
+    }
+
+    async fn nodes(&self) -> BusResult<Vec<NodeInfo>> {
+        let reply = self
+            .eval(
+                0,
+                &self.inner.scripts.nodes_list,
+                vec![self.key("nodes", "")],
+                vec![self.prefix()],
+            )
+            .await?;
+        let mut nodes = array("nodes", reply)?
+            .into_iter()
+            .map(|n| codec::decode_node(&string("nodes", n)?))
+            .collect::<BusResult<Vec<_>>>()?;
+        nodes.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(nodes)
+    }
+
+    async fn presence_set(&self, device: &str, presence: &Presence) -> BusResult<Option<Presence>> {
+        let reply = self
+            .eval(
+                self.shard_for(device),
+                &self.inner.scripts.presence_set,
+                vec![self.key("p:", device)],
+                vec![
+                    self.prefix(),
+                    v(device),
+                    v(presence.node.clone()),
+                    v(presence.conn_id.to_string()),
+                    v(presence.since_ms.to_string()),
+                ],
+            )
+            .await?;
+        presence_reply("presence_set", reply)
+    }
+
+    async fn presence_get(&self, device: &str) -> BusResult<Option<Presence>> {
+        let reply = self
+            .eval(
+                self.shard_for(device),
+                &self.inner.scripts.presence_get,
+                vec![self.key("p:", device)],
+                vec![self.prefix()],
+            )
+            .await?;
+        match array("presence_get", reply)?.into_iter().next() {
+            Some(p) => presence_reply("presence_get", p),
+            None => Ok(None),
+        }
+    }
+
+    async fn presence_get_many(&self, devices: &[String]) -> BusResult<Vec<Option<Presence>>> {
+        let mut out = vec![None; devices.len()];
+        let mut by_shard: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for (i, d) in devices.iter().enumerate() {
+            by_shard.entry(self.shard_for(d)).or_default().push(i);
+        }
+        for (shard, indices) in by_shard {
+            for chunk in indices.chunks(PRESENCE_READ_BATCH) {
+                let keys = chunk.iter().map(|&i| self.key("p:", &devices[i])).collect();
+                let reply = self
+                    .eval(
+                        shard,
+                        &self.inner.scripts.presence_get,
+                        keys,
+                        vec![self.prefix()],
+                    )
+                    .await?;
+                let answers = array("presence_get_many", reply)?;
+                if answers.len() != chunk.len() {
+                    return Err(BusError::Corrupt(
+                        "presence_get_many: wrong number of answers".into(),
+                    ));
+                }
+                for (&i, p) in chunk.iter().zip(answers) {
+                    out[i] = presence_reply("presence_get_many", p)?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn presence_remove(&self, device: &str, conn_id: u64) -> BusResult<bool> {
+        let reply = self
+            .eval(
+                self.shard_for(device),
+                &self.inner.scripts.presence_remove,
+                vec![self.key("p:", device)],
+                vec![self.prefix(), v(device), v(conn_id.to_string())],
+            )
+            .await?;
+        Ok(int("presence_remove", reply)? == 1)
+    }
+
+    async fn presence_sweep_node(&self, node_id: &str) -> BusResult<usize> {
+        let mut total = 0usize;
+        for shard in 0..self.inner.shards.len() {
+            loop {
+                let reply = self
+                    .eval(
+                        shard,
+                        &self.inner.scripts.presence_sweep,
+                        vec![self.key("pn:", node_id)],
+                        vec![self.prefix(), v(node_id), Value::from(SWEEP_BATCH as i64)],
+                    )
+                    .await?;
+                let mut parts = array("presence_sweep_node", reply)?.into_iter();
+                let (Some(n), Some(left)) = (parts.next(), parts.next()) else {
+                    return Err(BusError::Corrupt("presence_sweep_node: short reply".into()));
+                };
+                total += usize::try_from(int("presence_sweep_node", n)?).unwrap_or(0);
+                if int("presence_sweep_node", left)? == 0 {
+                    break;
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    async fn node_publish(&self, node_id: &str, message: &NodeMessage) -> BusResult<()> {
+        let device = match message {
+            NodeMessage::Deliver { device }
+            | NodeMessage::Close { device, .. }
+            | NodeMessage::CommandResult { device, .. } => device.as_str(),
+            NodeMessage::Command(c) => c.device.as_str(),
+        };
+        let shard = self.shard_for(device);
+        self.client(shard)
+            .publish::<Value, _, _>(
+                self.node_channel(node_id),
+                codec::encode_node_message(message),
+            )
+            .await
+            .map_err(fred_err)?;
+        Ok(())
+    }
+
+    async fn node_subscribe(&self, node_id: &str) -> BusResult<mpsc::Receiver<NodeMessage>> {
+        let channel = self.node_channel(node_id);
+        let (tx, rx) = mpsc::channel(self.inner.config.node_channel_capacity);
+        self.inner.router.set_node(&channel, tx);
+        for shard in 0..self.inner.shards.len() {
+            self.inner.router.confirm(shard, &channel, None).await?;
+        }
+        Ok(rx)
+    }
+
+    async fn queue_push(&self, command: &Command) -> BusResult<()> {
+        let max = self.inner.config.queue_max_len;
+        let device = &command.device;
+        let reply = self
+            .eval(
+                self.shard_for(device),
+                &self.inner.scripts.queue_push,
+                vec![
+                    self.key("q:", device),
+                    self.key("qh:", device),
+                    self.key("qexp", ""),
+                    self.key("qseq", ""),
+                ],
+                vec![
+                    v(command.msgid.as_str()),
+                    v(codec::encode_command(command)),
+                    v(command.expires_ms.to_string()),
+                    Value::from(i64::try_from(max).unwrap_or(i64::MAX)),
+                    v(device.clone()),
+                ],
+            )
+            .await?;
+        match int("queue_push", reply)? {
+            -1 => Err(BusError::QueueFull { max }),
+            _ => Ok(()),
+        }
+    }
+
+    async fn queue_pending(&self, device: &str, limit: usize) -> BusResult<Vec<QueuedCommand>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let reply = self
+            .eval(
+                self.shard_for(device),
+                &self.inner.scripts.queue_pending,
+                vec![self.key("q:", device), self.key("qh:", device)],
+                vec![
+                    v(wall_ms().to_string()),
+                    Value::from(i64::try_from(limit).unwrap_or(i64::MAX)),
+                ],
+            )
+            .await?;
+        array("queue_pending", reply)?
+            .into_iter()
+            .map(|q| {
+                queued("queue_pending", q)?
+                    .ok_or_else(|| BusError::Corrupt("queue_pending: nil entry".into()))
+            })
+            .collect()
+    }
+
+    async fn queue_attempt(&self, device: &str, msgid: &str) -> BusResult<Option<u32>> {
+        let reply = self
+            .eval(
+                self.shard_for(device),
+                &self.inner.scripts.queue_attempt,
+                vec![self.key("qh:", device)],
+                vec![v(msgid)],
+            )
+            .await?;
+        if reply.is_null() {
+            return Ok(None);
+        }
+        let n = int("queue_attempt", reply)?;
+        Ok(Some(u32::try_from(n).unwrap_or(u32::MAX)))
+    }
+
+    async fn queue_release(
+        &self,
+        device: &str,
+        msgid: &str,
+        result: Option<&serde_json::Value>,
+    ) -> BusResult<Option<QueuedCommand>> {
+        let (flag, text) = match result {
+            Some(r) => ("1", r.to_string()),
+            None => ("0", String::new()),
+        };
+        let reply = self
+            .eval(
+                self.shard_for(device),
+                &self.inner.scripts.queue_release,
+                vec![self.key("qh:", device)],
+                vec![v(msgid), v(flag), v(text)],
+            )
+            .await?;
+        queued("queue_release", reply)
+    }
+
+    async fn queue_ack(&self, device: &str, msgid: &str) -> BusResult<Option<QueuedCommand>> {
+        self.queue_remove(device, msgid).await
+    }
+
+    async fn queue_fail(&self, device: &str, msgid: &str) -> BusResult<Option<QueuedCommand>> {
+        self.queue_remove(device, msgid).await
+    }
+
+    async fn queue_take_expired(&self, now_ms: i64, limit: usize) -> BusResult<Vec<QueuedCommand>> {
+        let mut taken = Vec::new();
+        for shard in 0..self.inner.shards.len() {
+            if taken.len() >= limit {
+                break;
+            }
+            let want = limit - taken.len();
+            let reply = self
+                .eval(
+                    shard,
+                    &self.inner.scripts.queue_take_expired,
+                    vec![self.key("qexp", "")],
+                    vec![
+                        self.prefix(),
+                        v(now_ms.to_string()),
+                        Value::from(i64::try_from(want).unwrap_or(i64::MAX)),
+                    ],
+                )
+                .await?;
+            for q in array("queue_take_expired", reply)? {
+                if let Some(q) = queued("queue_take_expired", q)? {
+                    taken.push(q);
+                }
+            }
+        }
+        Ok(taken)
+    }
+
+    async fn queue_len(&self, device: &str) -> BusResult<usize> {
+        let reply = self
+            .custom(
+                self.shard_for(device),
+                "ZCARD",
+                vec![v(self.key("q:", device))],
+            )
+            .await?;
+        Ok(usize::try_from(int("queue_len", reply)?).unwrap_or(0))
+    }
+
+    async fn qos2_receive(&self, device: &str, msgid: &str, ttl_ms: u64) -> BusResult<bool> {
+        let ttl = i64::try_from(ttl_ms.max(1)).unwrap_or(i64::MAX);
+        let reply: Value = self
+            .client(self.shard_for(device))
+            .set(
+                self.key("q2:", &format!("{device}:{msgid}")),
+                "1",
+                Some(Expiration::PX(ttl)),
+                Some(SetOptions::NX),
+                false,
+            )
+            .await
+            .map_err(fred_err)?;
+        Ok(!reply.is_null())
+    }
+
+    async fn qos2_release(&self, device: &str, msgid: &str) -> BusResult<bool> {
+        let n: i64 = self
+            .client(self.shard_for(device))
+            .del(self.key("q2:", &format!("{device}:{msgid}")))
+            .await
+            .map_err(fred_err)?;
+        Ok(n > 0)
+    }
+
+    async fn telemetry_append(&self, records: &[TelemetryRecord]) -> BusResult<()> {
+        let partitions = self.inner.config.telemetry_partitions;
+        let mut by_shard: BTreeMap<usize, Vec<(u32, &TelemetryRecord)>> = BTreeMap::new();
+        for r in records {
+            let p = partition_for(&r.device, partitions);
+            by_shard
+                .entry(self.telemetry_shard(p))
+                .or_default()
+                .push((p, r));
+        }
+        let max_len = self.inner.config.telemetry_max_len.to_string();
+        for (shard, batch) in by_shard {
+            for chunk in batch.chunks(TELEMETRY_BATCH) {
+                let keys = chunk
+                    .iter()
+                    .map(|(p, _)| self.key("tm:", &p.to_string()))
+                    .collect();
+                let mut args = Vec::with_capacity(1 + chunk.len() * 6);
+                args.push(v(max_len.clone()));
+                for (_, r) in chunk {
+                    args.extend(codec::telemetry_fields(r).into_iter().map(Value::from));
+                }
+                self.eval(shard, &self.inner.scripts.telemetry_append, keys, args)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A partition outside `0..telemetry_partitions()` reads as empty; a malformed `after`
+    /// is [`BusError::Corrupt`].
+    async fn telemetry_read(
+        &self,
+        partition: u32,
+        after: Option<&StreamId>,
+        limit: usize,
+    ) -> BusResult<Vec<(StreamId, TelemetryRecord)>> {
+        let after = after.map(StreamId::parts).transpose()?;
+        if partition >= self.inner.config.telemetry_partitions || limit == 0 {
+            return Ok(Vec::new());
+        }
+        let start = match after {
+            None => "-".to_owned(),
+            Some((ms, u64::MAX)) if ms == u64::MAX => return Ok(Vec::new()),
+            Some((ms, u64::MAX)) => format!("{}-0", ms + 1),
+            Some((ms, seq)) => format!("({ms}-{seq}"),
+        };
+        let reply = self
+            .custom(
+                self.telemetry_shard(partition),
+                "XRANGE",
+                vec![
+                    v(self.key("tm:", &partition.to_string())),
+                    v(start),
+                    v("+"),
+                    v("COUNT"),
+                    Value::from(i64::try_from(limit).unwrap_or(i64::MAX)),
+                ],
+            )
+            .await?;
+        let mut out = Vec::new();
+        for entry in array("telemetry_read", reply)? {
+            let mut parts = array("telemetry_read", entry)?.into_iter();
+            let (Some(id), Some(fields)) = (parts.next(), parts.next()) else {
+                return Err(BusError::Corrupt("telemetry_read: short entry".into()));
+            };
+            let id = string("telemetry_read", id)?;
+            let flat = array("telemetry_read", fields)?;
+            let mut pairs = Vec::with_capacity(flat.len() / 2);
+            let mut it = flat.into_iter();
+            while let (Some(k), Some(val)) = (it.next(), it.next()) {
+                pairs.push((string("telemetry_read", k)?, string("telemetry_read", val)?));
+            }
+            out.push((StreamId(id), codec::decode_telemetry(&pairs)?));
+        }
+        Ok(out)
+    }
+
+    fn telemetry_partitions(&self) -> u32 {
+        self.inner.config.telemetry_partitions
+    }
+
+    /// A merge that changes nothing leaves the version (and `updated_ms`) as they were and
+    /// creates no shadow. Merges are optimistic: read, merge, compare-and-set by script.
+    async fn shadow_merge_reported(
+        &self,
+        device: &str,
+        patch: &Map<String, serde_json::Value>,
+        now_ms: i64,
+    ) -> BusResult<u64> {
+        Ok(self
+            .shadow_merge(device, patch, now_ms, false)
+            .await?
+            .map_or(0, |s| s.version))
+    }
+
+    /// A merge that changes nothing leaves the version (and `updated_ms`) as they were and
+    /// creates no shadow.
+    async fn shadow_merge_desired(
+        &self,
+        device: &str,
+        patch: &Map<String, serde_json::Value>,
+        now_ms: i64,
+    ) -> BusResult<Shadow> {
+        Ok(self
+            .shadow_merge(device, patch, now_ms, true)
+            .await?
+            .unwrap_or_default())
+    }
+
+    async fn shadow_get(&self, device: &str) -> BusResult<Option<Shadow>> {
+        let text: Option<String> = self
+            .client(self.shard_for(device))
+            .get(self.key("sh:", device))
+            .await
+            .map_err(fred_err)?;
+        text.as_deref().map(codec::decode_shadow).transpose()
+    }
+
+    async fn publish(&self, channel: &Channel, frame: Bytes, retain: bool) -> BusResult<()> {
+        let shard = self.channel_shard(channel);
+        let name = self.channel_name(channel);
+        if retain {
+            self.eval(
+                shard,
+                &self.inner.scripts.publish_retained,
+                vec![self.key("ret:", &channel.name())],
+                vec![v(name), Value::Bytes(frame)],
+            )
+            .await?;
+        } else {
+            self.client(shard)
+                .publish::<Value, _, _>(name, Value::Bytes(frame))
+                .await
+                .map_err(fred_err)?;
+        }
+        Ok(())
+    }
+
+    async fn subscribe(&self, channel: &Channel) -> BusResult<Subscription> {
+        let shard = self.channel_shard(channel);
+        let name = self.channel_name(channel);
+        let (tx, rx) = mpsc::channel(self.inner.config.subscription_capacity);
+        let id = self.inner.router.add_subscriber(&name, tx);
+        let guard = pubsub::Guard {
+            router: Arc::downgrade(&self.inner.router),
+            shard,
+            channel: name.clone(),
+            id,
+        };
+        // On failure the guard drops here, unregistering the subscriber.
+        self.inner.router.confirm(shard, &name, Some(id)).await?;
+        Ok(Subscription::new(rx, guard))
+    }
+
+    async fn retained(&self, channel: &Channel) -> BusResult<Option<Bytes>> {
+        let reply: Value = self
+            .client(self.channel_shard(channel))
+            .get(self.key("ret:", &channel.name()))
+            .await
+            .map_err(fred_err)?;
+        Ok(reply.into_bytes())
+    }
+}

@@ -1,0 +1,215 @@
+//! The Lua scripts of the Redis backend. Each runs atomically on one shard.
+//!
+//! Some scripts derive further key names from a device or node ID (`ARGV` carries the key
+//! prefix); that is fine on a plain Redis server, which is all this backend targets (sharding
+//! is client-side, no Redis Cluster), and keeps each operation to one round trip.
+//!
+//! Lua `false` reaches the client as nil; arrays may hold nils as `false` entries.
+
+/// Presence set. `KEYS[1]` = presence hash; `ARGV` = prefix, device, node, conn, since.
+/// Writes the entry, moves the device between node index sets, and returns the previous
+/// entry `{node, conn, since}` if its node is alive, else nil.
+pub(super) const PRESENCE_SET: &str = r"
+local old = redis.call('HMGET', KEYS[1], 'node', 'conn', 'since')
+redis.call('HSET', KEYS[1], 'node', ARGV[3], 'conn', ARGV[4], 'since', ARGV[5])
+if old[1] and old[1] ~= ARGV[3] then
+  redis.call('SREM', ARGV[1] .. 'pn:' .. old[1], ARGV[2])
+end
+redis.call('SADD', ARGV[1] .. 'pn:' .. ARGV[3], ARGV[2])
+if old[1] and redis.call('EXISTS', ARGV[1] .. 'node:' .. old[1]) == 1 then
+  return old
+end
+return false
+";
+
+/// Presence get. `KEYS` = presence hashes; `ARGV[1]` = prefix. One entry per key:
+/// `{node, conn, since}` when present and its node is alive, else nil.
+pub(super) const PRESENCE_GET: &str = r"
+local out = {}
+for i, k in ipairs(KEYS) do
+  local p = redis.call('HMGET', k, 'node', 'conn', 'since')
+  if p[1] and redis.call('EXISTS', ARGV[1] .. 'node:' .. p[1]) == 1 then
+    out[i] = p
+  else
+    out[i] = false
+  end
+end
+return out
+";
+
+/// Presence compare-and-delete. `KEYS[1]` = presence hash; `ARGV` = prefix, device, conn.
+pub(super) const PRESENCE_REMOVE: &str = r"
+local p = redis.call('HMGET', KEYS[1], 'node', 'conn')
+if p[1] and p[2] == ARGV[3] then
+  redis.call('DEL', KEYS[1])
+  redis.call('SREM', ARGV[1] .. 'pn:' .. p[1], ARGV[2])
+  return 1
+end
+return 0
+";
+
+/// One batch of a node sweep. `KEYS[1]` = the node's index set; `ARGV` = prefix, node,
+/// batch size. Pops up to a batch of devices, deletes those whose entry still names the node;
+/// returns `{deleted, left in the index}`.
+pub(super) const PRESENCE_SWEEP: &str = r"
+local devs = redis.call('SPOP', KEYS[1], tonumber(ARGV[3]))
+local n = 0
+for _, d in ipairs(devs) do
+  local k = ARGV[1] .. 'p:' .. d
+  if redis.call('HGET', k, 'node') == ARGV[2] then
+    redis.call('DEL', k)
+    n = n + 1
+  end
+end
+return {n, redis.call('SCARD', KEYS[1])}
+";
+
+/// Lists live nodes. `KEYS[1]` = node ID set; `ARGV[1]` = prefix. Returns the encoded
+/// entries; IDs whose key expired are dropped from the set.
+pub(super) const NODES_LIST: &str = r"
+local out = {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local v = redis.call('GET', ARGV[1] .. 'node:' .. id)
+  if v then
+    table.insert(out, v)
+  else
+    redis.call('SREM', KEYS[1], id)
+  end
+end
+return out
+";
+
+/// Device create. `KEYS` = record key, ID index; `ARGV` = record, ID. 1 if created.
+pub(super) const DEVICE_CREATE: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[2], 0, ARGV[2])
+return 1
+";
+
+/// Device list. `KEYS[1]` = ID index; `ARGV` = prefix, lex start, limit. Encoded records.
+pub(super) const DEVICE_LIST: &str = r"
+local ids = redis.call('ZRANGEBYLEX', KEYS[1], ARGV[2], '+', 'LIMIT', 0, tonumber(ARGV[3]))
+local out = {}
+for _, id in ipairs(ids) do
+  local v = redis.call('GET', ARGV[1] .. 'dev:' .. id)
+  if v then table.insert(out, v) end
+end
+return out
+";
+
+/// Queue push. `KEYS` = order zset, state hash, expiry zset, sequence counter; `ARGV` =
+/// msgid, command, expires_ms, max length, device. 1 pushed, 0 duplicate, -1 full.
+pub(super) const QUEUE_PUSH: &str = r"
+if redis.call('HEXISTS', KEYS[2], 'c:' .. ARGV[1]) == 1 then return 0 end
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return -1 end
+local seq = redis.call('INCR', KEYS[4])
+redis.call('ZADD', KEYS[1], seq, ARGV[1])
+redis.call('HSET', KEYS[2], 'c:' .. ARGV[1], ARGV[2], 'e:' .. ARGV[1], ARGV[3])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1] .. ' ' .. ARGV[5])
+return 1
+";
+
+/// Pending commands. `KEYS` = order zset, state hash; `ARGV` = now_ms, limit. Up to `limit`
+/// unexpired commands in push order, each `{command, attempts, release mark}`.
+pub(super) const QUEUE_PENDING: &str = r"
+local now = tonumber(ARGV[1])
+local limit = tonumber(ARGV[2])
+local out = {}
+local start = 0
+while #out < limit do
+  local ids = redis.call('ZRANGE', KEYS[1], start, start + 99)
+  if #ids == 0 then break end
+  for _, m in ipairs(ids) do
+    local f = redis.call('HMGET', KEYS[2], 'c:' .. m, 'e:' .. m, 'a:' .. m, 'r:' .. m)
+    if f[1] and tonumber(f[2]) > now then
+      table.insert(out, {f[1], f[3] or '0', f[4]})
+      if #out >= limit then break end
+    end
+  end
+  start = start + 100
+end
+return out
+";
+
+/// Attempt count. `KEYS[1]` = state hash; `ARGV[1]` = msgid. The new count or nil.
+pub(super) const QUEUE_ATTEMPT: &str = r"
+if redis.call('HEXISTS', KEYS[1], 'c:' .. ARGV[1]) == 0 then return false end
+return redis.call('HINCRBY', KEYS[1], 'a:' .. ARGV[1], 1)
+";
+
+/// QoS 2 release. `KEYS[1]` = state hash; `ARGV` = msgid, '1' if a result is given, result.
+/// Returns `{command, attempts, release mark}` or nil.
+pub(super) const QUEUE_RELEASE: &str = r"
+local c = redis.call('HGET', KEYS[1], 'c:' .. ARGV[1])
+if not c then return false end
+if ARGV[2] == '1' then
+  redis.call('HSET', KEYS[1], 'r:' .. ARGV[1], ARGV[3])
+elseif redis.call('HEXISTS', KEYS[1], 'r:' .. ARGV[1]) == 0 then
+  redis.call('HSET', KEYS[1], 'r:' .. ARGV[1], '')
+end
+local f = redis.call('HMGET', KEYS[1], 'a:' .. ARGV[1], 'r:' .. ARGV[1])
+return {c, f[1] or '0', f[2]}
+";
+
+/// Ack / fail. `KEYS` = order zset, state hash, expiry zset; `ARGV` = msgid, device.
+/// Returns the removed `{command, attempts, release mark}` or nil.
+pub(super) const QUEUE_REMOVE: &str = r"
+local m = ARGV[1]
+local f = redis.call('HMGET', KEYS[2], 'c:' .. m, 'a:' .. m, 'r:' .. m)
+if not f[1] then return false end
+redis.call('HDEL', KEYS[2], 'c:' .. m, 'e:' .. m, 'a:' .. m, 'r:' .. m)
+redis.call('ZREM', KEYS[1], m)
+redis.call('ZREM', KEYS[3], m .. ' ' .. ARGV[2])
+return {f[1], f[2] or '0', f[3]}
+";
+
+/// Take expired. `KEYS[1]` = expiry zset; `ARGV` = prefix, now_ms, limit. Removes up to
+/// `limit` commands expiring at or before now from every structure and returns them as
+/// `{command, attempts, release mark}`.
+pub(super) const QUEUE_TAKE_EXPIRED: &str = r"
+local items = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'LIMIT', 0, tonumber(ARGV[3]))
+local out = {}
+for _, item in ipairs(items) do
+  redis.call('ZREM', KEYS[1], item)
+  local sp = string.find(item, ' ', 1, true)
+  if sp then
+    local m = string.sub(item, 1, sp - 1)
+    local d = string.sub(item, sp + 1)
+    local h = ARGV[1] .. 'qh:' .. d
+    local f = redis.call('HMGET', h, 'c:' .. m, 'a:' .. m, 'r:' .. m)
+    if f[1] then
+      redis.call('HDEL', h, 'c:' .. m, 'e:' .. m, 'a:' .. m, 'r:' .. m)
+      redis.call('ZREM', ARGV[1] .. 'q:' .. d, m)
+      table.insert(out, {f[1], f[2] or '0', f[3]})
+    end
+  end
+end
+return out
+";
+
+/// Telemetry append. `KEYS` = one stream per record; `ARGV` = max length, then six fields
+/// per record (see `codec::telemetry_fields`).
+pub(super) const TELEMETRY_APPEND: &str = r"
+for i, k in ipairs(KEYS) do
+  local b = 1 + (i - 1) * 6
+  redis.call('XADD', k, 'MAXLEN', '~', ARGV[1], '*',
+    'device', ARGV[b + 1], 'msgid', ARGV[b + 2], 'kind', ARGV[b + 3],
+    'ts', ARGV[b + 4], 'rcv', ARGV[b + 5], 'payload', ARGV[b + 6])
+end
+return #KEYS
+";
+
+/// Shadow compare-and-set. `KEYS[1]` = shadow; `ARGV` = expected ('' = absent), new value.
+pub(super) const SHADOW_CAS: &str = r"
+local cur = redis.call('GET', KEYS[1])
+if (cur or '') ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
+";
+
+/// Retained publish. `KEYS[1]` = retained key; `ARGV` = channel, frame.
+pub(super) const PUBLISH_RETAINED: &str = r"
+redis.call('SET', KEYS[1], ARGV[2])
+return redis.call('PUBLISH', ARGV[1], ARGV[2])
+";

@@ -1,0 +1,370 @@
+//! The conformance suite against [`RedisBus`] on a real `redis-server`, plus sharding checks
+//! against two servers and behaviour only the Redis backend has (drop counters, readiness).
+//!
+//! The servers are started once per test binary (each `#[tokio::test]` has its own runtime,
+//! so only the server processes are shared; every test connects its own `RedisBus`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fleetgate_bus::conformance::{PATIENCE, now_ms, unique_id, wait_until};
+use fleetgate_bus::redis::{RedisBus, RedisBusConfig};
+use fleetgate_bus::{Bus, BusError, Channel, Command, NodeInfo, NodeMessage, Presence};
+use fleetgate_protocol::{MsgId, Qos};
+use serde_json::json;
+
+/// Servers shared by the whole test binary (the harness kills them when the process exits).
+mod support {
+    use std::sync::OnceLock;
+
+    use fleetgate_test_support::RedisServer;
+
+    /// The server the conformance suite runs against.
+    pub fn shared() -> &'static RedisServer {
+        static SERVER: OnceLock<RedisServer> = OnceLock::new();
+        SERVER.get_or_init(RedisServer::start)
+    }
+
+    /// Two servers shared by the sharding tests.
+    pub fn pair() -> &'static [RedisServer; 2] {
+        static SERVERS: OnceLock<[RedisServer; 2]> = OnceLock::new();
+        SERVERS.get_or_init(|| [RedisServer::start(), RedisServer::start()])
+    }
+}
+
+fn config(urls: Vec<String>) -> RedisBusConfig {
+    RedisBusConfig {
+        urls,
+        ..RedisBusConfig::default()
+    }
+}
+
+async fn connect(urls: Vec<String>) -> RedisBus {
+    RedisBus::connect(config(urls)).await.expect("connect")
+}
+
+async fn shared_bus() -> RedisBus {
+    connect(vec![support::shared().url()]).await
+}
+
+async fn sharded_bus() -> RedisBus {
+    let [a, b] = support::pair();
+    connect(vec![a.url(), b.url()]).await
+}
+
+mod conformance {
+    use std::sync::Arc;
+
+    fleetgate_bus::bus_conformance_tests!(async { Arc::new(super::shared_bus().await) });
+}
+
+fn node(id: &str) -> NodeInfo {
+    NodeInfo {
+        id: id.into(),
+        connections: 0,
+        draining: false,
+        started_ms: 0,
+        updated_ms: 0,
+    }
+}
+
+fn command(device: &str, msgid: &str, expires_ms: i64) -> Command {
+    Command {
+        msgid: MsgId::new(msgid).expect("msgid"),
+        device: device.into(),
+        payload: json!({"n": 1}),
+        qos: Qos::AtLeastOnce,
+        created_ms: 0,
+        expires_ms,
+        reply_to: None,
+        traceparent: None,
+    }
+}
+
+/// A raw connection to one server, to look at keys directly.
+async fn raw(url: &str) -> fred::clients::Client {
+    use fred::interfaces::ClientLike;
+    let client =
+        fred::types::Builder::from_config(fred::types::config::Config::from_url(url).expect("url"))
+            .build()
+            .expect("client");
+    client.init().await.expect("raw connect");
+    client
+}
+
+async fn exists(client: &fred::clients::Client, key: &str) -> bool {
+    use fred::interfaces::KeysInterface;
+    client.exists::<i64, _>(key).await.expect("exists") == 1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_server_is_unavailable() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let mut cfg = config(vec![format!("redis://127.0.0.1:{port}")]);
+    cfg.connect_timeout = Duration::from_millis(500);
+    match RedisBus::connect(cfg).await {
+        Err(BusError::Unavailable(_)) => {}
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    assert!(matches!(
+        RedisBus::connect(config(vec![])).await,
+        Err(BusError::Unavailable(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_and_stats() {
+    let bus = shared_bus().await;
+    assert!(bus.is_connected());
+    assert_eq!(bus.shard_count(), 1);
+    assert_eq!(bus.stats().dropped_messages, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_subscriber_drops_are_counted() {
+    let mut cfg = config(vec![support::shared().url()]);
+    cfg.subscription_capacity = 4;
+    let bus = RedisBus::connect(cfg).await.expect("connect");
+    let ch = Channel::Device(unique_id("rslow"));
+    let mut slow = bus.subscribe(&ch).await.unwrap();
+    let mut fast = bus.subscribe(&ch).await.unwrap();
+    assert_eq!(bus.subscriber_count(&ch), 2);
+    for i in 0..10u8 {
+        bus.publish(&ch, Bytes::from(vec![i]), false).await.unwrap();
+        assert_eq!(fast.recv().await.unwrap(), Bytes::from(vec![i]));
+    }
+    wait_until("6 of 10 frames dropped", PATIENCE, || async {
+        bus.stats().dropped_messages == 6
+    })
+    .await;
+    for i in 0..4u8 {
+        assert_eq!(slow.recv().await.unwrap(), Bytes::from(vec![i]));
+    }
+    drop(slow);
+    drop(fast);
+    assert_eq!(bus.subscriber_count(&ch), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_subscribe_replaces_and_drops_are_counted() {
+    let mut cfg = config(vec![support::shared().url()]);
+    cfg.node_channel_capacity = 2;
+    let bus = RedisBus::connect(cfg).await.expect("connect");
+    let n = unique_id("rnode");
+    let msg = |i: usize| NodeMessage::Deliver {
+        device: format!("d{i}"),
+    };
+    let mut first = bus.node_subscribe(&n).await.unwrap();
+    let mut second = bus.node_subscribe(&n).await.unwrap();
+    assert_eq!(
+        first.recv().await,
+        None,
+        "a second subscribe closes the first"
+    );
+    // Same device: one shard, so arrival order is publish order.
+    for _ in 0..5 {
+        bus.node_publish(&n, &msg(0)).await.unwrap();
+    }
+    wait_until("3 node messages dropped", PATIENCE, || async {
+        bus.stats().dropped_node_messages == 3
+    })
+    .await;
+    assert_eq!(second.recv().await, Some(msg(0)));
+    assert_eq!(second.recv().await, Some(msg(0)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_bus_closes_subscriptions() {
+    let bus = shared_bus().await;
+    let mut sub = bus.subscribe(&Channel::Alerts).await.unwrap();
+    drop(bus);
+    let got = tokio::time::timeout(PATIENCE, sub.recv()).await;
+    assert_eq!(got, Ok(None));
+}
+
+mod sharding {
+    use super::*;
+
+    fn devices_on_both_shards(bus: &RedisBus) -> (Vec<String>, [usize; 2]) {
+        let devices: Vec<String> = (0..64).map(|_| unique_id("sdev")).collect();
+        let mut per_shard = [0usize; 2];
+        for d in &devices {
+            per_shard[bus.shard_for_device(d)] += 1;
+        }
+        (devices, per_shard)
+    }
+
+    /// Keys of a device land on the shard the ring picks, and only there.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn device_keys_live_on_their_shard() {
+        let bus = sharded_bus().await;
+        let [a, b] = support::pair();
+        let raws = [raw(&a.url()).await, raw(&b.url()).await];
+        let n = unique_id("snode");
+        bus.node_heartbeat(&node(&n), 60_000).await.unwrap();
+        let (devices, per_shard) = devices_on_both_shards(&bus);
+        assert!(
+            per_shard[0] > 0 && per_shard[1] > 0,
+            "64 devices spread over both shards: {per_shard:?}"
+        );
+        for (i, d) in devices.iter().enumerate() {
+            bus.presence_set(
+                d,
+                &Presence {
+                    node: n.clone(),
+                    conn_id: i as u64,
+                    since_ms: 0,
+                },
+            )
+            .await
+            .unwrap();
+            bus.queue_push(&command(d, "m1", now_ms() + 60_000))
+                .await
+                .unwrap();
+            bus.shadow_merge_reported(d, json!({"on": true}).as_object().unwrap(), 1)
+                .await
+                .unwrap();
+            assert!(bus.qos2_receive(d, "q", 60_000).await.unwrap());
+        }
+        for d in &devices {
+            let home = bus.shard_for_device(d);
+            for key in bus.device_keys(d) {
+                assert!(exists(&raws[home], &key).await, "{key} on shard {home}");
+                assert!(
+                    !exists(&raws[1 - home], &key).await,
+                    "{key} must not be on shard {}",
+                    1 - home
+                );
+            }
+            let q2 = format!("{}q2:{d}:q", bus.config().key_prefix);
+            assert!(exists(&raws[home], &q2).await, "qos2 mark on its shard");
+            assert!(!exists(&raws[1 - home], &q2).await);
+            // And the bus reads them back.
+            assert_eq!(bus.queue_len(d).await.unwrap(), 1);
+            assert!(bus.presence_get(d).await.unwrap().is_some());
+        }
+        // Presence sweeps and expiry span every shard.
+        assert_eq!(bus.presence_sweep_node(&n).await.unwrap(), devices.len());
+        for d in &devices {
+            bus.queue_ack(d, "m1").await.unwrap();
+        }
+    }
+
+    /// A second process with the same URL list agrees on placement.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_buses_agree() {
+        let one = sharded_bus().await;
+        let two = sharded_bus().await;
+        let n = unique_id("snode");
+        one.node_heartbeat(&node(&n), 60_000).await.unwrap();
+        let (devices, _) = devices_on_both_shards(&one);
+        for d in &devices {
+            assert_eq!(one.shard_for_device(d), two.shard_for_device(d));
+            one.presence_set(
+                d,
+                &Presence {
+                    node: n.clone(),
+                    conn_id: 1,
+                    since_ms: 0,
+                },
+            )
+            .await
+            .unwrap();
+        }
+        let seen = two.presence_get_many(&devices).await.unwrap();
+        assert!(
+            seen.iter().all(Option::is_some),
+            "visible from the other bus"
+        );
+        assert!(two.nodes().await.unwrap().iter().any(|x| x.id == n));
+        two.node_remove(&n).await.unwrap();
+        let seen = one.presence_get_many(&devices).await.unwrap();
+        assert!(
+            seen.iter().all(Option::is_none),
+            "node liveness is checked on every shard"
+        );
+        assert_eq!(one.presence_sweep_node(&n).await.unwrap(), devices.len());
+    }
+
+    /// A node subscribed on every shard receives messages published via any shard.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn node_channel_spans_every_shard() {
+        use fred::interfaces::PubsubInterface;
+        let bus = sharded_bus().await;
+        let sender = sharded_bus().await;
+        let n = unique_id("snode");
+        let mut rx = bus.node_subscribe(&n).await.unwrap();
+        let (devices, _) = devices_on_both_shards(&bus);
+        let mut want: Vec<String> = Vec::new();
+        for d in devices.iter().take(16) {
+            sender
+                .node_publish(&n, &NodeMessage::Deliver { device: d.clone() })
+                .await
+                .unwrap();
+            want.push(d.clone());
+        }
+        // Straight onto each server's channel, too.
+        let [a, b] = support::pair();
+        let channel = format!("{}nodech:{n}", bus.config().key_prefix);
+        for (i, url) in [a.url(), b.url()].iter().enumerate() {
+            let client = raw(url).await;
+            let message = format!(r#"{{"t":"deliver","device":"raw-{i}"}}"#);
+            let receivers: i64 = client.publish(&channel, message).await.unwrap();
+            assert_eq!(receivers, 1, "subscribed on shard {i}");
+            want.push(format!("raw-{i}"));
+        }
+        let mut got = Vec::new();
+        while got.len() < want.len() {
+            match tokio::time::timeout(PATIENCE, rx.recv()).await {
+                Ok(Some(NodeMessage::Deliver { device })) => got.push(device),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        got.sort();
+        want.sort();
+        assert_eq!(got, want);
+    }
+
+    /// Fan-out, retained values and queue expiry work with channels and queues spread over
+    /// both shards.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fan_out_and_expiry_across_shards() {
+        let bus = Arc::new(sharded_bus().await);
+        let (devices, _) = devices_on_both_shards(&bus);
+        let mut subs = Vec::new();
+        for d in devices.iter().take(8) {
+            subs.push(bus.subscribe(&Channel::Device(d.clone())).await.unwrap());
+        }
+        for (d, sub) in devices.iter().zip(subs.iter_mut()) {
+            bus.publish(&Channel::Device(d.clone()), Bytes::from(d.clone()), true)
+                .await
+                .unwrap();
+            let got = tokio::time::timeout(PATIENCE, sub.recv()).await.unwrap();
+            assert_eq!(got, Some(Bytes::from(d.clone())));
+            assert_eq!(
+                bus.retained(&Channel::Device(d.clone())).await.unwrap(),
+                Some(Bytes::from(d.clone()))
+            );
+        }
+        // Expired commands on both shards are all reported (other tests on these servers
+        // use only live commands, so everything taken here is ours).
+        let past = now_ms() - 1_000;
+        for d in &devices {
+            bus.queue_push(&command(d, "x", past)).await.unwrap();
+        }
+        let mut taken = 0;
+        loop {
+            let got = bus.queue_take_expired(now_ms(), 10).await.unwrap();
+            assert!(got.len() <= 10);
+            if got.is_empty() {
+                break;
+            }
+            taken += got.len();
+        }
+        assert_eq!(taken, devices.len());
+    }
+}
