@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 use fleetgate_admin::Admin;
 use fleetgate_bus::Bus;
 use fleetgate_bus::memory::MemoryBus;
+use fleetgate_bus::redis::RedisBus;
 use fleetgate_gateway::{Gateway, JwtKeySpec, JwtKeys};
 use prometheus_client::registry::Registry;
 use serde::Deserialize;
@@ -128,26 +129,29 @@ async fn shutdown_signal(token: CancellationToken) {
 }
 
 async fn serve(settings: Settings, run_gateway: bool, run_admin: bool) -> anyhow::Result<()> {
-    if !settings.redis_urls.is_empty() {
-        bail!(
-            "FLEETGATE_REDIS_URLS is set, but this build has only the memory bus; unset it to run one node"
-        );
-    }
     if settings.otlp_endpoint.is_some() {
         tracing::warn!(
             message =
                 "OTLP export is not available in this build; FLEETGATE_OTLP_ENDPOINT is ignored"
         );
     }
-    if run_gateway && run_admin {
+    let (bus, redis): (Arc<dyn Bus>, Option<Arc<RedisBus>>) = if settings.redis_urls.is_empty() {
+        if !(run_gateway && run_admin) {
+            // Two processes cannot share a memory bus.
+            bail!(
+                "`fleetgate gateway` and `fleetgate admin` as separate processes need FLEETGATE_REDIS_URLS; use `fleetgate all` for one node"
+            );
+        }
         info!(message = "memory bus: single node, state is kept in this process only");
+        (Arc::new(MemoryBus::new(settings.memory_bus_config())), None)
     } else {
-        // Two processes cannot share a memory bus; a split deployment needs Redis.
-        bail!(
-            "`fleetgate gateway` and `fleetgate admin` as separate processes need FLEETGATE_REDIS_URLS; use `fleetgate all` for one node"
-        );
-    }
-    let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new(settings.memory_bus_config()));
+        let redis = RedisBus::connect(settings.redis_bus_config())
+            .await
+            .with_context(|| format!("connecting to Redis {:?}", settings.redis_urls))?;
+        info!(message = "redis bus", shards = settings.redis_urls.len());
+        let redis = Arc::new(redis);
+        (redis.clone(), Some(redis))
+    };
     let mut registry = Registry::default();
     let shutdown = CancellationToken::new();
     tokio::spawn(shutdown_signal(shutdown.clone()));
@@ -178,7 +182,12 @@ async fn serve(settings: Settings, run_gateway: bool, run_admin: bool) -> anyhow
     addrs.insert("internal".into(), internal.local_addr()?.to_string().into());
 
     let ready_gw = gateway.as_ref().map(|(g, _)| g.clone());
-    let ready = move || ready_gw.as_ref().is_none_or(Gateway::is_ready);
+    // Ready while the gateway (if any) accepts devices and the Redis links (if any), pub/sub
+    // included, are up.
+    let ready = move || {
+        ready_gw.as_ref().is_none_or(Gateway::is_ready)
+            && redis.as_ref().is_none_or(|r| r.is_connected())
+    };
     let internal_app = fleetgate_gateway::internal_router(Arc::new(registry), ready);
     let internal_task = tokio::spawn(async move { axum::serve(internal, internal_app).await });
 

@@ -9,6 +9,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use fleetgate_admin::AdminConfig;
 use fleetgate_bus::memory::MemoryBusConfig;
+use fleetgate_bus::redis::RedisBusConfig;
 use fleetgate_gateway::GatewayConfig;
 use serde::{Deserialize, Serialize};
 
@@ -104,7 +105,7 @@ pub struct AdminSettings {
     pub max_wait_ms: u64,
 }
 
-/// `[bus]` (memory backend).
+/// `[bus]` (both backends).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BusSettings {
@@ -388,6 +389,17 @@ impl Settings {
             default_ttl: Duration::from_millis(a.default_ttl_ms),
             max_ttl: Duration::from_millis(a.max_ttl_ms),
             max_wait: Duration::from_millis(a.max_wait_ms),
+        }
+    }
+
+    /// The Redis bus's config (one shard per URL, in the configured order).
+    pub fn redis_bus_config(&self) -> RedisBusConfig {
+        RedisBusConfig {
+            urls: self.redis_urls.clone(),
+            queue_max_len: self.bus.queue_max_len,
+            telemetry_partitions: self.bus.telemetry_partitions,
+            telemetry_max_len: self.bus.telemetry_max_len,
+            ..RedisBusConfig::default()
         }
     }
 
