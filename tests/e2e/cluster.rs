@@ -138,3 +138,77 @@ async fn a_second_connection_on_another_node_replaces_the_first_with_4409() {
     let (_, seen) = nodes[0].admin("GET", "/v1/devices/twin-x", None).await;
     assert_eq!(seen["node"], "cluster-node-1");
 }
+
+#[tokio::test]
+async fn a_redis_restart_with_aof_loses_nothing_acknowledged_and_nodes_recover_without_restart() {
+    use fleetgate_test_support::RedisOptions;
+    let mut redis = RedisServer::start_with(RedisOptions { aof: true });
+    let nodes = nodes_on(&redis, 2).await;
+    let secret = nodes[0].provision("survivor").await;
+    let mut device = Raw::authed(&nodes[1].device_url(), "survivor", &secret).await;
+    for i in 0..20 {
+        device
+            .send(crate::support::status(
+                "survivor",
+                &format!("before-{i}"),
+                1,
+                json!({ format!("k{i}"): i }),
+            ))
+            .await;
+        assert_eq!(device.recv().await["type"], "ack");
+    }
+    let (status, body) = nodes[0]
+        .admin(
+            "POST",
+            "/v1/devices/survivor/commands",
+            Some(json!({"payload": {"queued": true}, "qos": 1, "ttlMs": 60000})),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let queued = body["msgid"].clone();
+    // The device does not answer yet: the command stays in the queue across the restart.
+    let cmd = device.recv().await;
+    assert_eq!(cmd["msgid"], queued);
+
+    redis.restart();
+    for node in &nodes {
+        crate::support::eventually("node ready again after the Redis restart", || async {
+            (node.internal_get("/readyz").await.0 == 200).then_some(())
+        })
+        .await;
+    }
+    // Everything acknowledged before the restart is still there.
+    let (_, dev) = nodes[0].admin("GET", "/v1/devices/survivor", None).await;
+    let reported = dev["shadow"]["reported"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        reported.len(),
+        20,
+        "every acknowledged status survived: {dev}"
+    );
+    // The session survived too; the queued command is still owed and can be answered.
+    device
+        .send(json!({"type": "ack", "msgid": queued, "payload": {"result": "late"}}))
+        .await;
+    // New commands flow after the restart, and the answered one is not delivered again (a
+    // retransmission already on the wire may still arrive first).
+    let call = command(
+        &nodes[0],
+        "survivor",
+        json!({"payload": {"after": true}, "qos": 1, "waitMs": 5000}),
+    );
+    let mut next = device.recv().await;
+    while next["msgid"] == queued {
+        next = device.recv().await;
+    }
+    assert_eq!(next["payload"], json!({"after": true}));
+    device
+        .send(json!({"type": "ack", "msgid": next["msgid"], "payload": {"result": "ok"}}))
+        .await;
+    assert_eq!(
+        call.await.unwrap(),
+        (200, json!({"msgid": next["msgid"], "result": "ok"}))
+    );
+}
