@@ -261,6 +261,9 @@ pub struct Overrides {
     /// A socket write blocked this long drops the device as a slow consumer, ms.
     #[arg(long, env = "FLEETGATE_WRITE_TIMEOUT_MS")]
     pub write_timeout_ms: Option<u64>,
+    /// Membership lifetime, ms: a node silent this long is dead and its devices offline.
+    #[arg(long, env = "FLEETGATE_NODE_TTL_MS")]
+    pub node_ttl_ms: Option<u64>,
 }
 
 impl Settings {
@@ -292,7 +295,7 @@ impl Settings {
             max_frame_bytes => gateway.max_frame_bytes,
             rate_limit_per_second => gateway.rate_limit_per_second,
             rate_limit_burst => gateway.rate_limit_burst, drain_period_ms => gateway.drain_period_ms,
-            write_timeout_ms => gateway.write_timeout_ms,
+            write_timeout_ms => gateway.write_timeout_ms, node_ttl_ms => gateway.node_ttl_ms,
         );
         if let Some(v) = &o.redis_urls {
             s.redis_urls = v
@@ -328,6 +331,9 @@ impl Settings {
         }
         if g.auth_timeout_ms == 0 || g.ack_timeout_ms == 0 || g.max_attempts == 0 {
             bail!("auth_timeout_ms, ack_timeout_ms and max_attempts must be positive");
+        }
+        if g.node_ttl_ms < 300 {
+            bail!("node_ttl_ms must be at least 300 (the node refreshes it every third)");
         }
         if g.max_frame_bytes < 1024 {
             bail!("max_frame_bytes must be at least 1024");

@@ -79,7 +79,7 @@ mod scripts;
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -233,6 +233,10 @@ impl Scripts {
 struct Shard {
     client: Client,
     subscriber: SubscriberClient,
+    /// False from a lost subscriber connection until every subscription is re-established:
+    /// a reconnected link that is not yet subscribed again must not count as ready, since
+    /// messages for this node published meanwhile would be missed.
+    subscribed: Arc<AtomicBool>,
 }
 
 struct Inner {
@@ -367,6 +371,36 @@ fn presence_reply(what: &str, v: Value) -> BusResult<Option<Presence>> {
     codec::decode_presence(node, &conn, &since).map(Some)
 }
 
+/// Re-issues every subscription after each reconnect of a shard's subscriber connection, and
+/// says when it is done (fred's own `manage_subscriptions` gives no such signal).
+async fn resubscribe_task(subscriber: SubscriberClient, subscribed: Arc<AtomicBool>) {
+    use tokio::sync::broadcast::error::RecvError;
+    let mut reconnects = subscriber.reconnect_rx();
+    loop {
+        match reconnects.recv().await {
+            Ok(_) | Err(RecvError::Lagged(_)) => {}
+            Err(RecvError::Closed) => return,
+        }
+        subscribed.store(false, Ordering::Release);
+        loop {
+            match subscriber.resubscribe_all().await {
+                Ok(()) => {
+                    subscribed.store(true, Ordering::Release);
+                    break;
+                }
+                Err(error) => {
+                    tracing::warn!(message = "resubscribing after a Redis reconnect failed", %error);
+                    // The next reconnect event retries; a failure on a live link retries here.
+                    if !subscriber.is_connected() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+}
+
 /// Unique per bus instance: `<pid>-<start ns>-<counter>`.
 fn instance_id() -> String {
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -420,7 +454,11 @@ impl RedisBus {
             let subscriber = builder.build_subscriber_client().map_err(fred_err)?;
             client.init().await.map_err(fred_err)?;
             subscriber.init().await.map_err(fred_err)?;
-            shards.push(Shard { client, subscriber });
+            shards.push(Shard {
+                client,
+                subscriber,
+                subscribed: Arc::new(AtomicBool::new(true)),
+            });
         }
 
         let mut ring = HashRing::new();
@@ -443,7 +481,10 @@ impl RedisBus {
         let node_prefix = format!("{}nodech:", config.key_prefix);
         let mut tasks = Vec::new();
         for (shard, rx) in shards.iter().zip(control_rx) {
-            tasks.push(shard.subscriber.manage_subscriptions());
+            tasks.push(tokio::spawn(resubscribe_task(
+                shard.subscriber.clone(),
+                shard.subscribed.clone(),
+            )));
             tasks.push(tokio::spawn(pubsub::reader_task(
                 Arc::downgrade(&router),
                 shard.subscriber.message_rx(),
@@ -474,12 +515,16 @@ impl RedisBus {
         &self.inner.config
     }
 
-    /// Whether every command and subscriber connection is up (readiness).
+    /// Whether every command and subscriber connection is up and every subscription is in
+    /// place again after a reconnect (readiness).
     pub fn is_connected(&self) -> bool {
-        self.inner
-            .shards
-            .iter()
-            .all(|s| s.client.is_connected() && s.subscriber.is_connected())
+        self.inner.shards.iter().all(|s| {
+            let up = s.client.is_connected() && s.subscriber.is_connected();
+            if !up {
+                s.subscribed.store(false, Ordering::Release);
+            }
+            up && s.subscribed.load(Ordering::Acquire)
+        })
     }
 
     /// Number of shards.
