@@ -366,3 +366,91 @@ async fn kill_9_of_a_node_moves_its_devices_and_every_queued_command_is_delivere
     }
     assert!(delivered >= 2);
 }
+
+#[tokio::test]
+async fn sigterm_drain_moves_devices_to_the_other_node_with_no_command_lost() {
+    use fleetgate_test_support::NginxServer;
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let mut nodes = Vec::new();
+    for id in ["draining", "staying"] {
+        nodes.push(
+            Node::start(&[
+                ("FLEETGATE_REDIS_URLS", url.as_str()),
+                ("FLEETGATE_NODE_ID", id),
+                ("FLEETGATE_DRAIN_PERIOD_MS", "600"),
+            ])
+            .await,
+        );
+    }
+    let nginx = NginxServer::start(&nodes.iter().map(|n| n.gateway.clone()).collect::<Vec<_>>());
+    let ingress = format!("ws://{}/v1/device", nginx.addr());
+    let staying = &nodes[1];
+
+    let mut moving = Vec::new();
+    for i in 0..16 {
+        let id = format!("dr-{i}");
+        let secret = staying.provision(&id).await;
+        let mut raw = Raw::connect(&ingress, &[("Device-ID", &id)]).await;
+        raw.send(json!({"type": "auth", "deviceId": id, "token": secret}))
+            .await;
+        assert_eq!(raw.recv().await["status"], "success");
+        let (_, seen) = staying
+            .admin("GET", &format!("/v1/devices/{id}"), None)
+            .await;
+        if seen["node"] == "draining" {
+            moving.push((id, secret, raw));
+        }
+    }
+    assert!(
+        !moving.is_empty(),
+        "some devices hashed to the draining node"
+    );
+    // One command each, delivered by the draining node and not answered yet.
+    let mut pending = Vec::new();
+    for (id, _, raw) in &mut moving {
+        let (status, body) = staying
+            .admin(
+                "POST",
+                &format!("/v1/devices/{id}/commands"),
+                Some(json!({"payload": {"before": true}, "qos": 1})),
+            )
+            .await;
+        assert_eq!(status, 202);
+        assert_eq!(raw.recv().await["msgid"], body["msgid"]);
+        pending.push(body["msgid"].clone());
+    }
+
+    let pid = nodes[0].pid();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+
+    for ((id, secret, mut raw), msgid) in moving.into_iter().zip(pending) {
+        let closed = raw.closed().await;
+        assert_eq!(closed.code, 1012, "{id}: {closed:?}");
+        assert!(closed.reason.contains("retry-after="), "{closed:?}");
+        // Back through the ingress: the draining node refuses upgrades (503), so it goes on.
+        let mut raw = Raw::connect(&ingress, &[("Device-ID", &id)]).await;
+        raw.send(json!({"type": "auth", "deviceId": id, "token": secret}))
+            .await;
+        assert_eq!(raw.recv().await["status"], "success");
+        let again = raw.recv().await;
+        assert_eq!(
+            (again["msgid"].clone(), again["dup"].clone()),
+            (msgid.clone(), json!(true)),
+            "the unanswered command follows the device"
+        );
+        raw.send(json!({"type": "ack", "msgid": msgid})).await;
+        let (_, seen) = staying
+            .admin("GET", &format!("/v1/devices/{id}"), None)
+            .await;
+        assert_eq!(seen["node"], "staying");
+    }
+    let exit = nodes[0].wait_exit().await;
+    assert!(exit.success(), "the drained node exits cleanly: {exit:?}");
+}
