@@ -3,7 +3,7 @@ DEV_API_KEY ?= dev-api-key-change-me-0123
 SHELL := bash
 .SHELLFLAGS := -eo pipefail -c
 
-.PHONY: test deps lint build run bench fmt
+.PHONY: test deps lint build run cluster bench fmt
 
 test: deps lint
 	cargo build --workspace --bins
@@ -23,6 +23,9 @@ build:
 run: build
 	@sed -e 's/$$API_KEY/$(DEV_API_KEY)/g' docs/run-banner.txt
 	FLEETGATE_API_KEY=$(DEV_API_KEY) ./target/release/fleetgate all
+
+cluster: build
+	scripts/cluster
 
 bench:
 	cargo build --release -p fleetgate
