@@ -7,7 +7,7 @@ SHELL := bash
 
 test: deps lint
 	cargo build --workspace --bins
-	cargo test --workspace 2>&1 | tee target/test-output.log
+	timeout 1500 cargo test --workspace 2>&1 | tee target/test-output.log
 	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "%d passed, %d failed\n", p, f }' target/test-output.log
 
 deps:

@@ -294,12 +294,18 @@ impl Raw {
         }
     }
 
-    /// Reads until the socket closes (failing on any data frame if `strict`); returns how.
+    /// Reads (and discards data frames) until the socket closes, within the deadline; returns
+    /// how it closed.
     pub async fn closed(&mut self) -> Closed {
-        loop {
-            if let Err(closed) = self.next().await {
-                return closed;
+        let until_closed = async {
+            loop {
+                if let Err(closed) = self.next().await {
+                    return closed;
+                }
             }
-        }
+        };
+        tokio::time::timeout(DEADLINE, until_closed)
+            .await
+            .expect("socket closed in time")
     }
 }
