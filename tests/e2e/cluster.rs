@@ -1,9 +1,9 @@
 //! Several nodes sharing one Redis: commands cross nodes, queues follow devices.
 
 use fleetgate_test_support::RedisServer;
-use serde_json::{Value, json};
+use serde_json::json;
 
-use crate::support::{API_KEY, Node, Raw};
+use crate::support::{Node, Raw};
 
 async fn nodes_on(redis: &RedisServer, n: usize) -> Vec<Node> {
     let url = redis.url();
@@ -21,23 +21,6 @@ async fn nodes_on(redis: &RedisServer, n: usize) -> Vec<Node> {
     nodes
 }
 
-fn command(node: &Node, device: &str, body: Value) -> tokio::task::JoinHandle<(u16, Value)> {
-    let url = format!("http://{}/v1/devices/{device}/commands", node.admin);
-    tokio::spawn(async move {
-        let resp = reqwest::Client::new()
-            .post(url)
-            .bearer_auth(API_KEY)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        (
-            resp.status().as_u16(),
-            resp.json().await.unwrap_or(Value::Null),
-        )
-    })
-}
-
 #[tokio::test]
 async fn a_command_sent_through_one_node_reaches_a_device_on_another_with_its_result() {
     let redis = RedisServer::start();
@@ -51,8 +34,7 @@ async fn a_command_sent_through_one_node_reaches_a_device_on_another_with_its_re
         (Some(true), Some("cluster-node-1"))
     );
 
-    let call = command(
-        a,
+    let call = a.command_in_background(
         "x-node",
         json!({"payload": {"n": 1}, "qos": 1, "waitMs": 5000}),
     );
@@ -66,8 +48,7 @@ async fn a_command_sent_through_one_node_reaches_a_device_on_another_with_its_re
         (200, json!({"msgid": cmd["msgid"], "result": "one"}))
     );
 
-    let call = command(
-        a,
+    let call = a.command_in_background(
         "x-node",
         json!({"payload": {"n": 2}, "qos": 2, "waitMs": 5000}),
     );
@@ -200,8 +181,7 @@ async fn a_redis_restart_with_aof_loses_nothing_acknowledged_and_nodes_recover_w
     // read back; until then this test retries until a round trip completes.
     let deadline = tokio::time::Instant::now() + crate::support::DEADLINE;
     'round_trip: loop {
-        let call = command(
-            &nodes[0],
+        let call = nodes[0].command_in_background(
             "survivor",
             json!({"payload": {"after": true}, "qos": 1, "waitMs": 1000}),
         );
@@ -395,8 +375,7 @@ async fn kill_9_of_a_node_moves_its_devices_and_every_queued_command_is_delivere
         }
         delivered += 2;
         // Nothing of it is left queued: a fresh command is the next thing the device sees.
-        let call = command(
-            survivor,
+        let call = survivor.command_in_background(
             &id,
             json!({"payload": {"fresh": true}, "qos": 1, "waitMs": 5000}),
         );

@@ -1,26 +1,9 @@
 //! Server -> device commands through the admin API: every QoS, results, queueing while
 //! offline, order, retransmits, failure reports.
 
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::support::{Node, Raw};
-
-/// Sends a command in the background and returns the handle of the REST call.
-fn send(node: &Node, id: &str, body: Value) -> tokio::task::JoinHandle<(u16, Value)> {
-    let admin = node.admin.clone();
-    let id = id.to_owned();
-    tokio::spawn(async move {
-        let resp = reqwest::Client::new()
-            .post(format!("http://{admin}/v1/devices/{id}/commands"))
-            .bearer_auth(crate::support::API_KEY)
-            .json(&body)
-            .send()
-            .await
-            .expect("command request");
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
-    })
-}
 
 #[tokio::test]
 async fn qos0_command_reaches_an_online_device_and_an_offline_one_gets_409() {
@@ -64,8 +47,7 @@ async fn qos1_command_with_wait_returns_the_devices_result() {
     let node = Node::start(&[]).await;
     let secret = node.provision("c1").await;
     let mut raw = Raw::authed(&node.device_url(), "c1", &secret).await;
-    let call = send(
-        &node,
+    let call = node.command_in_background(
         "c1",
         json!({"payload":{"action":"on"},"qos":1,"waitMs":5000}),
     );
@@ -89,11 +71,7 @@ async fn an_ack_carrying_an_error_answers_200_with_the_error() {
     let node = Node::start(&[]).await;
     let secret = node.provision("c1e").await;
     let mut raw = Raw::authed(&node.device_url(), "c1e", &secret).await;
-    let call = send(
-        &node,
-        "c1e",
-        json!({"payload":{"action":"fly"},"waitMs":5000}),
-    );
+    let call = node.command_in_background("c1e", json!({"payload":{"action":"fly"},"waitMs":5000}));
     let cmd = raw.recv().await;
     raw.send(json!({"type":"ack","msgid":cmd["msgid"],"payload":{"error":"unsupported"}}))
         .await;
@@ -109,11 +87,8 @@ async fn qos2_command_runs_rec_rel_comp_with_the_result_on_rec() {
     let node = Node::start(&[]).await;
     let secret = node.provision("c2").await;
     let mut raw = Raw::authed(&node.device_url(), "c2", &secret).await;
-    let call = send(
-        &node,
-        "c2",
-        json!({"payload":{"dose":5},"qos":2,"waitMs":5000}),
-    );
+    let call =
+        node.command_in_background("c2", json!({"payload":{"dose":5},"qos":2,"waitMs":5000}));
     let cmd = raw.recv().await;
     assert_eq!(cmd["qos"], 2);
     raw.send(json!({"type":"rec","msgid":cmd["msgid"],"payload":{"result":{"dosed":5}}}))
@@ -132,7 +107,7 @@ async fn qos2_command_without_a_result_answers_on_comp() {
     let node = Node::start(&[]).await;
     let secret = node.provision("c2n").await;
     let mut raw = Raw::authed(&node.device_url(), "c2n", &secret).await;
-    let call = send(&node, "c2n", json!({"payload":{},"qos":2,"waitMs":5000}));
+    let call = node.command_in_background("c2n", json!({"payload":{},"qos":2,"waitMs":5000}));
     let cmd = raw.recv().await;
     raw.send(json!({"type":"rec","msgid":cmd["msgid"]})).await;
     assert_eq!(raw.recv().await["type"], "rel");
@@ -179,7 +154,7 @@ async fn an_unacked_command_is_retransmitted_with_dup_and_the_same_msgid() {
     .await;
     let secret = node.provision("rt").await;
     let mut raw = Raw::authed(&node.device_url(), "rt", &secret).await;
-    let call = send(&node, "rt", json!({"payload":{"go":1},"waitMs":10000}));
+    let call = node.command_in_background("rt", json!({"payload":{"go":1},"waitMs":10000}));
     let first = raw.recv().await;
     assert_eq!(first.get("dup"), None, "first send is not a duplicate");
     let again = raw.recv().await;
@@ -202,7 +177,7 @@ async fn a_command_never_acked_fails_after_max_attempts_and_is_reported() {
     .await;
     let secret = node.provision("dead").await;
     let mut raw = Raw::authed(&node.device_url(), "dead", &secret).await;
-    let call = send(&node, "dead", json!({"payload":{},"waitMs":10000}));
+    let call = node.command_in_background("dead", json!({"payload":{},"waitMs":10000}));
     let mut sends = 0;
     let msgid = raw.recv().await["msgid"].clone();
     sends += 1;
@@ -224,11 +199,7 @@ async fn a_command_never_acked_fails_after_max_attempts_and_is_reported() {
 async fn a_command_that_outlives_its_ttl_is_reported_expired() {
     let node = Node::start(&[]).await;
     node.provision("ttl").await;
-    let call = send(
-        &node,
-        "ttl",
-        json!({"payload":{},"ttlMs":200,"waitMs":5000}),
-    );
+    let call = node.command_in_background("ttl", json!({"payload":{},"ttlMs":200,"waitMs":5000}));
     let (status, body) = call.await.unwrap();
     assert_eq!(
         (status, body["error"]["code"].as_str()),
@@ -261,7 +232,7 @@ async fn a_burst_of_commands_to_one_device_is_delivered_whole_without_dropping_i
     let mut raw = Raw::authed(&node.device_url(), "burst", &secret).await;
     const N: usize = 300;
     let calls: Vec<_> = (0..N)
-        .map(|i| send(&node, "burst", json!({"payload": {"i": i}, "qos": 1})))
+        .map(|i| node.command_in_background("burst", json!({"payload": {"i": i}, "qos": 1})))
         .collect();
     let mut queued = std::collections::HashSet::new();
     for call in calls {

@@ -86,21 +86,10 @@ async fn every_qos_both_ways_with_both_codecs_and_auth_modes() {
         );
 
         for qos in [1, 2] {
-            let admin = node.admin.clone();
-            let path = format!("/v1/devices/{id}/commands");
-            let call = tokio::spawn(async move {
-                let r = reqwest::Client::new()
-                    .post(format!("http://{admin}{path}"))
-                    .bearer_auth(crate::support::API_KEY)
-                    .json(&json!({"payload": {"set": qos}, "qos": qos, "waitMs": 5000}))
-                    .send()
-                    .await
-                    .unwrap();
-                (
-                    r.status().as_u16(),
-                    r.json::<serde_json::Value>().await.unwrap(),
-                )
-            });
+            let call = node.command_in_background(
+                &id,
+                json!({"payload": {"set": qos}, "qos": qos, "waitMs": 5000}),
+            );
             let cmd = loop {
                 if let DeviceEvent::Command(cmd) = next_event(&mut events).await {
                     break cmd;

@@ -118,6 +118,25 @@ impl Node {
         (status, json)
     }
 
+    /// Sends a command to `device` through this node's admin API in a task of its own (the
+    /// test meanwhile plays the device); the handle yields the status and JSON body.
+    pub fn command_in_background(
+        &self,
+        device: &str,
+        body: Value,
+    ) -> tokio::task::JoinHandle<(u16, Value)> {
+        let url = format!("http://{}/v1/devices/{device}/commands", self.admin);
+        let request = self.http.post(url).bearer_auth(API_KEY).json(&body).send();
+        tokio::spawn(async move {
+            let resp = tokio::time::timeout(DEADLINE, request)
+                .await
+                .expect("admin answered in time")
+                .expect("command request");
+            let status = resp.status().as_u16();
+            (status, resp.json().await.unwrap_or(Value::Null))
+        })
+    }
+
     /// An internal listener GET; returns status and text.
     pub async fn internal_get(&self, path: &str) -> (u16, String) {
         let resp = self

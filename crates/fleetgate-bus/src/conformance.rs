@@ -110,7 +110,8 @@ fn device_record(id: &str, groups: &[&str]) -> DeviceRecord {
     }
 }
 
-fn node_info(id: &str, connections: u64) -> NodeInfo {
+/// A live node's membership entry, for tests.
+pub fn node_info(id: &str, connections: u64) -> NodeInfo {
     NodeInfo {
         id: id.to_owned(),
         connections,

@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use fleetgate_bus::conformance::node_info;
 use fleetgate_bus::memory::{MemoryBus, MemoryBusConfig};
 use fleetgate_bus::{
-    Bus, BusError, Channel, Command, NodeInfo, NodeMessage, Presence, StreamId, TelemetryRecord,
+    Bus, BusError, Channel, Command, NodeMessage, Presence, StreamId, TelemetryRecord,
     partition_for,
 };
 use fleetgate_protocol::{MessageKind, MsgId, Qos};
@@ -20,16 +21,6 @@ mod conformance {
     use fleetgate_bus::memory::MemoryBus;
 
     fleetgate_bus::bus_conformance_tests!(async { Arc::new(MemoryBus::default()) });
-}
-
-fn node(id: &str) -> NodeInfo {
-    NodeInfo {
-        id: id.into(),
-        connections: 0,
-        draining: false,
-        started_ms: 0,
-        updated_ms: 0,
-    }
 }
 
 fn presence(node: &str, conn_id: u64) -> Presence {
@@ -110,7 +101,9 @@ fn partition_for_is_stable() {
 #[tokio::test(start_paused = true)]
 async fn node_ttl_on_paused_clock() {
     let bus = MemoryBus::default();
-    bus.node_heartbeat(&node("n1"), 1_000).await.unwrap();
+    bus.node_heartbeat(&node_info("n1", 0), 1_000)
+        .await
+        .unwrap();
     bus.presence_set("d1", &presence("n1", 1)).await.unwrap();
     tokio::time::advance(Duration::from_millis(999)).await;
     assert_eq!(bus.nodes().await.unwrap().len(), 1);

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use fleetgate_bus::conformance::{PATIENCE, now_ms, unique_id, wait_until};
+use fleetgate_bus::conformance::{PATIENCE, node_info, now_ms, unique_id, wait_until};
 use fleetgate_bus::redis::{RedisBus, RedisBusConfig};
-use fleetgate_bus::{Bus, BusError, Channel, Command, NodeInfo, NodeMessage, Presence};
+use fleetgate_bus::{Bus, BusError, Channel, Command, NodeMessage, Presence};
 use fleetgate_protocol::{MsgId, Qos};
 use serde_json::json;
 
@@ -57,16 +57,6 @@ mod conformance {
     use std::sync::Arc;
 
     fleetgate_bus::bus_conformance_tests!(async { Arc::new(super::shared_bus().await) });
-}
-
-fn node(id: &str) -> NodeInfo {
-    NodeInfo {
-        id: id.into(),
-        connections: 0,
-        draining: false,
-        started_ms: 0,
-        updated_ms: 0,
-    }
 }
 
 fn command(device: &str, msgid: &str, expires_ms: i64) -> Command {
@@ -205,7 +195,7 @@ mod sharding {
         let [a, b] = support::pair();
         let raws = [raw(&a.url()).await, raw(&b.url()).await];
         let n = unique_id("snode");
-        bus.node_heartbeat(&node(&n), 60_000).await.unwrap();
+        bus.node_heartbeat(&node_info(&n, 0), 60_000).await.unwrap();
         let (devices, per_shard) = devices_on_both_shards(&bus);
         assert!(
             per_shard[0] > 0 && per_shard[1] > 0,
@@ -260,7 +250,7 @@ mod sharding {
         let one = sharded_bus().await;
         let two = sharded_bus().await;
         let n = unique_id("snode");
-        one.node_heartbeat(&node(&n), 60_000).await.unwrap();
+        one.node_heartbeat(&node_info(&n, 0), 60_000).await.unwrap();
         let (devices, _) = devices_on_both_shards(&one);
         for d in &devices {
             assert_eq!(one.shard_for_device(d), two.shard_for_device(d));
