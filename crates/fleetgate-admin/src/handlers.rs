@@ -164,6 +164,8 @@ pub(crate) async fn get_device(
     let shadow = state.bus.shadow_get(&id).await?.unwrap_or_default();
     let mut answer = device_json(record.as_ref(), &id, presence.as_ref());
     answer["shadow"] = shadow_json(&shadow);
+    // Commands still owed to the device (including expired ones not yet reported).
+    answer["queuedCommands"] = json!(state.bus.queue_len(&id).await?);
     Ok(Json(answer).into_response())
 }
 
@@ -241,7 +243,7 @@ pub(crate) async fn send_command(
         )
             .into_response());
     }
-    let mut waiter = (!wait.is_zero()).then(|| state.waiters.wait(msgid.as_str()));
+    let mut waiter = (!wait.is_zero()).then(|| state.waiters.wait(&id, msgid.as_str()));
     state.bus.queue_push(&command).await?;
     // Read presence again after the push: a session that registered in between either shows
     // up here (and is told) or read its queue after the push. Reading only before the push
@@ -260,25 +262,30 @@ pub(crate) async fn send_command(
         )
             .into_response());
     };
-    let outcome = tokio::time::timeout(wait, waiter.outcome()).await;
     let m = msgid.as_str();
+    let outcome = match tokio::time::timeout(wait, waiter.outcome()).await {
+        Ok(Some(outcome)) => Some(outcome),
+        // The result message may have been lost on the way (a bus reconnect): the stored
+        // copy decides before the call gives up.
+        Ok(None) | Err(_) => state.bus.result_get(&id, m).await.ok().flatten(),
+    };
     match outcome {
-        Ok(Some(CommandOutcome::Result(result))) => {
+        Some(CommandOutcome::Result(result)) => {
             Ok(Json(json!({ "msgid": m, "result": result })).into_response())
         }
-        Ok(Some(CommandOutcome::Error(error))) => {
+        Some(CommandOutcome::Error(error)) => {
             Ok(Json(json!({ "msgid": m, "error": error })).into_response())
         }
-        Ok(Some(CommandOutcome::Done)) => {
+        Some(CommandOutcome::Done) => {
             Ok(Json(json!({ "msgid": m, "result": null })).into_response())
         }
-        Ok(Some(CommandOutcome::Failed(reason))) => Err(AppError::new(
+        Some(CommandOutcome::Failed(reason)) => Err(AppError::new(
             StatusCode::GATEWAY_TIMEOUT,
             reason.as_str(),
             "the device never acknowledged the command",
         )
         .with_msgid(m)),
-        Ok(None) | Err(_) => Err(AppError::new(
+        None => Err(AppError::new(
             StatusCode::GATEWAY_TIMEOUT,
             "timeout",
             "no result within waitMs; the command stays queued until its TTL",

@@ -1,5 +1,7 @@
 //! REST calls waiting for a command's result. One listener task per admin process reads the
-//! process's node channel and completes the waiting call by msgid.
+//! process's node channel and completes the waiting call by msgid. When the bus says messages
+//! may have been lost ([`NodeMessage::Resync`]), the listener reads every pending call's
+//! stored result instead.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -8,7 +10,8 @@ use fleetgate_bus::{Bus, BusError, CommandOutcome, NodeMessage};
 use tokio::sync::oneshot;
 use tracing::warn;
 
-type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<CommandOutcome>>>>;
+/// Per msgid: the device (to read a stored result) and the waiting call.
+type Pending = Arc<Mutex<HashMap<String, (String, oneshot::Sender<CommandOutcome>)>>>;
 
 /// The calls waiting for results, by msgid.
 pub(crate) struct Waiters {
@@ -40,7 +43,7 @@ impl Drop for Wait {
 
 fn lock(
     p: &Pending,
-) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<CommandOutcome>>> {
+) -> std::sync::MutexGuard<'_, HashMap<String, (String, oneshot::Sender<CommandOutcome>)>> {
     // Every critical section is one map operation, so a poisoned map is still consistent.
     p.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -55,9 +58,10 @@ impl Waiters {
             loop {
                 match rx.recv().await {
                     Some(NodeMessage::CommandResult { msgid, outcome, .. }) => {
-                        if let Some(tx) = lock(&listener).remove(&msgid) {
-                            let _ = tx.send(outcome);
-                        }
+                        complete(&listener, &msgid, outcome);
+                    }
+                    Some(NodeMessage::Resync) => {
+                        tokio::spawn(read_back(bus.clone(), listener.clone()));
                     }
                     Some(_) => {}
                     None => {
@@ -81,13 +85,38 @@ impl Waiters {
 
     /// Registers interest in `msgid`'s outcome. Register before the command is queued, so
     /// a fast answer cannot be missed.
-    pub(crate) fn wait(&self, msgid: &str) -> Wait {
+    pub(crate) fn wait(&self, device: &str, msgid: &str) -> Wait {
         let (tx, rx) = oneshot::channel();
-        lock(&self.pending).insert(msgid.to_owned(), tx);
+        lock(&self.pending).insert(msgid.to_owned(), (device.to_owned(), tx));
         Wait {
             pending: self.pending.clone(),
             msgid: msgid.to_owned(),
             rx: Some(rx),
+        }
+    }
+}
+
+fn complete(pending: &Pending, msgid: &str, outcome: CommandOutcome) {
+    if let Some((_, tx)) = lock(pending).remove(msgid) {
+        let _ = tx.send(outcome);
+    }
+}
+
+/// Completes every pending call whose result is stored: its message may have been lost.
+async fn read_back(bus: Arc<dyn Bus>, pending: Pending) {
+    let waiting: Vec<(String, String)> = lock(&pending)
+        .iter()
+        .map(|(msgid, (device, _))| (device.clone(), msgid.clone()))
+        .collect();
+    for (device, msgid) in waiting {
+        match bus.result_get(&device, &msgid).await {
+            Ok(Some(outcome)) => complete(&pending, &msgid, outcome),
+            Ok(None) => {}
+            Err(error) => {
+                // The calls still end by their deadline, which reads the result once more.
+                warn!(message = "could not read back command results", %error);
+                return;
+            }
         }
     }
 }

@@ -706,6 +706,7 @@ pub async fn routing_roundtrip_every_variant(bus: &dyn Bus) {
         result(CommandOutcome::Done),
         result(CommandOutcome::Failed(FailReason::Expired)),
         result(CommandOutcome::Failed(FailReason::AttemptsExhausted)),
+        NodeMessage::Resync,
     ];
     for m in &messages {
         bus.node_publish(&node, m).await.expect("node_publish");
@@ -743,6 +744,56 @@ pub async fn routing_publish_without_subscriber(bus: &dyn Bus) {
         mine,
         "a node must receive only its own messages"
     );
+}
+
+/// A sent result reaches the waiting node and stays readable until its TTL ends; results
+/// of other commands or devices are not confused with it.
+pub async fn results_sent_and_stored(bus: &dyn Bus) {
+    let node = unique_id("rnode");
+    let dev = unique_id("rdev");
+    let mut rx = bus.node_subscribe(&node).await.expect("node_subscribe");
+    let outcome = CommandOutcome::Result(json!({"temp": 21.5, "ok": [true, null]}));
+    bus.result_send(&node, &dev, "cmd-1", &outcome, LONG_TTL_MS)
+        .await
+        .expect("result_send");
+    assert_eq!(
+        recv_node(&mut rx, "result").await,
+        NodeMessage::CommandResult {
+            device: dev.clone(),
+            msgid: "cmd-1".into(),
+            outcome: outcome.clone(),
+        }
+    );
+    assert_eq!(bus.result_get(&dev, "cmd-1").await.unwrap(), Some(outcome));
+    assert_eq!(bus.result_get(&dev, "cmd-2").await.unwrap(), None);
+    assert_eq!(
+        bus.result_get(&unique_id("rdev"), "cmd-1").await.unwrap(),
+        None
+    );
+    // Every outcome kind is stored faithfully, and a result for a node without subscriber
+    // is still stored.
+    for (i, outcome) in [
+        CommandOutcome::Error(json!("boom")),
+        CommandOutcome::Done,
+        CommandOutcome::Failed(FailReason::Expired),
+        CommandOutcome::Failed(FailReason::AttemptsExhausted),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let msgid = format!("kind-{i}");
+        bus.result_send(&unique_id("nobody"), &dev, &msgid, &outcome, LONG_TTL_MS)
+            .await
+            .expect("result_send");
+        assert_eq!(bus.result_get(&dev, &msgid).await.unwrap(), Some(outcome));
+    }
+    bus.result_send(&node, &dev, "short", &CommandOutcome::Done, SHORT_TTL_MS)
+        .await
+        .expect("result_send");
+    wait_until("the short-lived result expired", PATIENCE, || async {
+        bus.result_get(&dev, "short").await.unwrap().is_none()
+    })
+    .await;
 }
 
 // --- queues ----------------------------------------------------------------------------------
@@ -1878,6 +1929,7 @@ macro_rules! bus_conformance_tests {
             presence_sweep_node,
             routing_roundtrip_every_variant,
             routing_publish_without_subscriber,
+            results_sent_and_stored,
             queue_push_order_and_limit,
             queue_full,
             queue_attempt_counting,

@@ -13,6 +13,7 @@
 
 pub mod conformance;
 pub mod memory;
+mod node_tx;
 mod partition;
 pub mod redis;
 mod types;
@@ -22,6 +23,10 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 pub use partition::partition_for;
+
+/// How long gateways keep a command's outcome for [`Bus::result_get`]: longer than any REST
+/// call waits (the admin API caps `waitMs` below it).
+pub const RESULT_TTL: std::time::Duration = std::time::Duration::from_secs(300);
 pub use types::*;
 
 /// Errors of a bus backend.
@@ -95,6 +100,20 @@ pub trait Bus: Send + Sync + 'static {
     /// falls behind, messages are dropped (and counted by the backend), never buffered
     /// without bound. A second subscribe for the same node replaces (closes) the first.
     async fn node_subscribe(&self, node_id: &str) -> BusResult<mpsc::Receiver<NodeMessage>>;
+    /// Stores a command's outcome for `ttl_ms` next to the device's queue, then sends it to
+    /// `node_id` as a [`NodeMessage::CommandResult`]. A waiter that may have missed the
+    /// message (it got a [`NodeMessage::Resync`], or its wait is ending) reads the stored
+    /// copy with [`Bus::result_get`], so a lost message costs latency, not the answer.
+    async fn result_send(
+        &self,
+        node_id: &str,
+        device: &str,
+        msgid: &str,
+        outcome: &CommandOutcome,
+        ttl_ms: u64,
+    ) -> BusResult<()>;
+    /// The stored outcome of `device`'s command `msgid`, until its TTL ends.
+    async fn result_get(&self, device: &str, msgid: &str) -> BusResult<Option<CommandOutcome>>;
 
     // --- server -> device QoS queues -------------------------------------------------
 

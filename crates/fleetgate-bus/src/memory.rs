@@ -22,12 +22,14 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use serde_json::{Map, Value};
 use tokio::sync::mpsc::{self, error::TrySendError};
+
+use crate::node_tx::NodeTx;
 use tokio::time::Instant;
 
 use crate::{
-    Bus, BusError, BusResult, Channel, Command, DeliveryState, DeviceRecord, NodeInfo, NodeMessage,
-    Presence, QueuedCommand, Shadow, StreamId, Subscription, TelemetryRecord, merge_patch,
-    partition_for,
+    Bus, BusError, BusResult, Channel, Command, CommandOutcome, DeliveryState, DeviceRecord,
+    NodeInfo, NodeMessage, Presence, QueuedCommand, Shadow, StreamId, Subscription,
+    TelemetryRecord, merge_patch, partition_for,
 };
 
 /// Sizing of a [`MemoryBus`].
@@ -74,6 +76,8 @@ pub struct MemoryBusStats {
     pub expiry_index: usize,
     /// QoS 2 dedupe entries held (live ones and expired ones not yet purged).
     pub qos2_entries: usize,
+    /// Stored command outcomes (including expired ones not yet swept).
+    pub stored_results: usize,
     /// Telemetry records held over all partitions.
     pub telemetry_records: usize,
     /// Device shadows.
@@ -152,6 +156,7 @@ impl MemoryBus {
             )
         };
         let qos2_entries = lock(&inner.qos2).len;
+        let stored_results = lock(&inner.results).entries.len();
         let telemetry_records = inner.telemetry.iter().map(|p| lock(p).records.len()).sum();
         let shadows = lock(&inner.shadows).len();
         let (channels, subscribers) = {
@@ -170,6 +175,7 @@ impl MemoryBus {
             queued_devices,
             expiry_index,
             qos2_entries,
+            stored_results,
             telemetry_records,
             shadows,
             channels,
@@ -185,8 +191,9 @@ struct Inner {
     config: MemoryBusConfig,
     registry: Mutex<BTreeMap<String, DeviceRecord>>,
     cluster: Mutex<Cluster>,
-    node_channels: Mutex<HashMap<String, mpsc::Sender<NodeMessage>>>,
+    node_channels: Mutex<HashMap<String, NodeTx>>,
     queues: Mutex<Queues>,
+    results: Mutex<Results>,
     qos2: Mutex<Qos2>,
     telemetry: Vec<Mutex<Partition>>,
     shadows: Mutex<HashMap<String, Shadow>>,
@@ -216,6 +223,7 @@ impl Inner {
             cluster: Mutex::default(),
             node_channels: Mutex::default(),
             queues: Mutex::default(),
+            results: Mutex::default(),
             qos2: Mutex::new(Qos2::default()),
             telemetry,
             shadows: Mutex::default(),
@@ -320,6 +328,46 @@ impl Queues {
 
 /// Sweeps never run more often than once per this many inserts.
 const QOS2_MIN_SWEEP: usize = 1024;
+
+/// Stored command outcomes by device and msgid, with their deadlines; expired entries go
+/// in amortised sweeps, as for [`Qos2`].
+struct Results {
+    entries: HashMap<(String, String), (CommandOutcome, Instant)>,
+    sweep_at: usize,
+}
+
+impl Default for Results {
+    fn default() -> Self {
+        Self {
+            entries: HashMap::new(),
+            sweep_at: QOS2_MIN_SWEEP,
+        }
+    }
+}
+
+impl Results {
+    fn key(device: &str, msgid: &str) -> (String, String) {
+        (device.to_owned(), msgid.to_owned())
+    }
+
+    fn put(&mut self, device: &str, msgid: &str, outcome: CommandOutcome, deadline: Instant) {
+        let now = Instant::now();
+        if self.entries.len() >= self.sweep_at {
+            self.entries.retain(|_, (_, d)| *d > now);
+            self.sweep_at = (self.entries.len() * 2).max(QOS2_MIN_SWEEP);
+        }
+        self.entries
+            .insert(Self::key(device, msgid), (outcome, deadline));
+    }
+
+    fn get(&self, device: &str, msgid: &str) -> Option<CommandOutcome> {
+        let now = Instant::now();
+        self.entries
+            .get(&Self::key(device, msgid))
+            .filter(|(_, d)| *d > now)
+            .map(|(o, _)| o.clone())
+    }
+}
 
 struct Qos2 {
     entries: HashMap<String, HashMap<String, Instant>>,
@@ -568,19 +616,14 @@ impl Bus for MemoryBus {
 
     async fn node_publish(&self, node_id: &str, message: &NodeMessage) -> BusResult<()> {
         let mut channels = lock(&self.inner.node_channels);
-        let Some(tx) = channels.get(node_id) else {
+        let Some(node) = channels.get_mut(node_id) else {
             return Ok(());
         };
-        match tx.try_send(message.clone()) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                self.inner
-                    .dropped_node_messages
-                    .fetch_add(1, Ordering::Relaxed);
-            }
-            Err(TrySendError::Closed(_)) => {
-                channels.remove(node_id);
-            }
+        if node
+            .send(message.clone(), &self.inner.dropped_node_messages)
+            .is_err()
+        {
+            channels.remove(node_id);
         }
         Ok(())
     }
@@ -588,10 +631,32 @@ impl Bus for MemoryBus {
     async fn node_subscribe(&self, node_id: &str) -> BusResult<mpsc::Receiver<NodeMessage>> {
         let (tx, rx) = mpsc::channel(self.inner.config.node_channel_capacity);
         let mut channels = lock(&self.inner.node_channels);
-        channels.retain(|_, tx| !tx.is_closed());
+        channels.retain(|_, node| !node.is_closed());
         // Replacing the sender closes the previous receiver: one subscriber per node.
-        channels.insert(node_id.to_owned(), tx);
+        channels.insert(node_id.to_owned(), NodeTx::new(tx));
         Ok(rx)
+    }
+
+    async fn result_send(
+        &self,
+        node_id: &str,
+        device: &str,
+        msgid: &str,
+        outcome: &CommandOutcome,
+        ttl_ms: u64,
+    ) -> BusResult<()> {
+        let deadline = Instant::now() + Duration::from_millis(ttl_ms);
+        lock(&self.inner.results).put(device, msgid, outcome.clone(), deadline);
+        let message = NodeMessage::CommandResult {
+            device: device.to_owned(),
+            msgid: msgid.to_owned(),
+            outcome: outcome.clone(),
+        };
+        self.node_publish(node_id, &message).await
+    }
+
+    async fn result_get(&self, device: &str, msgid: &str) -> BusResult<Option<CommandOutcome>> {
+        Ok(lock(&self.inner.results).get(device, msgid))
     }
 
     /// A push repeating a msgid already queued for the device is a no-op (`Ok`), so that a

@@ -152,6 +152,11 @@ pub enum NodeMessage {
         /// What happened.
         outcome: CommandOutcome,
     },
+    /// Messages to this node may have been lost before this one (the backend reconnected,
+    /// or the receiver was full): re-read what the lost messages would have announced from
+    /// durable state (queues, presence, stored results). The bus sends it itself, after the
+    /// subscription is whole again, so anything published later is delivered.
+    Resync,
 }
 
 /// One accepted status or event, as stored in a telemetry stream.

@@ -9,8 +9,8 @@ use bytes::Bytes;
 use fleetgate_bus::conformance::node_info;
 use fleetgate_bus::memory::{MemoryBus, MemoryBusConfig};
 use fleetgate_bus::{
-    Bus, BusError, Channel, Command, NodeMessage, Presence, StreamId, TelemetryRecord,
-    partition_for,
+    Bus, BusError, Channel, Command, CommandOutcome, NodeMessage, Presence, StreamId,
+    TelemetryRecord, partition_for,
 };
 use fleetgate_protocol::{MessageKind, MsgId, Qos};
 use serde_json::json;
@@ -308,6 +308,58 @@ async fn slow_subscriber_drops_are_counted() {
             "it keeps the oldest"
         );
     }
+}
+
+#[tokio::test]
+async fn a_full_node_receiver_is_told_it_lost_messages() {
+    let bus = small(|c| c.node_channel_capacity = 2);
+    let mut rx = bus.node_subscribe("n").await.unwrap();
+    let msg = |i: usize| NodeMessage::Deliver {
+        device: format!("d{i}"),
+    };
+    for i in 0..5 {
+        bus.node_publish("n", &msg(i)).await.unwrap();
+    }
+    assert_eq!(bus.dropped_node_messages(), 3);
+    assert_eq!(rx.recv().await, Some(msg(0)));
+    // Room for one: the owed Resync takes it, so the next message is lost too, and is owed
+    // a Resync of its own.
+    bus.node_publish("n", &msg(5)).await.unwrap();
+    assert_eq!(bus.dropped_node_messages(), 4);
+    assert_eq!(rx.recv().await, Some(msg(1)));
+    assert_eq!(rx.recv().await, Some(NodeMessage::Resync));
+    bus.node_publish("n", &msg(6)).await.unwrap();
+    assert_eq!(rx.recv().await, Some(NodeMessage::Resync));
+    assert_eq!(rx.recv().await, Some(msg(6)));
+    bus.node_publish("n", &msg(7)).await.unwrap();
+    assert_eq!(
+        rx.recv().await,
+        Some(msg(7)),
+        "no Resync once nothing was lost"
+    );
+    assert!(rx.try_recv().is_err());
+}
+
+#[tokio::test(start_paused = true)]
+async fn stored_results_expire_and_stay_bounded() {
+    let bus = MemoryBus::default();
+    for round in 0..20 {
+        for i in 0..1_000 {
+            bus.result_send(
+                "n",
+                "d",
+                &format!("r{round}m{i}"),
+                &CommandOutcome::Done,
+                100,
+            )
+            .await
+            .unwrap();
+        }
+        tokio::time::advance(Duration::from_millis(200)).await;
+    }
+    assert_eq!(bus.result_get("d", "r19m999").await.unwrap(), None);
+    let held = bus.stats().stored_results;
+    assert!(held <= 2_048, "expired results must be purged, {held} held");
 }
 
 #[tokio::test]

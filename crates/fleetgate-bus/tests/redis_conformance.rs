@@ -165,6 +165,35 @@ async fn node_subscribe_replaces_and_drops_are_counted() {
     .await;
     assert_eq!(second.recv().await, Some(msg(0)));
     assert_eq!(second.recv().await, Some(msg(0)));
+    // The receiver lost messages: it hears so before the next one.
+    bus.node_publish(&n, &msg(1)).await.unwrap();
+    assert_eq!(second.recv().await, Some(NodeMessage::Resync));
+    assert_eq!(second.recv().await, Some(msg(1)));
+}
+
+/// After Redis comes back, every node receiver is told it may have missed messages, once its
+/// subscription is whole again: a message published after the `Resync` arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_receivers_resync_after_a_redis_restart() {
+    let mut server = fleetgate_test_support::RedisServer::start();
+    let mut cfg = config(vec![server.url()]);
+    cfg.reconnect_max_delay_ms = 200;
+    let bus = RedisBus::connect(cfg).await.expect("connect");
+    let n = unique_id("rnode");
+    let mut rx = bus.node_subscribe(&n).await.unwrap();
+    server.restart();
+    let got = tokio::time::timeout(PATIENCE, rx.recv()).await;
+    assert_eq!(got, Ok(Some(NodeMessage::Resync)));
+    assert!(
+        bus.is_connected(),
+        "subscriptions are back before the Resync"
+    );
+    let after = NodeMessage::Deliver {
+        device: unique_id("rdev"),
+    };
+    bus.node_publish(&n, &after).await.unwrap();
+    let got = tokio::time::timeout(PATIENCE, rx.recv()).await;
+    assert_eq!(got, Ok(Some(after)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

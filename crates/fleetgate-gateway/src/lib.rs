@@ -31,6 +31,9 @@ pub use auth::{AuthError, Authenticator, JwtKeySpec, JwtKeys, secret_digest};
 pub use config::GatewayConfig;
 pub use metrics::Metrics;
 
+/// [`fleetgate_bus::RESULT_TTL`] in the bus's unit.
+pub(crate) const RESULT_TTL_MS: u64 = fleetgate_bus::RESULT_TTL.as_millis() as u64;
+
 /// Milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> i64 {
     SystemTime::now()

@@ -16,7 +16,7 @@ use tracing::{info, warn};
 
 use crate::metrics::OutcomeLabel;
 use crate::registry::{Offer, Outbound};
-use crate::{Shared, now_ms};
+use crate::{RESULT_TTL_MS, Shared, now_ms};
 
 /// Subscribes to this node's channel and starts the background tasks; the returned handle
 /// ends when `stop` fires.
@@ -33,7 +33,7 @@ pub(crate) async fn start(
             tokio::select! {
                 _ = stop.cancelled() => break,
                 msg = inbox.recv() => match msg {
-                    Some(msg) => dispatch(&shared, msg).await,
+                    Some(msg) => dispatch(&shared, msg),
                     None => {
                         warn!(message = "node channel closed; resubscribing");
                         shared.bus_ok.store(false, Ordering::Relaxed);
@@ -80,7 +80,7 @@ async fn heartbeat_once(shared: &Shared) {
     shared.bus_ok.store(ok, Ordering::Relaxed);
 }
 
-async fn dispatch(shared: &Shared, msg: NodeMessage) {
+fn dispatch(shared: &Arc<Shared>, msg: NodeMessage) {
     let (device, conn_id, out) = match msg {
         NodeMessage::Deliver { device } => (device, None, Outbound::Deliver),
         NodeMessage::Command(cmd) => (cmd.device.clone(), None, Outbound::Command(Box::new(cmd))),
@@ -92,11 +92,72 @@ async fn dispatch(shared: &Shared, msg: NodeMessage) {
         } => (device, conn_id, Outbound::Close(Box::new((code, reason)))),
         // Results are for admin nodes; a gateway node has nobody waiting.
         NodeMessage::CommandResult { .. } => return,
+        NodeMessage::Resync => {
+            // Off the inbox loop: it costs bus round trips, and the inbox keeps flowing.
+            tokio::spawn(resync(shared.clone()));
+            return;
+        }
     };
     if let Offer::Dropped = shared.sessions.offer(&device, conn_id, out) {
         shared.metrics.outbox_dropped.inc();
         warn!(message = "slow consumer dropped", device = %device);
     }
+}
+
+/// Sessions whose presence one resync reads per bus call.
+const RESYNC_BATCH: usize = 1000;
+
+/// Re-reads what lost node messages would have said, for every local session: whether it
+/// is still its device's connection (a lost `Close` would have replaced it: 4409), and its
+/// queue (a lost `Deliver`). A session whose presence is gone (the bus lost its data) is
+/// asked to reconnect, which registers it again; reclaiming presence here could overwrite a
+/// newer connection made elsewhere meanwhile.
+async fn resync(shared: Arc<Shared>) {
+    // Membership first: presence naming this node reads as offline until it is back.
+    heartbeat_once(&shared).await;
+    let sessions = shared.sessions.list();
+    info!(
+        message = "resyncing sessions after lost node messages",
+        sessions = sessions.len()
+    );
+    let node = &shared.config.node_id;
+    let (mut replaced, mut lost) = (0usize, 0usize);
+    for batch in sessions.chunks(RESYNC_BATCH) {
+        let devices: Vec<String> = batch.iter().map(|(d, _)| d.clone()).collect();
+        let presence = match shared.bus.presence_get_many(&devices).await {
+            Ok(p) => p,
+            Err(error) => {
+                // The bus is away again; its next reconnect sends another Resync.
+                shared.metrics.bus_errors.inc();
+                warn!(message = "resync could not read presence", %error);
+                return;
+            }
+        };
+        for ((device, conn_id), presence) in batch.iter().zip(presence) {
+            let out = match presence {
+                Some(p) if p.node == *node && p.conn_id == *conn_id => Outbound::Deliver,
+                Some(_) => {
+                    replaced += 1;
+                    Outbound::Close(Box::new((
+                        CloseCode::Replaced,
+                        "replaced by a newer connection".to_owned(),
+                    )))
+                }
+                None => {
+                    lost += 1;
+                    let retry_ms = rand::rng().random_range(500..5000);
+                    Outbound::Close(Box::new((
+                        CloseCode::Draining,
+                        retry_after_reason("session state lost; reconnect", retry_ms),
+                    )))
+                }
+            };
+            if let Offer::Dropped = shared.sessions.offer(device, Some(*conn_id), out) {
+                shared.metrics.outbox_dropped.inc();
+            }
+        }
+    }
+    info!(message = "resync done", replaced, lost);
 }
 
 /// Reports commands whose TTL ended, whoever their device is connected to.
@@ -132,12 +193,18 @@ pub(crate) async fn report_failure(shared: &Shared, q: &QueuedCommand, reason: F
         .inc();
     warn!(message = "command failed", device = %cmd.device, msgid = %cmd.msgid, reason = reason.as_str(), attempts = q.attempts);
     if let Some(node) = &cmd.reply_to {
-        let msg = NodeMessage::CommandResult {
-            device: cmd.device.clone(),
-            msgid: cmd.msgid.to_string(),
-            outcome: CommandOutcome::Failed(reason),
-        };
-        if let Err(error) = shared.bus.node_publish(node, &msg).await {
+        let outcome = CommandOutcome::Failed(reason);
+        let sent = shared
+            .bus
+            .result_send(
+                node,
+                &cmd.device,
+                cmd.msgid.as_str(),
+                &outcome,
+                RESULT_TTL_MS,
+            )
+            .await;
+        if let Err(error) = sent {
             shared.metrics.bus_errors.inc();
             warn!(message = "could not report command failure", %error);
         }

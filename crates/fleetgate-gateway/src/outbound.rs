@@ -4,9 +4,7 @@
 
 use std::time::Duration;
 
-use fleetgate_bus::{
-    Command, CommandOutcome, DeliveryState, FailReason, NodeMessage, QueuedCommand,
-};
+use fleetgate_bus::{Command, CommandOutcome, DeliveryState, FailReason, QueuedCommand};
 use fleetgate_protocol::{
     Envelope, Frame, Handshake, HandshakeKind, MessageKind, PROTOCOL_VERSION, Qos,
 };
@@ -17,7 +15,7 @@ use tracing::warn;
 use crate::Shared;
 use crate::metrics::OutcomeLabel;
 use crate::node::report_failure;
-use crate::now_ms;
+use crate::{RESULT_TTL_MS, now_ms};
 
 struct InFlight {
     queued: QueuedCommand,
@@ -284,12 +282,11 @@ impl Outgoing {
                             .get_or_create(&OutcomeLabel { outcome: "acked" })
                             .inc();
                         if let Some(node) = &q.command.reply_to {
-                            let msg = NodeMessage::CommandResult {
-                                device: device.to_owned(),
-                                msgid: msgid.to_owned(),
-                                outcome,
-                            };
-                            if let Err(error) = shared.bus.node_publish(node, &msg).await {
+                            let sent = shared
+                                .bus
+                                .result_send(node, device, msgid, &outcome, RESULT_TTL_MS)
+                                .await;
+                            if let Err(error) = sent {
                                 shared.metrics.bus_errors.inc();
                                 warn!(message = "could not report a command result", %error);
                             }

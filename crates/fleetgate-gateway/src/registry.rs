@@ -99,6 +99,14 @@ impl Sessions {
         }
     }
 
+    /// Every session's device and connection ID.
+    pub(crate) fn list(&self) -> Vec<(String, u64)> {
+        self.lock()
+            .iter()
+            .map(|(device, h)| (device.clone(), h.conn_id))
+            .collect()
+    }
+
     /// Senders of every session, for drain.
     pub(crate) fn snapshot(&self) -> Vec<Arc<Outbox<Outbound>>> {
         self.lock().values().map(|h| h.outbox.clone()).collect()

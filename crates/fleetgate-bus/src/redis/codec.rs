@@ -278,17 +278,50 @@ pub(super) fn encode_node_message(m: &NodeMessage) -> String {
             device,
             msgid,
             outcome,
-        } => {
-            let outcome = match outcome {
-                CommandOutcome::Result(v) => json!({"k": "result", "v": v}),
-                CommandOutcome::Error(v) => json!({"k": "error", "v": v}),
-                CommandOutcome::Done => json!({"k": "done"}),
-                CommandOutcome::Failed(r) => json!({"k": "failed", "reason": r.as_str()}),
-            };
-            json!({"t": "result", "device": device, "msgid": msgid, "outcome": outcome})
-        }
+        } => json!({
+            "t": "result",
+            "device": device,
+            "msgid": msgid,
+            "outcome": outcome_value(outcome),
+        }),
+        NodeMessage::Resync => json!({"t": "resync"}),
     };
     v.to_string()
+}
+
+fn outcome_value(outcome: &CommandOutcome) -> Value {
+    match outcome {
+        CommandOutcome::Result(v) => json!({"k": "result", "v": v}),
+        CommandOutcome::Error(v) => json!({"k": "error", "v": v}),
+        CommandOutcome::Done => json!({"k": "done"}),
+        CommandOutcome::Failed(r) => json!({"k": "failed", "reason": r.as_str()}),
+    }
+}
+
+fn outcome_from(what: &str, o: &Map<String, Value>) -> BusResult<CommandOutcome> {
+    let of = Fields::new(what, o);
+    Ok(match of.str("k")? {
+        "result" => CommandOutcome::Result(of.value("v")?.clone()),
+        "error" => CommandOutcome::Error(of.value("v")?.clone()),
+        "done" => CommandOutcome::Done,
+        "failed" => CommandOutcome::Failed(match of.str("reason")? {
+            "expired" => FailReason::Expired,
+            "attempts_exhausted" => FailReason::AttemptsExhausted,
+            other => return Err(corrupt(what, format!("unknown reason {other:?}"))),
+        }),
+        other => return Err(corrupt(what, format!("unknown outcome {other:?}"))),
+    })
+}
+
+/// A stored command outcome (the value of a `res:` key).
+pub(super) fn encode_outcome(outcome: &CommandOutcome) -> String {
+    outcome_value(outcome).to_string()
+}
+
+pub(super) fn decode_outcome(bytes: &[u8]) -> BusResult<CommandOutcome> {
+    const WHAT: &str = "command outcome";
+    let text = std::str::from_utf8(bytes).map_err(|e| corrupt(WHAT, e))?;
+    outcome_from(WHAT, &parse_object(WHAT, text)?)
 }
 
 pub(super) fn decode_node_message(bytes: &[u8]) -> BusResult<NodeMessage> {
@@ -313,26 +346,12 @@ pub(super) fn decode_node_message(bytes: &[u8]) -> BusResult<NodeMessage> {
                 reason: f.str("reason")?.to_owned(),
             }
         }
-        "result" => {
-            let o = f.object("outcome")?;
-            let of = Fields::new(WHAT, &o);
-            let outcome = match of.str("k")? {
-                "result" => CommandOutcome::Result(of.value("v")?.clone()),
-                "error" => CommandOutcome::Error(of.value("v")?.clone()),
-                "done" => CommandOutcome::Done,
-                "failed" => CommandOutcome::Failed(match of.str("reason")? {
-                    "expired" => FailReason::Expired,
-                    "attempts_exhausted" => FailReason::AttemptsExhausted,
-                    other => return Err(corrupt(WHAT, format!("unknown reason {other:?}"))),
-                }),
-                other => return Err(corrupt(WHAT, format!("unknown outcome {other:?}"))),
-            };
-            NodeMessage::CommandResult {
-                device: f.str("device")?.to_owned(),
-                msgid: f.str("msgid")?.to_owned(),
-                outcome,
-            }
-        }
+        "result" => NodeMessage::CommandResult {
+            device: f.str("device")?.to_owned(),
+            msgid: f.str("msgid")?.to_owned(),
+            outcome: outcome_from(WHAT, &f.object("outcome")?)?,
+        },
+        "resync" => NodeMessage::Resync,
         other => return Err(corrupt(WHAT, format!("unknown message type {other:?}"))),
     })
 }

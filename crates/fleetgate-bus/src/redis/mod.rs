@@ -32,6 +32,7 @@
 //! | `P tm:<partition>` | stream, `MAXLEN ~` | ring(`telemetry:<p>`) | telemetry records |
 //! | `P sh:<device>` | string (JSON) | device's | shadow (reported, desired, version, updated_ms) |
 //! | `P ret:<channel>` | string | channel's | retained frame |
+//! | `P res:<device>:<msgid>` | string, `PX` TTL | device's | a command's outcome, for waiters that missed its message |
 //!
 //! Pub/sub channels: `P ch:<channel name>` on the channel's shard, and `P nodech:<node>` on
 //! every shard.
@@ -96,8 +97,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::{
-    Bus, BusError, BusResult, Channel, Command, DeviceRecord, NodeInfo, NodeMessage, Presence,
-    QueuedCommand, Shadow, StreamId, Subscription, TelemetryRecord, merge_patch, partition_for,
+    Bus, BusError, BusResult, Channel, Command, CommandOutcome, DeviceRecord, NodeInfo,
+    NodeMessage, Presence, QueuedCommand, Shadow, StreamId, Subscription, TelemetryRecord,
+    merge_patch, partition_for,
 };
 
 /// Points each shard occupies on the consistent-hash ring.
@@ -205,6 +207,7 @@ struct Scripts {
     telemetry_append: Script,
     shadow_cas: Script,
     publish_retained: Script,
+    result_send: Script,
 }
 
 impl Scripts {
@@ -226,6 +229,7 @@ impl Scripts {
             telemetry_append: Script::from_lua(scripts::TELEMETRY_APPEND),
             shadow_cas: Script::from_lua(scripts::SHADOW_CAS),
             publish_retained: Script::from_lua(scripts::PUBLISH_RETAINED),
+            result_send: Script::from_lua(scripts::RESULT_SEND),
         }
     }
 }
@@ -373,7 +377,11 @@ fn presence_reply(what: &str, v: Value) -> BusResult<Option<Presence>> {
 
 /// Re-issues every subscription after each reconnect of a shard's subscriber connection, and
 /// says when it is done (fred's own `manage_subscriptions` gives no such signal).
-async fn resubscribe_task(subscriber: SubscriberClient, subscribed: Arc<AtomicBool>) {
+async fn resubscribe_task(
+    subscriber: SubscriberClient,
+    subscribed: Arc<AtomicBool>,
+    router: std::sync::Weak<pubsub::Router>,
+) {
     use tokio::sync::broadcast::error::RecvError;
     let mut reconnects = subscriber.reconnect_rx();
     loop {
@@ -386,6 +394,11 @@ async fn resubscribe_task(subscriber: SubscriberClient, subscribed: Arc<AtomicBo
             match subscriber.resubscribe_all().await {
                 Ok(()) => {
                     subscribed.store(true, Ordering::Release);
+                    // Node messages published while the link was down are gone; the
+                    // receivers re-read durable state.
+                    if let Some(router) = router.upgrade() {
+                        router.resync_nodes();
+                    }
                     break;
                 }
                 Err(error) => {
@@ -484,6 +497,7 @@ impl RedisBus {
             tasks.push(tokio::spawn(resubscribe_task(
                 shard.subscriber.clone(),
                 shard.subscribed.clone(),
+                Arc::downgrade(&router),
             )));
             tasks.push(tokio::spawn(pubsub::reader_task(
                 Arc::downgrade(&router),
@@ -917,13 +931,13 @@ impl Bus for RedisBus {
     }
 
     async fn node_publish(&self, node_id: &str, message: &NodeMessage) -> BusResult<()> {
-        let device = match message {
+        let shard = match message {
             NodeMessage::Deliver { device }
             | NodeMessage::Close { device, .. }
-            | NodeMessage::CommandResult { device, .. } => device.as_str(),
-            NodeMessage::Command(c) => c.device.as_str(),
+            | NodeMessage::CommandResult { device, .. } => self.shard_for(device),
+            NodeMessage::Command(c) => self.shard_for(&c.device),
+            NodeMessage::Resync => 0,
         };
-        let shard = self.shard_for(device);
         self.client(shard)
             .publish::<Value, _, _>(
                 self.node_channel(node_id),
@@ -942,6 +956,46 @@ impl Bus for RedisBus {
             self.inner.router.confirm(shard, &channel, None).await?;
         }
         Ok(rx)
+    }
+
+    async fn result_send(
+        &self,
+        node_id: &str,
+        device: &str,
+        msgid: &str,
+        outcome: &CommandOutcome,
+        ttl_ms: u64,
+    ) -> BusResult<()> {
+        let message = NodeMessage::CommandResult {
+            device: device.to_owned(),
+            msgid: msgid.to_owned(),
+            outcome: outcome.clone(),
+        };
+        self.eval(
+            self.shard_for(device),
+            &self.inner.scripts.result_send,
+            vec![self.key("res:", &format!("{device}:{msgid}"))],
+            vec![
+                v(self.node_channel(node_id)),
+                v(codec::encode_outcome(outcome)),
+                v(codec::encode_node_message(&message)),
+                Value::from(i64::try_from(ttl_ms.max(1)).unwrap_or(i64::MAX)),
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn result_get(&self, device: &str, msgid: &str) -> BusResult<Option<CommandOutcome>> {
+        let reply: Value = self
+            .client(self.shard_for(device))
+            .get(self.key("res:", &format!("{device}:{msgid}")))
+            .await
+            .map_err(fred_err)?;
+        match reply.into_bytes() {
+            Some(bytes) => codec::decode_outcome(&bytes).map(Some),
+            None => Ok(None),
+        }
     }
 
     async fn queue_push(&self, command: &Command) -> BusResult<()> {

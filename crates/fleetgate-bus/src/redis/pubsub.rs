@@ -31,6 +31,7 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::{codec, fred_err};
+use crate::node_tx::NodeTx;
 use crate::{BusError, BusResult, NodeMessage};
 
 /// Capacity of each shard's control queue.
@@ -68,7 +69,7 @@ struct Marker {
 #[derive(Default)]
 struct Table {
     channels: HashMap<String, Vec<Sub>>,
-    nodes: HashMap<String, mpsc::Sender<NodeMessage>>,
+    nodes: HashMap<String, NodeTx>,
     markers: HashMap<u64, Marker>,
     next_id: u64,
 }
@@ -76,7 +77,7 @@ struct Table {
 impl Table {
     fn wanted(&self, channel: &str) -> bool {
         self.channels.get(channel).is_some_and(|s| !s.is_empty())
-            || self.nodes.get(channel).is_some_and(|tx| !tx.is_closed())
+            || self.nodes.get(channel).is_some_and(|n| !n.is_closed())
     }
 }
 
@@ -190,7 +191,17 @@ impl Router {
 
     /// Installs the node's receiver, replacing (closing) any earlier one.
     pub(super) fn set_node(&self, channel: &str, tx: mpsc::Sender<NodeMessage>) {
-        lock(&self.table).nodes.insert(channel.to_owned(), tx);
+        lock(&self.table)
+            .nodes
+            .insert(channel.to_owned(), NodeTx::new(tx));
+    }
+
+    /// Messages to every local node receiver may have been lost (a subscriber connection
+    /// came back, or the reader lagged): each is owed a [`NodeMessage::Resync`], sent now if
+    /// it has room, else before its next message.
+    pub(super) fn resync_nodes(&self) {
+        let mut table = lock(&self.table);
+        table.nodes.retain(|_, node| node.resync().is_ok());
     }
 
     /// Local subscriber and node channel counts, for tests and metrics.
@@ -218,20 +229,14 @@ impl Router {
             };
             let closed = {
                 let mut table = lock(&self.table);
-                let Some(tx) = table.nodes.get(channel) else {
+                let Some(node) = table.nodes.get_mut(channel) else {
                     return;
                 };
-                match tx.try_send(message) {
-                    Ok(()) => false,
-                    Err(TrySendError::Full(_)) => {
-                        self.dropped_node.fetch_add(1, Ordering::Relaxed);
-                        false
-                    }
-                    Err(TrySendError::Closed(_)) => {
-                        table.nodes.remove(channel);
-                        true
-                    }
+                let closed = node.send(message, &self.dropped_node).is_err();
+                if closed {
+                    table.nodes.remove(channel);
                 }
+                closed
             };
             if closed {
                 for shard in 0..self.control.len() {
@@ -401,6 +406,7 @@ pub(super) async fn reader_task(
                 };
                 router.lagged.fetch_add(n, Ordering::Relaxed);
                 tracing::warn!(missed = n, "redis pub/sub reader lagged");
+                router.resync_nodes();
             }
             Err(RecvError::Closed) => return,
         }

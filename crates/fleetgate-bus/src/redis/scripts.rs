@@ -213,3 +213,10 @@ pub(super) const PUBLISH_RETAINED: &str = r"
 redis.call('SET', KEYS[1], ARGV[2])
 return redis.call('PUBLISH', ARGV[1], ARGV[2])
 ";
+
+/// Result send. `KEYS[1]` = result key; `ARGV` = node channel, encoded outcome, encoded
+/// message, TTL in ms. Stores before publishing, so a waiter that hears nothing can read it.
+pub(super) const RESULT_SEND: &str = r"
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[4])
+return redis.call('PUBLISH', ARGV[1], ARGV[3])
+";
