@@ -12,3 +12,4 @@ mod lifecycle;
 mod limits;
 mod sdk;
 mod support;
+mod tracing;

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use fleetgate_bus::{Command, CommandOutcome, DeviceRecord, NodeMessage, Presence, Shadow};
@@ -14,6 +14,7 @@ use fleetgate_protocol::{CloseCode, MsgId, Qos};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
+use tracing::Instrument;
 
 use crate::{AdminState, AppError};
 
@@ -184,10 +185,25 @@ fn new_msgid() -> MsgId {
 }
 
 /// `POST /v1/devices/{id}/commands`: queues (QoS 1/2) or sends (QoS 0) a command, and
-/// optionally waits for its result.
+/// optionally waits for its result. The command carries this call's trace context (which
+/// continues the caller's `traceparent` header, if any) to the node that delivers it.
 pub(crate) async fn send_command(
     State(state): State<Arc<AdminState>>,
     Path(id): Path<String>,
+    headers: HeaderMap,
+    req: Result<Json<SendCommand>, JsonRejection>,
+) -> Res {
+    let span =
+        tracing::info_span!("admin.send_command", device = %id, msgid = tracing::field::Empty);
+    // The parent must be set before the span is first entered.
+    let incoming = headers.get("traceparent").and_then(|v| v.to_str().ok());
+    fleetgate_bus::trace::continue_trace(&span, incoming);
+    send_command_in_span(state, id, req).instrument(span).await
+}
+
+async fn send_command_in_span(
+    state: Arc<AdminState>,
+    id: String,
     req: Result<Json<SendCommand>, JsonRejection>,
 ) -> Res {
     check_device_id(&id)?;
@@ -223,8 +239,9 @@ pub(crate) async fn send_command(
         created_ms: now,
         expires_ms: now.saturating_add(ttl.as_millis() as i64),
         reply_to: (!wait.is_zero()).then(|| cfg.node_id.clone()),
-        traceparent: None,
+        traceparent: fleetgate_bus::trace::current_traceparent(),
     };
+    tracing::Span::current().record("msgid", msgid.as_str());
     if qos == Qos::AtMostOnce {
         let Some(p) = presence else {
             return Err(AppError::new(

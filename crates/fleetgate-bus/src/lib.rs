@@ -16,6 +16,7 @@ pub mod memory;
 mod node_tx;
 mod partition;
 pub mod redis;
+pub mod trace;
 mod types;
 
 use async_trait::async_trait;

@@ -10,7 +10,7 @@ use fleetgate_protocol::{
 };
 use serde_json::Value;
 use tokio::time::Instant;
-use tracing::warn;
+use tracing::{info_span, warn};
 
 use crate::Shared;
 use crate::metrics::OutcomeLabel;
@@ -59,6 +59,13 @@ fn frame_for(q: &QueuedCommand, dup: bool) -> Frame {
         DeliveryState::Pending => command_frame(&q.command, dup),
         DeliveryState::Released => rel_frame(q),
     }
+}
+
+/// Records `span` as a step of `cmd`'s trace, which the admin call that sent it started: the
+/// span is parented across processes, entered (started) and ended at once.
+pub(crate) fn trace_point(span: tracing::Span, cmd: &Command) {
+    fleetgate_bus::trace::continue_trace(&span, cmd.traceparent.as_deref());
+    drop(span.entered());
 }
 
 /// Wait after the `attempts`-th send: `ack_timeout` doubling per attempt, capped.
@@ -130,6 +137,17 @@ impl Outgoing {
             };
             // A command sent before (on an earlier connection) goes out marked as a duplicate.
             frames.push(frame_for(&q, attempts > 1));
+            if q.command.traceparent.is_some() {
+                trace_point(
+                    info_span!(
+                        "command.deliver",
+                        device,
+                        msgid = q.command.msgid.as_str(),
+                        attempt = attempts
+                    ),
+                    &q.command,
+                );
+            }
             if attempts > 1 {
                 shared.metrics.commands_retransmitted.inc();
             } else {
@@ -276,6 +294,12 @@ impl Outgoing {
                         }
                         // A QoS 2 result may have ridden on the rec; the comp's wins if both have one.
                         let outcome = outcome_of(h.payload.as_ref(), q.result.as_ref());
+                        if q.command.traceparent.is_some() {
+                            trace_point(
+                                info_span!("command.ack", device, msgid, attempts = q.attempts),
+                                &q.command,
+                            );
+                        }
                         shared
                             .metrics
                             .commands_finished

@@ -504,6 +504,12 @@ impl Session {
             }
             Outbound::Command(cmd) => {
                 let frame = crate::outbound::command_frame(&cmd, false);
+                if cmd.traceparent.is_some() {
+                    crate::outbound::trace_point(
+                        tracing::info_span!("command.deliver", device = %self.device, msgid = cmd.msgid.as_str(), attempt = 1),
+                        &cmd,
+                    );
+                }
                 self.shared.metrics.commands_sent.inc();
                 send_frame(&self.shared, ws, self.codec, &frame).await
             }

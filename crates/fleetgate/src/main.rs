@@ -2,6 +2,7 @@
 //! API, `all` runs both on one node (on the memory bus unless Redis is configured).
 
 mod settings;
+mod telemetry;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -63,24 +64,18 @@ fn main() -> anyhow::Result<()> {
         }
     };
     let settings = Settings::load(overrides)?;
-    init_logging(&settings.log_format);
-    tokio::runtime::Builder::new_multi_thread()
+    let _telemetry = telemetry::init(
+        &settings.log_format,
+        settings.otlp_endpoint.as_deref(),
+        &settings.node_id,
+    )?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?
-        .block_on(serve(settings, gateway, admin))
-}
-
-fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+        .build()?;
+    let served = runtime.block_on(serve(settings, gateway, admin));
+    // Socket tasks still parked on the runtime go before the trace flush, which blocks.
+    drop(runtime);
+    served
 }
 
 /// Binds with a deep accept backlog: a connect storm overflows tokio's default queue and
@@ -129,12 +124,6 @@ async fn shutdown_signal(token: CancellationToken) {
 }
 
 async fn serve(settings: Settings, run_gateway: bool, run_admin: bool) -> anyhow::Result<()> {
-    if settings.otlp_endpoint.is_some() {
-        tracing::warn!(
-            message =
-                "OTLP export is not available in this build; FLEETGATE_OTLP_ENDPOINT is ignored"
-        );
-    }
     let (bus, redis): (Arc<dyn Bus>, Option<Arc<RedisBus>>) = if settings.redis_urls.is_empty() {
         if !(run_gateway && run_admin) {
             // Two processes cannot share a memory bus.
