@@ -1,6 +1,7 @@
 //! What the end-to-end tests and the benchmarks share: finding the `fleetgate` binary and
-//! starting `fleetgate all` on free loopback ports.
+//! starting `fleetgate` roles on free loopback ports.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
@@ -58,9 +59,33 @@ pub struct Addrs {
 /// # Errors
 /// When the binary is missing, fails to start, or prints no address line within `deadline`.
 pub async fn spawn_all(env: &[(&str, &str)], deadline: Duration) -> anyhow::Result<(Child, Addrs)> {
+    let (child, mut listeners) = spawn_role("all", env, deadline).await?;
+    let mut take = |k: &str| {
+        listeners
+            .remove(k)
+            .with_context(|| format!("`fleetgate all` printed no {k} address"))
+    };
+    let addrs = Addrs {
+        gateway: take("gateway")?,
+        admin: take("admin")?,
+        internal: take("internal")?,
+    };
+    Ok((child, addrs))
+}
+
+/// Starts `fleetgate <role>` (`all`, `gateway` or `admin`) with `env` and returns the
+/// listeners it printed, by name (`gateway`, `admin`, `internal`). As [`spawn_all`] otherwise.
+///
+/// # Errors
+/// When the binary is missing, fails to start, or prints no address line within `deadline`.
+pub async fn spawn_role(
+    role: &str,
+    env: &[(&str, &str)],
+    deadline: Duration,
+) -> anyhow::Result<(Child, BTreeMap<String, String>)> {
     let bin = fleetgate_binary()?;
     let mut cmd = Command::new(&bin);
-    cmd.arg("all")
+    cmd.arg(role)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .stdin(Stdio::null())
@@ -86,18 +111,7 @@ pub async fn spawn_all(env: &[(&str, &str)], deadline: Duration) -> anyhow::Resu
     .await
     .context("fleetgate did not print its addresses in time")??;
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    let addrs: serde_json::Value =
-        serde_json::from_str(&line).with_context(|| format!("address line is not JSON: {line}"))?;
-    let get = |k: &str| -> anyhow::Result<String> {
-        addrs[k]
-            .as_str()
-            .map(str::to_owned)
-            .with_context(|| format!("no {k} in {line}"))
-    };
-    let addrs = Addrs {
-        gateway: get("gateway")?,
-        admin: get("admin")?,
-        internal: get("internal")?,
-    };
-    Ok((child, addrs))
+    let listeners: BTreeMap<String, String> = serde_json::from_str(&line)
+        .with_context(|| format!("address line is not a map of strings: {line}"))?;
+    Ok((child, listeners))
 }

@@ -207,6 +207,73 @@ async fn a_redis_restart_with_aof_loses_nothing_acknowledged_and_nodes_recover_w
     assert_eq!(dev["queuedCommands"], 0, "nothing left owed: {dev}");
 }
 
+/// While Redis is away a node keeps its sessions, reports not ready, and refuses new
+/// authentications at once (1013 on the auth frame, 503 for header auth); when Redis is back
+/// it is ready again without a restart and the kept session still gets commands.
+#[tokio::test]
+async fn while_redis_is_away_sessions_stay_and_new_auths_are_refused_with_1013() {
+    use fleetgate_test_support::RedisOptions;
+    let mut redis = RedisServer::start_with(RedisOptions { aof: true });
+    let url = redis.url();
+    let node = Node::start(&[
+        ("FLEETGATE_REDIS_URLS", url.as_str()),
+        ("FLEETGATE_NODE_ID", "away-node"),
+        ("FLEETGATE_REDIS_COMMAND_TIMEOUT_MS", "1000"),
+    ])
+    .await;
+    let keeper_secret = node.provision("keeper").await;
+    let newcomer_secret = node.provision("newcomer").await;
+    let mut keeper = Raw::authed(&node.device_url(), "keeper", &keeper_secret).await;
+
+    redis.kill();
+    crate::support::eventually("not ready while Redis is away", || async {
+        (node.internal_get("/readyz").await.0 == 503).then_some(())
+    })
+    .await;
+    assert_eq!(
+        node.internal_get("/healthz").await.0,
+        200,
+        "alive all the same"
+    );
+    let mut newcomer = Raw::connect(&node.device_url(), &[]).await;
+    newcomer
+        .send(json!({"type": "auth", "deviceId": "newcomer", "token": newcomer_secret}))
+        .await;
+    let closed = newcomer.closed().await;
+    assert_eq!(closed.code, 1013, "{closed:?}");
+    assert!(closed.reason.contains("retry-after="), "{closed:?}");
+    let bearer = format!("Bearer {newcomer_secret}");
+    assert_eq!(
+        Raw::try_connect(
+            &node.device_url(),
+            &[("Device-ID", "newcomer"), ("Authorization", &bearer)]
+        )
+        .await
+        .err(),
+        Some(503)
+    );
+
+    redis.restart();
+    crate::support::eventually("ready again once Redis is back", || async {
+        (node.internal_get("/readyz").await.0 == 200).then_some(())
+    })
+    .await;
+    let call = node.command_in_background(
+        "keeper",
+        json!({"payload": {"still": "here"}, "qos": 1, "waitMs": 5000}),
+    );
+    let cmd = keeper.recv().await;
+    assert_eq!(cmd["payload"], json!({"still": "here"}));
+    keeper
+        .send(json!({"type": "ack", "msgid": cmd["msgid"], "payload": {"result": 1}}))
+        .await;
+    assert_eq!(
+        call.await.unwrap(),
+        (200, json!({"msgid": cmd["msgid"], "result": 1}))
+    );
+    Raw::authed(&node.device_url(), "newcomer", &newcomer_secret).await;
+}
+
 /// Redis restarted without persistence has forgotten every session: nodes notice when their
 /// subscriptions come back and ask their devices to reconnect (1012 with a retry-after),
 /// instead of holding sessions nothing can route to.
@@ -452,4 +519,107 @@ async fn sigterm_drain_moves_devices_to_the_other_node_with_no_command_lost() {
     }
     let exit = cluster.nodes[0].wait_exit().await;
     assert!(exit.success(), "the drained node exits cleanly: {exit:?}");
+}
+
+/// `fleetgate gateway` and `fleetgate admin` as separate processes, meeting only through
+/// Redis: the admin process provisions, lists the gateway among the nodes, and sends a
+/// command whose result comes back from the gateway process.
+#[tokio::test]
+async fn gateway_and_admin_run_as_separate_processes() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let common = [
+        ("FLEETGATE_REDIS_URLS", url.as_str()),
+        ("FLEETGATE_API_KEY", crate::support::API_KEY),
+        ("FLEETGATE_LISTEN", "127.0.0.1:0"),
+        ("FLEETGATE_ADMIN_LISTEN", "127.0.0.1:0"),
+        ("FLEETGATE_INTERNAL_LISTEN", "127.0.0.1:0"),
+        ("FLEETGATE_ACK_TIMEOUT_MS", "300"),
+        ("RUST_LOG", "warn"),
+    ];
+    let start = |role: &'static str, id: &'static str| {
+        let mut env = common.to_vec();
+        env.push(("FLEETGATE_NODE_ID", id));
+        async move {
+            fleetgate_e2e::spawn_role(role, &env, crate::support::DEADLINE)
+                .await
+                .expect("start")
+        }
+    };
+    let (_gw, gw) = start("gateway", "split-gateway").await;
+    let (_admin, admin) = start("admin", "split-admin").await;
+    assert_eq!(
+        (gw.contains_key("admin"), admin.contains_key("gateway")),
+        (false, false),
+        "each role serves only its own listener: {gw:?} {admin:?}"
+    );
+    let http = reqwest::Client::new();
+    let api = |path: &str| format!("http://{}{path}", admin["admin"]);
+    let resp = http
+        .post(api("/v1/devices"))
+        .bearer_auth(crate::support::API_KEY)
+        .json(&json!({"id": "split-dev"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+    let secret = resp.json::<serde_json::Value>().await.unwrap()["secret"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let nodes: serde_json::Value = http
+        .get(api("/v1/nodes"))
+        .bearer_auth(crate::support::API_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        nodes.to_string().contains("split-gateway"),
+        "the gateway process is a member: {nodes}"
+    );
+    let mut device = Raw::authed(
+        &format!("ws://{}/v1/device", gw["gateway"]),
+        "split-dev",
+        &secret,
+    )
+    .await;
+    let call = tokio::spawn(
+        http.post(api("/v1/devices/split-dev/commands"))
+            .bearer_auth(crate::support::API_KEY)
+            .json(&json!({"payload": {"hello": 1}, "qos": 2, "waitMs": 5000}))
+            .send(),
+    );
+    let cmd = device.recv().await;
+    assert_eq!(
+        (cmd["qos"].as_u64(), &cmd["payload"]),
+        (Some(2), &json!({"hello": 1}))
+    );
+    device
+        .send(json!({"type": "rec", "msgid": cmd["msgid"], "payload": {"result": "hi"}}))
+        .await;
+    let rel = device.recv().await;
+    assert_eq!(
+        (rel["type"].as_str(), &rel["msgid"]),
+        (Some("rel"), &cmd["msgid"])
+    );
+    device
+        .send(json!({"type": "comp", "msgid": cmd["msgid"]}))
+        .await;
+    let resp = call.await.unwrap().unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(
+        resp.json::<serde_json::Value>().await.unwrap(),
+        json!({"msgid": cmd["msgid"], "result": "hi"})
+    );
+    for internal in [&gw["internal"], &admin["internal"]] {
+        let ready = http
+            .get(format!("http://{internal}/readyz"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(ready.status().as_u16(), 200, "{internal}");
+    }
 }

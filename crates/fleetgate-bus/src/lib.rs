@@ -56,6 +56,11 @@ pub type BusResult<T> = Result<T, BusError>;
 pub trait Bus: Send + Sync + 'static {
     /// Checks that the backend answers (readiness).
     async fn ping(&self) -> BusResult<()>;
+    /// Whether the backend is reachable as far as the client knows, without a round trip:
+    /// `false` lets callers refuse work at once instead of waiting for a timeout.
+    fn connected(&self) -> bool {
+        true
+    }
 
     // --- device registry -------------------------------------------------------------
 

@@ -100,6 +100,10 @@ async fn device_upgrade(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
+    if bearer.is_some() && !shared.bus.connected() {
+        shared.metrics.bus_errors.inc();
+        return unavailable("bus_unavailable", "cannot verify credentials now", 1);
+    }
     let admission = match bearer {
         Some(token) => match shared.auth.authenticate(routed_id.as_deref(), token).await {
             Ok(device) => Admission::Authenticated(device),

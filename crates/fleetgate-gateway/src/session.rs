@@ -266,6 +266,11 @@ async fn auth_frame(
         }
         Err(error) => return Err(Close::protocol(&error)),
     };
+    // Refuse at once while the bus is away rather than after its command timeout: the
+    // device retries later, the socket's slot frees now.
+    if !shared.bus.connected() {
+        return Err(bus_unavailable(shared));
+    }
     let refuse = |reason: String| AuthResponse::Error {
         timestamp: now_ms(),
         reason,

@@ -1,6 +1,7 @@
 //! `fleetgate`: one binary, three roles. `gateway` serves devices, `admin` serves the REST
 //! API, `all` runs both on one node (on the memory bus unless Redis is configured).
 
+mod bus_metrics;
 mod settings;
 mod telemetry;
 
@@ -21,6 +22,7 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use bus_metrics::BusMetrics;
 use settings::{Overrides, Settings};
 
 #[derive(Parser)]
@@ -124,7 +126,7 @@ async fn shutdown_signal(token: CancellationToken) {
 }
 
 async fn serve(settings: Settings, run_gateway: bool, run_admin: bool) -> anyhow::Result<()> {
-    let (bus, redis): (Arc<dyn Bus>, Option<Arc<RedisBus>>) = if settings.redis_urls.is_empty() {
+    let (bus, bus_metrics): (Arc<dyn Bus>, BusMetrics) = if settings.redis_urls.is_empty() {
         if !(run_gateway && run_admin) {
             // Two processes cannot share a memory bus.
             bail!(
@@ -132,16 +134,18 @@ async fn serve(settings: Settings, run_gateway: bool, run_admin: bool) -> anyhow
             );
         }
         info!(message = "memory bus: single node, state is kept in this process only");
-        (Arc::new(MemoryBus::new(settings.memory_bus_config())), None)
+        let memory = MemoryBus::new(settings.memory_bus_config());
+        (Arc::new(memory.clone()), BusMetrics::Memory(memory))
     } else {
         let redis = RedisBus::connect(settings.redis_bus_config())
             .await
             .with_context(|| format!("connecting to Redis {:?}", settings.redis_urls))?;
         info!(message = "redis bus", shards = settings.redis_urls.len());
         let redis = Arc::new(redis);
-        (redis.clone(), Some(redis))
+        (redis.clone(), BusMetrics::Redis(redis))
     };
     let mut registry = Registry::default();
+    registry.register_collector(Box::new(bus_metrics));
     let shutdown = CancellationToken::new();
     tokio::spawn(shutdown_signal(shutdown.clone()));
 
@@ -171,12 +175,10 @@ async fn serve(settings: Settings, run_gateway: bool, run_admin: bool) -> anyhow
     addrs.insert("internal".into(), internal.local_addr()?.to_string().into());
 
     let ready_gw = gateway.as_ref().map(|(g, _)| g.clone());
-    // Ready while the gateway (if any) accepts devices and the Redis links (if any), pub/sub
-    // included, are up.
-    let ready = move || {
-        ready_gw.as_ref().is_none_or(Gateway::is_ready)
-            && redis.as_ref().is_none_or(|r| r.is_connected())
-    };
+    // Ready while the gateway (if any) accepts devices and the bus's links, pub/sub included,
+    // are up.
+    let ready_bus = bus.clone();
+    let ready = move || ready_gw.as_ref().is_none_or(Gateway::is_ready) && ready_bus.connected();
     let internal_app = fleetgate_gateway::internal_router(Arc::new(registry), ready);
     let internal_task = tokio::spawn(async move { axum::serve(internal, internal_app).await });
 

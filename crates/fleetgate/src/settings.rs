@@ -115,6 +115,8 @@ pub struct BusSettings {
     pub telemetry_partitions: u32,
     /// Records kept per partition.
     pub telemetry_max_len: usize,
+    /// How long a Redis call may take, reconnecting included, before it fails.
+    pub redis_command_timeout_ms: u64,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -188,6 +190,7 @@ impl Default for BusSettings {
             queue_max_len: b.queue_max_len,
             telemetry_partitions: b.telemetry_partitions,
             telemetry_max_len: b.telemetry_max_len,
+            redis_command_timeout_ms: ms(RedisBusConfig::default().command_timeout),
         }
     }
 }
@@ -264,6 +267,9 @@ pub struct Overrides {
     /// Membership lifetime, ms: a node silent this long is dead and its devices offline.
     #[arg(long, env = "FLEETGATE_NODE_TTL_MS")]
     pub node_ttl_ms: Option<u64>,
+    /// How long a Redis call may take, reconnecting included, ms.
+    #[arg(long, env = "FLEETGATE_REDIS_COMMAND_TIMEOUT_MS")]
+    pub redis_command_timeout_ms: Option<u64>,
 }
 
 impl Settings {
@@ -296,6 +302,7 @@ impl Settings {
             rate_limit_per_second => gateway.rate_limit_per_second,
             rate_limit_burst => gateway.rate_limit_burst, drain_period_ms => gateway.drain_period_ms,
             write_timeout_ms => gateway.write_timeout_ms, node_ttl_ms => gateway.node_ttl_ms,
+            redis_command_timeout_ms => bus.redis_command_timeout_ms,
         );
         if let Some(v) = &o.redis_urls {
             s.redis_urls = v
@@ -343,6 +350,15 @@ impl Settings {
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             bail!("log_format must be `text` or `json`");
+        }
+        if self.admin.max_wait_ms > ms(fleetgate_bus::RESULT_TTL) {
+            bail!(
+                "admin max_wait_ms must be at most {} (how long command results are kept)",
+                ms(fleetgate_bus::RESULT_TTL)
+            );
+        }
+        if self.bus.redis_command_timeout_ms == 0 {
+            bail!("redis_command_timeout_ms must be positive");
         }
         if self.node_id.len() > 128 {
             bail!("node_id is longer than 128 bytes");
@@ -405,6 +421,7 @@ impl Settings {
             queue_max_len: self.bus.queue_max_len,
             telemetry_partitions: self.bus.telemetry_partitions,
             telemetry_max_len: self.bus.telemetry_max_len,
+            command_timeout: Duration::from_millis(self.bus.redis_command_timeout_ms),
             ..RedisBusConfig::default()
         }
     }

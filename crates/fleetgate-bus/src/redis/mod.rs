@@ -237,9 +237,8 @@ impl Scripts {
 struct Shard {
     client: Client,
     subscriber: SubscriberClient,
-    /// False from a lost subscriber connection until every subscription is re-established:
-    /// a reconnected link that is not yet subscribed again must not count as ready, since
-    /// messages for this node published meanwhile would be missed.
+    /// False from a subscriber reconnect until every subscription is re-established: a
+    /// reconnected link that is not yet subscribed again must not count as ready.
     subscribed: Arc<AtomicBool>,
 }
 
@@ -532,12 +531,14 @@ impl RedisBus {
     /// Whether every command and subscriber connection is up and every subscription is in
     /// place again after a reconnect (readiness).
     pub fn is_connected(&self) -> bool {
+        // Only the resubscribe task writes `subscribed`: a second writer here could store a
+        // stale "down" after the task restored it, leaving the node unready for good. Between
+        // a reconnect and the task noticing it this may read ready a moment early; messages
+        // lost then are covered by the `Resync` the task sends when it is done.
         self.inner.shards.iter().all(|s| {
-            let up = s.client.is_connected() && s.subscriber.is_connected();
-            if !up {
-                s.subscribed.store(false, Ordering::Release);
-            }
-            up && s.subscribed.load(Ordering::Acquire)
+            s.client.is_connected()
+                && s.subscriber.is_connected()
+                && s.subscribed.load(Ordering::Acquire)
         })
     }
 
@@ -928,6 +929,10 @@ impl Bus for RedisBus {
             }
         }
         Ok(total)
+    }
+
+    fn connected(&self) -> bool {
+        self.is_connected()
     }
 
     async fn node_publish(&self, node_id: &str, message: &NodeMessage) -> BusResult<()> {
