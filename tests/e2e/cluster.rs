@@ -70,6 +70,59 @@ async fn a_command_sent_through_one_node_reaches_a_device_on_another_with_its_re
     );
 }
 
+/// Two Redis shards: devices spread over both, and every command crosses nodes whichever
+/// shard its device lives on (nodes listen on their channel on every shard).
+#[tokio::test]
+async fn commands_cross_nodes_for_devices_on_every_redis_shard() {
+    let shards = [RedisServer::start(), RedisServer::start()];
+    let urls = format!("{},{}", shards[0].url(), shards[1].url());
+    let mut nodes = Vec::new();
+    for id in ["shard-node-0", "shard-node-1"] {
+        nodes.push(
+            Node::start(&[
+                ("FLEETGATE_REDIS_URLS", urls.as_str()),
+                ("FLEETGATE_NODE_ID", id),
+            ])
+            .await,
+        );
+    }
+    let ids: Vec<String> = (0..16).map(|i| format!("sharded-{i}")).collect();
+    let mut devices = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let secret = nodes[0].provision(id).await;
+        // Even devices on node 1, odd on node 0; commands go through the other node.
+        let home = &nodes[1 - i % 2];
+        devices.push(Raw::authed(&home.device_url(), id, &secret).await);
+    }
+    let on_shard: Vec<usize> = shards
+        .iter()
+        .map(|s| s.keys("fleetgate:p:sharded-*").len())
+        .collect();
+    assert_eq!(on_shard.iter().sum::<usize>(), ids.len(), "{on_shard:?}");
+    assert!(
+        on_shard.iter().all(|&n| n > 0),
+        "both shards hold devices: {on_shard:?}"
+    );
+
+    let mut answered = 0;
+    for (i, (id, device)) in ids.iter().zip(devices.iter_mut()).enumerate() {
+        let via = &nodes[i % 2];
+        let call =
+            via.command_in_background(id, json!({"payload": {"i": i}, "qos": 1, "waitMs": 5000}));
+        let cmd = device.recv().await;
+        assert_eq!(cmd["payload"], json!({"i": i}));
+        device
+            .send(json!({"type": "ack", "msgid": cmd["msgid"], "payload": {"result": i}}))
+            .await;
+        assert_eq!(
+            call.await.unwrap(),
+            (200, json!({"msgid": cmd["msgid"], "result": i}))
+        );
+        answered += 1;
+    }
+    assert_eq!(answered, ids.len());
+}
+
 #[tokio::test]
 async fn queued_commands_follow_a_device_to_another_node_in_order() {
     let redis = RedisServer::start();

@@ -69,6 +69,34 @@ impl RedisServer {
         self.port
     }
 
+    /// The keys matching `pattern` (`SCAN MATCH`, through `redis-cli`), sorted.
+    ///
+    /// # Panics
+    /// When `redis-cli` is missing or fails.
+    pub fn keys(&self, pattern: &str) -> Vec<String> {
+        let cli = require_program("redis-cli", "redis-tools");
+        let out = Command::new(cli)
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "--scan",
+                "--pattern",
+                pattern,
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run redis-cli");
+        assert!(out.status.success(), "redis-cli --scan failed: {out:?}");
+        let mut keys: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        keys.sort();
+        keys
+    }
+
     /// Kills the server (SIGKILL: nothing is flushed beyond what its persistence settings
     /// already wrote).
     pub fn kill(&mut self) {
