@@ -676,3 +676,86 @@ async fn gateway_and_admin_run_as_separate_processes() {
         assert_eq!(ready.status().as_u16(), 200, "{internal}");
     }
 }
+
+/// Adding a shard the way an operator does: stop the nodes, `fleetgate reshard --apply`,
+/// start them on the longer list. Every queued command still reaches its device, whichever
+/// shard the device now lives on.
+#[tokio::test]
+async fn adding_a_shard_with_fleetgate_reshard_keeps_every_queued_command() {
+    let shards = [RedisServer::start(), RedisServer::start()];
+    let before = shards[0].url();
+    let after = format!("{},{}", shards[0].url(), shards[1].url());
+    let mut old = Node::start(&[
+        ("FLEETGATE_REDIS_URLS", before.as_str()),
+        ("FLEETGATE_NODE_ID", "resharded"),
+    ])
+    .await;
+    let ids: Vec<String> = (0..16).map(|i| format!("grow-{i}")).collect();
+    let mut owed = Vec::new();
+    for id in &ids {
+        let secret = old.provision(id).await;
+        let (status, body) = old
+            .admin(
+                "POST",
+                &format!("/v1/devices/{id}/commands"),
+                Some(json!({"payload": {"for": id}, "qos": 1, "ttlMs": 600000})),
+            )
+            .await;
+        assert_eq!(status, 202, "{body}");
+        owed.push((id.clone(), secret, body["msgid"].clone()));
+    }
+    // A clean stop leaves membership, so the tool sees no live node.
+    let pid = old.pid().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(old.wait_exit().await.success());
+
+    let bin = fleetgate_e2e::fleetgate_binary().unwrap();
+    let run = |apply: bool| {
+        let mut cmd = std::process::Command::new(&bin);
+        cmd.args(["reshard", "--from", &before, "--to", &after]);
+        if apply {
+            cmd.arg("--apply");
+        }
+        let out = cmd.output().expect("run fleetgate reshard");
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("JSON report")
+    };
+    let plan = run(false);
+    assert_eq!(plan["applied"], false);
+    assert!(
+        shards[1].keys("fleetgate:*").is_empty(),
+        "a dry run moves nothing"
+    );
+    let done = run(true);
+    assert_eq!(
+        (done["applied"].clone(), done["moved"].clone()),
+        (json!(true), plan["moved"].clone())
+    );
+    assert!(
+        !shards[1].keys("fleetgate:q:grow-*").is_empty(),
+        "some queues moved to the new shard: {done}"
+    );
+
+    let node = Node::start(&[
+        ("FLEETGATE_REDIS_URLS", after.as_str()),
+        ("FLEETGATE_NODE_ID", "resharded"),
+    ])
+    .await;
+    let mut delivered = 0;
+    for (id, secret, msgid) in owed {
+        let mut device = Raw::authed(&node.device_url(), &id, &secret).await;
+        let cmd = device.recv().await;
+        assert_eq!(
+            (cmd["msgid"].clone(), cmd["payload"]["for"].as_str()),
+            (msgid, Some(id.as_str()))
+        );
+        delivered += 1;
+    }
+    assert_eq!(delivered, ids.len());
+}

@@ -46,6 +46,25 @@ enum Role {
     All(Overrides),
     /// Print the effective configuration as TOML and exit.
     Config(Overrides),
+    /// Move Redis keys to the shards a new shard list gives them (stop every node first).
+    /// Prints what it moved (or, without --apply, what it would move) as JSON.
+    Reshard(ReshardArgs),
+}
+
+#[derive(clap::Args)]
+struct ReshardArgs {
+    /// The shard list the nodes ran with, comma-separated, in their order.
+    #[arg(long, value_delimiter = ',', required = true)]
+    from: Vec<String>,
+    /// The new shard list, comma-separated, in the order nodes will use.
+    #[arg(long, value_delimiter = ',', required = true)]
+    to: Vec<String>,
+    /// Move the keys; without it, only report what would move.
+    #[arg(long)]
+    apply: bool,
+    /// Key prefix the nodes use.
+    #[arg(long, default_value = "fleetgate:")]
+    key_prefix: String,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -54,6 +73,21 @@ fn main() -> anyhow::Result<()> {
         Role::Gateway(o) => (o, true, false),
         Role::Admin(o) => (o, false, true),
         Role::All(o) => (o, true, true),
+        Role::Reshard(args) => {
+            let report = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(fleetgate_bus::redis::reshard(
+                    &args.from,
+                    &args.to,
+                    &args.key_prefix,
+                    args.apply,
+                ))
+                .context("reshard")?;
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+            return Ok(());
+        }
         Role::Config(o) => {
             let s = Settings::load(o)?;
             let mut shown = s.clone();

@@ -75,7 +75,10 @@
 
 mod codec;
 mod pubsub;
+mod reshard;
 mod scripts;
+
+pub use reshard::{ReshardReport, reshard};
 
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
@@ -190,6 +193,33 @@ impl Hash for VNode {
     }
 }
 
+/// Which shard holds a key, for a number of shards: the same answer in every process (and
+/// in the reshard tool, which compares two of these).
+pub(crate) struct Ring {
+    ring: HashRing<VNode>,
+    shards: usize,
+}
+
+impl Ring {
+    pub(crate) fn new(shards: usize) -> Self {
+        let mut ring = HashRing::new();
+        for shard in 0..shards {
+            for replica in 0..VNODES_PER_SHARD {
+                ring.add(VNode { shard, replica });
+            }
+        }
+        Self { ring, shards }
+    }
+
+    /// The shard of `key` (a device ID, a channel name or `telemetry:<p>`).
+    pub(crate) fn shard(&self, key: &str) -> usize {
+        if self.shards <= 1 {
+            return 0;
+        }
+        self.ring.get(&key).map_or(0, |n| n.shard)
+    }
+}
+
 struct Scripts {
     presence_set: Script,
     presence_get: Script,
@@ -245,7 +275,7 @@ struct Shard {
 struct Inner {
     config: RedisBusConfig,
     shards: Vec<Shard>,
-    ring: HashRing<VNode>,
+    ring: Ring,
     scripts: Scripts,
     router: Arc<pubsub::Router>,
     tasks: Vec<JoinHandle<()>>,
@@ -473,12 +503,7 @@ impl RedisBus {
             });
         }
 
-        let mut ring = HashRing::new();
-        for shard in 0..shards.len() {
-            for replica in 0..VNODES_PER_SHARD {
-                ring.add(VNode { shard, replica });
-            }
-        }
+        let ring = Ring::new(shards.len());
 
         let marker_channel = format!("{}marker:{}", config.key_prefix, instance_id());
         for shard in &shards {
@@ -580,10 +605,7 @@ impl RedisBus {
     }
 
     fn shard_for(&self, key: &str) -> usize {
-        if self.inner.shards.len() == 1 {
-            return 0;
-        }
-        self.inner.ring.get(&key).map_or(0, |n| n.shard)
+        self.inner.ring.shard(key)
     }
 
     fn channel_shard(&self, channel: &Channel) -> usize {
