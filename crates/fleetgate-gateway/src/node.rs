@@ -10,6 +10,7 @@ use fleetgate_bus::{
 };
 use fleetgate_protocol::{CloseCode, retry_after_reason};
 use rand::Rng;
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -26,6 +27,20 @@ pub(crate) async fn start(
 ) -> Result<JoinHandle<()>, BusError> {
     let mut inbox = shared.bus.node_subscribe(&shared.config.node_id).await?;
     heartbeat_once(&shared).await;
+    // One resync at a time, off the inbox loop (it costs bus round trips); Resyncs arriving
+    // while one runs coalesce into one more run.
+    let resync_wanted = Arc::new(Notify::new());
+    let resync_task = {
+        let (shared, wanted, stop) = (shared.clone(), resync_wanted.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = wanted.notified() => resync(&shared).await,
+                }
+            }
+        })
+    };
     Ok(tokio::spawn(async move {
         let mut beat = tokio::time::interval(shared.config.node_ttl / 3);
         let mut sweep = tokio::time::interval(shared.config.expiry_sweep_interval);
@@ -33,6 +48,7 @@ pub(crate) async fn start(
             tokio::select! {
                 _ = stop.cancelled() => break,
                 msg = inbox.recv() => match msg {
+                    Some(NodeMessage::Resync) => resync_wanted.notify_one(),
                     Some(msg) => dispatch(&shared, msg),
                     None => {
                         warn!(message = "node channel closed; resubscribing");
@@ -54,6 +70,7 @@ pub(crate) async fn start(
                 _ = sweep.tick() => sweep_expired(&shared).await,
             }
         }
+        resync_task.abort();
         if let Err(error) = shared.bus.node_remove(&shared.config.node_id).await {
             warn!(message = "could not leave membership", %error);
         }
@@ -80,7 +97,7 @@ async fn heartbeat_once(shared: &Shared) {
     shared.bus_ok.store(ok, Ordering::Relaxed);
 }
 
-fn dispatch(shared: &Arc<Shared>, msg: NodeMessage) {
+fn dispatch(shared: &Shared, msg: NodeMessage) {
     let (device, conn_id, out) = match msg {
         NodeMessage::Deliver { device } => (device, None, Outbound::Deliver),
         NodeMessage::Command(cmd) => (cmd.device.clone(), None, Outbound::Command(Box::new(cmd))),
@@ -90,13 +107,9 @@ fn dispatch(shared: &Arc<Shared>, msg: NodeMessage) {
             code,
             reason,
         } => (device, conn_id, Outbound::Close(Box::new((code, reason)))),
-        // Results are for admin nodes; a gateway node has nobody waiting.
-        NodeMessage::CommandResult { .. } => return,
-        NodeMessage::Resync => {
-            // Off the inbox loop: it costs bus round trips, and the inbox keeps flowing.
-            tokio::spawn(resync(shared.clone()));
-            return;
-        }
+        // Results are for admin nodes; a gateway node has nobody waiting. Resync is handled
+        // by the inbox loop.
+        NodeMessage::CommandResult { .. } | NodeMessage::Resync => return,
     };
     if let Offer::Dropped = shared.sessions.offer(&device, conn_id, out) {
         shared.metrics.outbox_dropped.inc();
@@ -112,9 +125,9 @@ const RESYNC_BATCH: usize = 1000;
 /// queue (a lost `Deliver`). A session whose presence is gone (the bus lost its data) is
 /// asked to reconnect, which registers it again; reclaiming presence here could overwrite a
 /// newer connection made elsewhere meanwhile.
-async fn resync(shared: Arc<Shared>) {
+async fn resync(shared: &Shared) {
     // Membership first: presence naming this node reads as offline until it is back.
-    heartbeat_once(&shared).await;
+    heartbeat_once(shared).await;
     let sessions = shared.sessions.list();
     info!(
         message = "resyncing sessions after lost node messages",
