@@ -30,6 +30,7 @@ cluster: build
 bench:
 	cargo build --release -p fleetgate
 	cargo bench -p fleetgate-e2e --bench gateway
+	cargo bench -p fleetgate-e2e --bench cluster
 
 fmt:
 	cargo fmt --all

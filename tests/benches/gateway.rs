@@ -25,22 +25,18 @@ mod support;
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use futures_util::{StreamExt, TryStreamExt};
-use tokio::sync::Barrier;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use support::device::{self, Unexpected};
-use support::node::{Mem, Node};
+use support::device;
+use support::ingest::{ACTIVE, IngestRun, Load};
+use support::node::{Mem, Node, quiet_env};
+use support::opts;
 use support::report::{Figure, machine, num, table};
 
-const ACTIVE: &str = "fleetgate_connections_active";
 const UPGRADES: &str = "fleetgate_connections_total";
-const STATUS_RECEIVED: &str = "fleetgate_messages_received_total{kind=\"status\"}";
 const KIB: f64 = 1024.0;
 /// The whole benchmark stops after this, whatever happens.
 const TOTAL_DEADLINE: Duration = Duration::from_secs(15 * 60);
@@ -63,7 +59,6 @@ struct Opts {
 
 impl Opts {
     fn parse() -> anyhow::Result<Opts> {
-        let env = |k: &str| std::env::var(format!("FLEETGATE_BENCH_{k}")).ok();
         let mut o = Opts {
             connections: 10_000,
             runs: 3,
@@ -81,53 +76,23 @@ impl Opts {
             out: None,
             given: Vec::new(),
         };
-        let mut args: Vec<(String, String)> = Vec::new();
-        for k in [
-            "CONNECTIONS",
-            "RUNS",
-            "DEVICES",
-            "MESSAGES",
-            "QOS1_MESSAGES",
-            "WINDOW",
-            "CONCURRENCY",
-            "ONLY",
-            "OUT",
-        ] {
-            if let Some(v) = env(k) {
-                args.push((k.to_lowercase().replace('_', "-"), v));
-            }
-        }
-        let mut it = std::env::args().skip(1);
-        while let Some(a) = it.next() {
-            match a.as_str() {
-                // `cargo bench` passes `--bench` to harness-less benchmarks.
-                "--bench" => continue,
-                "-h" | "--help" => {
-                    println!("{}", HELP);
-                    std::process::exit(0);
-                }
-                _ => {}
-            }
-            let Some(flag) = a.strip_prefix("--") else {
-                bail!("unexpected argument {a:?}\n{HELP}")
-            };
-            let (k, v) = match flag.split_once('=') {
-                Some((k, v)) => (k.to_owned(), v.to_owned()),
-                None => (
-                    flag.to_owned(),
-                    it.next()
-                        .with_context(|| format!("--{flag} needs a value"))?,
-                ),
-            };
-            o.given.push(format!("--{k} {v}"));
-            args.push((k, v));
-        }
-        for (k, v) in args {
-            let n = || {
-                v.replace('_', "")
-                    .parse::<usize>()
-                    .with_context(|| format!("--{k} {v}: not a number"))
-            };
+        let flags = opts::collect(
+            &[
+                "connections",
+                "runs",
+                "devices",
+                "messages",
+                "qos1-messages",
+                "window",
+                "concurrency",
+                "only",
+                "out",
+            ],
+            HELP,
+        )?;
+        o.given = flags.given;
+        for (k, v) in flags.pairs {
+            let n = || opts::count(&k, &v);
             match k.as_str() {
                 "connections" => o.connections = n()?,
                 "runs" => o.runs = n()?,
@@ -136,7 +101,7 @@ impl Opts {
                 "qos1-messages" => o.qos1_messages = n()?,
                 "window" => o.window = n()?,
                 "concurrency" => o.concurrency = n()?,
-                "only" => o.only = v.split(',').map(|s| s.trim().to_owned()).collect(),
+                "only" => o.only = opts::list(&v),
                 "out" => o.out = Some(v.into()),
                 _ => bail!("unknown flag --{k}\n{HELP}"),
             }
@@ -166,41 +131,6 @@ impl Opts {
 const HELP: &str = "cargo bench -p fleetgate-e2e --bench gateway -- [--connections N] [--runs R] [--devices M] \
 [--messages K] [--qos1-messages K1] [--window W] [--concurrency C] [--only memory,breakdown,qos0,qos1] [--out PATH]";
 
-/// Env of a node under test: room for the connections and quiet, long timers so idle sockets
-/// stay open and nothing but the measured traffic runs.
-fn node_env(max_connections: usize) -> Vec<(&'static str, String)> {
-    vec![
-        ("FLEETGATE_MAX_CONNECTIONS", max_connections.to_string()),
-        ("FLEETGATE_HEARTBEAT_MS", "600000".into()),
-        ("FLEETGATE_IDLE_TIMEOUT_MS", "1800000".into()),
-        ("FLEETGATE_AUTH_TIMEOUT_MS", "60000".into()),
-        ("FLEETGATE_RATE_LIMIT_PER_SECOND", "1000000".into()),
-        ("FLEETGATE_RATE_LIMIT_BURST", "1000000".into()),
-    ]
-}
-
-/// Provisions and connects `n` devices named `{prefix}-{i}`; returns IDs and sockets in order.
-async fn fleet(
-    node: &Node,
-    prefix: &str,
-    n: usize,
-    concurrency: usize,
-    cfg: WebSocketConfig,
-) -> anyhow::Result<(Vec<String>, Vec<device::Ws>)> {
-    let ids: Vec<String> = (0..n).map(|i| format!("{prefix}-{i:06}")).collect();
-    let secrets = node.provision_all(&ids, concurrency).await?;
-    let gateway = node.gateway.clone();
-    let sockets: Vec<device::Ws> =
-        futures_util::stream::iter(ids.iter().zip(&secrets).map(|(id, secret)| {
-            let gateway = gateway.clone();
-            async move { device::connect_authed(&gateway, id, secret, cfg).await }
-        }))
-        .buffered(concurrency)
-        .try_collect()
-        .await?;
-    Ok((ids, sockets))
-}
-
 /// Results of one memory run.
 struct MemRun {
     start: Mem,
@@ -213,7 +143,7 @@ struct MemRun {
 
 async fn memory_run(o: &Opts, run: usize) -> anyhow::Result<MemRun> {
     let n = o.connections;
-    let node = Node::start(&node_env(n + 1000)).await?;
+    let node = Node::start(&quiet_env(n + 1000)).await?;
     let start = node.settled_mem(Duration::from_secs(3)).await?;
     // Provision first and measure again: the registry and audit log grow with N too, but that
     // is not what a connection costs.
@@ -261,7 +191,7 @@ async fn memory_run(o: &Opts, run: usize) -> anyhow::Result<MemRun> {
 /// task waiting for the auth frame). Returns bytes per connection.
 async fn stage_run(o: &Opts, stage: &str) -> anyhow::Result<f64> {
     let n = o.connections;
-    let node = Node::start(&node_env(n + 1000)).await?;
+    let node = Node::start(&quiet_env(n + 1000)).await?;
     let before = node.settled_mem(Duration::from_secs(3)).await?;
     let fds = node.fds()?;
     let gateway = node.gateway.clone();
@@ -300,110 +230,21 @@ async fn stage_run(o: &Opts, stage: &str) -> anyhow::Result<f64> {
     Ok(after.rss.saturating_sub(before.rss) as f64 / n as f64)
 }
 
-/// Results of one throughput run.
-struct IngestRun {
-    rate: f64,
-    cpu_per_msg: Duration,
-    client_send: Duration,
-    note: Option<String>,
-}
-
 async fn ingest_run(o: &Opts, run: usize, qos: u8) -> anyhow::Result<IngestRun> {
-    let m = o.devices;
-    let total = if qos == 0 {
-        o.messages
-    } else {
-        o.qos1_messages
+    let load = Load {
+        qos,
+        devices: o.devices,
+        messages: if qos == 0 {
+            o.messages
+        } else {
+            o.qos1_messages
+        },
+        window: o.window,
+        concurrency: o.concurrency,
     };
-    let per = total.div_ceil(m);
-    let total = per * m;
-    let node = Node::start(&node_env(m + 100)).await?;
-    // Small read buffer as for idle devices, a 64 KiB write buffer so frames go out in batches.
-    let (ids, sockets) = fleet(
-        &node,
-        &format!("q{qos}-{run}"),
-        m,
-        o.concurrency,
-        device::config(4096, 64 * 1024),
-    )
-    .await?;
-    node.wait_metric(ACTIVE, m as f64, Duration::from_secs(30))
-        .await?;
-    // Frames are encoded before the clock starts so the client spends its CPU on sending.
-    let frames: Vec<Vec<String>> = ids
-        .iter()
-        .map(|id| {
-            (0..per)
-                .map(|s| device::status_frame(id, &format!("r{run}-{s}"), qos, s as u64))
-                .collect()
-        })
-        .collect();
-    let base = node.metrics().await?.count(STATUS_RECEIVED);
-    let unexpected = Arc::new(Unexpected::default());
-    let acked = Arc::new(AtomicU64::new(0));
-    let barrier = Arc::new(Barrier::new(m + 1));
-    let mut tasks = Vec::new();
-    for (ws, frames) in sockets.into_iter().zip(frames) {
-        let (barrier, unexpected, acked, window) =
-            (barrier.clone(), unexpected.clone(), acked.clone(), o.window);
-        tasks.push(tokio::spawn(async move {
-            barrier.wait().await;
-            if qos == 0 {
-                let held = device::send_qos0(ws, frames, 64, unexpected).await?;
-                Ok::<_, anyhow::Error>((Instant::now(), Instant::now(), Some(held)))
-            } else {
-                let (ws, last) = device::send_qos1(ws, frames, window, unexpected, acked).await?;
-                drop(ws);
-                Ok((Instant::now(), last, None))
-            }
-        }));
-    }
-    let cpu0 = node.cpu()?;
-    barrier.wait().await;
-    let t0 = Instant::now();
-    let deadline = Duration::from_secs(120);
-    let counted = node
-        .wait_metric(STATUS_RECEIVED, (base + total as u64) as f64, deadline)
-        .await;
-    let cpu = node.cpu()?.saturating_sub(cpu0);
-    let mut sent_at = t0;
-    let mut last_ack = t0;
-    let mut held = Vec::new();
-    for t in tasks {
-        let (sent, last, h) = tokio::time::timeout(deadline, t)
-            .await
-            .context("device task did not finish")???;
-        sent_at = sent_at.max(sent);
-        last_ack = last_ack.max(last);
-        held.extend(h);
-    }
-    let counted =
-        counted.with_context(|| format!("server counted less than the {total} messages sent"))?;
-    let errors = unexpected.errors.load(Ordering::Relaxed);
-    let closed = unexpected.closed.load(Ordering::Relaxed);
-    let note = (errors + closed > 0).then(|| {
-        format!(
-            "{errors} error frames, {closed} sockets closed; e.g. {}",
-            unexpected
-                .example
-                .lock()
-                .map(|e| e.clone().unwrap_or_default())
-                .unwrap_or_default()
-        )
-    });
-    let rate = if qos == 0 {
-        total as f64 / counted.duration_since(t0).as_secs_f64()
-    } else {
-        acked.load(Ordering::Relaxed) as f64 / last_ack.duration_since(t0).as_secs_f64()
-    };
-    drop(node);
-    drop(held);
-    Ok(IngestRun {
-        rate,
-        cpu_per_msg: cpu / total as u32,
-        client_send: sent_at.duration_since(t0),
-        note,
-    })
+    let node = Node::start(&quiet_env(o.devices + 100)).await?;
+    let prepared = support::ingest::prepare(&node, load, &run.to_string()).await?;
+    prepared.run(&node).await
 }
 
 #[tokio::main]
@@ -603,41 +444,15 @@ async fn run() -> anyhow::Result<()> {
     }
 
     let mut md = String::from("# fleetgate gateway benchmark\n\n");
-    let mut args = o.given.join(" ");
-    if !args.is_empty() {
-        args.insert_str(0, " -- ");
-    }
-    let env: Vec<String> = std::env::vars()
-        .filter(|(k, _)| {
-            k.starts_with("FLEETGATE_BENCH_") || k == "FLEETGATE_BIN" || k == "CARGO_TARGET_DIR"
-        })
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
-    let env = if env.is_empty() {
-        String::new()
-    } else {
-        format!("{} ", env.join(" "))
-    };
     let _ = writeln!(
         md,
-        "- command: `{env}cargo bench -p fleetgate-e2e --bench gateway{args}`"
+        "- command: `{}`",
+        support::report::command_line("gateway", &o.given)
     );
     let _ = writeln!(
         md,
-        "- server: `{} all` (built {}; memory bus, one node, loopback), fresh process per run; {} runs per figure",
-        // Relative to the workspace, so reports name no machine's paths.
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .and_then(|root| bin.strip_prefix(root).ok())
-            .unwrap_or(&bin)
-            .display(),
-        std::process::Command::new("date")
-            .args(["-u", "-r"])
-            .arg(&bin)
-            .output()
-            .ok()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-            .unwrap_or_default(),
+        "- server: {}; memory bus, one node, loopback; fresh process per run; {} runs per figure",
+        support::report::binary(&bin),
         o.runs
     );
     let _ = writeln!(md, "- machine: {}", machine());
@@ -662,16 +477,7 @@ async fn run() -> anyhow::Result<()> {
         }
     }
     println!("{md}");
-    let out = match &o.out {
-        Some(p) => p.clone(),
-        None => support::node::target_dir()
-            .unwrap_or_else(|| PathBuf::from("target"))
-            .join("bench-results.md"),
-    };
-    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&out, &md).with_context(|| format!("writing {}", out.display()))?;
+    let out = support::report::write(&md, o.out.as_deref(), "bench-results.md")?;
     eprintln!("written to {}", out.display());
     Ok(())
 }

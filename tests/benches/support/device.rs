@@ -1,18 +1,21 @@
 //! Cheap device clients: a plain `TcpStream` (no TLS wrapper) under tokio-tungstenite with a
-//! small read buffer, first-frame auth, and the QoS 0 / QoS 1 senders.
+//! small read buffer, first-frame auth, the QoS 0 / QoS 1 senders, and a device that answers
+//! commands.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt, TryStreamExt};
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use super::node::Node;
 
 /// A device socket.
 pub type Ws = WebSocketStream<TcpStream>;
@@ -241,4 +244,125 @@ pub async fn send_qos1(
         .reunite(sink)
         .map_err(|_| anyhow::anyhow!("reunite"))?;
     Ok((ws, last))
+}
+
+/// Provisions and connects `n` devices named `{prefix}-{i}`; returns IDs and sockets in order.
+pub async fn fleet(
+    node: &Node,
+    prefix: &str,
+    n: usize,
+    concurrency: usize,
+    cfg: WebSocketConfig,
+) -> anyhow::Result<(Vec<String>, Vec<Ws>)> {
+    let ids: Vec<String> = (0..n).map(|i| format!("{prefix}-{i:06}")).collect();
+    let secrets = node.provision_all(&ids, concurrency).await?;
+    let gateway = node.gateway.clone();
+    let sockets: Vec<Ws> =
+        futures_util::stream::iter(ids.iter().zip(&secrets).map(|(id, secret)| {
+            let gateway = gateway.clone();
+            async move { connect_authed(&gateway, id, secret, cfg).await }
+        }))
+        .buffered(concurrency)
+        .try_collect()
+        .await?;
+    Ok((ids, sockets))
+}
+
+/// When each command (by the `seq` in its payload) first reached a device.
+#[derive(Debug)]
+pub struct Receipts {
+    base: Instant,
+    /// Nanoseconds since `base`, plus one; 0 = not (yet) received.
+    at: Vec<AtomicU64>,
+}
+
+impl Receipts {
+    /// Room for `seq` 0..n.
+    pub fn new(n: usize) -> Self {
+        Self {
+            base: Instant::now(),
+            at: (0..n).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Notes the first arrival of `seq`; later ones (redeliveries) keep the first time.
+    fn record(&self, seq: u64) {
+        if let Some(slot) = usize::try_from(seq).ok().and_then(|i| self.at.get(i)) {
+            let ns = self.base.elapsed().as_nanos() as u64 + 1;
+            let _ = slot.compare_exchange(0, ns, Ordering::Relaxed, Ordering::Relaxed);
+        }
+    }
+
+    /// When `seq` first arrived, if it did.
+    pub fn get(&self, seq: usize) -> Option<Instant> {
+        match self.at.get(seq)?.load(Ordering::Relaxed) {
+            0 => None,
+            ns => Some(self.base + Duration::from_nanos(ns - 1)),
+        }
+    }
+}
+
+/// What answering devices saw.
+#[derive(Debug, Default)]
+pub struct Answered {
+    /// Command frames received, redeliveries included.
+    pub commands: AtomicU64,
+    /// Of those, frames marked `dup` (the gateway retransmitted: no ack within its timeout).
+    pub dups: AtomicU64,
+    /// Anything else that arrived.
+    pub unexpected: Unexpected,
+}
+
+/// Plays a device that answers every command with an `ack` carrying
+/// `payload: {"result": {"seq": <payload.seq>}}`, until the socket ends. Acks for commands that
+/// arrived together go out in one flush.
+pub async fn answer_commands(
+    ws: Ws,
+    receipts: Arc<Receipts>,
+    answered: Arc<Answered>,
+) -> anyhow::Result<()> {
+    let (mut sink, mut stream) = ws.split();
+    while let Some(first) = stream.next().await {
+        let mut msg = Some(first);
+        while let Some(m) = msg.take() {
+            match m {
+                Ok(Message::Text(t)) => {
+                    let v: Value = serde_json::from_str(&t).unwrap_or(Value::Null);
+                    if v["type"] == "command" {
+                        answered.commands.fetch_add(1, Ordering::Relaxed);
+                        if v["dup"] == true {
+                            answered.dups.fetch_add(1, Ordering::Relaxed);
+                        }
+                        let seq = v["payload"]["seq"].as_u64();
+                        if let Some(seq) = seq {
+                            receipts.record(seq);
+                        }
+                        let ack = json!({"type":"ack","msgid":v["msgid"],"payload":{"result":{"seq":seq}}});
+                        sink.feed(Message::text(ack.to_string())).await?;
+                    } else {
+                        answered
+                            .unexpected
+                            .note(&answered.unexpected.errors, t.to_string());
+                    }
+                }
+                Ok(Message::Close(f)) => {
+                    answered
+                        .unexpected
+                        .note(&answered.unexpected.closed, format!("close {f:?}"));
+                    return Ok(());
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    answered
+                        .unexpected
+                        .note(&answered.unexpected.closed, format!("read error {e}"));
+                    return Ok(());
+                }
+            }
+            // Whatever else already arrived is answered in the same flush.
+            msg = stream.next().now_or_never().flatten();
+        }
+        sink.flush().await?;
+    }
+    Ok(())
 }

@@ -1,5 +1,5 @@
 //! The server under test: a `fleetgate all` child process (release build) on free loopback
-//! ports, plus what the benchmark reads from it: `/metrics`, `/proc/<pid>/status`,
+//! ports, plus what the benchmark reads from it: `/metrics`, `/readyz`, `/proc/<pid>/status`,
 //! `/proc/<pid>/stat`, and the admin API for provisioning.
 
 use std::path::PathBuf;
@@ -59,15 +59,24 @@ impl Node {
                 .pool_max_idle_per_host(128)
                 .build()?,
         };
-        // Ready = /metrics answers.
+        // Ready = /readyz answers 200: the listeners are up and, on the Redis bus, the link is.
         let deadline = Instant::now() + Duration::from_secs(20);
-        while node.metrics().await.is_err() {
+        while !node.ready().await {
             if Instant::now() > deadline {
-                bail!("fleetgate internal listener did not answer within 20 s");
+                bail!("fleetgate /readyz did not answer 200 within 20 s");
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Ok(node)
+    }
+
+    /// Whether `GET /readyz` answers 200.
+    pub async fn ready(&self) -> bool {
+        self.http
+            .get(format!("http://{}/readyz", self.internal))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
     }
 
     /// `GET /metrics` as text.
@@ -197,14 +206,53 @@ impl Node {
 
     /// User + system CPU time of the server so far.
     pub fn cpu(&self) -> anyhow::Result<Duration> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid))?;
-        // Fields after the `(comm)`; utime and stime are fields 14 and 15 (1-based).
-        let rest = stat.rsplit_once(')').context("stat format")?.1;
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: u64 = f.get(11).context("utime")?.parse::<u64>()?
-            + f.get(12).context("stime")?.parse::<u64>()?;
-        Ok(Duration::from_secs_f64(ticks as f64 / clock_ticks() as f64))
+        cpu_of(&self.pid.to_string())
     }
+}
+
+/// User + system CPU time so far of process `pid` (`"self"` for this one), from
+/// `/proc/<pid>/stat`.
+pub fn cpu_of(pid: &str) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the `(comm)`; utime and stime are fields 14 and 15 (1-based).
+    let rest = stat.rsplit_once(')').context("stat format")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 =
+        f.get(11).context("utime")?.parse::<u64>()? + f.get(12).context("stime")?.parse::<u64>()?;
+    Ok(Duration::from_secs_f64(ticks as f64 / clock_ticks() as f64))
+}
+
+/// CPU time all processors spent in processes (user, nice, system) since boot, from
+/// `/proc/stat`: compared with the processes under test, it shows what else ran meanwhile.
+/// Interrupt time is left out: loopback traffic is partly accounted there rather than to
+/// the processes that caused it.
+pub fn machine_busy() -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let cpu = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .context("/proc/stat: no cpu line")?;
+    let f: Vec<u64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    // user nice system idle iowait irq softirq ...
+    let ticks: u64 = f.iter().take(3).sum();
+    Ok(Duration::from_secs_f64(ticks as f64 / clock_ticks() as f64))
+}
+
+/// Env of a node under test: room for the connections and quiet, long timers so idle sockets
+/// stay open and nothing but the measured traffic runs.
+pub fn quiet_env(max_connections: usize) -> Vec<(&'static str, String)> {
+    vec![
+        ("FLEETGATE_MAX_CONNECTIONS", max_connections.to_string()),
+        ("FLEETGATE_HEARTBEAT_MS", "600000".into()),
+        ("FLEETGATE_IDLE_TIMEOUT_MS", "1800000".into()),
+        ("FLEETGATE_AUTH_TIMEOUT_MS", "60000".into()),
+        ("FLEETGATE_RATE_LIMIT_PER_SECOND", "1000000".into()),
+        ("FLEETGATE_RATE_LIMIT_BURST", "1000000".into()),
+    ]
 }
 
 fn clock_ticks() -> u64 {
