@@ -272,11 +272,15 @@ async fn while_redis_is_away_sessions_stay_and_new_auths_are_refused_with_1013()
         ("FLEETGATE_REDIS_URLS", url.as_str()),
         ("FLEETGATE_NODE_ID", "away-node"),
         ("FLEETGATE_REDIS_COMMAND_TIMEOUT_MS", "1000"),
+        // The test does not read the kept socket while Redis is away (its pongs wait).
+        ("FLEETGATE_IDLE_TIMEOUT_MS", "30000"),
     ])
     .await;
     let keeper_secret = node.provision("keeper").await;
     let newcomer_secret = node.provision("newcomer").await;
+    let leaver_secret = node.provision("leaver").await;
     let mut keeper = Raw::authed(&node.device_url(), "keeper", &keeper_secret).await;
+    let leaver = Raw::authed(&node.device_url(), "leaver", &leaver_secret).await;
 
     redis.kill();
     crate::support::eventually("not ready while Redis is away", || async {
@@ -288,6 +292,8 @@ async fn while_redis_is_away_sessions_stay_and_new_auths_are_refused_with_1013()
         200,
         "alive all the same"
     );
+    // A device that leaves now cannot be marked offline yet.
+    drop(leaver);
     let mut newcomer = Raw::connect(&node.device_url(), &[]).await;
     newcomer
         .send(json!({"type": "auth", "deviceId": "newcomer", "token": newcomer_secret}))
@@ -325,6 +331,12 @@ async fn while_redis_is_away_sessions_stay_and_new_auths_are_refused_with_1013()
         (200, json!({"msgid": cmd["msgid"], "result": 1}))
     );
     Raw::authed(&node.device_url(), "newcomer", &newcomer_secret).await;
+    // The device that left while Redis was away reads offline once the node resynced.
+    crate::support::eventually("the leaver reads offline", || async {
+        let (_, dev) = node.admin("GET", "/v1/devices/leaver", None).await;
+        (dev["online"] == false).then_some(())
+    })
+    .await;
 }
 
 /// Redis restarted without persistence has forgotten every session: nodes notice when their
@@ -758,4 +770,45 @@ async fn adding_a_shard_with_fleetgate_reshard_keeps_every_queued_command() {
         delivered += 1;
     }
     assert_eq!(delivered, ids.len());
+}
+
+/// SIGTERM while Redis is away: the node still closes its sessions with 1012 and exits 0
+/// without waiting out a Redis timeout per goodbye (its membership and presence expire).
+#[tokio::test]
+async fn sigterm_while_redis_is_away_still_drains_and_exits() {
+    let mut redis = RedisServer::start();
+    let url = redis.url();
+    let mut node = Node::start(&[
+        ("FLEETGATE_REDIS_URLS", url.as_str()),
+        ("FLEETGATE_NODE_ID", "orphan"),
+        ("FLEETGATE_DRAIN_PERIOD_MS", "2000"),
+    ])
+    .await;
+    let secret = node.provision("orphaned").await;
+    let mut device = Raw::authed(&node.device_url(), "orphaned", &secret).await;
+    // An acknowledged message: the session is past its start-up bus calls.
+    device
+        .send(crate::support::status(
+            "orphaned",
+            "before",
+            1,
+            json!({"t": 1}),
+        ))
+        .await;
+    assert_eq!(device.recv().await["type"], "ack");
+    redis.kill();
+    crate::support::eventually("not ready while Redis is away", || async {
+        (node.internal_get("/readyz").await.0 == 503).then_some(())
+    })
+    .await;
+    let pid = node.pid().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert_eq!(device.closed().await.code, 1012);
+    assert!(node.wait_exit().await.success());
 }

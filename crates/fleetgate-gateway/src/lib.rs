@@ -49,6 +49,8 @@ pub(crate) struct Shared {
     pub(crate) auth: Authenticator,
     pub(crate) sessions: registry::Sessions,
     pub(crate) parked_windows: registry::ParkedWindows,
+    /// Presence entries of closed sessions that could not be deleted (the bus was away).
+    pub(crate) stale_presence: registry::StalePresence,
     pub(crate) metrics: Arc<Metrics>,
     /// One permit per authenticated session (`max_connections`).
     pub(crate) sessions_capacity: Arc<Semaphore>,
@@ -89,6 +91,7 @@ impl Gateway {
             auth: Authenticator::new(bus.clone(), jwt),
             sessions: registry::Sessions::default(),
             parked_windows: registry::ParkedWindows::default(),
+            stale_presence: registry::StalePresence::default(),
             config,
             bus,
             metrics,

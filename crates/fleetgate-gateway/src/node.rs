@@ -46,6 +46,9 @@ pub(crate) async fn start(
         let mut sweep = tokio::time::interval(shared.config.expiry_sweep_interval);
         loop {
             tokio::select! {
+                // Checked first: ticks pile up while a bus call hangs, and stopping must not
+                // wait for a lucky draw among ready branches.
+                biased;
                 _ = stop.cancelled() => break,
                 msg = inbox.recv() => match msg {
                     Some(NodeMessage::Resync) => resync_wanted.notify_one(),
@@ -71,13 +74,21 @@ pub(crate) async fn start(
             }
         }
         resync_task.abort();
-        if let Err(error) = shared.bus.node_remove(&shared.config.node_id).await {
+        if !shared.bus.connected() {
+            // Not worth a command timeout: the membership entry expires by itself.
+            warn!(message = "bus unavailable; leaving membership to expire");
+        } else if let Err(error) = shared.bus.node_remove(&shared.config.node_id).await {
             warn!(message = "could not leave membership", %error);
         }
     }))
 }
 
 async fn heartbeat_once(shared: &Shared) {
+    if !shared.bus.connected() {
+        // A call now would only wait out the bus's timeout (and hold up drain).
+        shared.bus_ok.store(false, Ordering::Relaxed);
+        return;
+    }
     let info = NodeInfo {
         id: shared.config.node_id.clone(),
         connections: shared.sessions.len() as u64,
@@ -170,11 +181,37 @@ async fn resync(shared: &Shared) {
             }
         }
     }
-    info!(message = "resync done", replaced, lost);
+    // Entries of sessions that closed while the bus was away (compare-and-delete: a newer
+    // connection's entry stays).
+    let stale = shared.stale_presence.take();
+    let mut cleared = 0usize;
+    for (i, (device, conn_id)) in stale.iter().enumerate() {
+        match shared.bus.presence_remove(device, *conn_id).await {
+            Ok(removed) => cleared += usize::from(removed),
+            Err(error) => {
+                shared.metrics.bus_errors.inc();
+                warn!(message = "resync could not delete stale presence", %error);
+                for (device, conn_id) in &stale[i..] {
+                    shared.stale_presence.push(device, *conn_id);
+                }
+                break;
+            }
+        }
+    }
+    info!(
+        message = "resync done",
+        replaced,
+        lost,
+        stale_presence_cleared = cleared
+    );
 }
 
 /// Reports commands whose TTL ended, whoever their device is connected to.
 async fn sweep_expired(shared: &Shared) {
+    if !shared.bus.connected() {
+        // Another node (or this one, later) reports them once the bus is back.
+        return;
+    }
     loop {
         let expired = match shared.bus.queue_take_expired(now_ms(), 256).await {
             Ok(expired) => expired,
@@ -283,7 +320,10 @@ pub(crate) async fn drain(shared: &Shared) {
             open = shared.tracker.len()
         );
     }
-    if let Err(error) = shared.bus.presence_sweep_node(&shared.config.node_id).await {
+    if !shared.bus.connected() {
+        // Presence naming this node reads as offline once its membership expires.
+        warn!(message = "bus unavailable; leaving own presence to expire");
+    } else if let Err(error) = shared.bus.presence_sweep_node(&shared.config.node_id).await {
         warn!(message = "could not sweep own presence", %error);
     }
 }

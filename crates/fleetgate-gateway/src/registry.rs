@@ -124,6 +124,39 @@ impl Sessions {
     }
 }
 
+/// Most stale presence entries remembered; past it, the oldest are forgotten (they then stay
+/// until their device connects again, or this node's membership ends).
+const MAX_STALE_PRESENCE: usize = 100_000;
+
+/// Presence entries of sessions that closed while the bus was away, to delete (compare-and-
+/// delete by connection) once it is back: otherwise they would name this live node for a
+/// device it no longer holds, and the device would read as online.
+#[derive(Default)]
+pub(crate) struct StalePresence {
+    inner: Mutex<std::collections::VecDeque<(String, u64)>>,
+}
+
+impl StalePresence {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<(String, u64)>> {
+        // One push or one take per critical section: a poisoned queue is consistent.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Remembers `device`'s entry for connection `conn_id`.
+    pub(crate) fn push(&self, device: &str, conn_id: u64) {
+        let mut q = self.lock();
+        if q.len() >= MAX_STALE_PRESENCE {
+            q.pop_front();
+        }
+        q.push_back((device.to_owned(), conn_id));
+    }
+
+    /// Takes every remembered entry.
+    pub(crate) fn take(&self) -> Vec<(String, u64)> {
+        self.lock().drain(..).collect()
+    }
+}
+
 /// Most replay windows kept for disconnected devices; past it, windows are not kept (the
 /// device's QoS 2 dedupe, which lives in the bus, is unaffected).
 const MAX_PARKED_WINDOWS: usize = 100_000;

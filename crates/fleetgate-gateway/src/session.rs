@@ -413,6 +413,12 @@ impl Session {
         let window = std::mem::take(&mut self.replay);
         self.shared.parked_windows.park(&self.device, window);
         self.shared.sessions.remove(&self.device, self.conn_id);
+        if !self.shared.bus.connected() {
+            // Waiting out the bus's timeout would hold back the close frame: the next resync
+            // deletes the entry.
+            self.shared.stale_presence.push(&self.device, self.conn_id);
+            return;
+        }
         if let Err(error) = self
             .shared
             .bus
@@ -420,7 +426,8 @@ impl Session {
             .await
         {
             self.shared.metrics.bus_errors.inc();
-            warn!(message = "presence delete failed; the entry goes when this node's membership does", %error);
+            self.shared.stale_presence.push(&self.device, self.conn_id);
+            warn!(message = "presence delete failed; retried after the bus comes back", %error);
         }
     }
 
