@@ -468,14 +468,7 @@ async fn kill_9_of_a_node_moves_its_devices_and_every_queued_command_is_delivere
         queued.push(ids);
     }
 
-    let victim_pid = cluster.nodes[0].pid();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-9", &victim_pid.to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    cluster.nodes[0].signal("KILL");
 
     let mut delivered = 0;
     for ((id, secret, mut raw), ids) in on_victim.into_iter().zip(queued) {
@@ -555,14 +548,7 @@ async fn sigterm_drain_moves_devices_to_the_other_node_with_no_command_lost() {
         pending.push(body["msgid"].clone());
     }
 
-    let pid = cluster.nodes[0].pid();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    cluster.nodes[0].signal("TERM");
 
     for ((id, secret, mut raw), msgid) in moving.into_iter().zip(pending) {
         let closed = raw.closed().await;
@@ -717,14 +703,7 @@ async fn adding_a_shard_with_fleetgate_reshard_keeps_every_queued_command() {
         owed.push((id.clone(), secret, body["msgid"].clone()));
     }
     // A clean stop leaves membership, so the tool sees no live node.
-    let pid = old.pid().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    old.signal("TERM");
     assert!(old.wait_exit().await.success());
 
     let bin = fleetgate_e2e::fleetgate_binary().unwrap();
@@ -801,14 +780,7 @@ async fn sigterm_while_redis_is_away_still_drains_and_exits() {
         (node.internal_get("/readyz").await.0 == 503).then_some(())
     })
     .await;
-    let pid = node.pid().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    node.signal("TERM");
     assert_eq!(device.closed().await.code, 1012);
     assert!(node.wait_exit().await.success());
 }

@@ -74,11 +74,7 @@ async fn sigterm_drains_with_1012_and_retry_after_then_exits_cleanly() {
     }
     let (code, _) = node.internal_get("/readyz").await;
     assert_eq!(code, 200);
-    let kill = std::process::Command::new("kill")
-        .args(["-TERM", &node.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    node.signal("TERM");
     eventually("readiness off", || async {
         (node.internal_get("/readyz").await.0 == 503).then_some(())
     })

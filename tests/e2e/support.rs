@@ -70,6 +70,15 @@ impl Node {
         self.child.id().expect("running")
     }
 
+    /// Sends the process a signal (`"TERM"`, `"KILL"`).
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
     /// Waits for the process to exit.
     pub async fn wait_exit(&mut self) -> std::process::ExitStatus {
         tokio::time::timeout(DEADLINE, self.child.wait())
