@@ -131,7 +131,8 @@ async fn queued_commands_follow_a_device_to_another_node_in_order() {
     let first = Raw::authed(&nodes[0].device_url(), "mover", &secret).await;
     drop(first);
     let mut sent = Vec::new();
-    for i in 0..6 {
+    // More than the in-flight window (16), so the queue is read in several steps.
+    for i in 0..40 {
         let (status, body) = nodes[0]
             .admin(
                 "POST",
@@ -144,21 +145,34 @@ async fn queued_commands_follow_a_device_to_another_node_in_order() {
     }
     let mut device = Raw::authed(&nodes[1].device_url(), "mover", &secret).await;
     let mut got = Vec::new();
-    while got.len() < sent.len() {
-        let cmd = device.recv().await;
-        if cmd["type"] != "command" {
-            continue;
+    let qos2 = sent.len() / 2;
+    let mut completed = 0;
+    while got.len() < sent.len() || completed < qos2 {
+        let frame = device.recv().await;
+        let answer = match (frame["type"].as_str(), frame["qos"].as_u64()) {
+            (Some("command"), Some(1)) => "ack",
+            (Some("command"), _) => "rec",
+            // Finishing each QoS 2 handshake frees its slot in the in-flight window.
+            (Some("rel"), _) => "comp",
+            _ => continue,
+        };
+        match answer {
+            "comp" => completed += 1,
+            _ => got.push(frame["msgid"].as_str().unwrap().to_owned()),
         }
-        got.push(cmd["msgid"].as_str().unwrap().to_owned());
-        let answer = if cmd["qos"] == 1 { "ack" } else { "rec" };
         device
-            .send(json!({"type": answer, "msgid": cmd["msgid"]}))
+            .send(json!({"type": answer, "msgid": frame["msgid"]}))
             .await;
     }
     assert_eq!(
         got, sent,
         "every queued command, once, in order, on the other node"
     );
+    crate::support::eventually("every handshake finished", || async {
+        let (_, seen) = nodes[1].admin("GET", "/v1/devices/mover", None).await;
+        (seen["queuedCommands"] == 0).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -241,11 +241,19 @@ async fn a_burst_of_commands_to_one_device_is_delivered_whole_without_dropping_i
         queued.insert(body["msgid"].as_str().unwrap().to_owned());
     }
     let mut delivered = std::collections::HashSet::new();
+    let mut first_sends = 0;
     while delivered.len() < N {
         let cmd = raw.recv().await;
         assert_eq!(cmd["type"], "command", "{cmd}");
         raw.send(json!({"type":"ack","msgid":cmd["msgid"]})).await;
         delivered.insert(cmd["msgid"].as_str().unwrap().to_owned());
+        if cmd["dup"] != true {
+            first_sends += 1;
+        }
     }
     assert_eq!(delivered, queued, "every command, and only those");
+    assert_eq!(
+        first_sends, N,
+        "each sent once (only retransmits carry dup)"
+    );
 }

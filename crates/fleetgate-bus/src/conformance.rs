@@ -826,7 +826,10 @@ pub async fn queue_push_order_and_limit(bus: &dyn Bus) {
         0
     );
 
-    let all = bus.queue_pending(&dev, 100).await.expect("queue_pending");
+    let all = bus
+        .queue_pending(&dev, None, 100)
+        .await
+        .expect("queue_pending");
     let got: Vec<&Command> = all.iter().map(|q| &q.command).collect();
     let want: Vec<&Command> = cmds.iter().collect();
     assert_eq!(
@@ -838,18 +841,47 @@ pub async fn queue_push_order_and_limit(bus: &dyn Bus) {
         assert_eq!(q.state, DeliveryState::Pending);
         assert_eq!(q.result, None);
     }
-    let first2 = bus.queue_pending(&dev, 2).await.expect("queue_pending");
+    let first2 = bus
+        .queue_pending(&dev, None, 2)
+        .await
+        .expect("queue_pending");
     let ids: Vec<&str> = first2.iter().map(|q| q.command.msgid.as_str()).collect();
     assert_eq!(ids, ["m0", "m1"], "limit takes the oldest");
+    let ids_after = |after: &'static str, limit: usize| {
+        let dev = dev.clone();
+        async move {
+            bus.queue_pending(&dev, Some(after), limit)
+                .await
+                .expect("queue_pending")
+                .into_iter()
+                .map(|q| q.command.msgid.as_str().to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        ids_after("m1", 2).await,
+        ["m2", "m3"],
+        "a cursor reads on after it"
+    );
+    assert_eq!(
+        ids_after("m4", 10).await,
+        Vec::<String>::new(),
+        "nothing after the last"
+    );
+    assert_eq!(
+        ids_after("gone", 2).await,
+        ["m0", "m1"],
+        "a cursor no longer queued reads from the oldest"
+    );
     assert!(
-        bus.queue_pending(&dev, 0)
+        bus.queue_pending(&dev, None, 0)
             .await
             .expect("queue_pending")
             .is_empty(),
         "limit 0"
     );
     assert!(
-        bus.queue_pending(&unique_id("qdev-none"), 10)
+        bus.queue_pending(&unique_id("qdev-none"), None, 10)
             .await
             .expect("queue_pending")
             .is_empty(),
@@ -911,7 +943,7 @@ pub async fn queue_full(bus: &dyn Bus) {
         .expect("duplicate push into a full queue must be a no-op, not QueueFull");
 
     let rest = bus
-        .queue_pending(&dev, max + 10)
+        .queue_pending(&dev, None, max + 10)
         .await
         .expect("queue_pending");
     assert_eq!(rest.len(), max);
@@ -961,7 +993,10 @@ pub async fn queue_attempt_counting(bus: &dyn Bus) {
         None,
         "unknown device"
     );
-    let pending = bus.queue_pending(&dev, 10).await.expect("queue_pending");
+    let pending = bus
+        .queue_pending(&dev, None, 10)
+        .await
+        .expect("queue_pending");
     let attempts: Vec<(&str, u32)> = pending
         .iter()
         .map(|q| (q.command.msgid.as_str(), q.attempts))
@@ -1014,7 +1049,10 @@ pub async fn queue_release_keeps_result(bus: &dyn Bus) {
     );
     assert_eq!(again.state, DeliveryState::Released);
 
-    let pending = bus.queue_pending(&dev, 10).await.expect("queue_pending");
+    let pending = bus
+        .queue_pending(&dev, None, 10)
+        .await
+        .expect("queue_pending");
     assert_eq!(
         pending.len(),
         1,
@@ -1066,7 +1104,7 @@ pub async fn queue_ack_removes(bus: &dyn Bus) {
     );
     assert_eq!(bus.queue_len(&dev).await.expect("queue_len"), 2);
     let ids: Vec<String> = bus
-        .queue_pending(&dev, 10)
+        .queue_pending(&dev, None, 10)
         .await
         .expect("queue_pending")
         .into_iter()
@@ -1138,7 +1176,10 @@ pub async fn queue_duplicate_push_idempotent(bus: &dyn Bus) {
         2,
         "no second copy"
     );
-    let pending = bus.queue_pending(&dev, 10).await.expect("queue_pending");
+    let pending = bus
+        .queue_pending(&dev, None, 10)
+        .await
+        .expect("queue_pending");
     assert_eq!(pending[0].command, first, "the first copy stays, unchanged");
     assert_eq!(pending[0].attempts, 1, "the first copy keeps its attempts");
     assert_eq!(pending[1].command.msgid.as_str(), "next", "and its place");
@@ -1180,13 +1221,19 @@ pub async fn queue_pending_excludes_expired(bus: &dyn Bus) {
             .map(|q| q.command.msgid.into_string())
             .collect()
     };
-    let pending = ids(bus.queue_pending(&dev, 10).await.expect("queue_pending"));
+    let pending = ids(bus
+        .queue_pending(&dev, None, 10)
+        .await
+        .expect("queue_pending"));
     assert!(
         !pending.contains(&"old".to_owned()),
         "expired command listed as pending: {pending:?}"
     );
     assert!(pending.contains(&"fresh".to_owned()));
-    let first = ids(bus.queue_pending(&dev, 1).await.expect("queue_pending"));
+    let first = ids(bus
+        .queue_pending(&dev, None, 1)
+        .await
+        .expect("queue_pending"));
     assert_eq!(first, ["fresh"], "the limit counts only unexpired commands");
     assert_eq!(
         bus.queue_len(&dev).await.expect("queue_len"),
@@ -1196,7 +1243,13 @@ pub async fn queue_pending_excludes_expired(bus: &dyn Bus) {
     wait_until(
         "a command's TTL has ended for queue_pending",
         PATIENCE,
-        || async { ids(bus.queue_pending(&dev, 10).await.expect("queue_pending")) == ["fresh"] },
+        || async {
+            ids(bus
+                .queue_pending(&dev, None, 10)
+                .await
+                .expect("queue_pending"))
+                == ["fresh"]
+        },
     )
     .await;
     for m in ["old", "fresh", "soon"] {
@@ -1330,7 +1383,10 @@ pub async fn queue_expiry_exactly_once(bus: &dyn Bus) {
         .collect();
     assert_eq!(ids, ["later"], "only `later` was left to expire");
     assert_eq!(later_taken[0].command, later);
-    let left = bus.queue_pending(&dev_a, 10).await.expect("queue_pending");
+    let left = bus
+        .queue_pending(&dev_a, None, 10)
+        .await
+        .expect("queue_pending");
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].command.msgid.as_str(), "live");
     bus.queue_ack(&dev_a, "live").await.expect("queue_ack");

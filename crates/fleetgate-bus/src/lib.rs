@@ -129,8 +129,15 @@ pub trait Bus: Send + Sync + 'static {
     /// # Errors
     /// [`BusError::QueueFull`] when the queue is at its maximum length.
     async fn queue_push(&self, command: &Command) -> BusResult<()>;
-    /// Up to `limit` queued commands of `device`, oldest first, expired ones excluded.
-    async fn queue_pending(&self, device: &str, limit: usize) -> BusResult<Vec<QueuedCommand>>;
+    /// Up to `limit` queued commands of `device`, oldest first, expired ones excluded: those
+    /// queued after command `after` (a cursor: the last one the caller already has), or from
+    /// the oldest when `after` is `None` or no longer queued.
+    async fn queue_pending(
+        &self,
+        device: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> BusResult<Vec<QueuedCommand>>;
     /// Counts one more delivery attempt; returns the new count (`None` if not queued).
     async fn queue_attempt(&self, device: &str, msgid: &str) -> BusResult<Option<u32>>;
     /// Marks a QoS 2 command as released (the device answered `rec`, the server sent `rel`),

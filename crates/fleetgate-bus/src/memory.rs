@@ -694,12 +694,22 @@ impl Bus for MemoryBus {
         Ok(())
     }
 
-    async fn queue_pending(&self, device: &str, limit: usize) -> BusResult<Vec<QueuedCommand>> {
+    async fn queue_pending(
+        &self,
+        device: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> BusResult<Vec<QueuedCommand>> {
+        use std::ops::Bound::{Excluded, Unbounded};
         let now = wall_ms();
         let queues = lock(&self.inner.queues);
         Ok(queues.devices.get(device).map_or_else(Vec::new, |q| {
+            let from = after
+                .and_then(|m| q.by_msgid.get(m))
+                .map_or(Unbounded, |&seq| Excluded(seq));
             q.order
-                .values()
+                .range((from, Unbounded))
+                .map(|(_, c)| c)
                 .filter(|c| c.command.expires_ms > now)
                 .take(limit)
                 .cloned()

@@ -138,13 +138,13 @@ async fn adding_a_shard_moves_what_it_owns_and_keeps_everything_readable() {
             );
         }
         assert!(two.device_get(d).await.unwrap().is_some(), "{d}");
-        let pending = two.queue_pending(d, 10).await.unwrap();
+        let pending = two.queue_pending(d, None, 10).await.unwrap();
         let ids: Vec<&str> = pending.iter().map(|q| q.command.msgid.as_str()).collect();
         assert_eq!(ids, ["m0", "m1", "m2"], "{d}: queue kept, in order");
         // A push after the move sorts after the moved commands.
         two.queue_push(&command(d, 3)).await.unwrap();
         let ids: Vec<String> = two
-            .queue_pending(d, 10)
+            .queue_pending(d, None, 10)
             .await
             .unwrap()
             .into_iter()

@@ -20,6 +20,10 @@ use crate::{RESULT_TTL_MS, now_ms};
 struct InFlight {
     queued: QueuedCommand,
     deadline: Instant,
+    /// Sent by `fill`, which takes the queue in order: these are the queue's head, and the
+    /// newest of them is where the next read starts. (A `rec` for a command sent on an earlier
+    /// connection adds one out of order.)
+    in_order: bool,
 }
 
 /// The commands a session has written and not yet seen answered. Empty (and unallocated)
@@ -102,7 +106,20 @@ impl Outgoing {
         if self.inflight.len() >= window {
             return Vec::new();
         }
-        let pending = match shared.bus.queue_pending(device, window).await {
+        // What `fill` sent is the head of the queue (commands leave it when answered): read
+        // only what comes after it.
+        let after = self
+            .inflight
+            .iter()
+            .rev()
+            .find(|f| f.in_order)
+            .map(|f| f.queued.command.msgid.as_str().to_owned());
+        let room = window - self.inflight.len();
+        let pending = match shared
+            .bus
+            .queue_pending(device, after.as_deref(), room)
+            .await
+        {
             Ok(p) => p,
             Err(error) => {
                 shared.metrics.bus_errors.inc();
@@ -157,6 +174,7 @@ impl Outgoing {
             self.inflight.push(InFlight {
                 queued: QueuedCommand { attempts, ..q },
                 deadline,
+                in_order: true,
             });
         }
         frames
@@ -258,6 +276,7 @@ impl Outgoing {
                             None => self.inflight.push(InFlight {
                                 queued: q.clone(),
                                 deadline,
+                                in_order: false,
                             }),
                         }
                         vec![rel_frame(&q)]

@@ -1053,7 +1053,12 @@ impl Bus for RedisBus {
         }
     }
 
-    async fn queue_pending(&self, device: &str, limit: usize) -> BusResult<Vec<QueuedCommand>> {
+    async fn queue_pending(
+        &self,
+        device: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> BusResult<Vec<QueuedCommand>> {
         if limit == 0 {
             return Ok(Vec::new());
         }
@@ -1065,6 +1070,7 @@ impl Bus for RedisBus {
                 vec![
                     v(wall_ms().to_string()),
                     Value::from(i64::try_from(limit).unwrap_or(i64::MAX)),
+                    v(after.unwrap_or_default()),
                 ],
             )
             .await?;

@@ -110,13 +110,19 @@ redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1] .. ' ' .. ARGV[5])
 return 1
 ";
 
-/// Pending commands. `KEYS` = order zset, state hash; `ARGV` = now_ms, limit. Up to `limit`
-/// unexpired commands in push order, each `{command, attempts, release mark}`.
+/// Pending commands. `KEYS` = order zset, state hash; `ARGV` = now_ms, limit, after (a msgid
+/// or ''). Up to `limit` unexpired commands in push order, starting after `after` if it is
+/// queued (so a caller with commands in flight reads only the new ones), each
+/// `{command, attempts, release mark}`.
 pub(super) const QUEUE_PENDING: &str = r"
 local now = tonumber(ARGV[1])
 local limit = tonumber(ARGV[2])
 local out = {}
 local start = 0
+if ARGV[3] ~= '' then
+  local rank = redis.call('ZRANK', KEYS[1], ARGV[3])
+  if rank then start = rank + 1 end
+end
 while #out < limit do
   local ids = redis.call('ZRANGE', KEYS[1], start, start + 99)
   if #ids == 0 then break end
