@@ -25,9 +25,10 @@ use tokio::sync::mpsc;
 
 pub use partition::partition_for;
 
-/// How long gateways keep a command's outcome for [`Bus::result_get`]: longer than any REST
-/// call waits (the admin API caps `waitMs` below it).
-pub const RESULT_TTL: std::time::Duration = std::time::Duration::from_secs(300);
+/// How long gateways keep a command's outcome for [`Bus::result_get`]: at least as long as any
+/// REST call waits (the admin API's `max_wait` may not exceed it). Only commands someone waits
+/// on store one, so a cluster holds about (waited commands per second) × 120 of them.
+pub const RESULT_TTL: std::time::Duration = std::time::Duration::from_secs(120);
 pub use types::*;
 
 /// Errors of a bus backend.

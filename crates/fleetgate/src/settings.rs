@@ -462,3 +462,30 @@ fn auto_max_connections(pending: usize) -> usize {
         .map_or(usize::MAX, |n| n.saturating_sub(200 + pending).max(100));
     by_mem.min(by_files)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Settings;
+
+    #[test]
+    fn the_defaults_are_valid() {
+        Settings::default().validate().unwrap();
+    }
+
+    #[test]
+    fn a_rest_wait_longer_than_results_are_kept_is_refused() {
+        let mut s = Settings::default();
+        s.admin.max_wait_ms = super::ms(fleetgate_bus::RESULT_TTL);
+        s.validate().unwrap();
+        s.admin.max_wait_ms += 1;
+        let error = s.validate().unwrap_err().to_string();
+        assert!(error.contains("max_wait_ms"), "{error}");
+    }
+
+    #[test]
+    fn a_zero_redis_timeout_is_refused() {
+        let mut s = Settings::default();
+        s.bus.redis_command_timeout_ms = 0;
+        assert!(s.validate().is_err());
+    }
+}
