@@ -106,6 +106,140 @@ async fn unreachable_server_is_unavailable() {
     ));
 }
 
+/// Telemetry partitions are plain Redis streams that downstream consumers read with consumer
+/// groups (`XREADGROUP`, `XACK`): every record once, in order per device, with named fields.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telemetry_streams_serve_consumer_groups() {
+    use fleetgate_bus::TelemetryRecord;
+    use fleetgate_protocol::MessageKind;
+    use fred::interfaces::ClientLike;
+    use fred::types::{ClusterHash, CustomCommand, Value};
+
+    let prefix = format!("{}:", unique_id("tg"));
+    let bus = RedisBus::connect(RedisBusConfig {
+        key_prefix: prefix.clone(),
+        ..config(vec![support::shared().url()])
+    })
+    .await
+    .expect("connect");
+    let devices: Vec<String> = (0..6).map(|i| format!("cg-{i}")).collect();
+    let mut sent = 0;
+    for n in 0..5 {
+        let records: Vec<TelemetryRecord> = devices
+            .iter()
+            .map(|d| TelemetryRecord {
+                device: d.clone(),
+                msgid: format!("m{n}"),
+                kind: MessageKind::Status,
+                timestamp: n,
+                received_ms: n,
+                payload: json!({ "n": n }),
+            })
+            .collect();
+        sent += records.len();
+        bus.telemetry_append(&records).await.unwrap();
+    }
+    let redis = raw(&support::shared().url()).await;
+    let call = |args: Vec<&str>| {
+        let redis = redis.clone();
+        let args: Vec<Value> = args
+            .into_iter()
+            .map(|a| Value::from(a.to_owned()))
+            .collect();
+        let cmd = args[0].as_str().unwrap().to_string();
+        async move {
+            redis
+                .custom::<Value, Value>(
+                    CustomCommand::new(cmd, ClusterHash::FirstKey, false),
+                    args[1..].to_vec(),
+                )
+                .await
+                .expect("redis command")
+        }
+    };
+    let mut per_device: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    let mut read = 0;
+    for p in 0..bus.telemetry_partitions() {
+        let key = format!("{prefix}tm:{p}");
+        call(vec!["XGROUP", "CREATE", &key, "analytics", "0", "MKSTREAM"]).await;
+        let reply = call(vec![
+            "XREADGROUP",
+            "GROUP",
+            "analytics",
+            "c1",
+            "COUNT",
+            "1000",
+            "STREAMS",
+            &key,
+            ">",
+        ])
+        .await;
+        let mut ids = Vec::new();
+        if let Value::Array(streams) = reply {
+            for stream in streams {
+                let Value::Array(mut kv) = stream else {
+                    panic!("stream entry")
+                };
+                let Value::Array(entries) = kv.remove(1) else {
+                    panic!("entries")
+                };
+                for entry in entries {
+                    let Value::Array(mut e) = entry else {
+                        panic!("entry")
+                    };
+                    let Value::Array(fields) = e.remove(1) else {
+                        panic!("fields")
+                    };
+                    ids.push(e.remove(0).as_string().unwrap());
+                    let fields: Vec<String> =
+                        fields.into_iter().map(|f| f.as_string().unwrap()).collect();
+                    let names: Vec<&str> = fields.iter().step_by(2).map(String::as_str).collect();
+                    assert_eq!(names, ["device", "msgid", "kind", "ts", "rcv", "payload"]);
+                    per_device
+                        .entry(fields[1].clone())
+                        .or_default()
+                        .push(fields[3].clone());
+                    read += 1;
+                }
+            }
+        }
+        for id in &ids {
+            call(vec!["XACK", &key, "analytics", id]).await;
+        }
+        let again = call(vec![
+            "XREADGROUP",
+            "GROUP",
+            "analytics",
+            "c1",
+            "COUNT",
+            "1000",
+            "STREAMS",
+            &key,
+            ">",
+        ])
+        .await;
+        assert!(again.is_null(), "nothing new for the group: {again:?}");
+        let pending = call(vec!["XPENDING", &key, "analytics"]).await;
+        let Value::Array(summary) = pending else {
+            panic!("xpending")
+        };
+        assert_eq!(
+            summary[0].clone().as_i64(),
+            Some(0),
+            "every entry acknowledged"
+        );
+    }
+    assert_eq!(read, sent, "every record once");
+    for d in &devices {
+        assert_eq!(
+            per_device[d],
+            ["m0", "m1", "m2", "m3", "m4"],
+            "{d}: in order"
+        );
+    }
+    let _ = redis.quit().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_and_stats() {
     let bus = shared_bus().await;
