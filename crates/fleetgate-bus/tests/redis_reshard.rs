@@ -192,3 +192,43 @@ async fn adding_a_shard_moves_what_it_owns_and_keeps_everything_readable() {
         .unwrap();
     assert_eq!(expired.len(), DEVICES * (COMMANDS + 1));
 }
+
+/// A key the destination already has is left on the source and reported, not overwritten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_the_destination_already_has_is_reported_not_overwritten() {
+    let a = RedisServer::start();
+    let b = RedisServer::start();
+    let prefix = format!("{}:", unique_id("rc"));
+    let before = vec![a.url()];
+    let after = vec![a.url(), b.url()];
+    let one = bus(&before, &prefix).await;
+    let two = bus(&after, &prefix).await;
+    let moving = (0..100)
+        .map(|i| format!("c{i}"))
+        .find(|d| two.shard_for_device(d) == 1)
+        .expect("some device moves to the new shard");
+    let patch = json!({ "v": 1 }).as_object().cloned().unwrap();
+    one.shadow_merge_reported(&moving, &patch, 1).await.unwrap();
+    // Something else wrote the same key on the new shard already.
+    let shadow_key = format!("{prefix}sh:{moving}");
+    let client =
+        fred::types::Builder::from_config(fred::types::config::Config::from_url(&b.url()).unwrap())
+            .build()
+            .unwrap();
+    {
+        use fred::interfaces::{ClientLike, KeysInterface};
+        client.init().await.unwrap();
+        let _: () = client
+            .set(&shadow_key, "not ours", None, None, false)
+            .await
+            .unwrap();
+    }
+    drop((one, two));
+    let report = reshard(&before, &after, &prefix, true).await.unwrap();
+    assert_eq!(report.conflicts, [shadow_key.clone()]);
+    assert_eq!(
+        a.keys(&shadow_key),
+        [shadow_key.clone()],
+        "left on the source"
+    );
+}

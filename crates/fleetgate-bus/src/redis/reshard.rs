@@ -144,12 +144,20 @@ async fn scan_page(
     Ok((next, array(cmd, items)?))
 }
 
-/// Moves `key` from `src` to `dst` keeping its TTL; `Ok(false)` if `dst` has it already.
-async fn move_key(src: &Client, dst: &Client, key: &str) -> BusResult<bool> {
+/// What became of one key.
+enum Move {
+    Moved,
+    /// Not there any more (expired, or `SCAN` returned it twice).
+    Gone,
+    /// The destination has a key of that name: left on the source.
+    Conflict,
+}
+
+/// Moves `key` from `src` to `dst`, keeping its TTL.
+async fn move_key(src: &Client, dst: &Client, key: &str) -> BusResult<Move> {
     let dump: Value = src.dump(key).await.map_err(fred_err)?;
     if dump.is_null() {
-        // Gone meanwhile (expired): nothing to move.
-        return Ok(true);
+        return Ok(Move::Gone);
     }
     let pttl: i64 = src.pttl(key).await.map_err(fred_err)?;
     let ttl = pttl.max(0);
@@ -158,11 +166,11 @@ async fn move_key(src: &Client, dst: &Client, key: &str) -> BusResult<bool> {
         .await
     {
         Ok(_) => {}
-        Err(e) if e.details().contains("BUSYKEY") => return Ok(false),
+        Err(e) if e.details().contains("BUSYKEY") => return Ok(Move::Conflict),
         Err(e) => return Err(fred_err(e)),
     }
     let _: i64 = src.del(key).await.map_err(fred_err)?;
-    Ok(true)
+    Ok(Move::Moved)
 }
 
 /// Moves every key whose shard differs between the shard lists `from` and `to` (URLs, in
@@ -264,9 +272,15 @@ pub async fn reshard(
                 if dst_url == src_url {
                     continue;
                 }
-                if apply && !move_key(src, by_url(dst_url), &key).await? {
-                    report.conflicts.push(key);
-                    continue;
+                if apply {
+                    match move_key(src, by_url(dst_url), &key).await? {
+                        Move::Moved => {}
+                        Move::Gone => continue,
+                        Move::Conflict => {
+                            report.conflicts.push(key);
+                            continue;
+                        }
+                    }
                 }
                 report.moved += 1;
                 *report.moved_to.entry(dst_url.clone()).or_default() += 1;
