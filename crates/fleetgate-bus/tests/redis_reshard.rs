@@ -225,7 +225,7 @@ async fn a_key_the_destination_already_has_is_reported_not_overwritten() {
     }
     drop((one, two));
     let report = reshard(&before, &after, &prefix, true).await.unwrap();
-    assert_eq!(report.conflicts, [shadow_key.clone()]);
+    assert_eq!(report.conflicts, std::slice::from_ref(&shadow_key));
     assert_eq!(
         a.keys(&shadow_key),
         [shadow_key.clone()],
