@@ -226,9 +226,5 @@ async fn a_key_the_destination_already_has_is_reported_not_overwritten() {
     drop((one, two));
     let report = reshard(&before, &after, &prefix, true).await.unwrap();
     assert_eq!(report.conflicts, std::slice::from_ref(&shadow_key));
-    assert_eq!(
-        a.keys(&shadow_key),
-        [shadow_key.clone()],
-        "left on the source"
-    );
+    assert_eq!(a.keys(&shadow_key), [shadow_key], "left on the source");
 }
