@@ -261,17 +261,9 @@ async fn send_command_in_span(
             .into_response());
     }
     let mut waiter = (!wait.is_zero()).then(|| state.waiters.wait(&id, msgid.as_str()));
+    // The push also tells the device's node, reading presence in the same step: a session
+    // that registered just before is told, one registering just after reads the queue.
     state.bus.queue_push(&command).await?;
-    // Read presence again after the push: a session that registered in between either shows
-    // up here (and is told) or read its queue after the push. Reading only before the push
-    // could miss both and leave the command waiting for the next reconnect.
-    if let Some(p) = state.bus.presence_get(&id).await? {
-        // Best effort: the queue is the truth, and the device reads it on its next connect.
-        let _ = state
-            .bus
-            .node_publish(&p.node, &NodeMessage::Deliver { device: id.clone() })
-            .await;
-    }
     let Some(waiter) = waiter.as_mut() else {
         return Ok((
             StatusCode::ACCEPTED,

@@ -798,6 +798,63 @@ pub async fn results_sent_and_stored(bus: &dyn Bus) {
 
 // --- queues ----------------------------------------------------------------------------------
 
+/// A push tells the node the device is connected to (and says where that is); a device that
+/// is offline, or whose node is dead, gets no message.
+pub async fn queue_push_tells_the_owning_node(bus: &dyn Bus) {
+    let node = unique_id("qnode");
+    let dead = unique_id("qnode-dead");
+    bus.node_heartbeat(&node_info(&node, 1), LONG_TTL_MS)
+        .await
+        .expect("node_heartbeat");
+    let mut rx = bus.node_subscribe(&node).await.expect("node_subscribe");
+    let online = unique_id("qdev-on");
+    let offline = unique_id("qdev-off");
+    let orphaned = unique_id("qdev-orphan");
+    bus.presence_set(&online, &presence(&node, 7))
+        .await
+        .expect("presence_set");
+    bus.presence_set(&orphaned, &presence(&dead, 8))
+        .await
+        .expect("presence_set");
+
+    assert_eq!(
+        bus.queue_push(&live_command(&offline, "c1"))
+            .await
+            .expect("push"),
+        None
+    );
+    assert_eq!(
+        bus.queue_push(&live_command(&orphaned, "c1"))
+            .await
+            .expect("push"),
+        None,
+        "presence naming a dead node is offline"
+    );
+    let found = bus
+        .queue_push(&live_command(&online, "c1"))
+        .await
+        .expect("push");
+    assert_eq!(found.map(|p| (p.node, p.conn_id)), Some((node.clone(), 7)));
+    assert_eq!(
+        recv_node(&mut rx, "deliver").await,
+        NodeMessage::Deliver {
+            device: online.clone()
+        },
+        "only the online device's node hears, and only about it"
+    );
+    // A retried push queues nothing more but tells the node again.
+    bus.queue_push(&live_command(&online, "c1"))
+        .await
+        .expect("push");
+    assert_eq!(
+        recv_node(&mut rx, "deliver again").await,
+        NodeMessage::Deliver {
+            device: online.clone()
+        }
+    );
+    assert_eq!(bus.queue_len(&online).await.expect("queue_len"), 1);
+}
+
 /// Commands come back oldest first, `limit` at a time, with zero attempts and state Pending.
 pub async fn queue_push_order_and_limit(bus: &dyn Bus) {
     let dev = unique_id("qdev");
@@ -906,7 +963,7 @@ pub async fn queue_full(bus: &dyn Bus) {
             .queue_push(&live_command(&dev, &format!("f{pushed}")))
             .await
         {
-            Ok(()) => pushed += 1,
+            Ok(_) => pushed += 1,
             Err(BusError::QueueFull { max }) => break max,
             Err(e) => panic!("queue_push failed with {e}"),
         }
@@ -1986,6 +2043,7 @@ macro_rules! bus_conformance_tests {
             routing_roundtrip_every_variant,
             routing_publish_without_subscriber,
             results_sent_and_stored,
+            queue_push_tells_the_owning_node,
             queue_push_order_and_limit,
             queue_full,
             queue_attempt_counting,

@@ -124,12 +124,15 @@ pub trait Bus: Send + Sync + 'static {
 
     // --- server -> device QoS queues -------------------------------------------------
 
-    /// Appends a QoS 1/2 command to its device's queue. Pushing a msgid already queued for
-    /// the device is a no-op (`Ok`, even when the queue is full), so a retried push is safe.
+    /// Appends a QoS 1/2 command to its device's queue and, when the device is online, sends
+    /// its node a [`NodeMessage::Deliver`] in the same step (so no session can register in
+    /// between unnoticed); returns the presence it found. Pushing a msgid already queued for
+    /// the device queues nothing (`Ok`, even when the queue is full) but notifies again, so a
+    /// retried push is safe.
     ///
     /// # Errors
     /// [`BusError::QueueFull`] when the queue is at its maximum length.
-    async fn queue_push(&self, command: &Command) -> BusResult<()>;
+    async fn queue_push(&self, command: &Command) -> BusResult<Option<Presence>>;
     /// Up to `limit` queued commands of `device`, oldest first, expired ones excluded: those
     /// queued after command `after` (a cursor: the last one the caller already has), or from
     /// the oldest when `after` is `None` or no longer queued.

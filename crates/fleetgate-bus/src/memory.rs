@@ -232,6 +232,40 @@ impl Inner {
             dropped_node_messages: AtomicU64::new(0),
         }
     }
+
+    /// Queues `command` (a no-op for a msgid already queued).
+    fn push(&self, command: &Command) -> BusResult<()> {
+        let max = self.config.queue_max_len;
+        let mut queues = lock(&self.queues);
+        let queues = &mut *queues;
+        if let Some(q) = queues.devices.get(&command.device) {
+            if q.by_msgid.contains_key(command.msgid.as_str()) {
+                return Ok(());
+            }
+            if q.order.len() >= max {
+                return Err(BusError::QueueFull { max });
+            }
+        } else if max == 0 {
+            return Err(BusError::QueueFull { max });
+        }
+        let seq = queues.next_seq;
+        queues.next_seq += 1;
+        let q = queues.devices.entry(command.device.clone()).or_default();
+        q.by_msgid.insert(command.msgid.as_str().to_owned(), seq);
+        q.order.insert(
+            seq,
+            QueuedCommand {
+                command: command.clone(),
+                attempts: 0,
+                state: DeliveryState::Pending,
+                result: None,
+            },
+        );
+        queues
+            .expiry
+            .insert((command.expires_ms, seq), command.device.clone());
+        Ok(())
+    }
 }
 
 /// Locks, recovering from poisoning: every critical section leaves the state consistent
@@ -661,37 +695,18 @@ impl Bus for MemoryBus {
 
     /// A push repeating a msgid already queued for the device is a no-op (`Ok`), so that a
     /// retried push after an ambiguous failure cannot queue the command twice.
-    async fn queue_push(&self, command: &Command) -> BusResult<()> {
-        let max = self.inner.config.queue_max_len;
-        let mut queues = lock(&self.inner.queues);
-        let queues = &mut *queues;
-        if let Some(q) = queues.devices.get(&command.device) {
-            if q.by_msgid.contains_key(command.msgid.as_str()) {
-                return Ok(());
-            }
-            if q.order.len() >= max {
-                return Err(BusError::QueueFull { max });
-            }
-        } else if max == 0 {
-            return Err(BusError::QueueFull { max });
+    async fn queue_push(&self, command: &Command) -> BusResult<Option<Presence>> {
+        self.inner.push(command)?;
+        // After the push: a session registering meanwhile either is seen here or reads its
+        // queue after the push.
+        let presence = self.presence_get(&command.device).await?;
+        if let Some(p) = &presence {
+            let deliver = NodeMessage::Deliver {
+                device: command.device.clone(),
+            };
+            self.node_publish(&p.node, &deliver).await?;
         }
-        let seq = queues.next_seq;
-        queues.next_seq += 1;
-        let q = queues.devices.entry(command.device.clone()).or_default();
-        q.by_msgid.insert(command.msgid.as_str().to_owned(), seq);
-        q.order.insert(
-            seq,
-            QueuedCommand {
-                command: command.clone(),
-                attempts: 0,
-                state: DeliveryState::Pending,
-                result: None,
-            },
-        );
-        queues
-            .expiry
-            .insert((command.expires_ms, seq), command.device.clone());
-        Ok(())
+        Ok(presence)
     }
 
     async fn queue_pending(

@@ -1025,9 +1025,12 @@ impl Bus for RedisBus {
         }
     }
 
-    async fn queue_push(&self, command: &Command) -> BusResult<()> {
+    async fn queue_push(&self, command: &Command) -> BusResult<Option<Presence>> {
         let max = self.inner.config.queue_max_len;
         let device = &command.device;
+        let deliver = NodeMessage::Deliver {
+            device: device.clone(),
+        };
         let reply = self
             .eval(
                 self.shard_for(device),
@@ -1037,6 +1040,7 @@ impl Bus for RedisBus {
                     self.key("qh:", device),
                     self.key("qexp", ""),
                     self.key("qseq", ""),
+                    self.key("p:", device),
                 ],
                 vec![
                     v(command.msgid.as_str()),
@@ -1044,13 +1048,23 @@ impl Bus for RedisBus {
                     v(command.expires_ms.to_string()),
                     Value::from(i64::try_from(max).unwrap_or(i64::MAX)),
                     v(device.clone()),
+                    self.prefix(),
+                    v(codec::encode_node_message(&deliver)),
                 ],
             )
             .await?;
-        match int("queue_push", reply)? {
-            -1 => Err(BusError::QueueFull { max }),
-            _ => Ok(()),
+        let mut parts = array("queue_push", reply)?;
+        if parts.is_empty() {
+            return Err(BusError::Corrupt("queue_push: empty reply".into()));
         }
+        let status = int("queue_push", parts.remove(0))?;
+        if status == -1 {
+            return Err(BusError::QueueFull { max });
+        }
+        if parts.is_empty() {
+            return Ok(None);
+        }
+        presence_reply("queue_push", Value::Array(parts))
     }
 
     async fn queue_pending(

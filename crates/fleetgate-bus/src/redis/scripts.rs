@@ -98,16 +98,28 @@ end
 return out
 ";
 
-/// Queue push. `KEYS` = order zset, state hash, expiry zset, sequence counter; `ARGV` =
-/// msgid, command, expires_ms, max length, device. 1 pushed, 0 duplicate, -1 full.
+/// Queue push. `KEYS` = order zset, state hash, expiry zset, sequence counter, presence
+/// hash; `ARGV` = msgid, command, expires_ms, max length, device, prefix, encoded `Deliver`.
+/// Returns `{status}` (1 pushed, 0 duplicate, -1 full), followed by the presence
+/// `node, conn, since` when the device is online, whose node is then sent the `Deliver`.
 pub(super) const QUEUE_PUSH: &str = r"
-if redis.call('HEXISTS', KEYS[2], 'c:' .. ARGV[1]) == 1 then return 0 end
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return -1 end
-local seq = redis.call('INCR', KEYS[4])
-redis.call('ZADD', KEYS[1], seq, ARGV[1])
-redis.call('HSET', KEYS[2], 'c:' .. ARGV[1], ARGV[2], 'e:' .. ARGV[1], ARGV[3])
-redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1] .. ' ' .. ARGV[5])
-return 1
+local status = 1
+if redis.call('HEXISTS', KEYS[2], 'c:' .. ARGV[1]) == 1 then
+  status = 0
+elseif redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then
+  return {-1}
+else
+  local seq = redis.call('INCR', KEYS[4])
+  redis.call('ZADD', KEYS[1], seq, ARGV[1])
+  redis.call('HSET', KEYS[2], 'c:' .. ARGV[1], ARGV[2], 'e:' .. ARGV[1], ARGV[3])
+  redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1] .. ' ' .. ARGV[5])
+end
+local p = redis.call('HMGET', KEYS[5], 'node', 'conn', 'since')
+if p[1] and redis.call('EXISTS', ARGV[6] .. 'node:' .. p[1]) == 1 then
+  redis.call('PUBLISH', ARGV[6] .. 'nodech:' .. p[1], ARGV[7])
+  return {status, p[1], p[2], p[3]}
+end
+return {status}
 ";
 
 /// Pending commands. `KEYS` = order zset, state hash; `ARGV` = now_ms, limit, after (a msgid
