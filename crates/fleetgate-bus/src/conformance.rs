@@ -798,6 +798,60 @@ pub async fn results_sent_and_stored(bus: &dyn Bus) {
 
 // --- queues ----------------------------------------------------------------------------------
 
+/// `queue_next` reads like `queue_pending` (cursor, limit, skip list) and counts one delivery
+/// attempt for each command it returns, and only for those.
+pub async fn queue_next_counts_what_it_returns(bus: &dyn Bus) {
+    let dev = unique_id("qnext");
+    for m in ["a", "b", "c", "d"] {
+        bus.queue_push(&live_command(&dev, m)).await.expect("push");
+    }
+    let next = |after: Option<&'static str>, skip: &'static [&'static str], limit: usize| {
+        let dev = dev.clone();
+        async move {
+            bus.queue_next(&dev, after, skip, limit)
+                .await
+                .expect("queue_next")
+                .into_iter()
+                .map(|q| (q.command.msgid.as_str().to_owned(), q.attempts))
+                .collect::<Vec<_>>()
+        }
+    };
+    let got = next(None, &[], 2).await;
+    assert_eq!(got, [("a".to_owned(), 1), ("b".to_owned(), 1)]);
+    let got = next(Some("b"), &[], 10).await;
+    assert_eq!(got, [("c".to_owned(), 1), ("d".to_owned(), 1)]);
+    let got = next(None, &["a"], 2).await;
+    assert_eq!(
+        got,
+        [("b".to_owned(), 2), ("c".to_owned(), 2)],
+        "a skipped, not counted"
+    );
+    assert!(next(None, &[], 0).await.is_empty());
+    assert!(
+        bus.queue_next(&unique_id("qnext-none"), None, &[], 5)
+            .await
+            .expect("queue_next")
+            .is_empty()
+    );
+    let counts: Vec<(String, u32)> = bus
+        .queue_pending(&dev, None, 10)
+        .await
+        .expect("queue_pending")
+        .into_iter()
+        .map(|q| (q.command.msgid.as_str().to_owned(), q.attempts))
+        .collect();
+    assert_eq!(
+        counts,
+        [
+            ("a".to_owned(), 1),
+            ("b".to_owned(), 2),
+            ("c".to_owned(), 2),
+            ("d".to_owned(), 1)
+        ],
+        "reading with queue_pending counts nothing"
+    );
+}
+
 /// A push tells the node the device is connected to (and says where that is); a device that
 /// is offline, or whose node is dead, gets no message.
 pub async fn queue_push_tells_the_owning_node(bus: &dyn Bus) {
@@ -2044,6 +2098,7 @@ macro_rules! bus_conformance_tests {
             routing_publish_without_subscriber,
             results_sent_and_stored,
             queue_push_tells_the_owning_node,
+            queue_next_counts_what_it_returns,
             queue_push_order_and_limit,
             queue_full,
             queue_attempt_counting,

@@ -142,6 +142,16 @@ pub trait Bus: Send + Sync + 'static {
         after: Option<&str>,
         limit: usize,
     ) -> BusResult<Vec<QueuedCommand>>;
+    /// The next commands to send, counting a delivery attempt for each in the same step: as
+    /// [`Bus::queue_pending`], minus the msgids in `skip` (the caller's commands in flight),
+    /// each returned with its new attempt count.
+    async fn queue_next(
+        &self,
+        device: &str,
+        after: Option<&str>,
+        skip: &[&str],
+        limit: usize,
+    ) -> BusResult<Vec<QueuedCommand>>;
     /// Counts one more delivery attempt; returns the new count (`None` if not queued).
     async fn queue_attempt(&self, device: &str, msgid: &str) -> BusResult<Option<u32>>;
     /// Marks a QoS 2 command as released (the device answered `rec`, the server sent `rel`),

@@ -233,6 +233,39 @@ impl Inner {
         }
     }
 
+    /// Unexpired commands of `device` after `after`, at most `limit`; when `count` holds the
+    /// msgids to skip, those are left out and each returned command has an attempt counted.
+    fn read_queue(
+        &self,
+        device: &str,
+        after: Option<&str>,
+        count: Option<&[&str]>,
+        limit: usize,
+    ) -> Vec<QueuedCommand> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let now = wall_ms();
+        let mut queues = lock(&self.queues);
+        let Some(q) = queues.devices.get_mut(device) else {
+            return Vec::new();
+        };
+        let from = after
+            .and_then(|m| q.by_msgid.get(m))
+            .map_or(Unbounded, |&seq| Excluded(seq));
+        let skip = count.unwrap_or_default();
+        q.order
+            .range_mut((from, Unbounded))
+            .map(|(_, c)| c)
+            .filter(|c| c.command.expires_ms > now && !skip.contains(&c.command.msgid.as_str()))
+            .take(limit)
+            .map(|c| {
+                if count.is_some() {
+                    c.attempts = c.attempts.saturating_add(1);
+                }
+                c.clone()
+            })
+            .collect()
+    }
+
     /// Queues `command` (a no-op for a msgid already queued).
     fn push(&self, command: &Command) -> BusResult<()> {
         let max = self.config.queue_max_len;
@@ -715,21 +748,17 @@ impl Bus for MemoryBus {
         after: Option<&str>,
         limit: usize,
     ) -> BusResult<Vec<QueuedCommand>> {
-        use std::ops::Bound::{Excluded, Unbounded};
-        let now = wall_ms();
-        let queues = lock(&self.inner.queues);
-        Ok(queues.devices.get(device).map_or_else(Vec::new, |q| {
-            let from = after
-                .and_then(|m| q.by_msgid.get(m))
-                .map_or(Unbounded, |&seq| Excluded(seq));
-            q.order
-                .range((from, Unbounded))
-                .map(|(_, c)| c)
-                .filter(|c| c.command.expires_ms > now)
-                .take(limit)
-                .cloned()
-                .collect()
-        }))
+        Ok(self.inner.read_queue(device, after, None, limit))
+    }
+
+    async fn queue_next(
+        &self,
+        device: &str,
+        after: Option<&str>,
+        skip: &[&str],
+        limit: usize,
+    ) -> BusResult<Vec<QueuedCommand>> {
+        Ok(self.inner.read_queue(device, after, Some(skip), limit))
     }
 
     async fn queue_attempt(&self, device: &str, msgid: &str) -> BusResult<Option<u32>> {

@@ -114,12 +114,20 @@ impl Outgoing {
             .rev()
             .find(|f| f.in_order)
             .map(|f| f.queued.command.msgid.as_str().to_owned());
+        // Nothing in flight is sent again or counted, whatever the cursor finds: a `rec` for a
+        // command sent on an earlier connection puts one in flight out of order, and a cursor
+        // command that left the queue (expired) makes the read start from the head.
+        let skip: Vec<&str> = self
+            .inflight
+            .iter()
+            .map(|f| f.queued.command.msgid.as_str())
+            .collect();
         let room = window - self.inflight.len();
-        let pending = match shared
+        let next = shared
             .bus
-            .queue_pending(device, after.as_deref(), room)
-            .await
-        {
+            .queue_next(device, after.as_deref(), &skip, room)
+            .await;
+        let pending = match next {
             Ok(p) => p,
             Err(error) => {
                 shared.metrics.bus_errors.inc();
@@ -129,29 +137,8 @@ impl Outgoing {
         };
         let mut frames = Vec::new();
         for q in pending {
-            if self.inflight.len() >= window {
-                break;
-            }
-            if self
-                .inflight
-                .iter()
-                .any(|f| f.queued.command.msgid == q.command.msgid)
-            {
-                continue;
-            }
-            let attempts = match shared
-                .bus
-                .queue_attempt(device, q.command.msgid.as_str())
-                .await
-            {
-                Ok(Some(a)) => a,
-                Ok(None) => continue,
-                Err(error) => {
-                    shared.metrics.bus_errors.inc();
-                    warn!(message = "could not count a delivery attempt", %error);
-                    break;
-                }
-            };
+            // Counted by `queue_next`.
+            let attempts = q.attempts;
             // A command sent before (on an earlier connection) goes out marked as a duplicate.
             frames.push(frame_for(&q, attempts > 1));
             if q.command.traceparent.is_some() {

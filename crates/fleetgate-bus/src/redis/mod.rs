@@ -652,6 +652,42 @@ impl RedisBus {
             .map_err(fred_err)
     }
 
+    /// `QUEUE_PENDING`; counting an attempt for each returned command when `count` holds the
+    /// msgids to skip.
+    async fn read_queue(
+        &self,
+        device: &str,
+        after: Option<&str>,
+        count: Option<&[&str]>,
+        limit: usize,
+    ) -> BusResult<Vec<QueuedCommand>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut args = vec![
+            v(wall_ms().to_string()),
+            Value::from(i64::try_from(limit).unwrap_or(i64::MAX)),
+            v(after.unwrap_or_default()),
+            v(if count.is_some() { "1" } else { "0" }),
+        ];
+        args.extend(count.unwrap_or_default().iter().map(|m| v(*m)));
+        let reply = self
+            .eval(
+                self.shard_for(device),
+                &self.inner.scripts.queue_pending,
+                vec![self.key("q:", device), self.key("qh:", device)],
+                args,
+            )
+            .await?;
+        array("queue_pending", reply)?
+            .into_iter()
+            .map(|q| {
+                queued("queue_pending", q)?
+                    .ok_or_else(|| BusError::Corrupt("queue_pending: nil entry".into()))
+            })
+            .collect()
+    }
+
     async fn custom(&self, shard: usize, cmd: &'static str, args: Vec<Value>) -> BusResult<Value> {
         self.client(shard)
             .custom::<Value, Value>(
@@ -1073,28 +1109,17 @@ impl Bus for RedisBus {
         after: Option<&str>,
         limit: usize,
     ) -> BusResult<Vec<QueuedCommand>> {
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
-        let reply = self
-            .eval(
-                self.shard_for(device),
-                &self.inner.scripts.queue_pending,
-                vec![self.key("q:", device), self.key("qh:", device)],
-                vec![
-                    v(wall_ms().to_string()),
-                    Value::from(i64::try_from(limit).unwrap_or(i64::MAX)),
-                    v(after.unwrap_or_default()),
-                ],
-            )
-            .await?;
-        array("queue_pending", reply)?
-            .into_iter()
-            .map(|q| {
-                queued("queue_pending", q)?
-                    .ok_or_else(|| BusError::Corrupt("queue_pending: nil entry".into()))
-            })
-            .collect()
+        self.read_queue(device, after, None, limit).await
+    }
+
+    async fn queue_next(
+        &self,
+        device: &str,
+        after: Option<&str>,
+        skip: &[&str],
+        limit: usize,
+    ) -> BusResult<Vec<QueuedCommand>> {
+        self.read_queue(device, after, Some(skip), limit).await
     }
 
     async fn queue_attempt(&self, device: &str, msgid: &str) -> BusResult<Option<u32>> {

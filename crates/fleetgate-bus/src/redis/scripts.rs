@@ -123,12 +123,16 @@ return {status}
 ";
 
 /// Pending commands. `KEYS` = order zset, state hash; `ARGV` = now_ms, limit, after (a msgid
-/// or ''). Up to `limit` unexpired commands in push order, starting after `after` if it is
+/// or ''), count ('1' to count a delivery attempt for each returned command), then msgids to
+/// skip. Up to `limit` unexpired commands in push order, starting after `after` if it is
 /// queued (so a caller with commands in flight reads only the new ones), each
 /// `{command, attempts, release mark}`.
 pub(super) const QUEUE_PENDING: &str = r"
 local now = tonumber(ARGV[1])
 local limit = tonumber(ARGV[2])
+local count = ARGV[4] == '1'
+local skip = {}
+for i = 5, #ARGV do skip[ARGV[i]] = true end
 local out = {}
 local start = 0
 if ARGV[3] ~= '' then
@@ -139,10 +143,16 @@ while #out < limit do
   local ids = redis.call('ZRANGE', KEYS[1], start, start + 99)
   if #ids == 0 then break end
   for _, m in ipairs(ids) do
-    local f = redis.call('HMGET', KEYS[2], 'c:' .. m, 'e:' .. m, 'a:' .. m, 'r:' .. m)
-    if f[1] and tonumber(f[2]) > now then
-      table.insert(out, {f[1], f[3] or '0', f[4]})
-      if #out >= limit then break end
+    if not skip[m] then
+      local f = redis.call('HMGET', KEYS[2], 'c:' .. m, 'e:' .. m, 'a:' .. m, 'r:' .. m)
+      if f[1] and tonumber(f[2]) > now then
+        local attempts = f[3] or '0'
+        if count then
+          attempts = tostring(redis.call('HINCRBY', KEYS[2], 'a:' .. m, 1))
+        end
+        table.insert(out, {f[1], attempts, f[4]})
+        if #out >= limit then break end
+      end
     end
   end
   start = start + 100
