@@ -157,12 +157,9 @@ async fn telemetry_streams_serve_consumer_groups() {
                 .expect("redis command")
         }
     };
-    let mut per_device: std::collections::BTreeMap<String, Vec<String>> = Default::default();
-    let mut read = 0;
-    for p in 0..bus.telemetry_partitions() {
-        let key = format!("{prefix}tm:{p}");
-        call(vec!["XGROUP", "CREATE", &key, "analytics", "0", "MKSTREAM"]).await;
-        let reply = call(vec![
+    // What the group has not been given yet, up to 1000 entries.
+    let read_group = |key: &str| {
+        call(vec![
             "XREADGROUP",
             "GROUP",
             "analytics",
@@ -170,10 +167,16 @@ async fn telemetry_streams_serve_consumer_groups() {
             "COUNT",
             "1000",
             "STREAMS",
-            &key,
+            key,
             ">",
         ])
-        .await;
+    };
+    let mut per_device: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    let mut read = 0;
+    for p in 0..bus.telemetry_partitions() {
+        let key = format!("{prefix}tm:{p}");
+        call(vec!["XGROUP", "CREATE", &key, "analytics", "0", "MKSTREAM"]).await;
+        let reply = read_group(&key).await;
         let mut ids = Vec::new();
         if let Value::Array(streams) = reply {
             for stream in streams {
@@ -206,18 +209,7 @@ async fn telemetry_streams_serve_consumer_groups() {
         for id in &ids {
             call(vec!["XACK", &key, "analytics", id]).await;
         }
-        let again = call(vec![
-            "XREADGROUP",
-            "GROUP",
-            "analytics",
-            "c1",
-            "COUNT",
-            "1000",
-            "STREAMS",
-            &key,
-            ">",
-        ])
-        .await;
+        let again = read_group(&key).await;
         assert!(again.is_null(), "nothing new for the group: {again:?}");
         let pending = call(vec!["XPENDING", &key, "analytics"]).await;
         let Value::Array(summary) = pending else {
