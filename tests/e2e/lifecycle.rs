@@ -116,4 +116,15 @@ async fn health_readiness_and_metrics_are_served_on_the_internal_listener() {
         "{text}"
     );
     assert!(text.contains("fleetgate_auth_success_total 1"), "{text}");
+    let rss = sample(&text, "process_resident_memory_bytes");
+    assert!(rss > 1024.0 * 1024.0, "resident memory {rss}: {text}");
+    let fds = sample(&text, "process_open_fds");
+    assert!(fds > 0.0, "open fds {fds}: {text}");
+}
+
+/// The value of the unlabelled sample `name` in a `/metrics` text; panics when absent.
+fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {name}: {text}"))
 }

@@ -2,6 +2,7 @@
 //! API, `all` runs both on one node (on the memory bus unless Redis is configured).
 
 mod bus_metrics;
+mod process_metrics;
 mod settings;
 mod telemetry;
 
@@ -23,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use bus_metrics::BusMetrics;
+use process_metrics::ProcessMetrics;
 use settings::{Overrides, Settings};
 
 #[derive(Parser)]
@@ -180,6 +182,7 @@ async fn serve(settings: Settings, run_gateway: bool, run_admin: bool) -> anyhow
     };
     let mut registry = Registry::default();
     registry.register_collector(Box::new(bus_metrics));
+    registry.register_collector(Box::new(ProcessMetrics::new()));
     let shutdown = CancellationToken::new();
     tokio::spawn(shutdown_signal(shutdown.clone()));
 
