@@ -1,17 +1,21 @@
 //! One WebSocket session speaking protocol v1: upgrade, authenticate, then typed frames in
 //! and out. The event loop builds on it; tests use it to drive the raw protocol.
 
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use fleetgate_protocol::{Auth, AuthResponse, Codec, Frame};
 use futures_util::{SinkExt, StreamExt};
 use http::Request;
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async_with_config};
+use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
+use tokio_tungstenite::{
+    MaybeTlsStream, WebSocketStream, client_async_with_config, connect_async_with_config,
+};
 
+use crate::options::BIND_NEEDS_WS;
 use crate::{AuthMode, DeviceError, DeviceOptions};
 
 /// How long to wait for our close reply to be written before giving up on the socket.
@@ -70,7 +74,13 @@ impl Connection {
     /// [`DeviceError::AuthFailed`] for HTTP 401/403, [`DeviceError::UpgradeRefused`] for
     /// other statuses, or a transport error.
     pub async fn open(opts: &DeviceOptions) -> Result<Self, DeviceError> {
-        Self::open_request(opts.request()?, opts.codec, opts.websocket_config()).await
+        Self::open_request_from(
+            opts.request()?,
+            opts.codec,
+            opts.websocket_config(),
+            opts.bind_addr,
+        )
+        .await
     }
 
     /// Performs the upgrade with a hand-made request (see [`DeviceOptions::request`]).
@@ -82,7 +92,31 @@ impl Connection {
         codec: Codec,
         config: WebSocketConfig,
     ) -> Result<Self, DeviceError> {
-        let (ws, _response) = connect_async_with_config(req, Some(config), true).await?;
+        Self::open_request_from(req, codec, config, None).await
+    }
+
+    /// As [`Connection::open_request`], connecting from local address `bind` when given
+    /// (see [`DeviceOptions::bind_addr`]).
+    ///
+    /// # Errors
+    /// As [`Connection::open`]; [`DeviceError::InvalidOptions`] for a `bind` with a URL
+    /// other than `ws://` or whose host has no address of `bind`'s family.
+    pub async fn open_request_from(
+        req: Request<()>,
+        codec: Codec,
+        config: WebSocketConfig,
+        bind: Option<IpAddr>,
+    ) -> Result<Self, DeviceError> {
+        let ws = match bind {
+            // `true` disables Nagle: frames are small and latency-bound.
+            None => connect_async_with_config(req, Some(config), true).await?.0,
+            Some(ip) => {
+                let tcp = connect_from(&req, ip).await?;
+                client_async_with_config(req, MaybeTlsStream::Plain(tcp), Some(config))
+                    .await?
+                    .0
+            }
+        };
         Ok(Self {
             ws,
             codec,
@@ -257,6 +291,58 @@ impl Connection {
             .clone();
         DeviceError::Closed { code, reason }
     }
+}
+
+/// A TCP connection to the host of `req` (a `ws://` URL) from local address `ip`, trying the
+/// host's addresses of `ip`'s family in turn.
+async fn connect_from(req: &Request<()>, ip: IpAddr) -> Result<TcpStream, DeviceError> {
+    let uri = req.uri();
+    if !uri
+        .scheme_str()
+        .is_some_and(|s| s.eq_ignore_ascii_case("ws"))
+    {
+        return Err(DeviceError::InvalidOptions(BIND_NEEDS_WS.into()));
+    }
+    let host = uri
+        .host()
+        .ok_or_else(|| DeviceError::InvalidOptions("url has no host".into()))?;
+    // An IPv6 literal keeps its URL brackets here, which the resolver does not take.
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let port = uri.port_u16().unwrap_or(80);
+    let mut last_err = None;
+    for addr in tokio::net::lookup_host((host, port)).await.map_err(io)? {
+        if addr.is_ipv4() != ip.is_ipv4() {
+            continue;
+        }
+        match connect_one(ip, addr).await {
+            Ok(tcp) => return Ok(tcp),
+            Err(e) => last_err = Some(e),
+        }
+    }
+    Err(last_err.map_or_else(
+        || DeviceError::InvalidOptions(format!("{host} has no address of bind_addr's family")),
+        io,
+    ))
+}
+
+async fn connect_one(ip: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = if ip.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(ip, 0))?;
+    let tcp = socket.connect(to).await?;
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
+}
+
+/// A socket error, reported as `connect_async` reports its own.
+fn io(e: std::io::Error) -> DeviceError {
+    DeviceError::from(tungstenite::Error::Io(e))
 }
 
 /// Encodes a frame as the WebSocket message `codec` uses (text for JSON, binary for

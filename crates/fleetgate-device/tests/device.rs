@@ -2,6 +2,7 @@
 
 mod support;
 
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use fleetgate_device::{
@@ -11,6 +12,7 @@ use fleetgate_device::{
 use fleetgate_protocol::{Auth, AuthResponse, Envelope, HandshakeKind};
 use serde_json::json;
 use support::{Gateway, Peer, within};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 const DEVICE: &str = "sensor-001";
@@ -677,6 +679,54 @@ async fn connection_reports_auth_failure() {
         }
     };
     tokio::join!(server, client);
+}
+
+#[tokio::test]
+async fn bind_addr_is_the_local_address_of_the_connection() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/v1/device", listener.local_addr().unwrap());
+    let mut o = DeviceOptions::new(url, DEVICE, TOKEN);
+    // Linux loopback answers the whole of 127/8.
+    let from = IpAddr::from([127, 0, 0, 2]);
+    o.bind_addr = Some(from);
+    let open = tokio::spawn(async move { Connection::open(&o).await });
+    let (tcp, peer) = within(listener.accept()).await.unwrap();
+    assert_eq!(peer.ip(), from);
+    // The listener speaks no HTTP: the upgrade fails once the socket is gone.
+    drop(tcp);
+    let result = within(open).await.unwrap();
+    assert!(result.is_err(), "upgrade against a bare socket: {result:?}");
+}
+
+#[tokio::test]
+async fn a_session_works_over_a_bound_socket() {
+    let gw = Gateway::bind().await;
+    let mut o = opts(&gw);
+    o.bind_addr = Some(IpAddr::from([127, 0, 0, 3]));
+    let (client, _events, mut peer) = connected(&gw, o).await;
+    let id = within(client.send_status(json!({"temp": 21.5}), Qos::AtMostOnce))
+        .await
+        .unwrap();
+    let env = peer.recv_message().await;
+    assert_eq!(env.msgid, id);
+    assert_eq!(env.payload, json!({"temp": 21.5}));
+}
+
+#[tokio::test]
+async fn bind_addr_needs_a_ws_url() {
+    let mut o = DeviceOptions::new("wss://127.0.0.1:1/v1/device", DEVICE, TOKEN);
+    o.bind_addr = Some(IpAddr::from([127, 0, 0, 2]));
+    match Device::connect(o.clone()) {
+        Err(DeviceError::InvalidOptions(why)) => assert!(why.contains("ws://"), "{why}"),
+        other => panic!("expected InvalidOptions, got {:?}", other.map(|_| ())),
+    }
+    let req = o.request().unwrap();
+    let opened =
+        Connection::open_request_from(req, o.codec, o.websocket_config(), o.bind_addr).await;
+    assert!(
+        matches!(opened, Err(DeviceError::InvalidOptions(_))),
+        "{opened:?}"
+    );
 }
 
 fn fleetgate_now() -> i64 {
