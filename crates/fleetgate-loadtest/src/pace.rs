@@ -1,0 +1,67 @@
+//! Open-loop pacing shared by many tasks: the k-th caller may start at `start + k / rate`,
+//! whenever the previous ones finish, so a slow server shows up as latency rather than as a
+//! lower offered rate.
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Hands out start times at a fixed rate; the clock starts with the first caller.
+#[derive(Debug)]
+pub struct Pacer {
+    interval: Option<Duration>,
+    start: OnceLock<Instant>,
+    next: AtomicU64,
+}
+
+impl Pacer {
+    /// `rate` starts per second; 0 means no pacing.
+    pub fn new(rate: f64) -> Self {
+        Pacer {
+            interval: (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate)),
+            start: OnceLock::new(),
+            next: AtomicU64::new(0),
+        }
+    }
+
+    /// When slot `k` may start, `None` when unpaced.
+    pub fn slot(&self, k: u64) -> Option<Instant> {
+        let start = *self.start.get_or_init(Instant::now);
+        self.interval.map(|i| start + i.mul_f64(k as f64))
+    }
+
+    /// Takes the next slot and waits for its time.
+    pub async fn wait(&self) {
+        let k = self.next.fetch_add(1, Ordering::Relaxed);
+        if let Some(at) = self.slot(k) {
+            tokio::time::sleep_until(at).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_evenly_spaced_from_the_first_call() {
+        let p = Pacer::new(4.0);
+        let s0 = p.slot(0).unwrap();
+        assert_eq!(p.slot(4).unwrap() - s0, Duration::from_secs(1));
+        assert_eq!(p.slot(1).unwrap() - s0, Duration::from_millis(250));
+        assert!(Pacer::new(0.0).slot(10).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn callers_take_consecutive_slots() {
+        let p = Pacer::new(10.0);
+        let t0 = tokio::time::Instant::now();
+        for _ in 0..5 {
+            p.wait().await;
+        }
+        // Slots 0..4 at 10/s: the fifth starts 400 ms after the first.
+        assert_eq!(t0.elapsed(), Duration::from_millis(400));
+    }
+}

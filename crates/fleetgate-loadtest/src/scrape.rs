@@ -1,0 +1,123 @@
+//! Reads the nodes' `/metrics` (Prometheus text) for what the server side spent: memory,
+//! file descriptors, CPU and messages counted. Works the same against loopback and a remote
+//! deployment.
+
+use std::time::Duration;
+
+/// Counters of accepted device messages: the gateway's, then the reference sink's.
+pub const INGEST_COUNTERS: [&str; 2] = [
+    "fleetgate_messages_received_total",
+    "sink_messages_received_total",
+];
+
+/// The server-side figures of one moment, summed over every scraped node.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Sample {
+    /// Resident memory, bytes.
+    pub rss: f64,
+    /// Open file descriptors.
+    pub fds: f64,
+    /// CPU seconds used so far.
+    pub cpu: f64,
+    /// Device messages accepted so far.
+    pub ingested: f64,
+    /// Nodes that answered.
+    pub nodes: usize,
+}
+
+/// The sum of every series of `name` (any labels); `None` when absent.
+pub fn metric_sum(text: &str, name: &str) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        // Exact name: followed by labels or whitespace, not a longer name.
+        if !(rest.starts_with('{') || rest.starts_with(' ')) {
+            continue;
+        }
+        let value = rest
+            .rsplit_once('}')
+            .map_or(rest, |(_, v)| v)
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<f64>().ok());
+        if let Some(v) = value {
+            *found.get_or_insert(0.0) += v;
+        }
+    }
+    found
+}
+
+/// Parses one node's page into a [`Sample`].
+pub fn parse(text: &str) -> Sample {
+    Sample {
+        rss: metric_sum(text, "process_resident_memory_bytes").unwrap_or(0.0),
+        fds: metric_sum(text, "process_open_fds").unwrap_or(0.0),
+        cpu: metric_sum(text, "process_cpu_seconds_total").unwrap_or(0.0),
+        ingested: INGEST_COUNTERS
+            .iter()
+            .filter_map(|n| metric_sum(text, n))
+            .sum(),
+        nodes: 1,
+    }
+}
+
+/// Scrapes every URL; a node that does not answer is left out of the sum (and of `nodes`).
+pub async fn sample(http: &reqwest::Client, urls: &[String]) -> Sample {
+    let mut total = Sample::default();
+    for url in urls {
+        let page = async {
+            http.get(url)
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await?
+                .error_for_status()?
+                .text()
+                .await
+        };
+        if let Ok(text) = page.await {
+            let s = parse(&text);
+            total.rss += s.rss;
+            total.fds += s.fds;
+            total.cpu += s.cpu;
+            total.ingested += s.ingested;
+            total.nodes += 1;
+        }
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PAGE: &str = "\
+# HELP process_resident_memory_bytes Resident memory.
+# TYPE process_resident_memory_bytes gauge
+process_resident_memory_bytes 1048576
+process_resident_memory_bytes_extra 7
+process_open_fds 12
+process_cpu_seconds_total 3.5
+fleetgate_messages_received_total{type=\"status\"} 100
+fleetgate_messages_received_total{type=\"event\",x=\"a}b\"} 5
+";
+
+    #[test]
+    fn sums_every_series_of_exactly_that_name() {
+        assert_eq!(
+            metric_sum(PAGE, "process_resident_memory_bytes"),
+            Some(1048576.0)
+        );
+        assert_eq!(
+            metric_sum(PAGE, "fleetgate_messages_received_total"),
+            Some(105.0)
+        );
+        assert_eq!(metric_sum(PAGE, "missing"), None);
+        let s = parse(PAGE);
+        assert_eq!(s.fds, 12.0);
+        assert_eq!(s.cpu, 3.5);
+        assert_eq!(s.ingested, 105.0);
+        assert_eq!(parse("sink_messages_received_total 9\n").ingested, 9.0);
+    }
+}
