@@ -237,12 +237,17 @@ pub async fn run(spec: Spec, out: &Output) -> anyhow::Result<RunResult> {
     fleet.phase(Phase::Settle).await?;
 
     let settle = Duration::from_secs_f64(spec.settle_timeout);
+    let workers = spec.workers as u64;
     let t_settle = Instant::now();
     if spec.sends_commands() {
-        // Queued commands still reach devices that are (back) online.
+        // Calls still in flight may yet be accepted; queued commands still reach devices that
+        // are (back) online.
         fleet
             .until(settle, |p, _| {
-                p.commands_received >= p.commands_accepted && p.online >= online_before
+                p.settling == workers
+                    && p.commands_in_flight == 0
+                    && p.commands_received >= p.commands_accepted
+                    && p.online >= online_before
             })
             .await?;
     }

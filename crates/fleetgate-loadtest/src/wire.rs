@@ -51,6 +51,11 @@ pub struct Progress {
     pub messages_sent: u64,
     pub commands_accepted: u64,
     pub commands_received: u64,
+    /// Admin API calls still waiting for their answer.
+    pub commands_in_flight: u64,
+    /// Workers whose count was taken after they entered the settle phase (1 or 0 from
+    /// one worker): only such counts can say that nothing is in flight any more.
+    pub settling: u64,
 }
 
 impl Progress {
@@ -63,6 +68,8 @@ impl Progress {
         self.messages_sent += o.messages_sent;
         self.commands_accepted += o.commands_accepted;
         self.commands_received += o.commands_received;
+        self.commands_in_flight += o.commands_in_flight;
+        self.settling += o.settling;
     }
 }
 

@@ -53,11 +53,15 @@ struct Live {
     messages_sent: AtomicU64,
     commands_accepted: AtomicU64,
     commands_received: AtomicU64,
+    commands_in_flight: AtomicU64,
 }
 
 impl Live {
-    fn snapshot(&self) -> Progress {
-        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    fn snapshot(&self, phase: Phase) -> Progress {
+        let r = |a: &AtomicU64| a.load(Ordering::SeqCst);
+        // In flight first: a call that finished after this read has already been counted
+        // as accepted by the time that counter is read below.
+        let commands_in_flight = r(&self.commands_in_flight);
         Progress {
             provisioned: r(&self.provisioned),
             provision_failed: r(&self.provision_failed),
@@ -66,6 +70,8 @@ impl Live {
             messages_sent: r(&self.messages_sent),
             commands_accepted: r(&self.commands_accepted),
             commands_received: r(&self.commands_received),
+            commands_in_flight,
+            settling: u64::from(phase >= Phase::Settle),
         }
     }
 }
@@ -160,7 +166,10 @@ async fn attack(init: Init, phase: watch::Receiver<Phase>) -> anyhow::Result<Tal
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             loop {
                 tick.tick().await;
-                emit(&Report::Progress(ctx.live.snapshot())).await;
+                // The phase is read before the counts, so a count marked as settling was
+                // taken after every call started before the phase changed was counted.
+                let phase = *ctx.phase.borrow();
+                emit(&Report::Progress(ctx.live.snapshot(phase))).await;
             }
         })
     };
@@ -191,7 +200,7 @@ async fn attack(init: Init, phase: watch::Receiver<Phase>) -> anyhow::Result<Tal
     }
     attack.execute().await.map_err(goose_error)?;
     ticker.abort();
-    emit(&Report::Progress(ctx.live.snapshot())).await;
+    emit(&Report::Progress(ctx.live.snapshot(*ctx.phase.borrow()))).await;
     let tally = ctx.tally.lock().unwrap_or_else(|e| e.into_inner()).clone();
     Ok(tally)
 }
@@ -544,7 +553,11 @@ async fn operate(ctx: Arc<Ctx>, user: &mut GooseUser) -> TransactionResult {
     let mut local = Tally::default();
     while !ctx.at_least(Phase::Settle) {
         ctx.command_pacer.wait().await;
+        // In flight before looking at the phase: a count taken after the phase changed
+        // then includes this call if it goes ahead.
+        ctx.live.commands_in_flight.fetch_add(1, Ordering::SeqCst);
         if ctx.at_least(Phase::Settle) {
+            ctx.live.commands_in_flight.fetch_sub(1, Ordering::SeqCst);
             break;
         }
         let device = spec.device_id(rand::random_range(0..spec.devices));
@@ -561,6 +574,8 @@ async fn operate(ctx: Arc<Ctx>, user: &mut GooseUser) -> TransactionResult {
             .expect_status_code(expect)
             .build();
         let t0 = Instant::now();
+        // The send times bound the load window; answers may come much later.
+        local.mark("commands", now_ms());
         let status = match user.request(req).await {
             Ok(resp) => match resp.response {
                 Ok(r) => r.status().as_u16().to_string(),
@@ -570,15 +585,17 @@ async fn operate(ctx: Arc<Ctx>, user: &mut GooseUser) -> TransactionResult {
         };
         let rtt = t0.elapsed();
         local.add(&format!("command_status:{status}"), 1);
-        local.mark("commands", now_ms());
         // 200: answered; 202 or 504: queued and owed to the device.
         if matches!(status.as_str(), "200" | "202" | "504") {
-            ctx.live.commands_accepted.fetch_add(1, Ordering::Relaxed);
+            ctx.live.commands_accepted.fetch_add(1, Ordering::SeqCst);
             local.add("commands_accepted", 1);
         }
         if status == "200" {
             local.latency("command_rtt", rtt);
         }
+        // Counted as answered only after `commands_accepted`, so the coordinator never sees
+        // an accepted command missing from both counts.
+        ctx.live.commands_in_flight.fetch_sub(1, Ordering::SeqCst);
     }
     ctx.tally(|t| t.merge(&local));
     Ok(())

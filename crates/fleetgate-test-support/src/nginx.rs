@@ -24,6 +24,16 @@ pub fn render_config(prefix: &str, listen: &str, upstreams: &[String]) -> String
         .replace("@UPSTREAM_SERVERS@", &servers.join("\n        "))
 }
 
+/// `conf` with `workers` worker processes (0 leaves the template's one per core).
+fn with_workers(conf: &str, workers: usize) -> String {
+    if workers == 0 {
+        return conf.to_owned();
+    }
+    let line = "worker_processes auto;";
+    assert!(conf.contains(line), "the template sets `{line}`");
+    conf.replace(line, &format!("worker_processes {workers};"))
+}
+
 /// A running nginx on a free loopback port; killed (and its directory removed) on drop.
 pub struct NginxServer {
     child: Child,
@@ -37,6 +47,12 @@ impl NginxServer {
     /// # Panics
     /// When nginx is missing, rejects the config, or does not listen within 20 s.
     pub fn start(upstreams: &[String]) -> Self {
+        Self::start_with_workers(upstreams, 0)
+    }
+
+    /// Like [`NginxServer::start`] with `workers` worker processes (0 = one per core): each
+    /// holds at most ~9,000 descriptors, two per proxied WebSocket.
+    pub fn start_with_workers(upstreams: &[String], workers: usize) -> Self {
         let bin = require_program("nginx", "nginx");
         let dir = scratch_dir("fleetgate-nginx");
         for _ in 0..5 {
@@ -45,7 +61,10 @@ impl NginxServer {
             let conf = dir.join("nginx.conf");
             std::fs::write(
                 &conf,
-                render_config(prefix, &format!("127.0.0.1:{port}"), upstreams),
+                with_workers(
+                    &render_config(prefix, &format!("127.0.0.1:{port}"), upstreams),
+                    workers,
+                ),
             )
             .expect("write nginx.conf");
             let mut child = Command::new(&bin)

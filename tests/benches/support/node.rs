@@ -70,6 +70,11 @@ impl Node {
         Ok(node)
     }
 
+    /// The process ID.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
     /// Whether `GET /readyz` answers 200.
     pub async fn ready(&self) -> bool {
         self.http
