@@ -10,6 +10,7 @@ mod ingress;
 mod interop;
 mod lifecycle;
 mod limits;
+mod loadtest;
 mod sdk;
 mod support;
 mod tracing;

@@ -225,6 +225,7 @@ pub async fn run(spec: Spec, out: &Output) -> anyhow::Result<RunResult> {
         fleet.pass(run_for).await?;
         m.held = Some(scrape::sample(&http, &spec.metrics_urls).await);
     }
+    let watcher = watch_nodes(http.clone(), spec.metrics_urls.clone());
     fleet.phase(Phase::Run).await?;
     m.run_start = Some((now_ms(), scrape::sample(&http, &spec.metrics_urls).await));
     if let Some(trigger) = spec.trigger.clone() {
@@ -254,6 +255,7 @@ pub async fn run(spec: Spec, out: &Output) -> anyhow::Result<RunResult> {
     m.settled_online = Some(fleet.total().online);
     m.settle_secs = t_settle.elapsed().as_secs_f64();
 
+    watcher.abort();
     fleet.phase(Phase::Finish).await?;
     fleet.collect(Duration::from_secs(120)).await?;
     let mut tally = Tally::default();
@@ -268,6 +270,31 @@ pub async fn run(spec: Spec, out: &Output) -> anyhow::Result<RunResult> {
         write_json(path, &result)?;
     }
     Ok(result)
+}
+
+/// Prints every node's open sessions every two seconds while the load runs, so an operator
+/// sees where devices go during a storm (and which node stopped answering).
+fn watch_nodes(http: reqwest::Client, urls: Vec<String>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        if urls.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            tick.tick().await;
+            let nodes: Vec<String> = scrape::per_node(&http, &urls)
+                .await
+                .iter()
+                .map(|s| s.map_or_else(|| "-".to_owned(), |s| format!("{:.0}", s.sessions)))
+                .collect();
+            eprintln!(
+                "+{:>4.0}s sessions per node: {}",
+                started.elapsed().as_secs_f64(),
+                nodes.join(" ")
+            );
+        }
+    })
 }
 
 async fn run_trigger(cmd: &str) -> anyhow::Result<()> {

@@ -477,6 +477,29 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_scenario_files_resolve() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../loadtest/scenarios");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_stem().unwrap().to_str().unwrap().to_owned();
+            let scenario = Scenario::from_str(&name, false).unwrap();
+            let file = Params::from_file(&path).unwrap();
+            let spec = file
+                .overlay(Params {
+                    api_key: Some("k".into()),
+                    trigger: Some("true".into()),
+                    ..Params::default()
+                })
+                .resolve(scenario)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert!(spec.devices > 0);
+            seen += 1;
+        }
+        assert_eq!(seen, 4, "one file per scenario");
+    }
+
+    #[test]
     fn unknown_file_keys_are_refused() {
         assert!(toml::from_str::<Params>("devicez = 3").is_err());
     }

@@ -313,6 +313,38 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_suite_parses_and_its_ratios_name_its_entries() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../loadtest/suite.toml");
+        let suite: Suite = toml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let names: Vec<&str> = suite.entries.iter().map(|e| e.name.as_str()).collect();
+        for r in &suite.ratios {
+            for side in [&r.numerator, &r.denominator] {
+                let (entry, figure) = side.split_once(':').unwrap();
+                let e = suite.entries.iter().find(|e| e.name == entry);
+                assert!(e.is_some(), "{side}: no entry {entry} in {names:?}");
+                assert!(
+                    e.unwrap().figures.iter().any(|f| f == figure),
+                    "{side}: figure not shown"
+                );
+            }
+        }
+        for e in &suite.entries {
+            for (fig, t) in &e.targets {
+                assert!(
+                    e.figures.contains(fig),
+                    "{}: target for unshown {fig}",
+                    e.name
+                );
+                assert!(
+                    meets(0.0, t).is_some(),
+                    "{}: target {t:?} unparseable",
+                    e.name
+                );
+            }
+        }
+    }
+
+    #[test]
     fn the_section_is_regenerated_in_place() {
         let dir = std::env::temp_dir().join(format!("fg-report-{}", std::process::id()));
         let results = dir.join("results");

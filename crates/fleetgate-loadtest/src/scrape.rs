@@ -10,6 +10,9 @@ pub const INGEST_COUNTERS: [&str; 2] = [
     "sink_messages_received_total",
 ];
 
+/// Gauges of open device sessions: the gateway's, then the reference sink's.
+pub const SESSION_GAUGES: [&str; 2] = ["fleetgate_connections_active", "sink_connections_active"];
+
 /// The server-side figures of one moment, summed over every scraped node.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Sample {
@@ -21,6 +24,8 @@ pub struct Sample {
     pub cpu: f64,
     /// Device messages accepted so far.
     pub ingested: f64,
+    /// Device sessions open.
+    pub sessions: f64,
     /// Nodes that answered.
     pub nodes: usize,
 }
@@ -59,6 +64,10 @@ pub fn parse(text: &str) -> Sample {
             .iter()
             .filter_map(|n| metric_sum(text, n))
             .sum(),
+        sessions: SESSION_GAUGES
+            .iter()
+            .filter_map(|n| metric_sum(text, n))
+            .sum(),
         nodes: 1,
     }
 }
@@ -66,6 +75,20 @@ pub fn parse(text: &str) -> Sample {
 /// Scrapes every URL; a node that does not answer is left out of the sum (and of `nodes`).
 pub async fn sample(http: &reqwest::Client, urls: &[String]) -> Sample {
     let mut total = Sample::default();
+    for s in per_node(http, urls).await.into_iter().flatten() {
+        total.rss += s.rss;
+        total.fds += s.fds;
+        total.cpu += s.cpu;
+        total.ingested += s.ingested;
+        total.sessions += s.sessions;
+        total.nodes += 1;
+    }
+    total
+}
+
+/// One sample per URL, `None` for a node that did not answer.
+pub async fn per_node(http: &reqwest::Client, urls: &[String]) -> Vec<Option<Sample>> {
+    let mut out = Vec::new();
     for url in urls {
         let page = async {
             http.get(url)
@@ -76,16 +99,9 @@ pub async fn sample(http: &reqwest::Client, urls: &[String]) -> Sample {
                 .text()
                 .await
         };
-        if let Ok(text) = page.await {
-            let s = parse(&text);
-            total.rss += s.rss;
-            total.fds += s.fds;
-            total.cpu += s.cpu;
-            total.ingested += s.ingested;
-            total.nodes += 1;
-        }
+        out.push(page.await.ok().map(|text| parse(&text)));
     }
-    total
+    out
 }
 
 #[cfg(test)]
@@ -119,5 +135,9 @@ fleetgate_messages_received_total{type=\"event\",x=\"a}b\"} 5
         assert_eq!(s.cpu, 3.5);
         assert_eq!(s.ingested, 105.0);
         assert_eq!(parse("sink_messages_received_total 9\n").ingested, 9.0);
+        assert_eq!(
+            parse("fleetgate_connections_active 19000\n").sessions,
+            19000.0
+        );
     }
 }

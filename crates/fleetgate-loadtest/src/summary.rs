@@ -138,6 +138,7 @@ pub fn summarize(
     };
     if let (Some((_, s0)), Some((_, s1))) = (m.run_start, m.run_end)
         && s1.nodes > 0
+        && s1.nodes == s0.nodes
         && run_secs > 0.0
         && s1.cpu > 0.0
     {
@@ -276,6 +277,7 @@ mod tests {
             fds: 10.0,
             cpu,
             ingested,
+            sessions: 0.0,
             nodes: 1,
         }
     }
