@@ -3,7 +3,7 @@ DEV_API_KEY ?= dev-api-key-change-me-0123
 SHELL := bash
 .SHELLFLAGS := -eo pipefail -c
 
-.PHONY: test deps lint build run cluster bench fmt
+.PHONY: test deps lint build run cluster bench bench-detail fmt
 
 test: deps lint
 	cargo build --workspace --bins
@@ -28,6 +28,10 @@ cluster: build
 	scripts/cluster
 
 bench:
+	cargo build --release -p fleetgate -p fleetgate-loadtest
+	cargo bench -p fleetgate-e2e --bench loadtest
+
+bench-detail:
 	cargo build --release -p fleetgate
 	cargo bench -p fleetgate-e2e --bench gateway
 	cargo bench -p fleetgate-e2e --bench cluster

@@ -45,6 +45,8 @@ struct Entry {
     direct: bool,
     #[serde(default = "two")]
     nginx_workers: usize,
+    /// Nodes the devices connect to directly (no nginx), by index.
+    device_nodes: Option<Vec<usize>>,
     scenario: String,
     config: String,
     #[serde(default)]
@@ -155,7 +157,14 @@ async fn start(entry: &Entry, loadtest: &Path) -> anyhow::Result<Target> {
                 nodes.push(Node::start(&env).await?);
             }
             let gateways: Vec<String> = nodes.iter().map(|n| n.gateway.clone()).collect();
-            let (ws_urls, nginx) = if entry.direct {
+            let (ws_urls, nginx) = if let Some(only) = &entry.device_nodes {
+                let urls = only
+                    .iter()
+                    .map(|i| gateways.get(*i).map(|g| format!("ws://{g}/v1/device")))
+                    .collect::<Option<Vec<_>>>()
+                    .context("device_nodes names a node the entry does not start")?;
+                (urls, None)
+            } else if entry.direct {
                 (
                     gateways
                         .iter()
