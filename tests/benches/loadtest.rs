@@ -18,7 +18,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use fleetgate_test_support::{NginxServer, RedisServer};
+use fleetgate_test_support::{NginxOptions, NginxServer, RedisServer};
 use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -45,6 +45,9 @@ struct Entry {
     direct: bool,
     #[serde(default = "two")]
     nginx_workers: usize,
+    /// Source addresses nginx connects to the nodes from (127.0.1.1 and up); 0 = one.
+    #[serde(default)]
+    nginx_sources: u8,
     /// Nodes the devices connect to directly (no nginx), by index.
     device_nodes: Option<Vec<usize>>,
     scenario: String,
@@ -175,11 +178,15 @@ async fn start(entry: &Entry, loadtest: &Path) -> anyhow::Result<Target> {
             } else {
                 // Two descriptors per proxied socket, at most 9,000 per worker, and accepts
                 // spread unevenly over the workers: room for twice the devices.
-                let workers = entry.nginx_workers;
-                let n = tokio::task::spawn_blocking(move || {
-                    NginxServer::start_with_workers(&gateways, workers)
-                })
-                .await?;
+                let opts = NginxOptions {
+                    workers: entry.nginx_workers,
+                    source_addrs: (1..=entry.nginx_sources)
+                        .map(|i| format!("127.0.1.{i}"))
+                        .collect(),
+                };
+                let n =
+                    tokio::task::spawn_blocking(move || NginxServer::start_with(&gateways, &opts))
+                        .await?;
                 (vec![format!("ws://{}/v1/device", n.addr())], Some(n))
             };
             Ok(Target {

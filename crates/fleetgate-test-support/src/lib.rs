@@ -7,7 +7,7 @@
 mod nginx;
 mod redis;
 
-pub use nginx::{CONFIG_TEMPLATE, NginxServer, render_config};
+pub use nginx::{CONFIG_TEMPLATE, NginxOptions, NginxServer, render_config};
 pub use redis::{RedisOptions, RedisServer};
 
 use std::path::PathBuf;

@@ -24,14 +24,52 @@ pub fn render_config(prefix: &str, listen: &str, upstreams: &[String]) -> String
         .replace("@UPSTREAM_SERVERS@", &servers.join("\n        "))
 }
 
-/// `conf` with `workers` worker processes (0 leaves the template's one per core).
-fn with_workers(conf: &str, workers: usize) -> String {
-    if workers == 0 {
-        return conf.to_owned();
+/// How a test or benchmark ingress differs from the shipped config.
+#[derive(Debug, Clone, Default)]
+pub struct NginxOptions {
+    /// Worker processes; 0 keeps the template's one per core.
+    pub workers: usize,
+    /// Local addresses nginx connects to the gateways from, chosen by device ID; empty lets
+    /// the kernel choose. One source address reaches one gateway address with at most the
+    /// ephemeral port range (about 14,000 connections with Linux's defaults, which keep odd
+    /// ports for `bind`), so larger loopback clusters need several.
+    pub source_addrs: Vec<String>,
+}
+
+/// `conf` adjusted as `opts` say.
+fn customize(conf: &str, opts: &NginxOptions) -> String {
+    let mut conf = conf.to_owned();
+    if opts.workers > 0 {
+        let line = "worker_processes auto;";
+        assert!(conf.contains(line), "the template sets `{line}`");
+        conf = conf.replace(line, &format!("worker_processes {};", opts.workers));
     }
-    let line = "worker_processes auto;";
-    assert!(conf.contains(line), "the template sets `{line}`");
-    conf.replace(line, &format!("worker_processes {workers};"))
+    if !opts.source_addrs.is_empty() {
+        let n = opts.source_addrs.len();
+        let share = (10_000 / n) as f64 / 100.0;
+        let mut split =
+            String::from("split_clients \"$fleetgate_device_id\" $fleetgate_source {\n");
+        for (i, a) in opts.source_addrs.iter().enumerate() {
+            if i + 1 == n {
+                split.push_str(&format!("        * {a};\n"));
+            } else {
+                split.push_str(&format!("        {share}% {a};\n"));
+            }
+        }
+        split.push_str("    }\n\n    upstream fleetgate_gateways {");
+        let upstream = "upstream fleetgate_gateways {";
+        let pass = "proxy_pass http://fleetgate_gateways;";
+        assert!(
+            conf.contains(upstream) && conf.contains(pass),
+            "the template's upstream"
+        );
+        conf = conf.replacen(upstream, &split, 1).replacen(
+            pass,
+            &format!("{pass}\n            proxy_bind $fleetgate_source;"),
+            1,
+        );
+    }
+    conf
 }
 
 /// A running nginx on a free loopback port; killed (and its directory removed) on drop.
@@ -47,12 +85,11 @@ impl NginxServer {
     /// # Panics
     /// When nginx is missing, rejects the config, or does not listen within 20 s.
     pub fn start(upstreams: &[String]) -> Self {
-        Self::start_with_workers(upstreams, 0)
+        Self::start_with(upstreams, &NginxOptions::default())
     }
 
-    /// Like [`NginxServer::start`] with `workers` worker processes (0 = one per core): each
-    /// holds at most ~9,000 descriptors, two per proxied WebSocket.
-    pub fn start_with_workers(upstreams: &[String], workers: usize) -> Self {
+    /// Like [`NginxServer::start`], adjusted by `opts` (workers, source addresses).
+    pub fn start_with(upstreams: &[String], opts: &NginxOptions) -> Self {
         let bin = require_program("nginx", "nginx");
         let dir = scratch_dir("fleetgate-nginx");
         for _ in 0..5 {
@@ -61,9 +98,9 @@ impl NginxServer {
             let conf = dir.join("nginx.conf");
             std::fs::write(
                 &conf,
-                with_workers(
+                customize(
                     &render_config(prefix, &format!("127.0.0.1:{port}"), upstreams),
-                    workers,
+                    opts,
                 ),
             )
             .expect("write nginx.conf");
@@ -131,6 +168,44 @@ impl Drop for NginxServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_customized_config_is_accepted_by_nginx() {
+        let dir = scratch_dir("fleetgate-nginx-custom");
+        let conf = dir.join("nginx.conf");
+        let opts = NginxOptions {
+            workers: 3,
+            source_addrs: vec!["127.0.1.1".into(), "127.0.1.2".into(), "127.0.1.3".into()],
+        };
+        let text = customize(
+            &render_config(
+                dir.to_str().unwrap(),
+                "127.0.0.1:1",
+                &["127.0.0.1:2".into()],
+            ),
+            &opts,
+        );
+        assert!(text.contains("worker_processes 3;"));
+        assert!(text.contains("33.33% 127.0.1.1;") && text.contains("* 127.0.1.3;"));
+        assert!(text.contains("proxy_bind $fleetgate_source;"));
+        std::fs::write(&conf, text).unwrap();
+        let out = Command::new(require_program("nginx", "nginx"))
+            .arg("-t")
+            .args([
+                "-p".as_ref(),
+                dir.as_os_str(),
+                "-c".as_ref(),
+                conf.as_os_str(),
+            ])
+            .output()
+            .unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            out.status.success(),
+            "nginx -t: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 
     #[test]
     fn the_shipped_template_renders_and_nginx_accepts_it() {
