@@ -220,11 +220,9 @@ pub async fn run(spec: Spec, out: &Output) -> anyhow::Result<RunResult> {
     m.connected = Some(scrape::sample(&http, &spec.metrics_urls).await);
     let online_before = fleet.total().online;
 
+    // For `connect` the run phase is the hold: devices stay idle and the end sample is the
+    // memory they cost.
     let run_for = Duration::from_secs_f64(spec.duration);
-    if spec.scenario == Scenario::Connect {
-        fleet.pass(run_for).await?;
-        m.held = Some(scrape::sample(&http, &spec.metrics_urls).await);
-    }
     let watcher = watch_nodes(http.clone(), spec.metrics_urls.clone());
     fleet.phase(Phase::Run).await?;
     m.run_start = Some((now_ms(), scrape::sample(&http, &spec.metrics_urls).await));
@@ -234,7 +232,11 @@ pub async fn run(spec: Spec, out: &Output) -> anyhow::Result<RunResult> {
         run_trigger(&trigger).await?;
     }
     fleet.pass(run_for).await?;
-    m.run_end = Some((now_ms(), scrape::sample(&http, &spec.metrics_urls).await));
+    let end = scrape::sample(&http, &spec.metrics_urls).await;
+    m.run_end = Some((now_ms(), end));
+    if spec.scenario == Scenario::Connect {
+        m.held = Some(end);
+    }
     fleet.phase(Phase::Settle).await?;
 
     let settle = Duration::from_secs_f64(spec.settle_timeout);

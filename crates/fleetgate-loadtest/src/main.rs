@@ -9,24 +9,14 @@
 //! ```
 #![allow(clippy::print_stdout)]
 
-mod coordinator;
-mod pace;
-mod params;
-mod report;
-mod scrape;
-mod sink;
-mod summary;
-mod tally;
-mod wire;
-mod worker;
-
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
-use crate::params::{Params, Scenario};
+use fleetgate_loadtest::params::{Params, Scenario};
+use fleetgate_loadtest::{coordinator, report, sink, worker};
 
 #[derive(Parser)]
 #[command(

@@ -236,28 +236,28 @@ pub fn civil_date(days: i64) -> String {
     format!("{y:04}-{m:02}-{d:02}")
 }
 
-/// Cores and memory of this machine, from `/proc`.
+/// This machine, from `/proc`: cores, CPU model, memory, kernel and the open-file limit.
 pub fn machine() -> String {
+    let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+    let field = |text: &str, prefix: &str| {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .map(|l| l[prefix.len()..].trim().to_owned())
+    };
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_owned())
-        })
+    let model = field(&read("/proc/cpuinfo"), "model name")
+        .map(|m| m.trim_start_matches(':').trim().to_owned())
         .unwrap_or_else(|| "unknown CPU".into());
-    let mem_gib = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
+    let mem_gib = field(&read("/proc/meminfo"), "MemTotal:")
+        .and_then(|kb| kb.trim_end_matches("kB").trim().parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
-    format!("{cores} cores ({model}), {mem_gib:.0} GiB")
+    let kernel = read("/proc/sys/kernel/osrelease").trim().to_owned();
+    let nofile = field(&read("/proc/self/limits"), "Max open files")
+        .map(|l| l.split_whitespace().take(2).collect::<Vec<_>>().join("/"))
+        .unwrap_or_default();
+    format!(
+        "{cores} cores ({model}), {mem_gib:.1} GiB, Linux {kernel}, open files (soft/hard) {nofile}"
+    )
 }
 
 /// Replaces the marked section of `doc` (or appends one).

@@ -144,9 +144,16 @@ fn page(s: &SinkStats) -> String {
     out
 }
 
-/// Resident memory from `/proc/self/statm` (Linux; pages of 4 KiB on the machines we run).
+/// Resident memory: `VmRSS` of `/proc/self/status` (Linux), in bytes.
 fn resident_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages * 4096)
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
 }

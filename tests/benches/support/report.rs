@@ -37,17 +37,7 @@ impl Figure {
 
 /// The median of `v` (NaN if empty).
 pub fn median(v: &[f64]) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let m = s.len() / 2;
-    if s.len() % 2 == 1 {
-        s[m]
-    } else {
-        (s[m - 1] + s[m]) / 2.0
-    }
+    fleetgate_loadtest::report::median(v).unwrap_or(f64::NAN)
 }
 
 /// `1234567.8` -> `1,234,568` (with `decimals` digits after the point).
@@ -90,49 +80,9 @@ pub fn table(figures: &[Figure]) -> String {
     s
 }
 
-/// nproc, CPU model, MemTotal, kernel.
+/// The machine, as the load-test suite describes it.
 pub fn machine() -> String {
-    let nproc = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let memtotal = meminfo
-        .lines()
-        .find(|l| l.starts_with("MemTotal:"))
-        .map(|l| l["MemTotal:".len()..].trim().to_owned())
-        .unwrap_or_default();
-    let memtotal_gib = memtotal
-        .trim_end_matches("kB")
-        .trim()
-        .parse::<f64>()
-        .map(|kb| kb / 1024.0 / 1024.0)
-        .unwrap_or(f64::NAN);
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .unwrap_or_default()
-        .trim()
-        .to_owned();
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split_once(':'))
-        .map(|(_, m)| m.trim().to_owned())
-        .unwrap_or_else(|| "unknown".into());
-    let nofile = std::fs::read_to_string("/proc/self/limits")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .map(|l| {
-            l.split_whitespace()
-                .skip(3)
-                .take(2)
-                .collect::<Vec<_>>()
-                .join("/")
-        })
-        .unwrap_or_default();
-    format!(
-        "nproc {nproc}; CPU {model}; MemTotal {memtotal} ({memtotal_gib:.1} GiB); kernel {kernel}; open files (soft/hard) {nofile}"
-    )
+    fleetgate_loadtest::report::machine()
 }
 
 /// The `q`-quantile (0..=1) of ascending `sorted` by nearest rank (NaN if empty).
