@@ -99,14 +99,8 @@ pub fn summarize(
     let connected = t.count("connected") as f64;
     put("devices", spec.devices as f64);
     put("connected", connected);
-    put(
-        "connect_failed",
-        t.breakdown("connect_failed").values().sum::<u64>() as f64,
-    );
-    put(
-        "provision_failed",
-        t.breakdown("provision_failed").values().sum::<u64>() as f64,
-    );
+    put("connect_failed", t.total("connect_failed") as f64);
+    put("provision_failed", t.total("provision_failed") as f64);
     // Connect rate: from the first attempt to the last success, all workers together.
     if let (Some(a), Some(b)) = (t.span("connect_started"), t.span("connected")) {
         let secs = b.last_ms.saturating_sub(a.first_ms) as f64 / 1000.0;
@@ -151,10 +145,7 @@ pub fn summarize(
             let sent = t.count("messages_sent") as f64;
             let acked = t.count("messages_acked") as f64;
             put("messages_sent", sent);
-            put(
-                "send_failed",
-                t.breakdown("send_failed").values().sum::<u64>() as f64,
-            );
+            put("send_failed", t.total("send_failed") as f64);
             let load = t.span("load").map_or(0.0, |s| s.secs());
             if load > 0.0 {
                 put("client_msg_per_s", acked / load);
@@ -204,7 +195,7 @@ pub fn summarize(
     }
 
     if spec.scenario == Scenario::ReconnectStorm {
-        let dropped = t.breakdown("disconnected").values().sum::<u64>() as f64;
+        let dropped = t.total("disconnected") as f64;
         put("disconnects", dropped);
         put("reconnects", t.count("reconnected") as f64);
         let online = m.settled_online.unwrap_or(0) as f64;

@@ -120,6 +120,16 @@ impl Tally {
             .collect()
     }
 
+    /// The sum of the counters [`Tally::breakdown`] returns for `prefix`, without building it.
+    pub fn total(&self, prefix: &str) -> u64 {
+        let p = format!("{prefix}:");
+        self.counts
+            .iter()
+            .filter(|(k, _)| k.starts_with(&p))
+            .map(|(_, v)| v)
+            .sum()
+    }
+
     /// Records one latency under `name`.
     pub fn latency(&mut self, name: &str, d: Duration) {
         self.latencies.entry(name.to_owned()).or_default().record(d);
@@ -192,6 +202,8 @@ mod tests {
         let failed = a.breakdown("connect_failed");
         assert_eq!(failed.get("4403"), Some(&1));
         assert_eq!(failed.get("timeout"), Some(&4));
+        assert_eq!(a.total("connect_failed"), 5);
+        assert_eq!(a.total("nothing"), 0);
         assert_eq!(
             a.span("connect"),
             Some(Span {
