@@ -240,6 +240,7 @@ async fn send_command_in_span(
         expires_ms: now.saturating_add(ttl.as_millis() as i64),
         reply_to: (!wait.is_zero()).then(|| cfg.node_id.clone()),
         traceparent: fleetgate_bus::trace::current_traceparent(),
+        job: None,
     };
     tracing::Span::current().record("msgid", msgid.as_str());
     if qos == Qos::AtMostOnce {

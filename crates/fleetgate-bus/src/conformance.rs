@@ -143,6 +143,7 @@ fn command(device: &str, id: &str, qos: Qos, expires_ms: i64) -> Command {
         expires_ms,
         reply_to: Some("admin-1".to_owned()),
         traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_owned()),
+        job: None,
     }
 }
 

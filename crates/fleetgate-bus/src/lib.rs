@@ -16,6 +16,7 @@ pub mod memory;
 mod node_tx;
 mod partition;
 pub mod redis;
+mod store;
 pub mod trace;
 mod types;
 
@@ -29,6 +30,9 @@ pub use partition::partition_for;
 /// REST call waits (the admin API's `max_wait` may not exceed it). Only commands someone waits
 /// on store one, so a cluster holds about (waited commands per second) × 120 of them.
 pub const RESULT_TTL: std::time::Duration = std::time::Duration::from_secs(120);
+/// How long job executions are kept after their last change, by default.
+pub const JOB_RETENTION: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+pub use store::*;
 pub use types::*;
 
 /// Errors of a bus backend.
@@ -72,7 +76,24 @@ pub trait Bus: Send + Sync + 'static {
     /// Replaces an existing device's record; `Ok(false)` if it does not exist.
     async fn device_update(&self, device: &DeviceRecord) -> BusResult<bool>;
     /// Lists devices in ID order, starting after `after`, at most `limit`.
-    async fn device_list(&self, after: Option<&str>, limit: usize) -> BusResult<Vec<DeviceRecord>>;
+    async fn device_list(&self, after: Option<&str>, limit: usize) -> BusResult<Vec<DeviceRecord>> {
+        let query = DeviceQuery {
+            after: after.map(str::to_owned),
+            limit,
+            ..DeviceQuery::default()
+        };
+        self.device_query(&query).await
+    }
+    /// A page of devices in ID order matching the query's filters. Paging with the last ID
+    /// of each page as the next `after` returns every device that exists throughout exactly
+    /// once, however many are added or removed meanwhile.
+    async fn device_query(&self, query: &DeviceQuery) -> BusResult<Vec<DeviceRecord>>;
+    /// [`Bus::device_get`] for many devices, in the same order.
+    async fn device_get_many(&self, ids: &[String]) -> BusResult<Vec<Option<DeviceRecord>>>;
+    /// Deletes a device: its record (and group memberships), its command queue and its
+    /// shadow. Presence is left to the session, which the caller closes. `Ok(false)` if
+    /// there was no record.
+    async fn device_delete(&self, id: &str) -> BusResult<bool>;
 
     // --- membership ------------------------------------------------------------------
 
@@ -226,4 +247,72 @@ pub trait Bus: Send + Sync + 'static {
     async fn subscribe(&self, channel: &Channel) -> BusResult<Subscription>;
     /// The channel's retained value, if any.
     async fn retained(&self, channel: &Channel) -> BusResult<Option<Bytes>>;
+
+    // --- admin documents -------------------------------------------------------------
+
+    /// Writes a document if it is as `expect`ed (atomically: concurrent writers with the same
+    /// expectation see exactly one `Written`).
+    async fn doc_put(
+        &self,
+        kind: DocKind,
+        id: &str,
+        body: &str,
+        expect: DocExpect,
+    ) -> BusResult<DocWrite>;
+    /// Reads a document.
+    async fn doc_get(&self, kind: DocKind, id: &str) -> BusResult<Option<Doc>>;
+    /// Documents of a kind in ID order, after `after`, at most `limit`.
+    async fn doc_list(
+        &self,
+        kind: DocKind,
+        after: Option<&str>,
+        limit: usize,
+    ) -> BusResult<Vec<Doc>>;
+    /// Deletes a document; `Ok(false)` if there was none.
+    async fn doc_delete(&self, kind: DocKind, id: &str) -> BusResult<bool>;
+
+    // --- audit log -------------------------------------------------------------------
+
+    /// The log's head token, as last set by [`Bus::audit_append`] (empty for a new log).
+    async fn audit_head(&self) -> BusResult<String>;
+    /// Appends `entries` in order and sets the head token to `new_head`, but only if the head
+    /// is still `expected_head`; atomically, so appends from many processes form one chain.
+    /// Returns the new entries' positions, or `None` (nothing written) if the head moved.
+    async fn audit_append(
+        &self,
+        expected_head: &str,
+        new_head: &str,
+        entries: &[String],
+    ) -> BusResult<Option<Vec<StreamId>>>;
+    /// Entries after position `after` (exclusive; `None` = from the start) in append order,
+    /// at most `limit`. Entries appended while a reader pages are returned after the ones it
+    /// has, so paging returns each entry exactly once.
+    async fn audit_read(
+        &self,
+        after: Option<&StreamId>,
+        limit: usize,
+    ) -> BusResult<Vec<AuditRecord>>;
+
+    // --- jobs ------------------------------------------------------------------------
+
+    /// Queues each command (all with [`Command::job`] = `job`) and records its device's
+    /// execution as `Queued`, in one step per device; a device that already has an execution
+    /// of the job gets nothing queued ([`JobPush::Exists`]). Answers per command, in order.
+    async fn job_push(&self, job: &str, commands: &[Command]) -> BusResult<Vec<JobPush>>;
+    /// Moves a device's execution to `state` if that is higher in rank
+    /// ([`JobExecState::rank`]); `Ok(false)` if there is no execution or it is already as far.
+    async fn job_record(&self, job: &str, device: &str, state: JobExecState) -> BusResult<bool>;
+    /// Executions per state.
+    async fn job_counts(&self, job: &str) -> BusResult<JobCounts>;
+    /// Executions in device ID order after `after`, at most `limit`.
+    async fn job_execs(
+        &self,
+        job: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> BusResult<Vec<JobExec>>;
+    /// Takes up to `limit` executions still `Queued`: those whose command was never sent are
+    /// removed from their device's queue and become `Cancelled`; any sent meanwhile become
+    /// `Delivered`. Returns how many it took; call until 0.
+    async fn job_cancel(&self, job: &str, limit: usize) -> BusResult<usize>;
 }

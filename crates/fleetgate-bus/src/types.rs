@@ -65,6 +65,8 @@ pub struct Command {
     pub reply_to: Option<String>,
     /// W3C `traceparent` of the request that sent it.
     pub traceparent: Option<String>,
+    /// The fleet job it belongs to: its outcome is recorded in the job's executions.
+    pub job: Option<String>,
 }
 
 /// Delivery state of a queued QoS 1/2 command.

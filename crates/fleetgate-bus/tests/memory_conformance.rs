@@ -41,6 +41,7 @@ fn command(device: &str, msgid: &str, expires_ms: i64) -> Command {
         expires_ms,
         reply_to: None,
         traceparent: None,
+        job: None,
     }
 }
 
@@ -75,6 +76,7 @@ fn config_defaults() {
         telemetry_max_len: 0,
         node_channel_capacity: 0,
         subscription_capacity: 0,
+        job_retention: std::time::Duration::ZERO,
     });
     assert_eq!(
         zero.telemetry_partitions(),

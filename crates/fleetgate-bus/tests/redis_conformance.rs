@@ -69,6 +69,7 @@ fn command(device: &str, msgid: &str, expires_ms: i64) -> Command {
         expires_ms,
         reply_to: None,
         traceparent: None,
+        job: None,
     }
 }
 

@@ -32,6 +32,7 @@ fn command(device: &str, i: usize) -> Command {
         expires_ms: now_ms() + 3_600_000,
         reply_to: None,
         traceparent: None,
+        job: None,
     }
 }
 

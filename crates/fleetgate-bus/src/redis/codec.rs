@@ -202,6 +202,7 @@ fn command_value(c: &Command) -> Value {
         "expires_ms": c.expires_ms,
         "reply_to": c.reply_to,
         "traceparent": c.traceparent,
+        "job": c.job,
     })
 }
 
@@ -216,6 +217,7 @@ fn command_from(what: &str, m: &Map<String, Value>) -> BusResult<Command> {
         expires_ms: f.i64("expires_ms")?,
         reply_to: f.opt_str("reply_to")?,
         traceparent: f.opt_str("traceparent")?,
+        job: f.opt_str("job")?,
     })
 }
 

@@ -813,25 +813,6 @@ impl Bus for RedisBus {
         Ok(!reply.is_null())
     }
 
-    async fn device_list(&self, after: Option<&str>, limit: usize) -> BusResult<Vec<DeviceRecord>> {
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
-        let start = after.map_or_else(|| "-".to_owned(), |a| format!("({a}"));
-        let reply = self
-            .eval(
-                0,
-                &self.inner.scripts.device_list,
-                vec![self.key("devices", "")],
-                vec![self.prefix(), v(start), Value::from(limit as i64)],
-            )
-            .await?;
-        array("device_list", reply)?
-            .into_iter()
-            .map(|r| codec::decode_device(&string("device_list", r)?))
-            .collect()
-    }
-
     async fn node_heartbeat(&self, node: &NodeInfo, ttl_ms: u64) -> BusResult<()> {
         let key = self.key("node:", &node.id);
         let encoded = codec::encode_node(node);
@@ -1393,5 +1374,76 @@ impl Bus for RedisBus {
             .await
             .map_err(fred_err)?;
         Ok(reply.into_bytes())
+    }
+    // PLACEHOLDER: implemented in redis/admin.rs (in progress).
+    async fn device_query(&self, _q: &crate::DeviceQuery) -> BusResult<Vec<DeviceRecord>> {
+        Err(BusError::Unavailable("todo".into()))
+    }
+    async fn device_get_many(&self, _ids: &[String]) -> BusResult<Vec<Option<DeviceRecord>>> {
+        Err(BusError::Unavailable("todo".into()))
+    }
+    async fn device_delete(&self, _id: &str) -> BusResult<bool> {
+        Err(BusError::Unavailable("todo".into()))
+    }
+    async fn doc_put(
+        &self,
+        _k: crate::DocKind,
+        _id: &str,
+        _b: &str,
+        _e: crate::DocExpect,
+    ) -> BusResult<crate::DocWrite> {
+        Err(BusError::Unavailable("todo".into()))
+    }
+    async fn doc_get(&self, _k: crate::DocKind, _id: &str) -> BusResult<Option<crate::Doc>> {
+        Err(BusError::Unavailable("todo".into()))
+    }
+    async fn doc_list(
+        &self,
+        _k: crate::DocKind,
+        _a: Option<&str>,
+        _l: usize,
+    ) -> BusResult<Vec<crate::Doc>> {
+        Err(BusError::Unavailable("todo".into()))
+    }
+    async fn doc_delete(&self, _k: crate::DocKind, _id: &str) -> BusResult<bool> {
+        Err(BusError::Unavailable("todo".into()))
+    }
+    async fn audit_head(&self) -> BusResult<String> {
+        Err(BusError::Unavailable("todo".into()))
+    }
+    async fn audit_append(
+        &self,
+        _e: &str,
+        _n: &str,
+        _x: &[String],
+    ) -> BusResult<Option<Vec<StreamId>>> {
+        Err(BusError::Unavailable("todo".into()))
+    }
+    async fn audit_read(
+        &self,
+        _a: Option<&StreamId>,
+        _l: usize,
+    ) -> BusResult<Vec<crate::AuditRecord>> {
+        Err(BusError::Unavailable("todo".into()))
+    }
+    async fn job_push(&self, _j: &str, _c: &[Command]) -> BusResult<Vec<crate::JobPush>> {
+        Err(BusError::Unavailable("todo".into()))
+    }
+    async fn job_record(&self, _j: &str, _d: &str, _s: crate::JobExecState) -> BusResult<bool> {
+        Err(BusError::Unavailable("todo".into()))
+    }
+    async fn job_counts(&self, _j: &str) -> BusResult<crate::JobCounts> {
+        Err(BusError::Unavailable("todo".into()))
+    }
+    async fn job_execs(
+        &self,
+        _j: &str,
+        _a: Option<&str>,
+        _l: usize,
+    ) -> BusResult<Vec<crate::JobExec>> {
+        Err(BusError::Unavailable("todo".into()))
+    }
+    async fn job_cancel(&self, _j: &str, _l: usize) -> BusResult<usize> {
+        Err(BusError::Unavailable("todo".into()))
     }
 }

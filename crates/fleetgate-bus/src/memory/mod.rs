@@ -13,6 +13,8 @@
 //! and by amortised sweeps, channels are bounded and drop (and count) what a slow receiver
 //! cannot take.
 
+mod admin;
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -27,8 +29,9 @@ use crate::node_tx::NodeTx;
 use tokio::time::Instant;
 
 use crate::{
-    Bus, BusError, BusResult, Channel, Command, CommandOutcome, DeliveryState, DeviceRecord,
-    NodeInfo, NodeMessage, Presence, QueuedCommand, Shadow, StreamId, Subscription,
+    AuditRecord, Bus, BusError, BusResult, Channel, Command, CommandOutcome, DeliveryState,
+    DeviceQuery, DeviceRecord, Doc, DocExpect, DocKind, DocWrite, JobCounts, JobExec, JobExecState,
+    JobPush, NodeInfo, NodeMessage, Presence, QueuedCommand, Shadow, StreamId, Subscription,
     TelemetryRecord, merge_patch, partition_for,
 };
 
@@ -45,6 +48,8 @@ pub struct MemoryBusConfig {
     pub node_channel_capacity: usize,
     /// Capacity of each fan-out subscription (at least 1).
     pub subscription_capacity: usize,
+    /// How long a job's executions are kept after their last change.
+    pub job_retention: Duration,
 }
 
 impl Default for MemoryBusConfig {
@@ -55,6 +60,7 @@ impl Default for MemoryBusConfig {
             telemetry_max_len: 100_000,
             node_channel_capacity: 4096,
             subscription_capacity: 1024,
+            job_retention: crate::JOB_RETENTION,
         }
     }
 }
@@ -92,6 +98,8 @@ pub struct MemoryBusStats {
     pub dropped_messages: u64,
     /// Node messages dropped because the node's receiver was full.
     pub dropped_node_messages: u64,
+    /// Jobs whose executions are held.
+    pub jobs: usize,
 }
 
 /// The in-process [`Bus`]. Cloning is cheap: clones share the same state.
@@ -183,13 +191,18 @@ impl MemoryBus {
             node_subscribers,
             dropped_messages: self.dropped_messages(),
             dropped_node_messages: self.dropped_node_messages(),
+            jobs: lock(&inner.jobs).len(),
         }
     }
 }
 
 struct Inner {
     config: MemoryBusConfig,
-    registry: Mutex<BTreeMap<String, DeviceRecord>>,
+    registry: Mutex<admin::Registry>,
+    docs: Mutex<admin::Docs>,
+    audit: Mutex<admin::Audit>,
+    /// Locked before `queues` where both are held.
+    jobs: Mutex<admin::Jobs>,
     cluster: Mutex<Cluster>,
     node_channels: Mutex<HashMap<String, NodeTx>>,
     queues: Mutex<Queues>,
@@ -217,9 +230,13 @@ impl Inner {
         let telemetry = (0..config.telemetry_partitions)
             .map(|_| Mutex::new(Partition::default()))
             .collect();
+        let jobs = Mutex::new(admin::Jobs::new(config.job_retention));
         Self {
             config,
             registry: Mutex::default(),
+            docs: Mutex::default(),
+            audit: Mutex::default(),
+            jobs,
             cluster: Mutex::default(),
             node_channels: Mutex::default(),
             queues: Mutex::default(),
@@ -581,10 +598,10 @@ impl Bus for MemoryBus {
 
     async fn device_create(&self, device: &DeviceRecord) -> BusResult<bool> {
         let mut reg = lock(&self.inner.registry);
-        if reg.contains_key(&device.id) {
+        if reg.get(&device.id).is_some() {
             return Ok(false);
         }
-        reg.insert(device.id.clone(), device.clone());
+        reg.put(device.clone());
         Ok(true)
     }
 
@@ -594,24 +611,36 @@ impl Bus for MemoryBus {
 
     async fn device_update(&self, device: &DeviceRecord) -> BusResult<bool> {
         let mut reg = lock(&self.inner.registry);
-        match reg.get_mut(&device.id) {
-            Some(existing) => {
-                *existing = device.clone();
-                Ok(true)
-            }
-            None => Ok(false),
+        if reg.get(&device.id).is_none() {
+            return Ok(false);
         }
+        reg.put(device.clone());
+        Ok(true)
     }
 
-    async fn device_list(&self, after: Option<&str>, limit: usize) -> BusResult<Vec<DeviceRecord>> {
-        use std::ops::Bound;
+    async fn device_query(&self, query: &DeviceQuery) -> BusResult<Vec<DeviceRecord>> {
+        Ok(lock(&self.inner.registry).query(query))
+    }
+
+    async fn device_get_many(&self, ids: &[String]) -> BusResult<Vec<Option<DeviceRecord>>> {
         let reg = lock(&self.inner.registry);
-        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
-        Ok(reg
-            .range::<str, _>((start, Bound::Unbounded))
-            .take(limit)
-            .map(|(_, d)| d.clone())
-            .collect())
+        Ok(ids.iter().map(|id| reg.get(id).cloned()).collect())
+    }
+
+    async fn device_delete(&self, id: &str) -> BusResult<bool> {
+        if lock(&self.inner.registry).remove(id).is_none() {
+            return Ok(false);
+        }
+        {
+            let mut queues = lock(&self.inner.queues);
+            if let Some(q) = queues.devices.remove(id) {
+                for (seq, c) in q.order {
+                    queues.expiry.remove(&(c.command.expires_ms, seq));
+                }
+            }
+        }
+        lock(&self.inner.shadows).remove(id);
+        Ok(true)
     }
 
     async fn node_heartbeat(&self, node: &NodeInfo, ttl_ms: u64) -> BusResult<()> {
@@ -963,6 +992,132 @@ impl Bus for MemoryBus {
             .channels
             .get(channel)
             .and_then(|c| c.retained.clone()))
+    }
+
+    async fn doc_put(
+        &self,
+        kind: DocKind,
+        id: &str,
+        body: &str,
+        expect: DocExpect,
+    ) -> BusResult<DocWrite> {
+        Ok(lock(&self.inner.docs).put(kind, id, body, expect))
+    }
+
+    async fn doc_get(&self, kind: DocKind, id: &str) -> BusResult<Option<Doc>> {
+        Ok(lock(&self.inner.docs).get(kind, id))
+    }
+
+    async fn doc_list(
+        &self,
+        kind: DocKind,
+        after: Option<&str>,
+        limit: usize,
+    ) -> BusResult<Vec<Doc>> {
+        Ok(lock(&self.inner.docs).list(kind, after, limit))
+    }
+
+    async fn doc_delete(&self, kind: DocKind, id: &str) -> BusResult<bool> {
+        Ok(lock(&self.inner.docs).delete(kind, id))
+    }
+
+    async fn audit_head(&self) -> BusResult<String> {
+        Ok(lock(&self.inner.audit).head())
+    }
+
+    async fn audit_append(
+        &self,
+        expected_head: &str,
+        new_head: &str,
+        entries: &[String],
+    ) -> BusResult<Option<Vec<StreamId>>> {
+        let now = u64::try_from(wall_ms()).unwrap_or(0);
+        Ok(lock(&self.inner.audit).append(now, expected_head, new_head, entries))
+    }
+
+    async fn audit_read(
+        &self,
+        after: Option<&StreamId>,
+        limit: usize,
+    ) -> BusResult<Vec<AuditRecord>> {
+        let after = after.map(StreamId::parts).transpose()?;
+        Ok(lock(&self.inner.audit).read(after, limit))
+    }
+
+    async fn job_push(&self, job: &str, commands: &[Command]) -> BusResult<Vec<JobPush>> {
+        let mut answers = Vec::with_capacity(commands.len());
+        let mut queued = Vec::new();
+        {
+            let mut jobs = lock(&self.inner.jobs);
+            for c in commands {
+                let device = c.device.as_str();
+                let msgid = c.msgid.as_str();
+                if jobs.has(job, device) {
+                    answers.push(JobPush::Exists);
+                    continue;
+                }
+                match self.inner.push(c) {
+                    Ok(()) => {
+                        jobs.insert(job, device, msgid, JobExecState::Queued, wall_ms());
+                        answers.push(JobPush::Queued);
+                        queued.push(device);
+                    }
+                    Err(BusError::QueueFull { .. }) => {
+                        jobs.insert(job, device, msgid, JobExecState::Failed, wall_ms());
+                        answers.push(JobPush::QueueFull);
+                    }
+                    Err(other) => return Err(other),
+                }
+            }
+        }
+        // As in `queue_push`: after the push, so a session registering meanwhile is either
+        // told here or reads its queue itself.
+        for device in queued {
+            if let Some(p) = self.presence_get(device).await? {
+                let deliver = NodeMessage::Deliver {
+                    device: device.to_owned(),
+                };
+                self.node_publish(&p.node, &deliver).await?;
+            }
+        }
+        Ok(answers)
+    }
+
+    async fn job_record(&self, job: &str, device: &str, state: JobExecState) -> BusResult<bool> {
+        Ok(lock(&self.inner.jobs).record(job, device, state, wall_ms()))
+    }
+
+    async fn job_counts(&self, job: &str) -> BusResult<JobCounts> {
+        Ok(lock(&self.inner.jobs).counts(job))
+    }
+
+    async fn job_execs(
+        &self,
+        job: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> BusResult<Vec<JobExec>> {
+        Ok(lock(&self.inner.jobs).execs(job, after, limit))
+    }
+
+    async fn job_cancel(&self, job: &str, limit: usize) -> BusResult<usize> {
+        let mut jobs = lock(&self.inner.jobs);
+        let taken = jobs.queued(job, limit);
+        let mut queues = lock(&self.inner.queues);
+        for (device, msgid) in &taken {
+            let unsent = queues
+                .get_mut(device, msgid)
+                .is_some_and(|c| c.attempts == 0);
+            let state = if unsent {
+                queues.remove(device, msgid);
+                JobExecState::Cancelled
+            } else {
+                // Sent (or even answered) meanwhile: its outcome is on its way.
+                JobExecState::Delivered
+            };
+            jobs.record(job, device, state, wall_ms());
+        }
+        Ok(taken.len())
     }
 }
 
