@@ -4,8 +4,12 @@
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use fleetgate_audit::AuditError;
 use fleetgate_bus::BusError;
+use serde::Serialize;
 use tracing::warn;
+
+use crate::pipeline::Note;
 
 /// An error answer.
 #[derive(Debug)]
@@ -14,6 +18,31 @@ pub struct AppError {
     code: &'static str,
     message: String,
     msgid: Option<String>,
+    current_version: Option<u64>,
+    reason: Option<&'static str>,
+}
+
+/// The error body (the OpenAPI document's shared error shape).
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// What went wrong.
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorDetail {
+    /// Stable, machine-readable code (`bad_request`, `not_found`, `forbidden`, ...).
+    pub code: String,
+    /// For people.
+    pub message: String,
+    /// The command the error is about, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub msgid: Option<String>,
+    /// On a version conflict: the current version.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub current_version: Option<u64>,
 }
 
 impl AppError {
@@ -24,12 +53,26 @@ impl AppError {
             code,
             message: message.into(),
             msgid: None,
+            current_version: None,
+            reason: None,
         }
     }
 
     /// Names the command the error is about, so the caller can follow it up.
     pub fn with_msgid(mut self, msgid: impl Into<String>) -> Self {
         self.msgid = Some(msgid.into());
+        self
+    }
+
+    /// On a version conflict: tells the caller the current version.
+    pub fn with_current_version(mut self, version: u64) -> Self {
+        self.current_version = Some(version);
+        self
+    }
+
+    /// What the audit log records as the reason, when it says more than the code.
+    pub fn with_reason(mut self, reason: &'static str) -> Self {
+        self.reason = Some(reason);
         self
     }
 
@@ -41,6 +84,16 @@ impl AppError {
     /// 404 with code `not_found`.
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    /// 409 with code `exists`.
+    pub fn exists(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "exists", message)
+    }
+
+    /// 403 with code `forbidden`.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
     }
 
     /// The HTTP status.
@@ -69,12 +122,33 @@ impl From<BusError> for AppError {
     }
 }
 
+impl From<AuditError> for AppError {
+    fn from(error: AuditError) -> Self {
+        warn!(message = "audit log unavailable", %error);
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "audit_unavailable",
+            "the audit log cannot be written, so nothing was changed; retry later",
+        )
+    }
+}
+
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
-        let mut error = serde_json::json!({ "code": self.code, "message": self.message });
-        if let Some(msgid) = self.msgid {
-            error["msgid"] = msgid.into();
-        }
-        (self.status, Json(serde_json::json!({ "error": error }))).into_response()
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_owned(),
+                message: self.message,
+                msgid: self.msgid.clone(),
+                current_version: self.current_version,
+            },
+        };
+        let mut response = (self.status, Json(body)).into_response();
+        response.extensions_mut().insert(Note {
+            reason: Some(self.reason.unwrap_or(self.code)),
+            msgid: self.msgid,
+            ..Note::default()
+        });
+        response
     }
 }

@@ -1,31 +1,49 @@
-//! fleetgate admin REST API, first slice: device provisioning, device reads with presence and
-//! shadow, commands with QoS / TTL / wait, disconnect and revoke. Authenticated with a
-//! bootstrap API key. It reaches gateway nodes only through the [`Bus`].
+//! fleetgate admin REST API: principals (users, API keys, the bootstrap key) with roles scoped
+//! to device groups, the device registry, commands, shadows, nodes and the audit log. It
+//! reaches gateway nodes only through the [`Bus`], where it also keeps all of its state.
+//!
+//! Where things live:
+//! - who the caller is: [`auth`] (once per request, in the [`pipeline`]);
+//! - what it may do: [`rbac`], asked by the extractors each handler declares;
+//! - what is recorded: [`pipeline`] appends every state change, login and refusal to the
+//!   audit log (`fleetgate-audit`), failing closed.
 
+mod audit_api;
+mod auth;
+mod commands;
+mod devices;
 mod error;
-mod handlers;
+mod pipeline;
+mod principals;
+mod rbac;
 mod waiters;
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::Router;
-use axum::extract::{Request, State};
-use axum::http::header;
-use axum::middleware::{self, Next};
-use axum::response::Response;
-use axum::routing::{get, post};
+use axum::extract::DefaultBodyLimit;
+use axum::extract::State;
+use axum::extract::rejection::JsonRejection;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::{Json, Router, middleware};
+use fleetgate_audit::{AuditConfig, AuditLog, Signer};
 use fleetgate_bus::{Bus, BusError};
-use subtle::ConstantTimeEq;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-pub use error::AppError;
+pub use auth::TokenKey;
+pub use error::{AppError, ErrorBody};
+pub use rbac::Role;
 
 /// Admin API settings; defaults here are the documented ones.
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
     /// ID this admin process receives command results under (distinct from any gateway's).
     pub node_id: String,
-    /// Bootstrap API key; requests must send `Authorization: Bearer <key>`.
+    /// Bootstrap API key (an admin of scope `*`); empty once admin users exist.
     pub api_key: String,
     /// Command TTL when a request gives none.
     pub default_ttl: Duration,
@@ -33,6 +51,18 @@ pub struct AdminConfig {
     pub max_ttl: Duration,
     /// Longest `waitMs` a request may ask for.
     pub max_wait: Duration,
+    /// Lifetime of a user token.
+    pub token_ttl: Duration,
+    /// HS256 keys for user tokens: the first signs, all verify. Empty: a random key.
+    pub token_keys: Vec<TokenKey>,
+    /// PKCS#8 PEM Ed25519 key that signs audit checkpoints. `None`: a random key.
+    pub audit_signing_key_pem: Option<String>,
+    /// Public keys (SPKI PEM) of earlier signing keys, still trusted when verifying.
+    pub audit_verify_keys_pem: Vec<String>,
+    /// How often the audit log's head is signed.
+    pub audit_checkpoint_interval: Duration,
+    /// Largest request body; larger ones answer 413.
+    pub max_body_bytes: usize,
 }
 
 impl Default for AdminConfig {
@@ -43,6 +73,12 @@ impl Default for AdminConfig {
             default_ttl: Duration::from_secs(60),
             max_ttl: Duration::from_secs(7 * 24 * 3600),
             max_wait: Duration::from_secs(60),
+            token_ttl: Duration::from_secs(15 * 60),
+            token_keys: Vec::new(),
+            audit_signing_key_pem: None,
+            audit_verify_keys_pem: Vec::new(),
+            audit_checkpoint_interval: Duration::from_secs(60),
+            max_body_bytes: 1 << 20,
         }
     }
 }
@@ -50,9 +86,17 @@ impl Default for AdminConfig {
 /// Why the admin API cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// No API key (or a short one) was configured.
-    #[error("the admin API needs an API key of at least 16 characters (FLEETGATE_API_KEY)")]
+    /// No API key (or a short one), and no admin user to log in as.
+    #[error(
+        "the admin API needs an API key of at least 16 characters (FLEETGATE_API_KEY) until an admin user exists"
+    )]
     NoApiKey,
+    /// A user token key is too short.
+    #[error("user token key {0}: the secret must be at least 32 bytes")]
+    TokenKey(String),
+    /// The audit keys are unusable.
+    #[error("audit key: {0}")]
+    AuditKey(#[from] fleetgate_audit::KeyError),
     /// The bus refused the result subscription.
     #[error(transparent)]
     Bus(#[from] BusError),
@@ -62,6 +106,10 @@ pub(crate) struct AdminState {
     pub(crate) config: AdminConfig,
     pub(crate) bus: Arc<dyn Bus>,
     pub(crate) waiters: waiters::Waiters,
+    pub(crate) authn: auth::Authenticator,
+    pub(crate) audit: AuditLog,
+    pub(crate) audit_keys: Vec<fleetgate_audit::VerifyingKey>,
+    pub(crate) audit_failures: AtomicU64,
 }
 
 /// A running admin API.
@@ -70,66 +118,195 @@ pub struct Admin {
     state: Arc<AdminState>,
 }
 
+pub(crate) type Res = Result<Response, AppError>;
+
+pub(crate) fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// A JSON body, or the error for it: 413 past the size limit, 400 otherwise (415 without a
+/// JSON content type).
+pub(crate) fn body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, AppError> {
+    body.map(|Json(b)| b).map_err(|rejection| {
+        let (status, code) = match rejection.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+            }
+            // axum answers 422 for well-formed JSON of the wrong shape; to clients both are
+            // a bad request.
+            _ => (StatusCode::BAD_REQUEST, "bad_request"),
+        };
+        AppError::new(status, code, rejection.body_text())
+    })
+}
+
 impl Admin {
-    /// Starts the admin API's background work (the command result listener).
+    /// Starts the admin API's background work (the command result listener, the audit
+    /// writer and its checkpoints).
     ///
     /// # Errors
-    /// [`StartError`] without a usable API key, or when the bus refuses the subscription.
+    /// [`StartError`] without a usable API key or admin user, with unusable keys, or when
+    /// the bus refuses the subscription.
     pub async fn start(config: AdminConfig, bus: Arc<dyn Bus>) -> Result<Self, StartError> {
-        if config.api_key.len() < 16 {
+        if config.api_key.len() < 16
+            && !(config.api_key.is_empty() && principals::admin_user_exists(&*bus).await?)
+        {
             return Err(StartError::NoApiKey);
         }
+        if let Some(k) = config.token_keys.iter().find(|k| k.secret.len() < 32) {
+            return Err(StartError::TokenKey(k.kid.clone()));
+        }
+        let signer = match &config.audit_signing_key_pem {
+            Some(pem) => Signer::from_pem(pem)?,
+            None => {
+                tracing::warn!(
+                    message = "no audit signing key configured: checkpoints are signed with a random key that is lost on restart (set FLEETGATE_AUDIT_SIGNING_KEY)"
+                );
+                Signer::generate()
+            }
+        };
+        let audit_keys = config
+            .audit_verify_keys_pem
+            .iter()
+            .map(|pem| fleetgate_audit::public_key_from_pem(pem))
+            .collect::<Result<Vec<_>, _>>()?;
+        let audit_config = AuditConfig {
+            checkpoint_interval: config.audit_checkpoint_interval,
+            ..AuditConfig::default()
+        };
+        let audit = AuditLog::start(bus.clone(), signer, &audit_config);
         let waiters = waiters::Waiters::start(bus.clone(), &config.node_id).await?;
+        let authn = auth::Authenticator::new(
+            config.api_key.clone(),
+            &config.token_keys,
+            i64::try_from(config.token_ttl.as_millis()).unwrap_or(i64::MAX),
+        );
         Ok(Self {
             state: Arc::new(AdminState {
                 config,
                 bus,
                 waiters,
+                authn,
+                audit,
+                audit_keys,
+                audit_failures: AtomicU64::new(0),
             }),
         })
     }
 
-    /// The admin REST router (`/v1/...`).
+    /// Response audit entries that could not be written (the request had already run).
+    pub fn audit_failures(&self) -> u64 {
+        self.state
+            .audit_failures
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The admin REST router (`/v1/...`), and its OpenAPI document.
     pub fn router(&self) -> Router {
-        Router::new()
-            .route(
-                "/v1/devices",
-                post(handlers::create_device).get(handlers::list_devices),
-            )
-            .route("/v1/devices/{id}", get(handlers::get_device))
-            .route("/v1/devices/{id}/commands", post(handlers::send_command))
-            .route("/v1/devices/{id}/disconnect", post(handlers::disconnect))
-            .route("/v1/devices/{id}/revoke", post(handlers::revoke))
-            .route("/v1/nodes", get(handlers::list_nodes))
-            .fallback(handlers::not_found)
-            .layer(middleware::from_fn_with_state(
+        let (router, _) = api_router().split_for_parts();
+        router
+            .route_layer(middleware::from_fn_with_state(
                 self.state.clone(),
-                require_api_key,
+                pipeline::pipeline,
             ))
+            .fallback(not_found)
+            .method_not_allowed_fallback(method_not_allowed)
+            .layer(DefaultBodyLimit::max(self.state.config.max_body_bytes))
             .with_state(self.state.clone())
+    }
+
+    /// The OpenAPI document (every route, generated from the handlers).
+    pub fn openapi() -> &'static utoipa::openapi::OpenApi {
+        static DOC: OnceLock<utoipa::openapi::OpenApi> = OnceLock::new();
+        DOC.get_or_init(|| api_router().split_for_parts().1)
     }
 }
 
-async fn require_api_key(
-    State(state): State<Arc<AdminState>>,
-    request: Request,
-    next: Next,
-) -> Result<Response, AppError> {
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let ok = presented
-        .is_some_and(|key| bool::from(key.as_bytes().ct_eq(state.config.api_key.as_bytes())));
-    if ok {
-        Ok(next.run(request).await)
-    } else {
-        Err(AppError::new(
-            axum::http::StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "send Authorization: Bearer <API key>",
-        ))
+/// This document: every route of the admin API with its statuses and bodies.
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "meta", security(()),
+    responses((status = 200, body = Object)))]
+async fn openapi_json() -> Json<&'static utoipa::openapi::OpenApi> {
+    Json(Admin::openapi())
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "fleetgate admin API", description = "Devices, commands, shadows, principals and the audit log of a fleetgate cluster. Authenticate with `Authorization: Bearer <API key or user token>`; errors are `{\"error\":{\"code\",\"message\"}}`."),
+    components(schemas(ErrorBody)),
+    modifiers(&BearerAuth),
+    security(("bearer" = []))
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
     }
+}
+
+fn api_router() -> OpenApiRouter<Arc<AdminState>> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(principals::login))
+        .routes(routes!(principals::refresh))
+        .routes(routes!(principals::me))
+        .routes(routes!(principals::create_user, principals::list_users))
+        .routes(routes!(principals::update_user, principals::delete_user))
+        .routes(routes!(principals::create_key, principals::list_keys))
+        .routes(routes!(principals::revoke_key))
+        .routes(routes!(devices::create_device, devices::list_devices))
+        .routes(routes!(
+            devices::get_device,
+            devices::update_device,
+            devices::delete_device
+        ))
+        .routes(routes!(devices::rotate))
+        .routes(routes!(devices::disconnect))
+        .routes(routes!(devices::revoke))
+        .routes(routes!(devices::get_shadow))
+        .routes(routes!(commands::send_command))
+        .routes(routes!(list_nodes))
+        .routes(routes!(audit_api::list))
+        .routes(routes!(audit_api::verify))
+        .routes(routes!(audit_api::public_key))
+        .routes(routes!(openapi_json))
+}
+
+/// Live gateway nodes and their load.
+#[utoipa::path(get, path = "/v1/nodes", tag = "cluster",
+    responses((status = 200, body = Object), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn list_nodes(
+    State(state): State<Arc<AdminState>>,
+    _auth: auth::Auth<auth::need::NodeRead>,
+) -> Res {
+    let nodes: Vec<serde_json::Value> = state
+        .bus
+        .nodes()
+        .await?
+        .into_iter()
+        .map(|n| serde_json::json!({ "id": n.id, "connections": n.connections, "draining": n.draining, "startedMs": n.started_ms, "updatedMs": n.updated_ms }))
+        .collect();
+    Ok(Json(serde_json::json!({ "nodes": nodes })).into_response())
+}
+
+async fn not_found() -> AppError {
+    AppError::not_found("no such endpoint")
+}
+
+async fn method_not_allowed() -> AppError {
+    AppError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint does not take that method",
+    )
 }

@@ -17,6 +17,8 @@ mod sign;
 mod verify;
 
 pub use chain::{Head, hash_text};
+/// The public key type checkpoints verify with.
+pub use ed25519_dalek::VerifyingKey;
 pub use entry::{Checkpoint, Draft, Entry, GENESIS, Stage};
 pub use export::{ExportError, export_line, verify_export};
 pub use log::{AuditConfig, AuditError, AuditLog};

@@ -203,7 +203,7 @@ async fn serve(settings: Settings, run_gateway: bool, run_admin: bool) -> anyhow
     let admin = if run_admin {
         let listener = bind(&settings.admin_listen)?;
         addrs.insert("admin".into(), listener.local_addr()?.to_string().into());
-        let admin = Admin::start(settings.admin_config(), bus.clone()).await?;
+        let admin = Admin::start(settings.admin_config()?, bus.clone()).await?;
         Some((admin, listener))
     } else {
         None
@@ -222,7 +222,11 @@ async fn serve(settings: Settings, run_gateway: bool, run_admin: bool) -> anyhow
     let admin_task = admin.map(|(admin, listener)| {
         let stop = shutdown.clone();
         tokio::spawn(async move {
-            axum::serve(listener, admin.router())
+            // The peer address is the audit log's `source`.
+            let app = admin
+                .router()
+                .into_make_service_with_connect_info::<SocketAddr>();
+            axum::serve(listener, app)
                 .with_graceful_shutdown(async move { stop.cancelled().await })
                 .await
         })

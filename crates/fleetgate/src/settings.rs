@@ -103,6 +103,18 @@ pub struct AdminSettings {
     pub max_ttl_ms: u64,
     /// Longest `waitMs`.
     pub max_wait_ms: u64,
+    /// Lifetime of a user token.
+    pub token_ttl_ms: u64,
+    /// TOML file of HS256 keys for user tokens (`[[keys]] kid, secret`; the first signs).
+    pub token_keys: Option<PathBuf>,
+    /// PKCS#8 PEM Ed25519 key that signs audit checkpoints.
+    pub audit_signing_key: Option<PathBuf>,
+    /// SPKI PEM public keys of earlier audit signing keys, still trusted by verification.
+    pub audit_verify_keys: Vec<PathBuf>,
+    /// How often the audit log's head is signed.
+    pub audit_checkpoint_interval_ms: u64,
+    /// Largest admin request body; larger ones answer 413.
+    pub max_body_bytes: usize,
 }
 
 /// `[bus]` (both backends).
@@ -179,6 +191,12 @@ impl Default for AdminSettings {
             default_ttl_ms: ms(a.default_ttl),
             max_ttl_ms: ms(a.max_ttl),
             max_wait_ms: ms(a.max_wait),
+            token_ttl_ms: ms(a.token_ttl),
+            token_keys: None,
+            audit_signing_key: None,
+            audit_verify_keys: Vec::new(),
+            audit_checkpoint_interval_ms: ms(a.audit_checkpoint_interval),
+            max_body_bytes: a.max_body_bytes,
         }
     }
 }
@@ -270,6 +288,24 @@ pub struct Overrides {
     /// How long a Redis call may take, reconnecting included, ms.
     #[arg(long, env = "FLEETGATE_REDIS_COMMAND_TIMEOUT_MS")]
     pub redis_command_timeout_ms: Option<u64>,
+    /// Lifetime of a user token, ms.
+    #[arg(long, env = "FLEETGATE_ADMIN_TOKEN_TTL_MS")]
+    pub admin_token_ttl_ms: Option<u64>,
+    /// TOML file of HS256 user token keys (`[[keys]] kid, secret`; the first signs).
+    #[arg(long, env = "FLEETGATE_ADMIN_TOKEN_KEYS")]
+    pub admin_token_keys: Option<PathBuf>,
+    /// PKCS#8 PEM Ed25519 key that signs audit checkpoints.
+    #[arg(long, env = "FLEETGATE_AUDIT_SIGNING_KEY")]
+    pub audit_signing_key: Option<PathBuf>,
+    /// Comma-separated SPKI PEM public keys of earlier audit signing keys.
+    #[arg(long, env = "FLEETGATE_AUDIT_VERIFY_KEYS", value_delimiter = ',')]
+    pub audit_verify_keys: Option<Vec<PathBuf>>,
+    /// How often the audit log's head is signed, ms.
+    #[arg(long, env = "FLEETGATE_AUDIT_CHECKPOINT_INTERVAL_MS")]
+    pub audit_checkpoint_interval_ms: Option<u64>,
+    /// Largest admin request body, bytes (larger: 413).
+    #[arg(long, env = "FLEETGATE_ADMIN_MAX_BODY_BYTES")]
+    pub admin_max_body_bytes: Option<usize>,
 }
 
 impl Settings {
@@ -303,7 +339,19 @@ impl Settings {
             rate_limit_burst => gateway.rate_limit_burst, drain_period_ms => gateway.drain_period_ms,
             write_timeout_ms => gateway.write_timeout_ms, node_ttl_ms => gateway.node_ttl_ms,
             redis_command_timeout_ms => bus.redis_command_timeout_ms,
+            admin_token_ttl_ms => admin.token_ttl_ms,
+            audit_checkpoint_interval_ms => admin.audit_checkpoint_interval_ms,
+            admin_max_body_bytes => admin.max_body_bytes,
         );
+        if o.admin_token_keys.is_some() {
+            s.admin.token_keys = o.admin_token_keys.clone();
+        }
+        if o.audit_signing_key.is_some() {
+            s.admin.audit_signing_key = o.audit_signing_key.clone();
+        }
+        if let Some(keys) = &o.audit_verify_keys {
+            s.admin.audit_verify_keys = keys.clone();
+        }
         if let Some(v) = &o.redis_urls {
             s.redis_urls = v
                 .iter()
@@ -357,6 +405,14 @@ impl Settings {
                 ms(fleetgate_bus::RESULT_TTL)
             );
         }
+        if self.admin.token_ttl_ms < 1000 || self.admin.audit_checkpoint_interval_ms < 100 {
+            bail!(
+                "admin token_ttl_ms must be at least 1000 and audit_checkpoint_interval_ms at least 100"
+            );
+        }
+        if self.admin.max_body_bytes < 1024 {
+            bail!("admin max_body_bytes must be at least 1024");
+        }
         if self.bus.redis_command_timeout_ms == 0 {
             bail!("redis_command_timeout_ms must be positive");
         }
@@ -402,16 +458,48 @@ impl Settings {
         c
     }
 
-    /// The admin crate's config.
-    pub fn admin_config(&self) -> AdminConfig {
+    /// The admin crate's config, with the key files it names read.
+    ///
+    /// # Errors
+    /// An unreadable or invalid key file.
+    pub fn admin_config(&self) -> anyhow::Result<AdminConfig> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct TokenKeyFile {
+            keys: Vec<fleetgate_admin::TokenKey>,
+        }
+        let read = |path: &PathBuf| {
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+        };
         let a = &self.admin;
-        AdminConfig {
+        let token_keys = match &a.token_keys {
+            Some(path) => {
+                let file: TokenKeyFile = toml::from_str(&read(path)?)
+                    .with_context(|| format!("parsing {}", path.display()))?;
+                if file.keys.is_empty() {
+                    bail!("{}: no [[keys]]", path.display());
+                }
+                file.keys
+            }
+            None => Vec::new(),
+        };
+        Ok(AdminConfig {
             node_id: format!("{}-admin", self.node_id),
             api_key: self.api_key.clone(),
             default_ttl: Duration::from_millis(a.default_ttl_ms),
             max_ttl: Duration::from_millis(a.max_ttl_ms),
             max_wait: Duration::from_millis(a.max_wait_ms),
-        }
+            token_ttl: Duration::from_millis(a.token_ttl_ms),
+            token_keys,
+            audit_signing_key_pem: a.audit_signing_key.as_ref().map(read).transpose()?,
+            audit_verify_keys_pem: a
+                .audit_verify_keys
+                .iter()
+                .map(read)
+                .collect::<Result<_, _>>()?,
+            audit_checkpoint_interval: Duration::from_millis(a.audit_checkpoint_interval_ms),
+            max_body_bytes: a.max_body_bytes,
+        })
     }
 
     /// The Redis bus's config (one shard per URL, in the configured order).

@@ -1,0 +1,181 @@
+//! Commands to one device: queued (QoS 1/2) or sent (QoS 0), optionally waiting for the
+//! device's result.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::extract::rejection::JsonRejection;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use base64::Engine;
+use fleetgate_bus::{Command, CommandOutcome, NodeMessage};
+use fleetgate_protocol::{MsgId, Qos};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tracing::Instrument;
+use utoipa::ToSchema;
+
+use crate::auth::{ScopedDevice, need};
+use crate::pipeline::{Note, noted};
+use crate::{AdminState, AppError, ErrorBody, Res, body, now_ms};
+
+/// `POST /v1/devices/{id}/commands` body.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct SendCommand {
+    /// Opaque to the gateway.
+    payload: Value,
+    /// 0, 1 (default) or 2.
+    qos: Option<u8>,
+    /// How long the command stays queued unacknowledged.
+    ttl_ms: Option<u64>,
+    /// How long to wait for the device's result (QoS 1 and 2).
+    wait_ms: Option<u64>,
+}
+
+pub(crate) fn new_msgid() -> MsgId {
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 12]>());
+    MsgId::new(raw).expect("base64url of 12 bytes is a valid msgid")
+}
+
+/// Checks QoS and TTL as every command path (single, job) does.
+pub(crate) fn check_delivery(
+    state: &AdminState,
+    qos: Option<u8>,
+    ttl_ms: Option<u64>,
+) -> Result<(Qos, Duration), AppError> {
+    let qos = Qos::from_u8(u64::from(qos.unwrap_or(1)))
+        .map_err(|_| AppError::bad_request("qos must be 0, 1 or 2"))?;
+    let cfg = &state.config;
+    let ttl = ttl_ms.map_or(cfg.default_ttl, Duration::from_millis);
+    if ttl.is_zero() || ttl > cfg.max_ttl {
+        return Err(AppError::bad_request(format!(
+            "ttlMs must be 1..={}",
+            cfg.max_ttl.as_millis()
+        )));
+    }
+    Ok((qos, ttl))
+}
+
+/// Queues (QoS 1/2) or sends (QoS 0) a command and optionally waits for its result: 202
+/// queued, 200 with the result, 504 when no result came within `waitMs`. The command carries
+/// this call's trace context (continuing the caller's `traceparent` header) to the node.
+#[utoipa::path(post, path = "/v1/devices/{id}/commands", tag = "devices", request_body = SendCommand,
+    params(("id" = String, Path, description = "device ID")),
+    responses((status = 200, body = Object), (status = 202, body = Object),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 429, body = ErrorBody), (status = 503, body = ErrorBody),
+        (status = 504, body = ErrorBody)))]
+pub(crate) async fn send_command(
+    State(state): State<Arc<AdminState>>,
+    device: ScopedDevice<need::CommandSend>,
+    headers: HeaderMap,
+    req: Result<Json<SendCommand>, JsonRejection>,
+) -> Res {
+    let span = tracing::info_span!("admin.send_command", device = %device.id, msgid = tracing::field::Empty);
+    // The parent must be set before the span is first entered.
+    let incoming = headers.get("traceparent").and_then(|v| v.to_str().ok());
+    fleetgate_bus::trace::continue_trace(&span, incoming);
+    send_in_span(state, device, req).instrument(span).await
+}
+
+async fn send_in_span(
+    state: Arc<AdminState>,
+    device: ScopedDevice<need::CommandSend>,
+    req: Result<Json<SendCommand>, JsonRejection>,
+) -> Res {
+    let id = device.id;
+    let req = body(req)?;
+    let (qos, ttl) = check_delivery(&state, req.qos, req.ttl_ms)?;
+    let cfg = &state.config;
+    let wait = Duration::from_millis(req.wait_ms.unwrap_or(0));
+    if wait > cfg.max_wait {
+        return Err(AppError::bad_request(format!(
+            "waitMs must be at most {}",
+            cfg.max_wait.as_millis()
+        )));
+    }
+    let presence = state.bus.presence_get(&id).await?;
+    if presence.is_none() && device.record.is_none() {
+        return Err(AppError::not_found(format!("no device {id}")));
+    }
+    let now = now_ms();
+    let msgid = new_msgid();
+    let m = msgid.as_str().to_owned();
+    let note = Note {
+        msgid: Some(m.clone()),
+        ..Note::default()
+    };
+    let command = Command {
+        msgid: msgid.clone(),
+        device: id.clone(),
+        payload: req.payload,
+        qos,
+        created_ms: now,
+        expires_ms: now.saturating_add(ttl.as_millis() as i64),
+        reply_to: (!wait.is_zero()).then(|| cfg.node_id.clone()),
+        traceparent: fleetgate_bus::trace::current_traceparent(),
+        job: None,
+    };
+    tracing::Span::current().record("msgid", m.as_str());
+    let answer = |status: StatusCode, body: Value| {
+        Ok(noted((status, Json(body)).into_response(), note.clone()))
+    };
+    if qos == Qos::AtMostOnce {
+        let Some(p) = presence else {
+            return Err(AppError::new(
+                StatusCode::CONFLICT,
+                "device_offline",
+                "QoS 0 commands are not queued; the device is offline",
+            )
+            .with_msgid(m));
+        };
+        state
+            .bus
+            .node_publish(&p.node, &NodeMessage::Command(command))
+            .await?;
+        return answer(StatusCode::ACCEPTED, json!({ "msgid": m }));
+    }
+    let mut waiter = (!wait.is_zero()).then(|| state.waiters.wait(&id, &m));
+    // The push also tells the device's node, reading presence in the same step: a session
+    // that registered just before is told, one registering just after reads the queue.
+    state
+        .bus
+        .queue_push(&command)
+        .await
+        .map_err(|e| AppError::from(e).with_msgid(m.clone()))?;
+    let Some(waiter) = waiter.as_mut() else {
+        return answer(StatusCode::ACCEPTED, json!({ "msgid": m }));
+    };
+    let outcome = match tokio::time::timeout(wait, waiter.outcome()).await {
+        Ok(Some(outcome)) => Some(outcome),
+        // The result message may have been lost on the way (a bus reconnect): the stored
+        // copy decides before the call gives up.
+        Ok(None) | Err(_) => state.bus.result_get(&id, &m).await.ok().flatten(),
+    };
+    match outcome {
+        Some(CommandOutcome::Result(result)) => {
+            answer(StatusCode::OK, json!({ "msgid": m, "result": result }))
+        }
+        Some(CommandOutcome::Error(error)) => {
+            answer(StatusCode::OK, json!({ "msgid": m, "error": error }))
+        }
+        Some(CommandOutcome::Done) => answer(StatusCode::OK, json!({ "msgid": m, "result": null })),
+        Some(CommandOutcome::Failed(reason)) => Err(AppError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            reason.as_str(),
+            "the device never acknowledged the command",
+        )
+        .with_msgid(m)),
+        None => Err(AppError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "timeout",
+            "no result within waitMs; the command stays queued until its TTL",
+        )
+        .with_msgid(m)),
+    }
+}
