@@ -11,6 +11,7 @@ mod interop;
 mod lifecycle;
 mod limits;
 mod loadtest;
+mod rbac;
 mod sdk;
 mod support;
 mod tracing;

@@ -105,10 +105,25 @@ impl Node {
         body: Option<Value>,
         key: Option<&str>,
     ) -> (u16, Value) {
+        self.admin_request(method, path, body, key, &[]).await
+    }
+
+    /// An admin API call with any (or no) key and extra headers.
+    pub async fn admin_request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        key: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> (u16, Value) {
         let url = format!("http://{}{}", self.admin, path);
         let mut req = self.http.request(method.parse().expect("method"), url);
         if let Some(key) = key {
             req = req.bearer_auth(key);
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
         }
         if let Some(body) = body {
             req = req.json(&body);
