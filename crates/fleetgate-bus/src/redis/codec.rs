@@ -8,8 +8,8 @@ use fleetgate_protocol::{CloseCode, MessageKind, MsgId, Qos};
 use serde_json::{Map, Value, json};
 
 use crate::{
-    BusError, BusResult, Command, CommandOutcome, DeliveryState, DeviceRecord, FailReason,
-    NodeInfo, NodeMessage, Presence, QueuedCommand, Shadow, TelemetryRecord,
+    BusError, BusResult, Command, CommandOutcome, DeliveryState, DeviceRecord, FailReason, JobExec,
+    JobExecState, NodeInfo, NodeMessage, Presence, QueuedCommand, Shadow, TelemetryRecord,
 };
 
 fn corrupt(what: &str, detail: impl std::fmt::Display) -> BusError {
@@ -437,6 +437,32 @@ pub(super) fn decode_shadow(text: &str) -> BusResult<Shadow> {
     Ok(s)
 }
 
+// --- jobs ----------------------------------------------------------------------------------
+
+/// A job execution from its `jx:` hash field (the device) and value
+/// `<state> <updated_ms> <msgid>`. The job scripts write these values themselves (they change
+/// states atomically), so the format is plain text that Lua splits with one pattern.
+pub(super) fn decode_job_exec(device: &str, text: &str) -> BusResult<JobExec> {
+    const WHAT: &str = "job execution";
+    let mut parts = text.splitn(3, ' ');
+    let (Some(state), Some(updated), Some(msgid)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Err(corrupt(
+            WHAT,
+            format!("{text:?} is not <state> <ms> <msgid>"),
+        ));
+    };
+    Ok(JobExec {
+        device: device.to_owned(),
+        msgid: msgid.to_owned(),
+        state: JobExecState::parse(state)
+            .ok_or_else(|| corrupt(WHAT, format!("unknown state {state:?}")))?,
+        updated_ms: updated
+            .parse()
+            .map_err(|_| corrupt(WHAT, format!("bad updated_ms {updated:?}")))?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -449,6 +475,18 @@ mod tests {
         }
         assert_eq!(unhex32("t", &hex(&b)).unwrap(), b);
         assert!(unhex32("t", "zz").is_err());
+    }
+
+    #[test]
+    fn job_exec_text() {
+        let e = decode_job_exec("d 1", "timedOut 1700000000000 m-1").unwrap();
+        assert_eq!(
+            (e.device.as_str(), e.msgid.as_str(), e.state, e.updated_ms),
+            ("d 1", "m-1", JobExecState::TimedOut, 1_700_000_000_000)
+        );
+        assert!(decode_job_exec("d", "queued 1").is_err());
+        assert!(decode_job_exec("d", "lost 1 m").is_err());
+        assert!(decode_job_exec("d", "queued x m").is_err());
     }
 
     #[test]

@@ -11,8 +11,11 @@
 //! Lua script, atomic on that server). Group and alert channels hash by channel name;
 //! telemetry partition `p` hashes by `telemetry:<p>`.
 //!
-//! Shard 0 also holds the device registry (one ordered index for [`Bus::device_list`]) and the
-//! membership index (the set of node IDs behind [`Bus::nodes`]).
+//! Shard 0 also holds the device registry (one ordered index for [`Bus::device_query`], plus
+//! one per group), the membership index (the set of node IDs behind [`Bus::nodes`]), the
+//! admin documents and the audit log. A job's executions are kept per shard, next to the
+//! queues of their devices, so that queueing a job's command and recording its execution is
+//! one script; reading a job (counts, pages, cancel) visits every shard.
 //!
 //! # Key layout (every key starts with [`RedisBusConfig::key_prefix`], written `P` here)
 //!
@@ -20,6 +23,15 @@
 //! |---|---|---|---|
 //! | `P dev:<id>` | string | 0 | encoded [`DeviceRecord`] |
 //! | `P devices` | zset (score 0) | 0 | device IDs, listed with `ZRANGEBYLEX` |
+//! | `P grp:<group>` | zset (score 0) | 0 | IDs of the group's devices, kept in step by the device create, update and delete scripts |
+//! | `P doc:<kind>:<id>` | hash `v`,`b` | 0 | an admin document: version (from 1, one more per write) and body |
+//! | `P docs:<kind>` | zset (score 0) | 0 | IDs of the kind's documents, listed with `ZRANGEBYLEX` |
+//! | `P audit` | stream, field `e` | 0 | the audit log's entries, in append order |
+//! | `P audit:head` | string | 0 | the audit log's head token (missing reads as empty) |
+//! | `P jx:<job>` | hash, `PEXPIRE` retention | every | device -> `<state> <updated_ms> <msgid>`: the job's executions of that shard's devices |
+//! | `P jxi:<job>` | zset (score 0), `PEXPIRE` retention | every | device IDs of `jx`, for paging in device order |
+//! | `P jc:<job>` | hash, `PEXPIRE` retention | every | state name -> executions in that state |
+//! | `P jq:<job>` | set, `PEXPIRE` retention | every | devices whose execution is still queued (what a cancel takes) |
 //! | `P nodes` | set | 0 | registered node IDs (dead ones pruned when listed) |
 //! | `P node:<id>` | string, `PX` TTL | every | encoded [`NodeInfo`]; its existence is the node's liveness |
 //! | `P p:<device>` | hash `node`,`conn`,`since` | device's | presence |
@@ -33,6 +45,9 @@
 //! | `P sh:<device>` | string (JSON) | device's | shadow (reported, desired, version, updated_ms) |
 //! | `P ret:<channel>` | string | channel's | retained frame |
 //! | `P res:<device>:<msgid>` | string, `PX` TTL | device's | a command's outcome, for waiters that missed its message |
+//!
+//! Every write to a job's keys restarts their expiry at [`RedisBusConfig::job_retention`],
+//! so a job's executions go away that long after its last change, as in the memory backend.
 //!
 //! Pub/sub channels: `P ch:<channel name>` on the channel's shard, and `P nodech:<node>` on
 //! every shard.
@@ -73,6 +88,8 @@
 //! Commands time out after [`RedisBusConfig::command_timeout`] with
 //! [`BusError::Unavailable`]. [`RedisBus::is_connected`] serves readiness.
 
+mod admin;
+mod admin_scripts;
 mod codec;
 mod pubsub;
 mod reshard;
@@ -100,9 +117,10 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::{
-    Bus, BusError, BusResult, Channel, Command, CommandOutcome, DeviceRecord, NodeInfo,
-    NodeMessage, Presence, QueuedCommand, Shadow, StreamId, Subscription, TelemetryRecord,
-    merge_patch, partition_for,
+    AuditRecord, Bus, BusError, BusResult, Channel, Command, CommandOutcome, DeviceQuery,
+    DeviceRecord, Doc, DocExpect, DocKind, DocWrite, JobCounts, JobExec, JobExecState, JobPush,
+    NodeInfo, NodeMessage, Presence, QueuedCommand, Shadow, StreamId, Subscription,
+    TelemetryRecord, merge_patch, partition_for,
 };
 
 /// Points each shard occupies on the consistent-hash ring.
@@ -144,6 +162,8 @@ pub struct RedisBusConfig {
     pub reconnect_max_delay_ms: u32,
     /// Messages buffered between a subscriber connection and its reader task.
     pub pubsub_buffer: usize,
+    /// How long a job's executions are kept after their last change.
+    pub job_retention: Duration,
 }
 
 impl Default for RedisBusConfig {
@@ -161,6 +181,7 @@ impl Default for RedisBusConfig {
             reconnect_min_delay_ms: 100,
             reconnect_max_delay_ms: 5_000,
             pubsub_buffer: 8192,
+            job_retention: crate::JOB_RETENTION,
         }
     }
 }
@@ -226,8 +247,6 @@ struct Scripts {
     presence_remove: Script,
     presence_sweep: Script,
     nodes_list: Script,
-    device_create: Script,
-    device_list: Script,
     queue_push: Script,
     queue_pending: Script,
     queue_attempt: Script,
@@ -238,6 +257,7 @@ struct Scripts {
     shadow_cas: Script,
     publish_retained: Script,
     result_send: Script,
+    admin: admin::AdminScripts,
 }
 
 impl Scripts {
@@ -248,8 +268,6 @@ impl Scripts {
             presence_remove: Script::from_lua(scripts::PRESENCE_REMOVE),
             presence_sweep: Script::from_lua(scripts::PRESENCE_SWEEP),
             nodes_list: Script::from_lua(scripts::NODES_LIST),
-            device_create: Script::from_lua(scripts::DEVICE_CREATE),
-            device_list: Script::from_lua(scripts::DEVICE_LIST),
             queue_push: Script::from_lua(scripts::QUEUE_PUSH),
             queue_pending: Script::from_lua(scripts::QUEUE_PENDING),
             queue_attempt: Script::from_lua(scripts::QUEUE_ATTEMPT),
@@ -260,6 +278,7 @@ impl Scripts {
             shadow_cas: Script::from_lua(scripts::SHADOW_CAS),
             publish_retained: Script::from_lua(scripts::PUBLISH_RETAINED),
             result_send: Script::from_lua(scripts::RESULT_SEND),
+            admin: admin::AdminScripts::new(),
         }
     }
 }
@@ -368,6 +387,18 @@ fn array(what: &str, v: Value) -> BusResult<Vec<Value>> {
         Value::Null => Ok(Vec::new()),
         Value::Array(a) => Ok(a),
         other => Err(bad_reply(what, &other)),
+    }
+}
+
+/// The `XRANGE` start after an exclusive position (`None`: from the first entry); `None` when
+/// nothing can follow it. `(ms-seq` would do for all but the last sequence number, which
+/// Redis rejects as an exclusive start.
+fn stream_start(after: Option<(u64, u64)>) -> Option<String> {
+    match after {
+        None => Some("-".to_owned()),
+        Some((u64::MAX, u64::MAX)) => None,
+        Some((ms, u64::MAX)) => Some(format!("{}-0", ms + 1)),
+        Some((ms, seq)) => Some(format!("({ms}-{seq}")),
     }
 }
 
@@ -698,6 +729,47 @@ impl RedisBus {
             .map_err(fred_err)
     }
 
+    /// Up to `limit` entries of a stream from `start` (see [`stream_start`]): each entry's ID
+    /// and its field, value pairs.
+    async fn stream_range(
+        &self,
+        shard: usize,
+        key: String,
+        start: String,
+        limit: usize,
+    ) -> BusResult<Vec<(String, Vec<(String, String)>)>> {
+        const WHAT: &str = "XRANGE";
+        let reply = self
+            .custom(
+                shard,
+                "XRANGE",
+                vec![
+                    v(key),
+                    v(start),
+                    v("+"),
+                    v("COUNT"),
+                    Value::from(i64::try_from(limit).unwrap_or(i64::MAX)),
+                ],
+            )
+            .await?;
+        let mut out = Vec::new();
+        for entry in array(WHAT, reply)? {
+            let mut parts = array(WHAT, entry)?.into_iter();
+            let (Some(id), Some(fields)) = (parts.next(), parts.next()) else {
+                return Err(BusError::Corrupt(format!("{WHAT}: short entry")));
+            };
+            let id = string(WHAT, id)?;
+            let flat = array(WHAT, fields)?;
+            let mut pairs = Vec::with_capacity(flat.len() / 2);
+            let mut it = flat.into_iter();
+            while let (Some(k), Some(val)) = (it.next(), it.next()) {
+                pairs.push((string(WHAT, k)?, string(WHAT, val)?));
+            }
+            out.push((id, pairs));
+        }
+        Ok(out)
+    }
+
     async fn queue_remove(&self, device: &str, msgid: &str) -> BusResult<Option<QueuedCommand>> {
         let shard = self.shard_for(device);
         let reply = self
@@ -778,39 +850,29 @@ impl Bus for RedisBus {
     }
 
     async fn device_create(&self, device: &DeviceRecord) -> BusResult<bool> {
-        let reply = self
-            .eval(
-                0,
-                &self.inner.scripts.device_create,
-                vec![self.key("dev:", &device.id), self.key("devices", "")],
-                vec![v(codec::encode_device(device)), v(device.id.clone())],
-            )
-            .await?;
-        Ok(int("device_create", reply)? == 1)
+        self.create_device(device).await
     }
 
     async fn device_get(&self, id: &str) -> BusResult<Option<DeviceRecord>> {
-        let text: Option<String> = self
-            .client(0)
-            .get(self.key("dev:", id))
-            .await
-            .map_err(fred_err)?;
-        text.as_deref().map(codec::decode_device).transpose()
+        self.get_device(id).await
     }
 
     async fn device_update(&self, device: &DeviceRecord) -> BusResult<bool> {
-        let reply: Value = self
-            .client(0)
-            .set(
-                self.key("dev:", &device.id),
-                codec::encode_device(device),
-                None,
-                Some(SetOptions::XX),
-                false,
-            )
-            .await
-            .map_err(fred_err)?;
-        Ok(!reply.is_null())
+        self.update_device(device).await
+    }
+
+    async fn device_query(&self, query: &DeviceQuery) -> BusResult<Vec<DeviceRecord>> {
+        self.query_devices(query).await
+    }
+
+    async fn device_get_many(&self, ids: &[String]) -> BusResult<Vec<Option<DeviceRecord>>> {
+        self.get_devices(ids).await
+    }
+
+    /// The registry part is atomic on shard 0 and the queue and shadow part on the device's
+    /// shard; see `RedisBus::delete_device` for the order of the two.
+    async fn device_delete(&self, id: &str) -> BusResult<bool> {
+        self.delete_device(id).await
     }
 
     async fn node_heartbeat(&self, node: &NodeInfo, ttl_ms: u64) -> BusResult<()> {
@@ -1253,41 +1315,21 @@ impl Bus for RedisBus {
         if partition >= self.inner.config.telemetry_partitions || limit == 0 {
             return Ok(Vec::new());
         }
-        let start = match after {
-            None => "-".to_owned(),
-            Some((ms, u64::MAX)) if ms == u64::MAX => return Ok(Vec::new()),
-            Some((ms, u64::MAX)) => format!("{}-0", ms + 1),
-            Some((ms, seq)) => format!("({ms}-{seq}"),
+        let Some(start) = stream_start(after) else {
+            return Ok(Vec::new());
         };
-        let reply = self
-            .custom(
+        let entries = self
+            .stream_range(
                 self.telemetry_shard(partition),
-                "XRANGE",
-                vec![
-                    v(self.key("tm:", &partition.to_string())),
-                    v(start),
-                    v("+"),
-                    v("COUNT"),
-                    Value::from(i64::try_from(limit).unwrap_or(i64::MAX)),
-                ],
+                self.key("tm:", &partition.to_string()),
+                start,
+                limit,
             )
             .await?;
-        let mut out = Vec::new();
-        for entry in array("telemetry_read", reply)? {
-            let mut parts = array("telemetry_read", entry)?.into_iter();
-            let (Some(id), Some(fields)) = (parts.next(), parts.next()) else {
-                return Err(BusError::Corrupt("telemetry_read: short entry".into()));
-            };
-            let id = string("telemetry_read", id)?;
-            let flat = array("telemetry_read", fields)?;
-            let mut pairs = Vec::with_capacity(flat.len() / 2);
-            let mut it = flat.into_iter();
-            while let (Some(k), Some(val)) = (it.next(), it.next()) {
-                pairs.push((string("telemetry_read", k)?, string("telemetry_read", val)?));
-            }
-            out.push((StreamId(id), codec::decode_telemetry(&pairs)?));
-        }
-        Ok(out)
+        entries
+            .into_iter()
+            .map(|(id, pairs)| Ok((StreamId(id), codec::decode_telemetry(&pairs)?)))
+            .collect()
     }
 
     fn telemetry_partitions(&self) -> u32 {
@@ -1375,75 +1417,81 @@ impl Bus for RedisBus {
             .map_err(fred_err)?;
         Ok(reply.into_bytes())
     }
-    // PLACEHOLDER: implemented in redis/admin.rs (in progress).
-    async fn device_query(&self, _q: &crate::DeviceQuery) -> BusResult<Vec<DeviceRecord>> {
-        Err(BusError::Unavailable("todo".into()))
-    }
-    async fn device_get_many(&self, _ids: &[String]) -> BusResult<Vec<Option<DeviceRecord>>> {
-        Err(BusError::Unavailable("todo".into()))
-    }
-    async fn device_delete(&self, _id: &str) -> BusResult<bool> {
-        Err(BusError::Unavailable("todo".into()))
-    }
+
     async fn doc_put(
         &self,
-        _k: crate::DocKind,
-        _id: &str,
-        _b: &str,
-        _e: crate::DocExpect,
-    ) -> BusResult<crate::DocWrite> {
-        Err(BusError::Unavailable("todo".into()))
+        kind: DocKind,
+        id: &str,
+        body: &str,
+        expect: DocExpect,
+    ) -> BusResult<DocWrite> {
+        self.put_doc(kind, id, body, expect).await
     }
-    async fn doc_get(&self, _k: crate::DocKind, _id: &str) -> BusResult<Option<crate::Doc>> {
-        Err(BusError::Unavailable("todo".into()))
+
+    async fn doc_get(&self, kind: DocKind, id: &str) -> BusResult<Option<Doc>> {
+        self.get_doc(kind, id).await
     }
+
     async fn doc_list(
         &self,
-        _k: crate::DocKind,
-        _a: Option<&str>,
-        _l: usize,
-    ) -> BusResult<Vec<crate::Doc>> {
-        Err(BusError::Unavailable("todo".into()))
+        kind: DocKind,
+        after: Option<&str>,
+        limit: usize,
+    ) -> BusResult<Vec<Doc>> {
+        self.list_docs(kind, after, limit).await
     }
-    async fn doc_delete(&self, _k: crate::DocKind, _id: &str) -> BusResult<bool> {
-        Err(BusError::Unavailable("todo".into()))
+
+    async fn doc_delete(&self, kind: DocKind, id: &str) -> BusResult<bool> {
+        self.delete_doc(kind, id).await
     }
+
     async fn audit_head(&self) -> BusResult<String> {
-        Err(BusError::Unavailable("todo".into()))
+        self.read_audit_head().await
     }
+
     async fn audit_append(
         &self,
-        _e: &str,
-        _n: &str,
-        _x: &[String],
+        expected_head: &str,
+        new_head: &str,
+        entries: &[String],
     ) -> BusResult<Option<Vec<StreamId>>> {
-        Err(BusError::Unavailable("todo".into()))
+        self.append_audit(expected_head, new_head, entries).await
     }
+
+    /// A malformed `after` is [`BusError::Corrupt`].
     async fn audit_read(
         &self,
-        _a: Option<&StreamId>,
-        _l: usize,
-    ) -> BusResult<Vec<crate::AuditRecord>> {
-        Err(BusError::Unavailable("todo".into()))
+        after: Option<&StreamId>,
+        limit: usize,
+    ) -> BusResult<Vec<AuditRecord>> {
+        self.read_audit(after, limit).await
     }
-    async fn job_push(&self, _j: &str, _c: &[Command]) -> BusResult<Vec<crate::JobPush>> {
-        Err(BusError::Unavailable("todo".into()))
+
+    /// One script per shard (and per batch of commands) queues and records its devices'
+    /// commands; answers keep the order of `commands`.
+    async fn job_push(&self, job: &str, commands: &[Command]) -> BusResult<Vec<JobPush>> {
+        self.push_job(job, commands).await
     }
-    async fn job_record(&self, _j: &str, _d: &str, _s: crate::JobExecState) -> BusResult<bool> {
-        Err(BusError::Unavailable("todo".into()))
+
+    async fn job_record(&self, job: &str, device: &str, state: JobExecState) -> BusResult<bool> {
+        self.record_job(job, device, state).await
     }
-    async fn job_counts(&self, _j: &str) -> BusResult<crate::JobCounts> {
-        Err(BusError::Unavailable("todo".into()))
+
+    async fn job_counts(&self, job: &str) -> BusResult<JobCounts> {
+        self.count_job(job).await
     }
+
     async fn job_execs(
         &self,
-        _j: &str,
-        _a: Option<&str>,
-        _l: usize,
-    ) -> BusResult<Vec<crate::JobExec>> {
-        Err(BusError::Unavailable("todo".into()))
+        job: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> BusResult<Vec<JobExec>> {
+        self.list_job_execs(job, after, limit).await
     }
-    async fn job_cancel(&self, _j: &str, _l: usize) -> BusResult<usize> {
-        Err(BusError::Unavailable("todo".into()))
+
+    /// Takes queued executions shard by shard, in no particular order.
+    async fn job_cancel(&self, job: &str, limit: usize) -> BusResult<usize> {
+        self.cancel_job(job, limit).await
     }
 }

@@ -11,6 +11,16 @@
 //!
 //! Run it with every node stopped: a node writing meanwhile could write a key on the old
 //! shard after it moved. [`reshard`] refuses while a node's membership is alive.
+//!
+//! What lives on shard 0 (the device registry with its group indexes `grp:`, the node list,
+//! the admin documents `doc:` / `docs:` and the audit log `audit` / `audit:head`) follows the
+//! first URL: it moves only when the first URL changes, and is never spread by the ring.
+//!
+//! Job execution keys (`jx:`, `jxi:`, `jc:`, `jq:`) are kept per shard, next to the queues of
+//! their devices, and are left where they are (counted in [`ReshardReport::job_keys`]): run
+//! the move with no job running. A finished job still reads whole afterwards (counts and
+//! pages read every shard), but an execution whose device moved can no longer be recorded
+//! or cancelled, and a server dropped from the list takes its part of every job with it.
 
 use std::collections::BTreeMap;
 
@@ -42,6 +52,8 @@ pub struct ReshardReport {
     pub moved_to: BTreeMap<String, u64>,
     /// Membership keys left alone (they expire by themselves).
     pub transient: u64,
+    /// Job execution keys left on their shard (see the module docs).
+    pub job_keys: u64,
     /// Keys the destination already had: left on the source, for an operator to look at.
     pub conflicts: Vec<String>,
     /// Keys under the prefix this version does not know (left alone; at most 20 listed).
@@ -51,7 +63,8 @@ pub struct ReshardReport {
 /// Who decides a key's shard.
 #[derive(Debug, PartialEq, Eq)]
 enum Owner<'a> {
-    /// The device registry and node list: shard 0.
+    /// What lives on shard 0: the device registry and its group indexes, the node list, the
+    /// admin documents and the audit log.
     Registry,
     /// A device's own key: the device's shard.
     Device(&'a str),
@@ -63,6 +76,8 @@ enum Owner<'a> {
     Sequence,
     /// Membership, rewritten by live nodes and expiring by itself.
     Transient,
+    /// A job's executions on one shard: not moved.
+    Job,
     Unknown,
 }
 
@@ -71,7 +86,7 @@ enum Owner<'a> {
 /// the last `:`.
 fn owner(rest: &str) -> Owner<'_> {
     match rest {
-        "devices" | "nodes" => return Owner::Registry,
+        "devices" | "nodes" | "audit" => return Owner::Registry,
         "qexp" => return Owner::ExpiryIndex,
         "qseq" => return Owner::Sequence,
         _ => {}
@@ -80,7 +95,10 @@ fn owner(rest: &str) -> Owner<'_> {
         return Owner::Unknown;
     };
     match tag {
-        "dev" => Owner::Registry,
+        // Group, document and audit keys name no device: matching them before the device
+        // tags keeps a group or document ID from being read as a device ID.
+        "dev" | "grp" | "doc" | "docs" | "audit" => Owner::Registry,
+        "jx" | "jxi" | "jc" | "jq" => Owner::Job,
         "node" | "pn" => Owner::Transient,
         "p" | "q" | "qh" | "sh" => Owner::Device(id),
         "q2" | "res" => id
@@ -261,6 +279,10 @@ pub async fn reshard(
                         report.transient += 1;
                         continue;
                     }
+                    Owner::Job => {
+                        report.job_keys += 1;
+                        continue;
+                    }
                     Owner::Unknown => {
                         if report.unknown.len() < MAX_LISTED {
                             report.unknown.push(key);
@@ -404,6 +426,17 @@ mod tests {
         assert_eq!(owner("devices"), Owner::Registry);
         assert_eq!(owner("dev:a:b"), Owner::Registry);
         assert_eq!(owner("nodes"), Owner::Registry);
+        assert_eq!(owner("grp:farm:a"), Owner::Registry);
+        assert_eq!(owner("grp:p:x"), Owner::Registry);
+        assert_eq!(owner("doc:user:alice"), Owner::Registry);
+        assert_eq!(owner("doc:active-job:j1"), Owner::Registry);
+        assert_eq!(owner("docs:scene"), Owner::Registry);
+        assert_eq!(owner("audit"), Owner::Registry);
+        assert_eq!(owner("audit:head"), Owner::Registry);
+        assert_eq!(owner("jx:j1"), Owner::Job);
+        assert_eq!(owner("jxi:j1"), Owner::Job);
+        assert_eq!(owner("jc:j:1"), Owner::Job);
+        assert_eq!(owner("jq:j1"), Owner::Job);
         assert_eq!(owner("node:n1"), Owner::Transient);
         assert_eq!(owner("pn:n1"), Owner::Transient);
         assert_eq!(owner("p:plant:7"), Owner::Device("plant:7"));

@@ -79,48 +79,49 @@ end
 return out
 ";
 
-/// Device create. `KEYS` = record key, ID index; `ARGV` = record, ID. 1 if created.
-pub(super) const DEVICE_CREATE: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('SET', KEYS[1], ARGV[1])
-redis.call('ZADD', KEYS[2], 0, ARGV[2])
-return 1
-";
-
-/// Device list. `KEYS[1]` = ID index; `ARGV` = prefix, lex start, limit. Encoded records.
-pub(super) const DEVICE_LIST: &str = r"
-local ids = redis.call('ZRANGEBYLEX', KEYS[1], ARGV[2], '+', 'LIMIT', 0, tonumber(ARGV[3]))
-local out = {}
-for _, id in ipairs(ids) do
-  local v = redis.call('GET', ARGV[1] .. 'dev:' .. id)
-  if v then table.insert(out, v) end
+/// The queue push step as a Lua function, shared by [`QUEUE_PUSH`] and the job push script
+/// (`admin_scripts::JOB_PUSH`) so that a job's command is queued exactly like any other.
+/// `queue_push(q, qh, qexp, qseq, p, msgid, command, expires_ms, max, device, prefix,
+/// deliver)` takes the order zset, state hash, expiry zset, sequence counter and presence
+/// hash keys, and returns `{status}` (1 pushed, 0 duplicate, -1 full), followed by the
+/// presence `node, conn, since` when the device is online, whose node is then sent `deliver`.
+macro_rules! queue_push_fn {
+    () => {
+        r"
+local function queue_push(q, qh, qexp, qseq, p, m, cmd, exp, max, dev, prefix, deliver)
+  local status = 1
+  if redis.call('HEXISTS', qh, 'c:' .. m) == 1 then
+    status = 0
+  elseif redis.call('ZCARD', q) >= max then
+    return {-1}
+  else
+    local seq = redis.call('INCR', qseq)
+    redis.call('ZADD', q, seq, m)
+    redis.call('HSET', qh, 'c:' .. m, cmd, 'e:' .. m, exp)
+    redis.call('ZADD', qexp, exp, m .. ' ' .. dev)
+  end
+  local pr = redis.call('HMGET', p, 'node', 'conn', 'since')
+  if pr[1] and redis.call('EXISTS', prefix .. 'node:' .. pr[1]) == 1 then
+    redis.call('PUBLISH', prefix .. 'nodech:' .. pr[1], deliver)
+    return {status, pr[1], pr[2], pr[3]}
+  end
+  return {status}
 end
-return out
-";
+"
+    };
+}
+pub(super) use queue_push_fn;
 
 /// Queue push. `KEYS` = order zset, state hash, expiry zset, sequence counter, presence
 /// hash; `ARGV` = msgid, command, expires_ms, max length, device, prefix, encoded `Deliver`.
-/// Returns `{status}` (1 pushed, 0 duplicate, -1 full), followed by the presence
-/// `node, conn, since` when the device is online, whose node is then sent the `Deliver`.
-pub(super) const QUEUE_PUSH: &str = r"
-local status = 1
-if redis.call('HEXISTS', KEYS[2], 'c:' .. ARGV[1]) == 1 then
-  status = 0
-elseif redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then
-  return {-1}
-else
-  local seq = redis.call('INCR', KEYS[4])
-  redis.call('ZADD', KEYS[1], seq, ARGV[1])
-  redis.call('HSET', KEYS[2], 'c:' .. ARGV[1], ARGV[2], 'e:' .. ARGV[1], ARGV[3])
-  redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1] .. ' ' .. ARGV[5])
-end
-local p = redis.call('HMGET', KEYS[5], 'node', 'conn', 'since')
-if p[1] and redis.call('EXISTS', ARGV[6] .. 'node:' .. p[1]) == 1 then
-  redis.call('PUBLISH', ARGV[6] .. 'nodech:' .. p[1], ARGV[7])
-  return {status, p[1], p[2], p[3]}
-end
-return {status}
-";
+/// Replies as `queue_push` in [`queue_push_fn`].
+pub(super) const QUEUE_PUSH: &str = concat!(
+    queue_push_fn!(),
+    r"
+return queue_push(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5],
+  ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7])
+"
+);
 
 /// Pending commands. `KEYS` = order zset, state hash; `ARGV` = now_ms, limit, after (a msgid
 /// or ''), count ('1' to count a delivery attempt for each returned command), then msgids to
