@@ -2,6 +2,7 @@
 //! real sockets.
 
 mod admin;
+mod audit;
 mod auth;
 mod cluster;
 mod commands;

@@ -330,6 +330,15 @@ fn rows() -> Vec<Row> {
         ),
         row(
             "GET",
+            "/v1/audit/export",
+            "audit.export",
+            N::AuditRead,
+            S::Nothing,
+            200,
+            none,
+        ),
+        row(
+            "GET",
             "/v1/openapi.json",
             "GET /v1/openapi.json",
             N::Public,

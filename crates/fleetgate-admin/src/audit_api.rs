@@ -157,6 +157,61 @@ pub(crate) async fn verify(
     Ok(Json(answer).into_response())
 }
 
+/// `GET /v1/audit/export` parameters.
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct ExportQuery {
+    /// Export the entries after this position (default: from the first entry).
+    cursor: Option<String>,
+}
+
+/// The log as JSON lines `{"id","entry"}` with each entry's exact text, from the start (or
+/// after `cursor`) to its current end, streamed. Verify a copy offline with
+/// `fleetgate audit verify --export FILE --public-key KEY.pem`.
+#[utoipa::path(get, path = "/v1/audit/export", tag = "audit", params(ExportQuery),
+    responses((status = 200, content_type = "application/x-ndjson", body = String),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub(crate) async fn export(
+    State(state): State<Arc<AdminState>>,
+    _auth: Auth<need::AuditRead>,
+    query: Result<Query<ExportQuery>, QueryRejection>,
+) -> Res {
+    let Query(q) = query.map_err(|r| AppError::bad_request(r.body_text()))?;
+    let after = q.cursor.as_deref().map(valid_cursor).transpose()?;
+    // The first page is read before answering, so an unavailable bus is a 503, not a cut
+    // stream.
+    let first = state.audit.read(after.as_ref(), 1000).await?;
+    let audit = state.audit.clone();
+    let pages = futures_util::stream::unfold(Some(first), move |page| {
+        let audit = audit.clone();
+        async move {
+            let page = page?;
+            if page.is_empty() {
+                return None;
+            }
+            let mut text = String::new();
+            for r in &page {
+                text.push_str(&fleetgate_audit::export_line(r));
+                text.push('\n');
+            }
+            let next = if page.len() < 1000 {
+                Some(Vec::new())
+            } else {
+                // A failure ends the stream early; the verifier then reports a short copy.
+                audit.read(page.last().map(|r| &r.id), 1000).await.ok()
+            };
+            Some((Ok::<_, std::convert::Infallible>(text), next))
+        }
+    });
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(pages),
+    )
+        .into_response())
+}
+
 /// The checkpoint signing key's public half (PEM) and ID, for verifying exported copies.
 #[utoipa::path(get, path = "/v1/audit/public-key", tag = "audit",
     responses((status = 200, body = Object), (status = 401, body = ErrorBody),

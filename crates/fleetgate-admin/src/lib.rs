@@ -278,6 +278,7 @@ fn api_router() -> OpenApiRouter<Arc<AdminState>> {
         .routes(routes!(audit_api::list))
         .routes(routes!(audit_api::verify))
         .routes(routes!(audit_api::public_key))
+        .routes(routes!(audit_api::export))
         .routes(routes!(openapi_json))
 }
 

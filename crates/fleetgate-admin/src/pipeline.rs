@@ -89,6 +89,7 @@ fn action(method: &Method, path: &str) -> String {
         ("GET", "/v1/audit") => "audit.list",
         ("GET", "/v1/audit/verify") => "audit.verify",
         ("GET", "/v1/audit/public-key") => "audit.public_key",
+        ("GET", "/v1/audit/export") => "audit.export",
         ("POST", "/v1/jobs") => "job.create",
         ("GET", "/v1/jobs") => "job.list",
         ("GET", "/v1/jobs/{id}") => "job.get",

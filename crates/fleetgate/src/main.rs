@@ -1,6 +1,7 @@
 //! `fleetgate`: one binary, three roles. `gateway` serves devices, `admin` serves the REST
 //! API, `all` runs both on one node (on the memory bus unless Redis is configured).
 
+mod audit_cli;
 mod bus_metrics;
 mod process_metrics;
 mod settings;
@@ -48,6 +49,9 @@ enum Role {
     All(Overrides),
     /// Print the effective configuration as TOML and exit.
     Config(Overrides),
+    /// Audit log tools (offline verification of an exported copy).
+    #[command(subcommand)]
+    Audit(audit_cli::AuditCommand),
     /// Move Redis keys to the shards a new shard list gives them (stop every node first).
     /// Prints what it moved (or, without --apply, what it would move) as JSON.
     Reshard(ReshardArgs),
@@ -89,6 +93,12 @@ fn main() -> anyhow::Result<()> {
             let mut out = std::io::stdout().lock();
             writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
             return Ok(());
+        }
+        Role::Audit(command) => {
+            if audit_cli::run(command)? {
+                return Ok(());
+            }
+            std::process::exit(1);
         }
         Role::Config(o) => {
             let s = Settings::load(o)?;
