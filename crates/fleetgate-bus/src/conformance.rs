@@ -14,9 +14,12 @@
 //!   nodes, devices, records and expired commands may be present; results are filtered);
 //! - TTL behaviour is checked with short real TTLs and [`wait_until`], which polls up to a
 //!   deadline, because Redis TTLs cannot be paused;
-//! - only [`queue_expiry_exactly_once`] calls [`crate::Bus::queue_take_expired`], because that
-//!   call takes any device's expired commands; nothing else (say, a running gateway) may call
-//!   it on the same backend while the suite runs;
+//! - only [`queue_expiry_exactly_once`] calls [`crate::Bus::queue_take_expired`] with a
+//!   current clock, because that call takes any device's expired commands; nothing else (say,
+//!   a running gateway) may call it on the same backend while the suite runs. Other tests
+//!   call it with a `now_ms` in 1970, which reaches only commands they pushed expired then;
+//!   the audit log, one per bus, is appended to by several tests at once (see
+//!   [`append_at_head`]);
 //! - telemetry tests read from a cursor a minute before the test (stream IDs are wall-clock
 //!   milliseconds), so the backend's clock must be within a minute of the test's;
 //! - a subscription (node or channel) is live once the subscribe call returns: messages
@@ -30,6 +33,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use fleetgate_protocol::{CloseCode, MessageKind, MsgId, Qos};
 use serde_json::{Map, Value, json};
+
+mod admin;
+
+pub use admin::*;
 
 use crate::{
     Bus, BusError, Channel, Command, CommandOutcome, DeliveryState, DeviceRecord, FailReason,
@@ -2121,6 +2128,25 @@ macro_rules! bus_conformance_tests {
             pubsub_unsubscribe_on_drop,
             pubsub_retained,
             pubsub_slow_subscriber_does_not_block,
+            doc_put_expectations,
+            doc_concurrent_writers_one_wins,
+            doc_list_order_and_paging,
+            doc_delete_removes,
+            audit_append_is_conditional,
+            audit_read_pages_exclusively,
+            audit_concurrent_appenders_form_one_chain,
+            device_query_by_groups,
+            device_query_prefix_and_after,
+            device_query_paging_while_adding,
+            device_group_index_follows_update_and_delete,
+            device_delete_removes_queue_and_shadow,
+            device_get_many_keeps_order,
+            job_push_queues_once,
+            job_push_full_queue_is_failed,
+            job_push_tells_the_online_devices_node,
+            job_record_moves_up_only,
+            job_counts_and_execs_paging,
+            job_cancel_unsent_and_sent,
         );
     };
     (@each $factory:expr; $($name:ident),* $(,)?) => {

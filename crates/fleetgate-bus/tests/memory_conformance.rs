@@ -431,3 +431,87 @@ async fn clones_share_state() {
     let shared: Arc<dyn Bus> = Arc::new(clone);
     shared.ping().await.unwrap();
 }
+
+#[tokio::test]
+async fn device_delete_and_job_cancel_keep_the_expiry_index_in_step() {
+    use fleetgate_bus::{DeviceRecord, JobExecState};
+    let bus = MemoryBus::default();
+    for d in ["gone", "kept"] {
+        let record = DeviceRecord {
+            id: d.into(),
+            groups: vec!["g".into()],
+            secret_sha256: [0; 32],
+            created_ms: 0,
+            revoked: false,
+        };
+        assert!(bus.device_create(&record).await.unwrap());
+        for m in ["a", "b"] {
+            bus.queue_push(&command(d, m, i64::MAX)).await.unwrap();
+        }
+        let patch = json!({"on": true}).as_object().cloned().unwrap();
+        bus.shadow_merge_reported(d, &patch, 1).await.unwrap();
+    }
+    assert!(bus.device_delete("gone").await.unwrap());
+    let s = bus.stats();
+    assert_eq!(
+        (
+            s.devices,
+            s.queued_commands,
+            s.queued_devices,
+            s.expiry_index,
+            s.shadows
+        ),
+        (1, 2, 1, 2, 1)
+    );
+    let job = Command {
+        job: Some("j".into()),
+        ..command("kept", "c", i64::MAX)
+    };
+    bus.job_push("j", &[job]).await.unwrap();
+    assert_eq!(bus.job_cancel("j", 10).await.unwrap(), 1);
+    let execs = bus.job_execs("j", None, 10).await.unwrap();
+    assert_eq!(execs[0].state, JobExecState::Cancelled);
+    let s = bus.stats();
+    assert_eq!((s.queued_commands, s.expiry_index, s.jobs), (2, 2, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn jobs_are_forgotten_after_the_retention() {
+    use fleetgate_bus::{JobCounts, JobExecState};
+    let bus = small(|c| c.job_retention = Duration::from_secs(3600));
+    let push = |job: &'static str| {
+        let bus = bus.clone();
+        async move {
+            let c = Command {
+                job: Some(job.into()),
+                ..command("d", job, i64::MAX)
+            };
+            bus.job_push(job, &[c]).await.unwrap();
+        }
+    };
+    push("old").await;
+    push("busy").await;
+    tokio::time::advance(Duration::from_secs(3000)).await;
+    // A change restarts the retention.
+    assert!(
+        bus.job_record("busy", "d", JobExecState::Delivered)
+            .await
+            .unwrap()
+    );
+    tokio::time::advance(Duration::from_secs(1000)).await;
+    // Forgotten as soon as the retention ends, not only when another job is written.
+    assert_eq!(bus.job_counts("old").await.unwrap(), JobCounts::default());
+    assert!(bus.job_execs("old", None, 10).await.unwrap().is_empty());
+    assert!(
+        !bus.job_record("old", "d", JobExecState::Delivered)
+            .await
+            .unwrap()
+    );
+    assert_eq!(bus.job_cancel("old", 10).await.unwrap(), 0);
+    assert_eq!(bus.job_counts("busy").await.unwrap().delivered, 1);
+    push("new").await;
+    assert_eq!(bus.stats().jobs, 2, "busy and new");
+    // A forgotten job's device can take part in it again, as on Redis, whose keys expired.
+    push("old").await;
+    assert_eq!(bus.job_counts("old").await.unwrap().queued, 1);
+}

@@ -233,6 +233,150 @@ async fn telemetry_streams_serve_consumer_groups() {
     let _ = redis.quit().await;
 }
 
+/// A bus of its own key prefix on the shared server: state no other test touches.
+async fn private_bus(tag: &str, f: impl FnOnce(&mut RedisBusConfig)) -> (RedisBus, String) {
+    let prefix = format!("{}:", unique_id(tag));
+    let mut cfg = RedisBusConfig {
+        key_prefix: prefix.clone(),
+        ..config(vec![support::shared().url()])
+    };
+    f(&mut cfg);
+    (RedisBus::connect(cfg).await.expect("connect"), prefix)
+}
+
+/// With the log to itself, a test sees the head exactly: missing reads as empty, every
+/// append sets it (one of no entries too, which is not the same as a refused one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_head_of_a_log_of_its_own() {
+    use fleetgate_bus::StreamId;
+    let (bus, prefix) = private_bus("raudit", |_| {}).await;
+    assert_eq!(bus.audit_head().await.unwrap(), "");
+    assert!(bus.audit_read(None, 10).await.unwrap().is_empty());
+    assert_eq!(
+        bus.audit_append("x", "h1", &["e".into()]).await.unwrap(),
+        None
+    );
+    let ids = bus
+        .audit_append("", "h1", &["e1".into(), "e2".into()])
+        .await
+        .unwrap()
+        .expect("appended on the empty head");
+    assert_eq!(bus.audit_head().await.unwrap(), "h1");
+    assert_eq!(
+        bus.audit_append("h1", "h2", &[]).await.unwrap(),
+        Some(Vec::new()),
+        "nothing appended, head moved"
+    );
+    assert_eq!(bus.audit_head().await.unwrap(), "h2");
+    assert_eq!(
+        bus.audit_append("h1", "h3", &["late".into()])
+            .await
+            .unwrap(),
+        None
+    );
+    let all = bus.audit_read(None, 10).await.unwrap();
+    let entries: Vec<(&StreamId, &str)> = all.iter().map(|r| (&r.id, r.entry.as_str())).collect();
+    assert_eq!(entries, [(&ids[0], "e1"), (&ids[1], "e2")]);
+    let redis = raw(&support::shared().url()).await;
+    assert!(exists(&redis, &format!("{prefix}audit")).await);
+    assert!(exists(&redis, &format!("{prefix}audit:head")).await);
+    let _ = fred::interfaces::ClientLike::quit(&redis).await;
+}
+
+/// Every write to a job's keys restarts their expiry at the configured retention.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_keys_expire_after_the_retention() {
+    use fleetgate_bus::{JobExecState, JobPush};
+    use fred::interfaces::KeysInterface;
+    let retention = Duration::from_secs(600);
+    let (bus, prefix) = private_bus("rjob", |c| c.job_retention = retention).await;
+    let dev = unique_id("rjdev");
+    let job = unique_id("rjob");
+    let c = Command {
+        job: Some(job.clone()),
+        ..command(&dev, "j", now_ms() + 60_000)
+    };
+    assert_eq!(bus.job_push(&job, &[c]).await.unwrap(), [JobPush::Queued]);
+    let redis = raw(&support::shared().url()).await;
+    let ttls = || async {
+        let mut out = Vec::new();
+        for tag in ["jx:", "jxi:", "jc:", "jq:"] {
+            let ttl: i64 = redis.pttl(format!("{prefix}{tag}{job}")).await.unwrap();
+            out.push(ttl);
+        }
+        out
+    };
+    let limit = i64::try_from(retention.as_millis()).unwrap();
+    for ttl in ttls().await {
+        assert!(
+            ttl > 0 && ttl <= limit,
+            "expiry {ttl} ms, retention {limit} ms"
+        );
+    }
+    assert!(
+        bus.job_record(&job, &dev, JobExecState::Delivered)
+            .await
+            .unwrap()
+    );
+    let after = ttls().await;
+    assert!(
+        after[..3].iter().all(|&t| t > 0 && t <= limit),
+        "refreshed: {after:?}"
+    );
+    assert_eq!(after[3], -2, "nothing queued is left: the set is gone");
+    bus.queue_ack(&dev, "j").await.unwrap();
+    let _ = fred::interfaces::ClientLike::quit(&redis).await;
+}
+
+/// A record that no longer decodes can still be replaced or deleted (its groups are unknown
+/// then, so they are left as they are).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_records_can_be_replaced_and_deleted() {
+    use fleetgate_bus::{DeviceQuery, DeviceRecord};
+    use fred::interfaces::KeysInterface;
+    let (bus, prefix) = private_bus("rbad", |_| {}).await;
+    let record = |id: &str, groups: &[&str]| DeviceRecord {
+        id: id.to_owned(),
+        groups: groups.iter().map(|g| (*g).to_owned()).collect(),
+        secret_sha256: [1; 32],
+        created_ms: 1,
+        revoked: false,
+    };
+    let redis = raw(&support::shared().url()).await;
+    for id in ["replaced", "deleted"] {
+        assert!(bus.device_create(&record(id, &["g"])).await.unwrap());
+        let _: () = redis
+            .set(format!("{prefix}dev:{id}"), "{not json", None, None, false)
+            .await
+            .unwrap();
+        assert!(matches!(
+            bus.device_get(id).await,
+            Err(BusError::Corrupt(_))
+        ));
+    }
+    assert!(
+        bus.device_update(&record("replaced", &["h"]))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        bus.device_get("replaced").await.unwrap(),
+        Some(record("replaced", &["h"]))
+    );
+    assert!(bus.device_delete("deleted").await.unwrap());
+    assert_eq!(bus.device_get("deleted").await.unwrap(), None);
+    let in_h = bus
+        .device_query(&DeviceQuery {
+            groups: Some(vec!["h".into()]),
+            limit: 10,
+            ..DeviceQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(in_h, [record("replaced", &["h"])]);
+    let _ = fred::interfaces::ClientLike::quit(&redis).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_and_stats() {
     let bus = shared_bus().await;
@@ -398,6 +542,223 @@ mod sharding {
         for d in &devices {
             bus.queue_ack(d, "m1").await.unwrap();
         }
+    }
+
+    /// The admin state with devices on both shards: group queries merge both shards' devices
+    /// (the registry is on shard 0 whatever the device's shard), job counts and pages add up
+    /// every shard's executions in device order, a cancel reaches every shard, and a delete
+    /// leaves none of the device's keys on its shard.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn admin_state_across_shards() {
+        use fleetgate_bus::{DeviceQuery, DeviceRecord, JobCounts, JobExecState, JobPush};
+        use fred::interfaces::SortedSetsInterface;
+        let bus = sharded_bus().await;
+        let [a, b] = support::pair();
+        let raws = [raw(&a.url()).await, raw(&b.url()).await];
+        let (mut devices, per_shard) = devices_on_both_shards(&bus);
+        assert!(per_shard[0] > 0 && per_shard[1] > 0, "{per_shard:?}");
+        devices.sort();
+        let (ga, gb) = (unique_id("sga"), unique_id("sgb"));
+        for (i, d) in devices.iter().enumerate() {
+            let mut groups = Vec::new();
+            if i % 2 == 0 {
+                groups.push(ga.clone());
+            }
+            if i % 3 == 0 {
+                groups.push(gb.clone());
+            }
+            let record = DeviceRecord {
+                id: d.clone(),
+                groups,
+                secret_sha256: [3; 32],
+                created_ms: 1,
+                revoked: false,
+            };
+            assert!(bus.device_create(&record).await.unwrap());
+        }
+        let union: Vec<String> = devices
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % 2 == 0 || i % 3 == 0)
+            .map(|(_, d)| d.clone())
+            .collect();
+        let mut paged = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = bus
+                .device_query(&DeviceQuery {
+                    groups: Some(vec![ga.clone(), gb.clone()]),
+                    after: after.clone(),
+                    limit: 5,
+                    ..DeviceQuery::default()
+                })
+                .await
+                .unwrap();
+            let Some(last) = page.last() else { break };
+            after = Some(last.id.clone());
+            paged.extend(page.into_iter().map(|d| d.id));
+        }
+        assert_eq!(
+            paged, union,
+            "the union of both groups, in ID order, once each"
+        );
+
+        let job = unique_id("sjob");
+        let batch: Vec<Command> = devices
+            .iter()
+            .map(|d| Command {
+                job: Some(job.clone()),
+                ..command(d, "sj", now_ms() + 60_000)
+            })
+            .collect();
+        assert_eq!(
+            bus.job_push(&job, &batch).await.unwrap(),
+            vec![JobPush::Queued; devices.len()]
+        );
+        assert_eq!(
+            bus.job_push(&job, &batch).await.unwrap(),
+            vec![JobPush::Exists; devices.len()],
+            "answers in input order across shards"
+        );
+        for d in &devices[..10] {
+            assert!(
+                bus.job_record(&job, d, JobExecState::Succeeded)
+                    .await
+                    .unwrap()
+            );
+        }
+        for d in &devices[10..15] {
+            assert_eq!(bus.queue_next(d, None, &[], 10).await.unwrap().len(), 1);
+        }
+        let n = devices.len() as u64;
+        assert_eq!(
+            bus.job_counts(&job).await.unwrap(),
+            JobCounts {
+                queued: n - 10,
+                succeeded: 10,
+                ..JobCounts::default()
+            },
+            "summed over both shards"
+        );
+        let mut execs = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = bus.job_execs(&job, after.as_deref(), 7).await.unwrap();
+            assert!(page.len() <= 7);
+            let Some(last) = page.last() else { break };
+            after = Some(last.device.clone());
+            execs.extend(page);
+        }
+        let order: Vec<&String> = execs.iter().map(|e| &e.device).collect();
+        assert_eq!(
+            order,
+            devices.iter().collect::<Vec<_>>(),
+            "device order across shards"
+        );
+
+        let mut taken = 0;
+        loop {
+            let got = bus.job_cancel(&job, 10).await.unwrap();
+            assert!(got <= 10);
+            if got == 0 {
+                break;
+            }
+            taken += got;
+        }
+        assert_eq!(taken, devices.len() - 10);
+        assert_eq!(
+            bus.job_counts(&job).await.unwrap(),
+            JobCounts {
+                succeeded: 10,
+                delivered: 5,
+                cancelled: n - 15,
+                ..JobCounts::default()
+            }
+        );
+        for d in &devices[15..] {
+            assert_eq!(
+                bus.queue_len(d).await.unwrap(),
+                0,
+                "{d}: cancelled, unqueued"
+            );
+        }
+
+        // One device per shard, each with a queued command and a shadow, deleted.
+        let doomed: Vec<String> = (0..2)
+            .map(|shard| {
+                devices[10..15]
+                    .iter()
+                    .chain(&devices[..10])
+                    .find(|d| bus.shard_for_device(d) == shard)
+                    .cloned()
+                    .expect("a device on each shard")
+            })
+            .collect();
+        for d in &doomed {
+            bus.queue_push(&command(d, "extra", now_ms() + 60_000))
+                .await
+                .unwrap();
+            bus.shadow_merge_reported(d, json!({"on": true}).as_object().unwrap(), 1)
+                .await
+                .unwrap();
+            assert!(bus.device_delete(d).await.unwrap());
+            let home = bus.shard_for_device(d);
+            for key in bus.device_keys(d).into_iter().skip(1) {
+                assert!(
+                    !exists(&raws[home], &key).await,
+                    "{key} left on shard {home}"
+                );
+            }
+            let qexp = format!("{}qexp", bus.config().key_prefix);
+            for m in ["sj", "extra"] {
+                let score: Option<f64> =
+                    raws[home].zscore(&qexp, format!("{m} {d}")).await.unwrap();
+                assert_eq!(score, None, "expiry entry of {m} {d} left on shard {home}");
+            }
+            assert_eq!(bus.device_get(d).await.unwrap(), None);
+        }
+        let left = bus
+            .device_query(&DeviceQuery {
+                groups: Some(vec![ga.clone(), gb.clone()]),
+                limit: 1000,
+                ..DeviceQuery::default()
+            })
+            .await
+            .unwrap();
+        assert!(
+            left.iter().all(|r| !doomed.contains(&r.id)),
+            "out of the group index"
+        );
+        for d in &devices[10..15] {
+            bus.queue_ack(d, "sj").await.unwrap();
+        }
+    }
+
+    /// The admin part of the conformance suite on two shards, so that its devices spread
+    /// over both. (Not the device delete test: it pushes commands expired long ago, and the
+    /// expiry test here counts on live ones only.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn admin_conformance_on_two_shards() {
+        use fleetgate_bus::conformance as c;
+        let bus = sharded_bus().await;
+        c::doc_put_expectations(&bus).await;
+        c::doc_concurrent_writers_one_wins(&bus).await;
+        c::doc_list_order_and_paging(&bus).await;
+        c::doc_delete_removes(&bus).await;
+        c::audit_append_is_conditional(&bus).await;
+        c::audit_read_pages_exclusively(&bus).await;
+        c::audit_concurrent_appenders_form_one_chain(&bus).await;
+        c::device_query_by_groups(&bus).await;
+        c::device_query_prefix_and_after(&bus).await;
+        c::device_query_paging_while_adding(&bus).await;
+        c::device_group_index_follows_update_and_delete(&bus).await;
+        c::device_get_many_keeps_order(&bus).await;
+        c::job_push_queues_once(&bus).await;
+        c::job_push_full_queue_is_failed(&bus).await;
+        c::job_push_tells_the_online_devices_node(&bus).await;
+        c::job_record_moves_up_only(&bus).await;
+        c::job_counts_and_execs_paging(&bus).await;
+        c::job_cancel_unsent_and_sent(&bus).await;
     }
 
     /// A second process with the same URL list agrees on placement.

@@ -4,7 +4,10 @@
 use bytes::Bytes;
 use fleetgate_bus::conformance::{node_info, now_ms, unique_id};
 use fleetgate_bus::redis::{RedisBus, RedisBusConfig, reshard};
-use fleetgate_bus::{Bus, Channel, Command, CommandOutcome, DeviceRecord, TelemetryRecord};
+use fleetgate_bus::{
+    Bus, Channel, Command, CommandOutcome, DeviceQuery, DeviceRecord, DocExpect, DocKind, DocWrite,
+    JobCounts, JobPush, TelemetryRecord,
+};
 use fleetgate_protocol::{MessageKind, MsgId, Qos};
 use fleetgate_test_support::RedisServer;
 use serde_json::json;
@@ -86,6 +89,30 @@ async fn adding_a_shard_moves_what_it_owns_and_keeps_everything_readable() {
     )
     .await
     .unwrap();
+    // Admin state: a document, audit entries, and a job whose commands are the queued `m0`s
+    // (a job push of a queued msgid queues nothing more).
+    assert_eq!(
+        one.doc_put(DocKind::Scene, "s1", "scene", DocExpect::Absent)
+            .await
+            .unwrap(),
+        DocWrite::Written(1)
+    );
+    let audit = one
+        .audit_append("", "h1", &["e1".into(), "e2".into()])
+        .await
+        .unwrap()
+        .expect("empty log");
+    let job_batch: Vec<Command> = devices
+        .iter()
+        .map(|d| Command {
+            job: Some("job-1".into()),
+            ..command(d, 0)
+        })
+        .collect();
+    assert_eq!(
+        one.job_push("job-1", &job_batch).await.unwrap(),
+        vec![JobPush::Queued; DEVICES]
+    );
     let partitions = one.telemetry_partitions();
 
     // A live node blocks the move.
@@ -117,6 +144,7 @@ async fn adding_a_shard_moves_what_it_owns_and_keeps_everything_readable() {
         done.conflicts.is_empty() && done.unknown.is_empty(),
         "{done:?}"
     );
+    assert_eq!(done.job_keys, 4, "the job's keys, left in place: {done:?}");
     assert_eq!(done.moved_to.get(&b.url()), Some(&done.moved));
     // Running again finds nothing left to move.
     let again = reshard(&before, &after, &prefix, true).await.unwrap();
@@ -186,6 +214,40 @@ async fn adding_a_shard_moves_what_it_owns_and_keeps_everything_readable() {
     }
     assert_eq!(records, DEVICES, "every telemetry record readable");
     assert_eq!(two.device_list(None, 1_000).await.unwrap().len(), DEVICES);
+    let in_group = two
+        .device_query(&DeviceQuery {
+            groups: Some(vec!["g".into()]),
+            limit: 1_000,
+            ..DeviceQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(in_group.len(), DEVICES, "the group index stays on shard 0");
+    assert_eq!(
+        two.doc_get(DocKind::Scene, "s1")
+            .await
+            .unwrap()
+            .map(|d| d.body),
+        Some("scene".into())
+    );
+    assert_eq!(two.audit_head().await.unwrap(), "h1");
+    let entries: Vec<_> = two.audit_read(None, 10).await.unwrap();
+    assert_eq!(
+        entries.iter().map(|r| &r.id).collect::<Vec<_>>(),
+        audit.iter().collect::<Vec<_>>()
+    );
+    // The job's keys stayed on the first shard; every shard is read, so it reads whole.
+    assert_eq!(
+        two.job_counts("job-1").await.unwrap(),
+        JobCounts {
+            queued: DEVICES as u64,
+            ..JobCounts::default()
+        }
+    );
+    assert_eq!(
+        two.job_execs("job-1", None, 1_000).await.unwrap().len(),
+        DEVICES
+    );
     // The expiry index moved with the queues: every command is found by the sweeper once.
     let expired = two
         .queue_take_expired(now_ms() + 7_200_000, 100_000)

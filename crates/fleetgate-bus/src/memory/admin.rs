@@ -209,7 +209,8 @@ struct JobData {
     touched: Instant,
 }
 
-/// Job executions by job ID. Jobs untouched for the retention period are forgotten.
+/// Job executions by job ID. Jobs untouched for the retention period are forgotten: they
+/// read as absent at once (as Redis keys expire) and are dropped on the next insert.
 pub(super) struct Jobs {
     jobs: HashMap<String, JobData>,
     retention: std::time::Duration,
@@ -227,10 +228,23 @@ impl Jobs {
         self.jobs.len()
     }
 
-    pub(super) fn has(&self, job: &str, device: &str) -> bool {
+    /// The job, unless its retention has ended.
+    fn live(&self, job: &str) -> Option<&JobData> {
+        let retention = self.retention;
         self.jobs
             .get(job)
-            .is_some_and(|j| j.execs.contains_key(device))
+            .filter(|j| j.touched.elapsed() < retention)
+    }
+
+    fn live_mut(&mut self, job: &str) -> Option<&mut JobData> {
+        let retention = self.retention;
+        self.jobs
+            .get_mut(job)
+            .filter(|j| j.touched.elapsed() < retention)
+    }
+
+    pub(super) fn has(&self, job: &str, device: &str) -> bool {
+        self.live(job).is_some_and(|j| j.execs.contains_key(device))
     }
 
     /// Creates an execution (the caller checked that none exists).
@@ -244,8 +258,9 @@ impl Jobs {
     ) {
         let now = Instant::now();
         let retention = self.retention;
+        // A job past its retention starts anew, like one whose Redis keys expired.
         self.jobs
-            .retain(|id, j| id == job || now.duration_since(j.touched) < retention);
+            .retain(|_, j| now.duration_since(j.touched) < retention);
         let j = self.jobs.entry(job.to_owned()).or_insert_with(|| JobData {
             execs: BTreeMap::new(),
             queued: BTreeSet::new(),
@@ -275,7 +290,7 @@ impl Jobs {
         state: JobExecState,
         now_ms: i64,
     ) -> bool {
-        let Some(j) = self.jobs.get_mut(job) else {
+        let Some(j) = self.live_mut(job) else {
             return false;
         };
         let Some(exec) = j.execs.get_mut(device) else {
@@ -296,11 +311,11 @@ impl Jobs {
     }
 
     pub(super) fn counts(&self, job: &str) -> JobCounts {
-        self.jobs.get(job).map(|j| j.counts).unwrap_or_default()
+        self.live(job).map(|j| j.counts).unwrap_or_default()
     }
 
     pub(super) fn execs(&self, job: &str, after: Option<&str>, limit: usize) -> Vec<JobExec> {
-        let Some(j) = self.jobs.get(job) else {
+        let Some(j) = self.live(job) else {
             return Vec::new();
         };
         let start = after.map_or(Bound::Unbounded, Bound::Excluded);
@@ -313,7 +328,7 @@ impl Jobs {
 
     /// Up to `limit` queued executions: `(device, msgid)`.
     pub(super) fn queued(&self, job: &str, limit: usize) -> Vec<(String, String)> {
-        let Some(j) = self.jobs.get(job) else {
+        let Some(j) = self.live(job) else {
             return Vec::new();
         };
         j.queued

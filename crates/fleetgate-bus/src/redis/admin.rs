@@ -38,6 +38,7 @@ pub(super) struct AdminScripts {
 }
 
 impl AdminScripts {
+    /// Loads every admin script's text (sent to Redis on first use).
     pub(super) fn new() -> Self {
         Self {
             device_create: Script::from_lua(admin_scripts::DEVICE_CREATE),
@@ -114,6 +115,7 @@ impl RedisBus {
 
     // --- registry --------------------------------------------------------------------------
 
+    /// [`crate::Bus::device_create`], with the device's group index entries.
     pub(super) async fn create_device(&self, device: &DeviceRecord) -> BusResult<bool> {
         let mut keys = vec![self.key("dev:", &device.id), self.key("devices", "")];
         keys.extend(device.groups.iter().map(|g| self.group_key(g)));
@@ -128,6 +130,7 @@ impl RedisBus {
         Ok(int("device_create", reply)? == 1)
     }
 
+    /// [`crate::Bus::device_get`].
     pub(super) async fn get_device(&self, id: &str) -> BusResult<Option<DeviceRecord>> {
         let text: Option<String> = self
             .client(0)
@@ -137,6 +140,7 @@ impl RedisBus {
         text.as_deref().map(codec::decode_device).transpose()
     }
 
+    /// [`crate::Bus::device_update`], moving the device between group indexes.
     pub(super) async fn update_device(&self, device: &DeviceRecord) -> BusResult<bool> {
         let mut keys = vec![self.key("dev:", &device.id)];
         keys.extend(device.groups.iter().map(|g| self.group_key(g)));
@@ -155,6 +159,8 @@ impl RedisBus {
         Ok(int("device_update", reply)? == 1)
     }
 
+    /// [`crate::Bus::device_query`].
+    ///
     /// IDs come from the ID index or the group indexes (each read at most `limit` from the
     /// start, in one script); their sorted union is merged here, because Lua's string order
     /// follows the server's locale, not the byte order of `ZRANGEBYLEX`.
@@ -204,6 +210,7 @@ impl RedisBus {
             .collect())
     }
 
+    /// [`crate::Bus::device_get_many`]: one `MGET` on shard 0.
     pub(super) async fn get_devices(&self, ids: &[String]) -> BusResult<Vec<Option<DeviceRecord>>> {
         if ids.is_empty() {
             return Ok(Vec::new());
@@ -227,6 +234,8 @@ impl RedisBus {
             .collect()
     }
 
+    /// [`crate::Bus::device_delete`].
+    ///
     /// The device's shard is purged before its record goes: a call that fails between the
     /// two leaves the record, so retrying finds it and finishes the job.
     pub(super) async fn delete_device(&self, id: &str) -> BusResult<bool> {
@@ -260,6 +269,7 @@ impl RedisBus {
 
     // --- documents -------------------------------------------------------------------------
 
+    /// [`crate::Bus::doc_put`]: check and write in one script.
     pub(super) async fn put_doc(
         &self,
         kind: DocKind,
@@ -296,6 +306,7 @@ impl RedisBus {
         }
     }
 
+    /// [`crate::Bus::doc_get`].
     pub(super) async fn get_doc(&self, kind: DocKind, id: &str) -> BusResult<Option<Doc>> {
         let reply = self
             .custom(0, "HMGET", vec![v(self.doc_key(kind, id)), v("v"), v("b")])
@@ -314,6 +325,7 @@ impl RedisBus {
         }))
     }
 
+    /// [`crate::Bus::doc_list`]: IDs and bodies read in one script.
     pub(super) async fn list_docs(
         &self,
         kind: DocKind,
@@ -347,6 +359,7 @@ impl RedisBus {
         Ok(docs)
     }
 
+    /// [`crate::Bus::doc_delete`].
     pub(super) async fn delete_doc(&self, kind: DocKind, id: &str) -> BusResult<bool> {
         let reply = self
             .eval(
@@ -361,6 +374,7 @@ impl RedisBus {
 
     // --- audit log -------------------------------------------------------------------------
 
+    /// [`crate::Bus::audit_head`].
     pub(super) async fn read_audit_head(&self) -> BusResult<String> {
         let head: Option<String> = self
             .client(0)
@@ -370,6 +384,7 @@ impl RedisBus {
         Ok(head.unwrap_or_default())
     }
 
+    /// [`crate::Bus::audit_append`]: head check, entries and new head in one script.
     pub(super) async fn append_audit(
         &self,
         expected_head: &str,
@@ -402,6 +417,7 @@ impl RedisBus {
         Ok(Some(ids))
     }
 
+    /// [`crate::Bus::audit_read`]: an `XRANGE` from an exclusive start.
     pub(super) async fn read_audit(
         &self,
         after: Option<&StreamId>,
@@ -435,6 +451,7 @@ impl RedisBus {
 
     // --- jobs ------------------------------------------------------------------------------
 
+    /// [`crate::Bus::job_push`]: one script per shard and batch of commands.
     pub(super) async fn push_job(
         &self,
         job: &str,
@@ -508,6 +525,7 @@ impl RedisBus {
             .collect()
     }
 
+    /// [`crate::Bus::job_record`]: one script on the device's shard.
     pub(super) async fn record_job(
         &self,
         job: &str,
@@ -537,6 +555,7 @@ impl RedisBus {
         }
     }
 
+    /// [`crate::Bus::job_counts`]: every shard's counts, added up.
     pub(super) async fn count_job(&self, job: &str) -> BusResult<JobCounts> {
         let key = self.key("jc:", job);
         let mut total = JobCounts::default();
@@ -561,6 +580,7 @@ impl RedisBus {
         Ok(total)
     }
 
+    /// [`crate::Bus::job_execs`]: every shard's page, merged in device order.
     pub(super) async fn list_job_execs(
         &self,
         job: &str,
@@ -589,6 +609,7 @@ impl RedisBus {
         Ok(merged.into_values().take(limit).collect())
     }
 
+    /// [`crate::Bus::job_cancel`]: shard by shard until `limit` are taken.
     pub(super) async fn cancel_job(&self, job: &str, limit: usize) -> BusResult<usize> {
         let mut keys = self.job_keys(job);
         keys.push(self.key("qexp", ""));
