@@ -14,5 +14,6 @@ mod limits;
 mod loadtest;
 mod rbac;
 mod sdk;
+mod shadow;
 mod support;
 mod tracing;

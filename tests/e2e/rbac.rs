@@ -41,6 +41,7 @@ enum Needs {
     DeviceRead,
     DeviceWrite,
     CommandSend,
+    ShadowWrite,
     NodeRead,
     AuditRead,
     PrincipalAdmin,
@@ -57,6 +58,7 @@ fn allows(role: Role, needs: Needs) -> bool {
                 | N::DeviceRead
                 | N::DeviceWrite
                 | N::CommandSend
+                | N::ShadowWrite
                 | N::NodeRead
         ),
         Role::Viewer => matches!(
@@ -291,6 +293,15 @@ fn rows() -> Vec<Row> {
             S::Device,
             200,
             none,
+        ),
+        row(
+            "PATCH",
+            "/v1/devices/{id}/shadow/desired",
+            "shadow.desire",
+            N::ShadowWrite,
+            S::Device,
+            200,
+            |_| Some(json!({"state": {"mode": "eco"}})),
         ),
         row(
             "GET",

@@ -9,7 +9,9 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use base64::Engine;
-use fleetgate_bus::{DeviceQuery, DeviceRecord, NodeMessage, Presence, Shadow};
+use fleetgate_bus::{
+    DesiredGuard, DesiredMerge, DeviceQuery, DeviceRecord, NodeMessage, Presence, Shadow,
+};
 use fleetgate_protocol::CloseCode;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -413,7 +415,16 @@ pub(crate) async fn revoke(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-/// The device's shadow.
+/// The shadow as JSON, with its version as the `ETag` (send it back as `If-Match`).
+fn shadow_answer(shadow: &Shadow) -> axum::response::Response {
+    (
+        [(axum::http::header::ETAG, format!("\"{}\"", shadow.version))],
+        Json(shadow_json(shadow)),
+    )
+        .into_response()
+}
+
+/// The device's shadow (`ETag`: its version).
 #[utoipa::path(get, path = "/v1/devices/{id}/shadow", tag = "devices",
     params(("id" = String, Path, description = "device ID")),
     responses((status = 200, body = Object), (status = 400, body = ErrorBody),
@@ -427,5 +438,99 @@ pub(crate) async fn get_shadow(
     if device.record.is_none() && shadow.is_none() {
         return Err(AppError::not_found(format!("no device {}", device.id)));
     }
-    Ok(Json(shadow_json(&shadow.unwrap_or_default())).into_response())
+    Ok(shadow_answer(&shadow.unwrap_or_default()))
+}
+
+/// `PATCH /v1/devices/{id}/shadow/desired` body.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SetDesired {
+    /// Keys to set; `null` removes a key.
+    #[schema(value_type = Object)]
+    state: serde_json::Map<String, Value>,
+    /// The version read; a shadow at another version answers 409 (`If-Match` works too).
+    version: Option<u64>,
+}
+
+/// The version an `If-Match` header names (`"7"`, `W/"7"` or `7`).
+fn if_match(headers: &axum::http::HeaderMap) -> Result<Option<u64>, AppError> {
+    let Some(v) = headers.get(axum::http::header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let text = v.to_str().unwrap_or_default().trim();
+    let text = text.strip_prefix("W/").unwrap_or(text).trim_matches('"');
+    text.parse()
+        .map(Some)
+        .map_err(|_| AppError::bad_request("If-Match must be a shadow version"))
+}
+
+/// Merges desired state with optimistic concurrency. An online device is sent the delta at
+/// once; a device connecting later gets it right after `auth_response` while it lasts.
+#[utoipa::path(patch, path = "/v1/devices/{id}/shadow/desired", tag = "devices",
+    request_body = SetDesired,
+    params(("id" = String, Path, description = "device ID"),
+        ("If-Match" = Option<String>, Header, description = "the shadow version read")),
+    responses((status = 200, body = Object), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub(crate) async fn set_desired(
+    State(state): State<Arc<AdminState>>,
+    device: ScopedDevice<need::ShadowWrite>,
+    headers: axum::http::HeaderMap,
+    req: Result<Json<SetDesired>, JsonRejection>,
+) -> Res {
+    let req = body(req)?;
+    let expected = match (req.version, if_match(&headers)?) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(AppError::bad_request("version and If-Match disagree"));
+        }
+        (a, b) => a.or(b),
+    };
+    if device.record.is_none() {
+        return Err(AppError::not_found(format!("no device {}", device.id)));
+    }
+    let guard = DesiredGuard {
+        expected_version: expected,
+        max_bytes: Some(state.config.shadow_max_bytes),
+    };
+    let merged = state
+        .bus
+        .shadow_set_desired(&device.id, &req.state, &guard, now_ms())
+        .await?;
+    let shadow = match merged {
+        DesiredMerge::Merged(shadow) => shadow,
+        DesiredMerge::Stale { current } => {
+            return Err(AppError::new(
+                StatusCode::CONFLICT,
+                "version_conflict",
+                format!("the shadow is at version {current}; read it and try again"),
+            )
+            .with_current_version(current));
+        }
+        DesiredMerge::TooLarge { bytes } => {
+            return Err(AppError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!(
+                    "the shadow would be {bytes} bytes; at most {} are kept",
+                    state.config.shadow_max_bytes
+                ),
+            ));
+        }
+    };
+    if !shadow.delta.is_empty()
+        && let Some(p) = state.bus.presence_get(&device.id).await?
+    {
+        let msg = NodeMessage::Delta {
+            device: device.id.clone(),
+            version: shadow.version,
+            delta: shadow.delta.clone(),
+        };
+        // Best effort: the device is sent the delta again when it next connects.
+        if let Err(error) = state.bus.node_publish(&p.node, &msg).await {
+            tracing::warn!(message = "could not tell a device its delta", %error);
+        }
+    }
+    Ok(shadow_answer(&shadow))
 }

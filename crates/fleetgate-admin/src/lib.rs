@@ -63,6 +63,9 @@ pub struct AdminConfig {
     pub audit_checkpoint_interval: Duration,
     /// Largest request body; larger ones answer 413.
     pub max_body_bytes: usize,
+    /// Largest shadow document (reported + desired, as JSON); desired patches past it
+    /// answer 413.
+    pub shadow_max_bytes: usize,
 }
 
 impl Default for AdminConfig {
@@ -79,6 +82,7 @@ impl Default for AdminConfig {
             audit_verify_keys_pem: Vec::new(),
             audit_checkpoint_interval: Duration::from_secs(60),
             max_body_bytes: 1 << 20,
+            shadow_max_bytes: 32 * 1024,
         }
     }
 }
@@ -273,6 +277,7 @@ fn api_router() -> OpenApiRouter<Arc<AdminState>> {
         .routes(routes!(devices::disconnect))
         .routes(routes!(devices::revoke))
         .routes(routes!(devices::get_shadow))
+        .routes(routes!(devices::set_desired))
         .routes(routes!(commands::send_command))
         .routes(routes!(list_nodes))
         .routes(routes!(audit_api::list))

@@ -234,7 +234,27 @@ pub trait Bus: Send + Sync + 'static {
         device: &str,
         patch: &serde_json::Map<String, serde_json::Value>,
         now_ms: i64,
-    ) -> BusResult<Shadow>;
+    ) -> BusResult<Shadow> {
+        match self
+            .shadow_set_desired(device, patch, &DesiredGuard::default(), now_ms)
+            .await?
+        {
+            DesiredMerge::Merged(shadow) => Ok(shadow),
+            // An empty guard refuses nothing.
+            refused => Err(BusError::Corrupt(format!(
+                "unguarded write refused: {refused:?}"
+            ))),
+        }
+    }
+    /// [`Bus::shadow_merge_desired`] under a guard: only at the expected version, only
+    /// within the size limit (checked atomically with the write).
+    async fn shadow_set_desired(
+        &self,
+        device: &str,
+        patch: &serde_json::Map<String, serde_json::Value>,
+        guard: &DesiredGuard,
+        now_ms: i64,
+    ) -> BusResult<DesiredMerge>;
     /// Reads `device`'s shadow.
     async fn shadow_get(&self, device: &str) -> BusResult<Option<Shadow>>;
 

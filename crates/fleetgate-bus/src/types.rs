@@ -154,6 +154,16 @@ pub enum NodeMessage {
         /// What happened.
         outcome: CommandOutcome,
     },
+    /// `device`'s desired state changed: send it the delta (desired keys whose value differs
+    /// from the reported one), if it is connected here.
+    Delta {
+        /// The device.
+        device: String,
+        /// The shadow's version.
+        version: u64,
+        /// What to change.
+        delta: Map<String, Value>,
+    },
     /// Messages to this node may have been lost before this one (the backend reconnected,
     /// or the receiver was full): re-read what the lost messages would have announced from
     /// durable state (queues, presence, stored results). The bus sends it itself, after the
@@ -223,6 +233,72 @@ impl Shadow {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
     }
+}
+
+impl Shadow {
+    /// Size of the document a device and its operators share: reported and desired state as
+    /// JSON (what the shadow size limit bounds).
+    pub fn document_bytes(&self) -> usize {
+        serde_json::to_vec(&serde_json::json!({"reported": self.reported, "desired": self.desired}))
+            .map_or(0, |v| v.len())
+    }
+}
+
+/// Conditions on a desired-state write.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DesiredGuard {
+    /// Write only if the shadow is at this version (0: no shadow yet).
+    pub expected_version: Option<u64>,
+    /// Refuse a write that would make the document larger than this.
+    pub max_bytes: Option<usize>,
+}
+
+/// The result of a guarded desired-state write.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DesiredMerge {
+    /// Written (or a no-op that left it as it was): the whole shadow.
+    Merged(Shadow),
+    /// Not written: the shadow is at another version.
+    Stale {
+        /// Its version.
+        current: u64,
+    },
+    /// Not written: the document would exceed the limit.
+    TooLarge {
+        /// Its size with the patch applied.
+        bytes: usize,
+    },
+}
+
+/// The desired-state write both backends make: `Err` when the guard refuses it, `Ok(None)`
+/// when the patch changes nothing (the version stays), else the new shadow to store.
+pub(crate) fn apply_desired(
+    current: Option<&Shadow>,
+    patch: &Map<String, Value>,
+    guard: &DesiredGuard,
+    now_ms: i64,
+) -> Result<Option<Shadow>, DesiredMerge> {
+    let mut next = current.cloned().unwrap_or_default();
+    if let Some(want) = guard.expected_version
+        && want != next.version
+    {
+        return Err(DesiredMerge::Stale {
+            current: next.version,
+        });
+    }
+    if !merge_patch(&mut next.desired, patch) {
+        return Ok(None);
+    }
+    if let Some(max) = guard.max_bytes {
+        let bytes = next.document_bytes();
+        if bytes > max {
+            return Err(DesiredMerge::TooLarge { bytes });
+        }
+    }
+    next.version += 1;
+    next.updated_ms = now_ms;
+    next.recompute_delta();
+    Ok(Some(next))
 }
 
 /// Applies a top-level merge patch: keys are replaced, `null` deletes. Returns whether

@@ -66,6 +66,14 @@ pub enum DeviceEvent {
     Command(Box<IncomingCommand>),
     /// The gateway rejected one message with an `error` frame; the session continues.
     Error(Box<ErrorFrame>),
+    /// Operators want this state (desired keys that differ from what the device reported).
+    /// Apply it and report it with a status; the shadow is in sync once reported matches.
+    Delta {
+        /// The shadow version the delta belongs to.
+        version: u64,
+        /// Keys and the values wanted for them.
+        state: serde_json::Map<String, serde_json::Value>,
+    },
 }
 
 /// The answer to a command, travelling to the event loop.

@@ -476,6 +476,7 @@ impl EventLoop {
         match frame {
             Frame::Handshake(h) => self.on_handshake(h),
             Frame::Message(env) if env.kind == MessageKind::Command => self.on_command(env),
+            Frame::Message(env) if env.kind == MessageKind::Delta => self.on_delta(env),
             Frame::Error(err) => self.on_error(err),
             other => debug!(
                 kind = frame_name(&other),
@@ -566,6 +567,25 @@ impl EventLoop {
             timestamp: env.timestamp,
             responder: self.responder.clone(),
         })));
+    }
+
+    /// Desired state the device has not reported: surfaced as is (QoS 0; the gateway sends
+    /// it again on the next connect while it lasts). The device applies it and reports the
+    /// new state, which empties the delta.
+    fn on_delta(&mut self, env: Envelope) {
+        let version = env
+            .payload
+            .get("version")
+            .and_then(serde_json::Value::as_u64);
+        let state = env
+            .payload
+            .get("state")
+            .and_then(|s| s.as_object())
+            .cloned();
+        match (version, state) {
+            (Some(version), Some(state)) => self.emit(DeviceEvent::Delta { version, state }),
+            _ => warn!(msgid = %env.msgid, "malformed delta from gateway ignored"),
+        }
     }
 
     fn on_error(&mut self, err: ErrorFrame) {

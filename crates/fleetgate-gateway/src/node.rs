@@ -118,6 +118,11 @@ fn dispatch(shared: &Shared, msg: NodeMessage) {
             code,
             reason,
         } => (device, conn_id, Outbound::Close(Box::new((code, reason)))),
+        NodeMessage::Delta {
+            device,
+            version,
+            delta,
+        } => (device, None, Outbound::Delta(Box::new((version, delta)))),
         // Results are for admin nodes; a gateway node has nobody waiting. Resync is handled
         // by the inbox loop.
         NodeMessage::CommandResult { .. } | NodeMessage::Resync => return,

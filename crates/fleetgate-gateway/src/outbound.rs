@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use fleetgate_bus::{Command, CommandOutcome, DeliveryState, FailReason, QueuedCommand};
 use fleetgate_protocol::{
-    Envelope, Frame, Handshake, HandshakeKind, MessageKind, PROTOCOL_VERSION, Qos,
+    Envelope, Frame, Handshake, HandshakeKind, MessageKind, MsgId, PROTOCOL_VERSION, Qos,
 };
-use serde_json::Value;
+use serde_json::{Map, Value};
 use tokio::time::Instant;
 use tracing::{info_span, warn};
 
@@ -46,6 +46,23 @@ pub(crate) fn command_frame(cmd: &Command, dup: bool) -> Frame {
         qos: cmd.qos,
         retain: false,
         dup,
+    })
+}
+
+/// The `delta` frame: desired state the device has not reported yet (QoS 0; the device
+/// gets it again on its next connect while the delta lasts).
+pub(crate) fn delta_frame(device: &str, version: u64, state: Map<String, Value>) -> Frame {
+    Frame::Message(Envelope {
+        ver: PROTOCOL_VERSION.to_owned(),
+        msgid: MsgId::new(format!("delta-{version}")).expect("a valid msgid"),
+        timestamp: now_ms(),
+        from: "server".to_owned(),
+        to: device.to_owned(),
+        kind: MessageKind::Delta,
+        payload: serde_json::json!({ "state": state, "version": version }),
+        qos: Qos::AtMostOnce,
+        retain: false,
+        dup: false,
     })
 }
 

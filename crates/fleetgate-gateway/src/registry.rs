@@ -21,6 +21,8 @@ pub(crate) enum Outbound {
     Command(Box<Command>),
     /// Close the session.
     Close(Box<(CloseCode, String)>),
+    /// Desired state changed: send the delta `(version, state)`.
+    Delta(Box<(u64, serde_json::Map<String, serde_json::Value>)>),
 }
 
 /// A session as seen by the rest of the node.

@@ -470,7 +470,26 @@ impl Session {
             heartbeat_ms: self.shared.config.heartbeat.as_millis() as u64,
         });
         send_frame(&self.shared, ws, self.codec, &welcome).await?;
+        self.send_delta(ws).await?;
         self.deliver(ws).await
+    }
+
+    /// Tells a device that connects the desired state it has not reported yet. A shadow the
+    /// bus cannot read now is not worth refusing the session: the next change sends it.
+    async fn send_delta(&mut self, ws: &mut WebSocket) -> Result<(), Close> {
+        match self.shared.bus.shadow_get(&self.device).await {
+            Ok(Some(shadow)) if !shadow.delta.is_empty() => {
+                let frame =
+                    crate::outbound::delta_frame(&self.device, shadow.version, shadow.delta);
+                send_frame(&self.shared, ws, self.codec, &frame).await
+            }
+            Ok(_) => Ok(()),
+            Err(error) => {
+                self.shared.metrics.bus_errors.inc();
+                tracing::warn!(message = "could not read the shadow for its delta", %error);
+                Ok(())
+            }
+        }
     }
 
     /// The session loop. Handlers run boxed: only the loop's own few hundred bytes stay
@@ -528,6 +547,11 @@ impl Session {
             Outbound::Close(close) => {
                 let (code, reason) = *close;
                 Err(Close::new(code, reason))
+            }
+            Outbound::Delta(delta) => {
+                let (version, state) = *delta;
+                let frame = crate::outbound::delta_frame(&self.device, version, state);
+                send_frame(&self.shared, ws, self.codec, &frame).await
             }
         }
     }

@@ -468,6 +468,7 @@ async fn watch_device(
             DeviceEvent::Error(e) => {
                 ctx.tally(|t| t.add(&format!("error_frame:{:?}", e.code), 1));
             }
+            DeviceEvent::Delta { .. } => ctx.tally(|t| t.add("deltas_received", 1)),
         }
     }
     if online {

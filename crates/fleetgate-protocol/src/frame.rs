@@ -95,6 +95,9 @@ pub enum MessageKind {
     Command,
     /// `payload.items` holds status/event envelopes.
     Batch,
+    /// Server -> device: desired state that differs from the reported one,
+    /// `payload = {"state": {...}, "version": n}`.
+    Delta,
 }
 
 impl MessageKind {
@@ -105,6 +108,7 @@ impl MessageKind {
             Self::Event => "event",
             Self::Command => "command",
             Self::Batch => "batch",
+            Self::Delta => "delta",
         }
     }
 }

@@ -173,6 +173,7 @@ fn frame_type(ty: Option<&Scalar<'_>>) -> Result<FrameType, ProtocolError> {
         "status" => FrameType::Message(MessageKind::Status),
         "event" => FrameType::Message(MessageKind::Event),
         "command" => FrameType::Message(MessageKind::Command),
+        "delta" => FrameType::Message(MessageKind::Delta),
         "batch" => FrameType::Message(MessageKind::Batch),
         "ack" => FrameType::Handshake(HandshakeKind::Ack),
         "rec" => FrameType::Handshake(HandshakeKind::Rec),
@@ -872,6 +873,7 @@ mod tests {
             ("event", MessageKind::Event),
             ("command", MessageKind::Command),
             ("batch", MessageKind::Batch),
+            ("delta", MessageKind::Delta),
         ] {
             let mut e = status_env();
             e.kind = k;

@@ -164,6 +164,7 @@ fn frame_type(t: pb::Type) -> Option<FrameType> {
         pb::Type::Event => FrameType::Message(MessageKind::Event),
         pb::Type::Command => FrameType::Message(MessageKind::Command),
         pb::Type::Batch => FrameType::Message(MessageKind::Batch),
+        pb::Type::Delta => FrameType::Message(MessageKind::Delta),
         pb::Type::Ack => FrameType::Handshake(HandshakeKind::Ack),
         pb::Type::Rec => FrameType::Handshake(HandshakeKind::Rec),
         pb::Type::Rel => FrameType::Handshake(HandshakeKind::Rel),
@@ -178,6 +179,7 @@ fn message_type(k: MessageKind) -> pb::Type {
         MessageKind::Event => pb::Type::Event,
         MessageKind::Command => pb::Type::Command,
         MessageKind::Batch => pb::Type::Batch,
+        MessageKind::Delta => pb::Type::Delta,
     }
 }
 
@@ -246,6 +248,7 @@ mod tests {
             MessageKind::Event,
             MessageKind::Command,
             MessageKind::Batch,
+            MessageKind::Delta,
         ] {
             frames.push(Frame::Message(envelope(k)));
         }

@@ -46,8 +46,8 @@ pub fn check_from_device(
     if env.from != device_id {
         return Err(ProtocolError::SpoofedFrom);
     }
-    if env.kind == MessageKind::Command {
-        return Err(ProtocolError::UnexpectedType("command"));
+    if matches!(env.kind, MessageKind::Command | MessageKind::Delta) {
+        return Err(ProtocolError::UnexpectedType(env.kind.as_str()));
     }
     let skew_ms = env.timestamp.saturating_sub(now_ms);
     // unsigned_abs: `i64::MIN.abs()` overflows, and in release builds it wraps to a negative

@@ -115,6 +115,8 @@ pub struct AdminSettings {
     pub audit_checkpoint_interval_ms: u64,
     /// Largest admin request body; larger ones answer 413.
     pub max_body_bytes: usize,
+    /// Largest shadow document (reported + desired as JSON) a desired patch may make.
+    pub shadow_max_bytes: usize,
 }
 
 /// `[bus]` (both backends).
@@ -197,6 +199,7 @@ impl Default for AdminSettings {
             audit_verify_keys: Vec::new(),
             audit_checkpoint_interval_ms: ms(a.audit_checkpoint_interval),
             max_body_bytes: a.max_body_bytes,
+            shadow_max_bytes: a.shadow_max_bytes,
         }
     }
 }
@@ -306,6 +309,9 @@ pub struct Overrides {
     /// Largest admin request body, bytes (larger: 413).
     #[arg(long, env = "FLEETGATE_ADMIN_MAX_BODY_BYTES")]
     pub admin_max_body_bytes: Option<usize>,
+    /// Largest shadow document a desired patch may make, bytes (larger: 413).
+    #[arg(long, env = "FLEETGATE_SHADOW_MAX_BYTES")]
+    pub shadow_max_bytes: Option<usize>,
 }
 
 impl Settings {
@@ -342,6 +348,7 @@ impl Settings {
             admin_token_ttl_ms => admin.token_ttl_ms,
             audit_checkpoint_interval_ms => admin.audit_checkpoint_interval_ms,
             admin_max_body_bytes => admin.max_body_bytes,
+            shadow_max_bytes => admin.shadow_max_bytes,
         );
         if o.admin_token_keys.is_some() {
             s.admin.token_keys = o.admin_token_keys.clone();
@@ -499,6 +506,7 @@ impl Settings {
                 .collect::<Result<_, _>>()?,
             audit_checkpoint_interval: Duration::from_millis(a.audit_checkpoint_interval_ms),
             max_body_bytes: a.max_body_bytes,
+            shadow_max_bytes: a.shadow_max_bytes,
         })
     }
 

@@ -34,6 +34,7 @@ use crate::{
     JobPush, NodeInfo, NodeMessage, Presence, QueuedCommand, Shadow, StreamId, Subscription,
     TelemetryRecord, merge_patch, partition_for,
 };
+use crate::{DesiredGuard, DesiredMerge};
 
 /// Sizing of a [`MemoryBus`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -919,17 +920,23 @@ impl Bus for MemoryBus {
 
     /// A merge that changes nothing leaves the version (and `updated_ms`) as they were and
     /// creates no shadow.
-    async fn shadow_merge_desired(
+    async fn shadow_set_desired(
         &self,
         device: &str,
         patch: &Map<String, Value>,
+        guard: &DesiredGuard,
         now_ms: i64,
-    ) -> BusResult<Shadow> {
+    ) -> BusResult<DesiredMerge> {
         let mut shadows = lock(&self.inner.shadows);
         Ok(
-            merge_into(&mut shadows, device, patch, now_ms, |s| &mut s.desired)
-                .cloned()
-                .unwrap_or_default(),
+            match crate::types::apply_desired(shadows.get(device), patch, guard, now_ms) {
+                Ok(Some(next)) => {
+                    shadows.insert(device.to_owned(), next.clone());
+                    DesiredMerge::Merged(next)
+                }
+                Ok(None) => DesiredMerge::Merged(shadows.get(device).cloned().unwrap_or_default()),
+                Err(refused) => refused,
+            },
         )
     }
 

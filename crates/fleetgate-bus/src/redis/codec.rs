@@ -286,6 +286,11 @@ pub(super) fn encode_node_message(m: &NodeMessage) -> String {
             "msgid": msgid,
             "outcome": outcome_value(outcome),
         }),
+        NodeMessage::Delta {
+            device,
+            version,
+            delta,
+        } => json!({"t": "delta", "device": device, "version": version, "delta": delta}),
         NodeMessage::Resync => json!({"t": "resync"}),
     };
     v.to_string()
@@ -352,6 +357,11 @@ pub(super) fn decode_node_message(bytes: &[u8]) -> BusResult<NodeMessage> {
             device: f.str("device")?.to_owned(),
             msgid: f.str("msgid")?.to_owned(),
             outcome: outcome_from(WHAT, &f.object("outcome")?)?,
+        },
+        "delta" => NodeMessage::Delta {
+            device: f.str("device")?.to_owned(),
+            version: f.u64("version")?,
+            delta: f.object("delta")?,
         },
         "resync" => NodeMessage::Resync,
         other => return Err(corrupt(WHAT, format!("unknown message type {other:?}"))),

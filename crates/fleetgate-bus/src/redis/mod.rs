@@ -122,6 +122,7 @@ use crate::{
     NodeInfo, NodeMessage, Presence, QueuedCommand, Shadow, StreamId, Subscription,
     TelemetryRecord, merge_patch, partition_for,
 };
+use crate::{DesiredGuard, DesiredMerge};
 
 /// Points each shard occupies on the consistent-hash ring.
 pub const VNODES_PER_SHARD: u32 = 64;
@@ -789,13 +790,14 @@ impl RedisBus {
 
     /// Reads, merges and compare-and-sets `device`'s shadow; `None` when there is none and
     /// the patch added nothing.
-    async fn shadow_merge(
+    /// Reads `device`'s shadow, lets `step` compute the next one, and writes that only if
+    /// nobody wrote in between (retrying otherwise). `step` answers `Ok(None)` to change
+    /// nothing (the current shadow is returned) or `Err` to refuse.
+    async fn shadow_update(
         &self,
         device: &str,
-        patch: &Map<String, serde_json::Value>,
-        now_ms: i64,
-        desired: bool,
-    ) -> BusResult<Option<Shadow>> {
+        step: impl Fn(Option<&Shadow>) -> Result<Option<Shadow>, DesiredMerge>,
+    ) -> BusResult<Result<Option<Shadow>, DesiredMerge>> {
         let shard = self.shard_for(device);
         let key = self.key("sh:", device);
         for _ in 0..SHADOW_RETRIES {
@@ -804,21 +806,12 @@ impl RedisBus {
                 .get::<Option<String>, _>(&key)
                 .await
                 .map_err(fred_err)?;
-            let mut shadow = match &current {
-                Some(text) => codec::decode_shadow(text)?,
-                None => Shadow::default(),
+            let shadow = current.as_deref().map(codec::decode_shadow).transpose()?;
+            let next = match step(shadow.as_ref()) {
+                Err(refused) => return Ok(Err(refused)),
+                Ok(None) => return Ok(Ok(shadow)),
+                Ok(Some(next)) => next,
             };
-            let part = if desired {
-                &mut shadow.desired
-            } else {
-                &mut shadow.reported
-            };
-            if !merge_patch(part, patch) {
-                return Ok(current.is_some().then_some(shadow));
-            }
-            shadow.version += 1;
-            shadow.updated_ms = now_ms;
-            shadow.recompute_delta();
             let swapped = self
                 .eval(
                     shard,
@@ -826,12 +819,12 @@ impl RedisBus {
                     vec![key.clone()],
                     vec![
                         v(current.unwrap_or_default()),
-                        v(codec::encode_shadow(&shadow)),
+                        v(codec::encode_shadow(&next)),
                     ],
                 )
                 .await?;
             if int("shadow cas", swapped)? == 1 {
-                return Ok(Some(shadow));
+                return Ok(Ok(Some(next)));
             }
         }
         Err(BusError::Unavailable(format!(
@@ -1040,7 +1033,8 @@ impl Bus for RedisBus {
         let shard = match message {
             NodeMessage::Deliver { device }
             | NodeMessage::Close { device, .. }
-            | NodeMessage::CommandResult { device, .. } => self.shard_for(device),
+            | NodeMessage::CommandResult { device, .. }
+            | NodeMessage::Delta { device, .. } => self.shard_for(device),
             NodeMessage::Command(c) => self.shard_for(&c.device),
             NodeMessage::Resync => 0,
         };
@@ -1344,24 +1338,37 @@ impl Bus for RedisBus {
         patch: &Map<String, serde_json::Value>,
         now_ms: i64,
     ) -> BusResult<u64> {
-        Ok(self
-            .shadow_merge(device, patch, now_ms, false)
-            .await?
-            .map_or(0, |s| s.version))
+        let step = |current: Option<&Shadow>| {
+            let mut next = current.cloned().unwrap_or_default();
+            if !merge_patch(&mut next.reported, patch) {
+                return Ok(None);
+            }
+            next.version += 1;
+            next.updated_ms = now_ms;
+            next.recompute_delta();
+            Ok(Some(next))
+        };
+        Ok(match self.shadow_update(device, step).await? {
+            Ok(shadow) => shadow.map_or(0, |s| s.version),
+            Err(_) => 0,
+        })
     }
 
     /// A merge that changes nothing leaves the version (and `updated_ms`) as they were and
     /// creates no shadow.
-    async fn shadow_merge_desired(
+    async fn shadow_set_desired(
         &self,
         device: &str,
         patch: &Map<String, serde_json::Value>,
+        guard: &DesiredGuard,
         now_ms: i64,
-    ) -> BusResult<Shadow> {
-        Ok(self
-            .shadow_merge(device, patch, now_ms, true)
-            .await?
-            .unwrap_or_default())
+    ) -> BusResult<DesiredMerge> {
+        let step =
+            |current: Option<&Shadow>| crate::types::apply_desired(current, patch, guard, now_ms);
+        Ok(match self.shadow_update(device, step).await? {
+            Ok(shadow) => DesiredMerge::Merged(shadow.unwrap_or_default()),
+            Err(refused) => refused,
+        })
     }
 
     async fn shadow_get(&self, device: &str) -> BusResult<Option<Shadow>> {
