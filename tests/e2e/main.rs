@@ -9,6 +9,7 @@ mod commands;
 mod ingest;
 mod ingress;
 mod interop;
+mod jobs;
 mod lifecycle;
 mod limits;
 mod loadtest;

@@ -13,9 +13,12 @@ mod auth;
 mod commands;
 mod devices;
 mod error;
+mod job_runner;
+mod jobs;
 mod pipeline;
 mod principals;
 mod rbac;
+mod scenes;
 mod waiters;
 
 use std::sync::atomic::AtomicU64;
@@ -66,6 +69,12 @@ pub struct AdminConfig {
     /// Largest shadow document (reported + desired, as JSON); desired patches past it
     /// answer 413.
     pub shadow_max_bytes: usize,
+    /// How long a job's lease lasts: a job whose admin process died is taken over after it.
+    pub job_lease: Duration,
+    /// Most devices a job sends to per batch (one bus call per shard).
+    pub job_batch_size: usize,
+    /// How often each admin process looks for jobs to send or settle.
+    pub job_poll_interval: Duration,
 }
 
 impl Default for AdminConfig {
@@ -83,6 +92,9 @@ impl Default for AdminConfig {
             audit_checkpoint_interval: Duration::from_secs(60),
             max_body_bytes: 1 << 20,
             shadow_max_bytes: 32 * 1024,
+            job_lease: Duration::from_secs(10),
+            job_batch_size: 500,
+            job_poll_interval: Duration::from_secs(1),
         }
     }
 }
@@ -114,6 +126,8 @@ pub(crate) struct AdminState {
     pub(crate) audit: AuditLog,
     pub(crate) audit_keys: Vec<fleetgate_audit::VerifyingKey>,
     pub(crate) audit_failures: AtomicU64,
+    /// Wakes the job runner (a job was created or cancelled here).
+    pub(crate) jobs_wake: Arc<tokio::sync::Notify>,
 }
 
 /// A running admin API.
@@ -188,17 +202,19 @@ impl Admin {
             &config.token_keys,
             i64::try_from(config.token_ttl.as_millis()).unwrap_or(i64::MAX),
         );
-        Ok(Self {
-            state: Arc::new(AdminState {
-                config,
-                bus,
-                waiters,
-                authn,
-                audit,
-                audit_keys,
-                audit_failures: AtomicU64::new(0),
-            }),
-        })
+        let poll = config.job_poll_interval;
+        let state = Arc::new(AdminState {
+            config,
+            bus,
+            waiters,
+            authn,
+            audit,
+            audit_keys,
+            audit_failures: AtomicU64::new(0),
+            jobs_wake: Arc::default(),
+        });
+        job_runner::start(Arc::downgrade(&state), poll);
+        Ok(Self { state })
     }
 
     /// Response audit entries that could not be written (the request had already run).
@@ -279,6 +295,16 @@ fn api_router() -> OpenApiRouter<Arc<AdminState>> {
         .routes(routes!(devices::get_shadow))
         .routes(routes!(devices::set_desired))
         .routes(routes!(commands::send_command))
+        .routes(routes!(jobs::create_job, jobs::list_jobs))
+        .routes(routes!(jobs::get_job))
+        .routes(routes!(jobs::cancel_job))
+        .routes(routes!(scenes::list_scenes))
+        .routes(routes!(
+            scenes::put_scene,
+            scenes::get_scene,
+            scenes::delete_scene
+        ))
+        .routes(routes!(scenes::activate))
         .routes(routes!(list_nodes))
         .routes(routes!(audit_api::list))
         .routes(routes!(audit_api::verify))

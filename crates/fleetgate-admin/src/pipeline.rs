@@ -34,6 +34,8 @@ pub(crate) struct Note {
     pub(crate) reason: Option<&'static str>,
     /// Who, when the request was not authenticated (a login names its user).
     pub(crate) actor: Option<String>,
+    /// A job the request started.
+    pub(crate) job: Option<String>,
 }
 
 impl Note {
@@ -54,6 +56,7 @@ pub(crate) fn noted(mut response: Response, note: Note) -> Response {
             msgid: note.msgid.or(old.msgid),
             reason: note.reason.or(old.reason),
             actor: note.actor.or(old.actor),
+            job: note.job.or(old.job),
         },
         None => note,
     };
@@ -259,6 +262,7 @@ async fn finish(
     draft.stage = Some(Stage::Response);
     draft.outcome = Some(status.as_u16());
     draft.msgid = note.msgid;
+    draft.job = note.job;
     if !status.is_success() {
         draft.reason = note.reason.map(str::to_owned);
     }

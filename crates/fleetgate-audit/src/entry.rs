@@ -68,6 +68,9 @@ pub struct Entry {
     /// A short machine-readable reason (`bad_credentials`, `forbidden`, `out_of_scope`, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The job a request started (a scene's activation names its job here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
     /// Checkpoint entries: the signed statement.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<Checkpoint>,
@@ -99,6 +102,8 @@ pub struct Draft {
     pub msgid: Option<String>,
     /// See [`Entry::reason`].
     pub reason: Option<String>,
+    /// See [`Entry::job`].
+    pub job: Option<String>,
 }
 
 impl Draft {
@@ -117,6 +122,7 @@ impl Draft {
             outcome: self.outcome,
             msgid: self.msgid,
             reason: self.reason,
+            job: self.job,
             checkpoint: None,
         }
     }

@@ -247,6 +247,11 @@ pub(crate) async fn report_failure(shared: &Shared, q: &QueuedCommand, reason: F
         })
         .inc();
     warn!(message = "command failed", device = %cmd.device, msgid = %cmd.msgid, reason = reason.as_str(), attempts = q.attempts);
+    let state = match reason {
+        FailReason::Expired => fleetgate_bus::JobExecState::TimedOut,
+        FailReason::AttemptsExhausted => fleetgate_bus::JobExecState::Failed,
+    };
+    crate::outbound::record_job(shared, cmd, state).await;
     if let Some(node) = &cmd.reply_to {
         let outcome = CommandOutcome::Failed(reason);
         let sent = shared

@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use fleetgate_bus::{Command, CommandOutcome, DeliveryState, FailReason, QueuedCommand};
+use fleetgate_bus::{
+    Command, CommandOutcome, DeliveryState, FailReason, JobExecState, QueuedCommand,
+};
 use fleetgate_protocol::{
     Envelope, Frame, Handshake, HandshakeKind, MessageKind, MsgId, PROTOCOL_VERSION, Qos,
 };
@@ -79,6 +81,15 @@ fn frame_for(q: &QueuedCommand, dup: bool) -> Frame {
     match q.state {
         DeliveryState::Pending => command_frame(&q.command, dup),
         DeliveryState::Released => rel_frame(q),
+    }
+}
+
+/// Moves the execution of a job's command on. Only commands of a job cost the bus call.
+pub(crate) async fn record_job(shared: &Shared, cmd: &Command, state: JobExecState) {
+    let Some(job) = &cmd.job else { return };
+    if let Err(error) = shared.bus.job_record(job, &cmd.device, state).await {
+        shared.metrics.bus_errors.inc();
+        warn!(message = "could not record a job execution", job = %job, %error);
     }
 }
 
@@ -173,6 +184,7 @@ impl Outgoing {
                 shared.metrics.commands_retransmitted.inc();
             } else {
                 shared.metrics.commands_sent.inc();
+                record_job(shared, &q.command, JobExecState::Delivered).await;
             }
             let deadline = Instant::now() + backoff(&shared.config, attempts);
             self.inflight.push(InFlight {
@@ -328,6 +340,11 @@ impl Outgoing {
                             .commands_finished
                             .get_or_create(&OutcomeLabel { outcome: "acked" })
                             .inc();
+                        let state = match outcome {
+                            CommandOutcome::Error(_) => JobExecState::Failed,
+                            _ => JobExecState::Succeeded,
+                        };
+                        record_job(shared, &q.command, state).await;
                         if let Some(node) = &q.command.reply_to {
                             let sent = shared
                                 .bus

@@ -117,6 +117,12 @@ pub struct AdminSettings {
     pub max_body_bytes: usize,
     /// Largest shadow document (reported + desired as JSON) a desired patch may make.
     pub shadow_max_bytes: usize,
+    /// A job's lease: a job whose admin process died is taken over after this.
+    pub job_lease_ms: u64,
+    /// Most devices a job sends to per batch.
+    pub job_batch_size: usize,
+    /// How often each admin process looks for jobs to send or settle.
+    pub job_poll_interval_ms: u64,
 }
 
 /// `[bus]` (both backends).
@@ -131,6 +137,8 @@ pub struct BusSettings {
     pub telemetry_max_len: usize,
     /// How long a Redis call may take, reconnecting included, before it fails.
     pub redis_command_timeout_ms: u64,
+    /// How long a job's per-device outcomes are kept after their last change.
+    pub job_retention_ms: u64,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -200,6 +208,9 @@ impl Default for AdminSettings {
             audit_checkpoint_interval_ms: ms(a.audit_checkpoint_interval),
             max_body_bytes: a.max_body_bytes,
             shadow_max_bytes: a.shadow_max_bytes,
+            job_lease_ms: ms(a.job_lease),
+            job_batch_size: a.job_batch_size,
+            job_poll_interval_ms: ms(a.job_poll_interval),
         }
     }
 }
@@ -212,6 +223,7 @@ impl Default for BusSettings {
             telemetry_partitions: b.telemetry_partitions,
             telemetry_max_len: b.telemetry_max_len,
             redis_command_timeout_ms: ms(RedisBusConfig::default().command_timeout),
+            job_retention_ms: ms(b.job_retention),
         }
     }
 }
@@ -312,6 +324,18 @@ pub struct Overrides {
     /// Largest shadow document a desired patch may make, bytes (larger: 413).
     #[arg(long, env = "FLEETGATE_SHADOW_MAX_BYTES")]
     pub shadow_max_bytes: Option<usize>,
+    /// A job's lease, ms: a job whose admin process died is taken over after this.
+    #[arg(long, env = "FLEETGATE_JOB_LEASE_MS")]
+    pub job_lease_ms: Option<u64>,
+    /// Most devices a job sends to per batch.
+    #[arg(long, env = "FLEETGATE_JOB_BATCH_SIZE")]
+    pub job_batch_size: Option<usize>,
+    /// How often each admin process looks for jobs to send or settle, ms.
+    #[arg(long, env = "FLEETGATE_JOB_POLL_INTERVAL_MS")]
+    pub job_poll_interval_ms: Option<u64>,
+    /// How long a job's per-device outcomes are kept after their last change, ms.
+    #[arg(long, env = "FLEETGATE_JOB_RETENTION_MS")]
+    pub job_retention_ms: Option<u64>,
 }
 
 impl Settings {
@@ -349,6 +373,9 @@ impl Settings {
             audit_checkpoint_interval_ms => admin.audit_checkpoint_interval_ms,
             admin_max_body_bytes => admin.max_body_bytes,
             shadow_max_bytes => admin.shadow_max_bytes,
+            job_lease_ms => admin.job_lease_ms, job_batch_size => admin.job_batch_size,
+            job_poll_interval_ms => admin.job_poll_interval_ms,
+            job_retention_ms => bus.job_retention_ms,
         );
         if o.admin_token_keys.is_some() {
             s.admin.token_keys = o.admin_token_keys.clone();
@@ -415,6 +442,14 @@ impl Settings {
         if self.admin.token_ttl_ms < 1000 || self.admin.audit_checkpoint_interval_ms < 100 {
             bail!(
                 "admin token_ttl_ms must be at least 1000 and audit_checkpoint_interval_ms at least 100"
+            );
+        }
+        if self.admin.job_lease_ms < 500
+            || self.admin.job_batch_size == 0
+            || self.admin.job_poll_interval_ms == 0
+        {
+            bail!(
+                "admin job_lease_ms must be at least 500, job_batch_size and job_poll_interval_ms positive"
             );
         }
         if self.admin.max_body_bytes < 1024 {
@@ -507,6 +542,9 @@ impl Settings {
             audit_checkpoint_interval: Duration::from_millis(a.audit_checkpoint_interval_ms),
             max_body_bytes: a.max_body_bytes,
             shadow_max_bytes: a.shadow_max_bytes,
+            job_lease: Duration::from_millis(a.job_lease_ms),
+            job_batch_size: a.job_batch_size,
+            job_poll_interval: Duration::from_millis(a.job_poll_interval_ms),
         })
     }
 
@@ -518,6 +556,7 @@ impl Settings {
             telemetry_partitions: self.bus.telemetry_partitions,
             telemetry_max_len: self.bus.telemetry_max_len,
             command_timeout: Duration::from_millis(self.bus.redis_command_timeout_ms),
+            job_retention: Duration::from_millis(self.bus.job_retention_ms),
             ..RedisBusConfig::default()
         }
     }
@@ -528,6 +567,7 @@ impl Settings {
             queue_max_len: self.bus.queue_max_len,
             telemetry_partitions: self.bus.telemetry_partitions,
             telemetry_max_len: self.bus.telemetry_max_len,
+            job_retention: Duration::from_millis(self.bus.job_retention_ms),
             ..MemoryBusConfig::default()
         }
     }

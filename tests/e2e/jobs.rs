@@ -1,0 +1,432 @@
+//! Fleet jobs and scenes: exact per-state counts, cancel, abort, scenes as one job, and a job
+//! over 20,000 devices that survives the admin process sending it being killed.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use fleetgate_test_support::RedisServer;
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+
+use crate::support::{API_KEY, DEADLINE, Node, Raw, eventually};
+
+/// Command frames a device saw, by msgid: (first sends, resends marked `dup`).
+type Seen = Arc<Mutex<HashMap<String, (u32, u32)>>>;
+
+/// A device that answers every command: with `{"error": ...}` when `fail`, else a result.
+fn answering(mut raw: Raw, fail: bool, seen: Seen) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Ok(frame) = raw.next().await {
+            if frame["type"] != "command" {
+                continue;
+            }
+            let msgid = frame["msgid"].as_str().unwrap().to_owned();
+            {
+                let mut seen = seen.lock().unwrap();
+                let e = seen.entry(msgid.clone()).or_default();
+                if frame["dup"] == true {
+                    e.1 += 1
+                } else {
+                    e.0 += 1
+                }
+            }
+            let payload = if fail {
+                json!({"error": "refused"})
+            } else {
+                json!({"result": frame["payload"]})
+            };
+            raw.send(json!({"type": "ack", "msgid": msgid, "payload": payload}))
+                .await;
+        }
+    })
+}
+
+async fn job(node: &Node, id: &str) -> Value {
+    let (s, job) = node
+        .admin("GET", &format!("/v1/jobs/{id}?limit=1000"), None)
+        .await;
+    assert_eq!(s, 200, "{job}");
+    job
+}
+
+async fn until_state(node: &Node, id: &str, state: &str) -> Value {
+    eventually(&format!("job {id} {state}"), || async {
+        let j = job(node, id).await;
+        (j["state"] == state).then_some(j)
+    })
+    .await
+}
+
+async fn create(node: &Node, body: Value) -> String {
+    let (s, created) = node.admin("POST", "/v1/jobs", Some(body)).await;
+    assert_eq!(s, 202, "{created}");
+    created["id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_counts_every_device_by_outcome_and_completes() {
+    let node = Node::start(&[("FLEETGATE_JOB_POLL_INTERVAL_MS", "100")]).await;
+    let seen: Seen = Arc::default();
+    let mut devices = Vec::new();
+    for i in 0..6 {
+        let id = format!("jd-{i}");
+        let secret = node.provision_in(&id, &["plant"]).await;
+        if i < 3 {
+            let raw = Raw::authed(&node.device_url(), &id, &secret).await;
+            devices.push(answering(raw, i == 2, seen.clone()));
+        }
+    }
+    node.provision_in("other-group", &["elsewhere"]).await;
+    let id = create(
+        &node,
+        json!({"group": "plant", "devices": ["jd-0", "nobody"], "payload": {"action": "reboot"}, "ttlMs": 1500}),
+    )
+    .await;
+    let done = until_state(&node, &id, "completed").await;
+    assert_eq!(
+        done["counts"],
+        json!({"queued": 0, "delivered": 0, "succeeded": 2, "failed": 1, "timedOut": 3, "cancelled": 0}),
+        "{done}"
+    );
+    assert_eq!(
+        (done["executions"].as_u64(), done["skipped"].as_u64()),
+        (Some(6), Some(1)),
+        "{done}"
+    );
+    let outcomes: Vec<(&str, &str)> = done["outcomes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| (o["device"].as_str().unwrap(), o["state"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            ("jd-0", "succeeded"),
+            ("jd-1", "succeeded"),
+            ("jd-2", "failed"),
+            ("jd-3", "timedOut"),
+            ("jd-4", "timedOut"),
+            ("jd-5", "timedOut")
+        ]
+    );
+    // jd-0 was named twice (explicitly and by group): one command.
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 1, "one msgid for the job's step");
+    assert_eq!(
+        seen.values().next().unwrap().0,
+        3,
+        "three devices, one first send each"
+    );
+    // The completion is in the audit log.
+    let (_, audit) = node
+        .admin(
+            "GET",
+            &format!("/v1/audit?action=job.complete&target=job:{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(audit["entries"].as_array().unwrap().len(), 1, "{audit}");
+    // QoS 0 jobs are refused; scoped-out groups are refused.
+    let (s, _) = node
+        .admin(
+            "POST",
+            "/v1/jobs",
+            Some(json!({"group": "plant", "payload": {}, "qos": 0})),
+        )
+        .await;
+    assert_eq!(s, 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_removes_what_was_not_sent_and_abort_stops_a_failing_job() {
+    let node = Node::start(&[("FLEETGATE_JOB_POLL_INTERVAL_MS", "100")]).await;
+    for i in 0..40 {
+        node.provision_in(&format!("off-{i:02}"), &["offline"])
+            .await;
+    }
+    // Four devices per second: the cancel lands long before all forty are queued.
+    let id = create(&node, json!({"group": "offline", "payload": {}, "rate": 4})).await;
+    eventually("the first batch", || async {
+        (job(&node, &id).await["executions"].as_u64() > Some(0)).then_some(())
+    })
+    .await;
+    let (s, c) = node
+        .admin("POST", &format!("/v1/jobs/{id}/cancel"), None)
+        .await;
+    assert_eq!((s, c["state"].as_str()), (202, Some("cancelled")));
+    let done = eventually("every queued command withdrawn", || async {
+        let j = job(&node, &id).await;
+        (j["counts"]["queued"] == 0).then_some(j)
+    })
+    .await;
+    let executions = done["executions"].as_u64().unwrap();
+    assert!(executions > 0 && executions < 40, "{done}");
+    assert_eq!(
+        done["counts"]["cancelled"].as_u64(),
+        Some(executions),
+        "{done}"
+    );
+    for i in 0..40 {
+        let (_, d) = node
+            .admin("GET", &format!("/v1/devices/off-{i:02}"), None)
+            .await;
+        assert_eq!(d["queuedCommands"], 0, "off-{i:02}");
+    }
+    let (s, _) = node
+        .admin("POST", &format!("/v1/jobs/{id}/cancel"), None)
+        .await;
+    assert_eq!(s, 202, "cancelling again is fine");
+
+    // Every device refuses: past 10 finished, more than half failed, the job stops.
+    let seen: Seen = Arc::default();
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let dev = format!("bad-{i:02}");
+        let secret = node.provision_in(&dev, &["refusers"]).await;
+        tasks.push(answering(
+            Raw::authed(&node.device_url(), &dev, &secret).await,
+            true,
+            seen.clone(),
+        ));
+    }
+    let id = create(
+        &node,
+        json!({"group": "refusers", "payload": {}, "rate": 8, "abortFailedPercent": 50}),
+    )
+    .await;
+    let aborted = until_state(&node, &id, "aborted").await;
+    let executions = aborted["executions"].as_u64().unwrap();
+    assert!((10..40).contains(&executions), "stopped early: {aborted}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scene_runs_its_actions_as_one_audited_job() {
+    let node = Node::start(&[("FLEETGATE_JOB_POLL_INTERVAL_MS", "100")]).await;
+    let seen: Seen = Arc::default();
+    let mut tasks = Vec::new();
+    let mut raws = HashMap::new();
+    for (id, group) in [
+        ("lamp-1", "lights"),
+        ("lamp-2", "lights"),
+        ("lock-1", "locks"),
+    ] {
+        let secret = node.provision_in(id, &[group]).await;
+        let per_device: Seen = Arc::default();
+        raws.insert(id, per_device.clone());
+        tasks.push(answering(
+            Raw::authed(&node.device_url(), id, &secret).await,
+            false,
+            per_device,
+        ));
+    }
+    drop(seen);
+    let scene = json!({"actions": [
+        {"group": "lights", "payload": {"power": "off"}},
+        {"devices": ["lock-1"], "payload": {"lock": true}, "qos": 2},
+    ]});
+    let (s, put) = node
+        .admin("PUT", "/v1/scenes/away", Some(scene.clone()))
+        .await;
+    assert_eq!(s, 201, "{put}");
+    let (s, _) = node.admin("PUT", "/v1/scenes/away", Some(scene)).await;
+    assert_eq!(s, 200, "replacing");
+    let (s, act) = node
+        .admin_request(
+            "POST",
+            "/v1/scenes/away/activate",
+            None,
+            Some(API_KEY),
+            &[("x-request-id", "away-1")],
+        )
+        .await;
+    assert_eq!(s, 202, "{act}");
+    let id = act["job"].as_str().unwrap().to_owned();
+    let done = until_state(&node, &id, "completed").await;
+    assert_eq!(done["counts"]["succeeded"], 3, "{done}");
+    assert_eq!(done["scene"], "away");
+    for (device, msgid) in [
+        ("lamp-1", format!("job-{id}-0")),
+        ("lamp-2", format!("job-{id}-0")),
+        ("lock-1", format!("job-{id}-1")),
+    ] {
+        let seen = raws[device].lock().unwrap();
+        assert_eq!(seen.get(&msgid).map(|s| s.0), Some(1), "{device}: {seen:?}");
+    }
+    let (_, audit) = node
+        .admin("GET", "/v1/audit?action=scene.activate", None)
+        .await;
+    let entries: Vec<&Value> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["requestId"] == "away-1")
+        .collect();
+    assert_eq!(entries.len(), 2, "request and response: {audit}");
+    assert_eq!(
+        (entries[1]["job"].as_str(), entries[1]["target"].as_str()),
+        (Some(id.as_str()), Some("scene:away"))
+    );
+    let (s, _) = node.admin("POST", "/v1/scenes/nope/activate", None).await;
+    assert_eq!(s, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_over_20000_devices_survives_its_admin_process_dying() {
+    const DEVICES: usize = 20_000;
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let common = [
+        ("FLEETGATE_REDIS_URLS", url.as_str()),
+        ("FLEETGATE_API_KEY", API_KEY),
+        ("FLEETGATE_LISTEN", "127.0.0.1:0"),
+        ("FLEETGATE_ADMIN_LISTEN", "127.0.0.1:0"),
+        ("FLEETGATE_INTERNAL_LISTEN", "127.0.0.1:0"),
+        ("FLEETGATE_ACK_TIMEOUT_MS", "5000"),
+        ("FLEETGATE_JOB_LEASE_MS", "1500"),
+        ("FLEETGATE_JOB_POLL_INTERVAL_MS", "200"),
+        ("FLEETGATE_HEARTBEAT_MS", "1000"),
+        ("FLEETGATE_IDLE_TIMEOUT_MS", "10000"),
+        ("RUST_LOG", "error"),
+    ];
+    let start = |role: &'static str, id: &'static str| {
+        let mut env = common.to_vec();
+        env.push(("FLEETGATE_NODE_ID", id));
+        async move {
+            fleetgate_e2e::spawn_role(role, &env, DEADLINE)
+                .await
+                .expect("start")
+        }
+    };
+    let (_gw, gw) = start("gateway", "job-gw").await;
+    let (mut admin_a, a) = start("admin", "job-admin-a").await;
+    let (_admin_b, b) = start("admin", "job-admin-b").await;
+    let http = reqwest::Client::new();
+    let call = |admin: &std::collections::BTreeMap<String, String>,
+                method: &str,
+                path: &str,
+                body: Option<Value>| {
+        let mut req = http
+            .request(
+                method.parse().unwrap(),
+                format!("http://{}{path}", admin["admin"]),
+            )
+            .bearer_auth(API_KEY);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        async move {
+            let resp = req.send().await.unwrap();
+            (
+                resp.status().as_u16(),
+                resp.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+
+    // Provision through admin B, 32 calls at a time; keep the secrets of the online half.
+    let mut secrets = vec![String::new(); DEVICES / 2];
+    let ids: Vec<String> = (0..DEVICES).map(|i| format!("f{i:05}")).collect();
+    for chunk in ids.chunks(32) {
+        let calls = chunk.iter().map(|id| {
+            call(
+                &b,
+                "POST",
+                "/v1/devices",
+                Some(json!({"id": id, "groups": ["fleet"]})),
+            )
+        });
+        for (id, (s, body)) in chunk
+            .iter()
+            .zip(futures_util::future::join_all(calls).await)
+        {
+            assert_eq!(s, 201, "{id}: {body}");
+            let n: usize = id[1..].parse().unwrap();
+            if n < DEVICES / 2 {
+                secrets[n] = body["secret"].as_str().unwrap().to_owned();
+            }
+        }
+    }
+    // The online half.
+    let seen: Seen = Arc::default();
+    let device_url = format!("ws://{}/v1/device", gw["gateway"]);
+    let mut online = Vec::new();
+    for chunk in (0..DEVICES / 2).collect::<Vec<_>>().chunks(200) {
+        let connects = chunk
+            .iter()
+            .map(|&n| Raw::authed(&device_url, &ids[n], &secrets[n]));
+        for raw in futures_util::future::join_all(connects).await {
+            online.push(answering(raw, false, seen.clone()));
+        }
+    }
+
+    // The job, through admin A, paced so that A dies half-way.
+    let (s, created) = call(
+        &a,
+        "POST",
+        "/v1/jobs",
+        Some(json!({"group": "fleet", "payload": {"fw": "2.1"}, "rate": 4000, "ttlMs": 20000})),
+    )
+    .await;
+    assert_eq!(s, 202, "{created}");
+    let id = created["id"].as_str().unwrap().to_owned();
+    let progress = |admin| {
+        let id = id.clone();
+        let call = &call;
+        async move {
+            let (_, j) = call(admin, "GET", &format!("/v1/jobs/{id}?limit=0"), None).await;
+            j
+        }
+    };
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let j = progress(&b).await;
+        let n = j["executions"].as_u64().unwrap_or(0);
+        if n >= 4000 {
+            assert!(n < DEVICES as u64, "A must die before it is done: {j}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no progress: {j}");
+    }
+    admin_a.kill().await.unwrap();
+    let done = eventually_long(|| async {
+        let j = progress(&b).await;
+        (j["state"] == "completed").then_some(j)
+    })
+    .await;
+    assert_eq!(
+        done["counts"],
+        json!({"queued": 0, "delivered": 0, "succeeded": DEVICES / 2, "failed": 0, "timedOut": DEVICES / 2, "cancelled": 0}),
+        "{done}"
+    );
+    assert_eq!(done["executions"], DEVICES);
+    let seen = seen.lock().unwrap();
+    let (first, _dups) = seen
+        .get(&format!("job-{id}-0"))
+        .copied()
+        .unwrap_or_default();
+    assert_eq!(
+        first as usize,
+        DEVICES / 2,
+        "each online device got the command exactly once"
+    );
+}
+
+/// As `eventually`, with a deadline long enough for the job's TTL to run out.
+async fn eventually_long<T, F, Fut>(mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for the job to complete"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
