@@ -42,6 +42,8 @@ enum Needs {
     DeviceWrite,
     CommandSend,
     ShadowWrite,
+    JobRead,
+    JobWrite,
     NodeRead,
     AuditRead,
     PrincipalAdmin,
@@ -59,6 +61,8 @@ fn allows(role: Role, needs: Needs) -> bool {
                 | N::DeviceWrite
                 | N::CommandSend
                 | N::ShadowWrite
+                | N::JobRead
+                | N::JobWrite
                 | N::NodeRead
         ),
         Role::Viewer => matches!(
@@ -81,6 +85,12 @@ enum Subject {
     User,
     /// `{id}` is a fresh API key.
     Key,
+    /// `{id}` is a job of the caller's scope, or of scope `*`.
+    Job,
+    /// `{name}` is a scene of the caller's scope, or of scope `*`.
+    Scene,
+    /// The body names a group in the caller's scope, or another one.
+    NewTarget,
 }
 
 struct Row {
@@ -302,6 +312,87 @@ fn rows() -> Vec<Row> {
             S::Device,
             200,
             |_| Some(json!({"state": {"mode": "eco"}})),
+        ),
+        row(
+            "POST",
+            "/v1/jobs",
+            "job.create",
+            N::JobWrite,
+            S::NewTarget,
+            202,
+            |c| Some(json!({"group": c.group(), "payload": {}, "rate": 1})),
+        ),
+        row(
+            "GET",
+            "/v1/jobs",
+            "job.list",
+            N::JobRead,
+            S::Nothing,
+            200,
+            none,
+        ),
+        row(
+            "GET",
+            "/v1/jobs/{id}",
+            "job.get",
+            N::JobRead,
+            S::Job,
+            200,
+            none,
+        ),
+        row(
+            "POST",
+            "/v1/jobs/{id}/cancel",
+            "job.cancel",
+            N::JobWrite,
+            S::Job,
+            202,
+            none,
+        ),
+        row(
+            "GET",
+            "/v1/scenes",
+            "scene.list",
+            N::JobRead,
+            S::Nothing,
+            200,
+            none,
+        ),
+        row(
+            "PUT",
+            "/v1/scenes/{name}",
+            "scene.put",
+            N::JobWrite,
+            S::NewTarget,
+            201,
+            |c| Some(json!({"actions": [{"group": c.group(), "payload": {}}]})),
+        ),
+        row(
+            "GET",
+            "/v1/scenes/{name}",
+            "scene.get",
+            N::JobRead,
+            S::Scene,
+            200,
+            none,
+        ),
+        row(
+            "DELETE",
+            "/v1/scenes/{name}",
+            "scene.delete",
+            N::JobWrite,
+            S::Scene,
+            204,
+            none,
+        ),
+        row(
+            "POST",
+            "/v1/scenes/{name}/activate",
+            "scene.activate",
+            N::JobWrite,
+            S::Scene,
+            202,
+            none,
         ),
         row(
             "GET",
@@ -574,7 +665,11 @@ async fn every_endpoint_as_every_role_and_credential_answers_exactly_and_is_audi
     let mut cells = 0;
     for row in &rows {
         let variants: &[bool] = match row.subject {
-            Subject::Device | Subject::NewDevice => &[true, false],
+            Subject::Device
+            | Subject::NewDevice
+            | Subject::Job
+            | Subject::Scene
+            | Subject::NewTarget => &[true, false],
             _ => &[true],
         };
         for &in_scope in variants {
@@ -607,6 +702,46 @@ async fn every_endpoint_as_every_role_and_credential_answers_exactly_and_is_audi
                             .await;
                         row.path.replace("{id}", k["id"].as_str().unwrap())
                     }
+                    Subject::Job => {
+                        // In scope: made by the farm-a admin; out of scope: by the bootstrap key.
+                        let maker = if in_scope {
+                            m.credential(&Caller::Role(Role::Admin))
+                        } else {
+                            Some(API_KEY.to_owned())
+                        };
+                        let (s, j) = m
+                            .node
+                            .admin_with_key(
+                                "POST",
+                                "/v1/jobs",
+                                Some(json!({"group": "farm-a", "payload": {}, "rate": 1})),
+                                maker.as_deref(),
+                            )
+                            .await;
+                        assert_eq!(s, 202, "{j}");
+                        row.path.replace("{id}", j["id"].as_str().unwrap())
+                    }
+                    Subject::Scene | Subject::NewTarget if row.path.contains("{name}") => {
+                        let name = format!("scene-{n}");
+                        if row.subject == Subject::Scene {
+                            let maker = if in_scope {
+                                m.credential(&Caller::Role(Role::Admin))
+                            } else {
+                                Some(API_KEY.to_owned())
+                            };
+                            let (s, b) = m
+                                .node
+                                .admin_with_key(
+                                    "PUT",
+                                    &format!("/v1/scenes/{name}"),
+                                    Some(json!({"actions": [{"devices": ["x"], "payload": {}}]})),
+                                    maker.as_deref(),
+                                )
+                                .await;
+                            assert_eq!(s, 201, "{b}");
+                        }
+                        row.path.replace("{name}", &name)
+                    }
                     _ => row.path.to_owned(),
                 };
                 m.new_entries().await;
@@ -627,8 +762,19 @@ async fn every_endpoint_as_every_role_and_credential_answers_exactly_and_is_audi
                     _ if row.needs == Needs::Public => row.ok,
                     _ if bad_credentials => 401,
                     Caller::Role(r) if !allows(*r, row.needs) => 403,
-                    _ if !in_scope && row.subject == Subject::Device => 404,
-                    _ if !in_scope && row.subject == Subject::NewDevice => 403,
+                    _ if !in_scope
+                        && matches!(
+                            row.subject,
+                            Subject::Device | Subject::Job | Subject::Scene
+                        ) =>
+                    {
+                        404
+                    }
+                    _ if !in_scope
+                        && matches!(row.subject, Subject::NewDevice | Subject::NewTarget) =>
+                    {
+                        403
+                    }
                     _ => row.ok,
                 };
                 let what = format!("{} {path} as {caller:?} (in scope: {in_scope})", row.method);

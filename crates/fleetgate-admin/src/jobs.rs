@@ -144,6 +144,20 @@ pub(crate) async fn load(bus: &dyn Bus, id: &str) -> Result<Option<(JobDoc, u64)
     }
 }
 
+/// A job the caller may see; one outside its scope is a 404 like a missing one (audited as
+/// the refusal it is).
+async fn visible(
+    bus: &dyn Bus,
+    principal: &Principal,
+    id: &str,
+) -> Result<(JobDoc, u64), AppError> {
+    match load(bus, id).await? {
+        Some((job, v)) if job.visible_to(principal) => Ok((job, v)),
+        Some(_) => Err(AppError::not_found(format!("no job {id}")).with_reason("out_of_scope")),
+        None => Err(AppError::not_found(format!("no job {id}"))),
+    }
+}
+
 /// Writes a job document if it is still at `version`; the new version, or `None`.
 pub(crate) async fn save(
     bus: &dyn Bus,
@@ -362,12 +376,7 @@ pub(crate) async fn get_job(
     if limit > 1000 {
         return Err(AppError::bad_request("limit must be 0-1000"));
     }
-    let Some((job, _)) = load(&*state.bus, &id)
-        .await?
-        .filter(|(j, _)| j.visible_to(&auth.principal))
-    else {
-        return Err(AppError::not_found(format!("no job {id}")));
-    };
+    let (job, _) = visible(&*state.bus, &auth.principal, &id).await?;
     let step = q.step.unwrap_or(0);
     if step >= job.steps.len() {
         return Err(AppError::bad_request("no such step"));
@@ -445,12 +454,7 @@ pub(crate) async fn cancel_job(
     Path(id): Path<String>,
 ) -> Res {
     for _ in 0..16 {
-        let Some((mut job, version)) = load(&*state.bus, &id)
-            .await?
-            .filter(|(j, _)| j.visible_to(&auth.principal))
-        else {
-            return Err(AppError::not_found(format!("no job {id}")));
-        };
+        let (mut job, version) = visible(&*state.bus, &auth.principal, &id).await?;
         match job.state {
             JobState::Cancelled => {
                 return Ok((

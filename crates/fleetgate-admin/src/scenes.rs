@@ -64,7 +64,7 @@ async fn load(state: &AdminState, principal: &Principal, name: &str) -> Result<S
     if principal.scope.contains(&Scope::from_groups(&scene.scope)) {
         Ok(scene)
     } else {
-        Err(missing())
+        Err(missing().with_reason("out_of_scope"))
     }
 }
 
