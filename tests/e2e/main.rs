@@ -13,6 +13,7 @@ mod jobs;
 mod lifecycle;
 mod limits;
 mod loadtest;
+mod openapi;
 mod rbac;
 mod sdk;
 mod shadow;

@@ -163,17 +163,21 @@ async fn versions_make_concurrent_writers_safe(node: Node) {
     assert_eq!(last["desired"]["x"], "writer-a");
     assert_eq!(last["desired"]["y"], "writer-b");
     assert_eq!(last["version"], 3);
-    // null removes a key; a disagreeing If-Match and version is a bad request.
+    // null removes a key; an If-Match that disagrees with the version is a conflict.
     let (s, removed) = desire(&node, "sh-2", json!({"state": {"a": null}}), None).await;
     assert_eq!((s, removed["desired"].get("a")), (200, None));
-    let (s, _) = desire(
+    let (s, both) = desire(
         &node,
         "sh-2",
         json!({"state": {"a": 1}, "version": 4}),
         Some("\"9\""),
     )
     .await;
-    assert_eq!(s, 400);
+    assert_eq!(
+        (s, both["error"]["currentVersion"].as_u64()),
+        (409, Some(4)),
+        "{both}"
+    );
     // Too large: 413, and the shadow is unchanged.
     let (s, big) = desire(
         &node,

@@ -31,14 +31,17 @@ pub(crate) struct AuditQuery {
     /// Exact target (`device:sensor-001`).
     target: Option<String>,
     /// HTTP status of the outcome.
+    #[param(minimum = 100, maximum = 599)]
     outcome: Option<u16>,
     /// Entries at or after this time, ms since the epoch.
     since: Option<i64>,
     /// Entries before this time, ms since the epoch.
     until: Option<i64>,
     /// The `next` of the previous page.
+    #[param(pattern = "^[0-9]{1,19}-[0-9]{1,19}$")]
     cursor: Option<String>,
     /// Entries per page, 1-1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
 }
 
@@ -52,10 +55,12 @@ pub(crate) struct AuditPage {
     next: Option<String>,
 }
 
+/// A position `<ms>-<seq>` as the log hands them out (a bare `<ms>` is not one).
 fn valid_cursor(c: &str) -> Result<StreamId, AppError> {
     let id = StreamId(c.to_owned());
-    id.parts()
-        .map_err(|_| AppError::bad_request("cursor must be a position from a previous page"))?;
+    if !c.contains('-') || id.parts().is_err() {
+        return Err(AppError::bad_request("positions look like 1700000000000-0"));
+    }
     Ok(id)
 }
 
@@ -74,6 +79,11 @@ pub(crate) async fn list(
     let limit = q.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
         return Err(AppError::bad_request("limit must be 1-1000"));
+    }
+    if q.outcome.is_some_and(|o| !(100..=599).contains(&o)) {
+        return Err(AppError::bad_request(
+            "outcome must be an HTTP status, 100-599",
+        ));
     }
     let mut after = match (&q.cursor, q.since) {
         (Some(c), _) => Some(valid_cursor(c)?),
@@ -127,6 +137,7 @@ pub(crate) async fn list(
 #[into_params(parameter_in = Query)]
 pub(crate) struct VerifyQuery {
     /// Verify from this entry on (its own link backwards is not checked).
+    #[param(pattern = "^[0-9]{1,19}-[0-9]{1,19}$")]
     from: Option<String>,
 }
 
@@ -163,6 +174,7 @@ pub(crate) async fn verify(
 #[into_params(parameter_in = Query)]
 pub(crate) struct ExportQuery {
     /// Export the entries after this position (default: from the first entry).
+    #[param(pattern = "^[0-9]{1,19}-[0-9]{1,19}$")]
     cursor: Option<String>,
 }
 

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
-use axum::extract::rejection::JsonRejection;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use base64::Engine;
@@ -19,7 +18,7 @@ use utoipa::ToSchema;
 
 use crate::auth::{ScopedDevice, need};
 use crate::pipeline::{Note, noted};
-use crate::{AdminState, AppError, ErrorBody, Res, body, now_ms};
+use crate::{AdminState, AppError, Body, ErrorBody, Res, now_ms};
 
 /// `POST /v1/devices/{id}/commands` body.
 #[derive(Deserialize, ToSchema)]
@@ -28,10 +27,18 @@ pub(crate) struct SendCommand {
     /// Opaque to the gateway.
     payload: Value,
     /// 0, 1 (default) or 2.
+    #[serde(default, deserialize_with = "crate::num::opt_unsigned")]
+    #[schema(minimum = 0, maximum = 2)]
     qos: Option<u8>,
-    /// How long the command stays queued unacknowledged.
+    /// How long the command stays queued unacknowledged (at most the configured maximum,
+    /// 7 days by default).
+    #[serde(default, deserialize_with = "crate::num::opt_unsigned")]
+    #[schema(minimum = 1, maximum = 604_800_000)]
     ttl_ms: Option<u64>,
-    /// How long to wait for the device's result (QoS 1 and 2).
+    /// How long to wait for the device's result (QoS 1 and 2; at most the configured
+    /// maximum, 60 s by default).
+    #[serde(default, deserialize_with = "crate::num::opt_unsigned")]
+    #[schema(minimum = 0, maximum = 60_000)]
     wait_ms: Option<u64>,
 }
 
@@ -74,7 +81,7 @@ pub(crate) async fn send_command(
     State(state): State<Arc<AdminState>>,
     device: ScopedDevice<need::CommandSend>,
     headers: HeaderMap,
-    req: Result<Json<SendCommand>, JsonRejection>,
+    Body(req): Body<SendCommand>,
 ) -> Res {
     let span = tracing::info_span!("admin.send_command", device = %device.id, msgid = tracing::field::Empty);
     // The parent must be set before the span is first entered.
@@ -86,10 +93,9 @@ pub(crate) async fn send_command(
 async fn send_in_span(
     state: Arc<AdminState>,
     device: ScopedDevice<need::CommandSend>,
-    req: Result<Json<SendCommand>, JsonRejection>,
+    req: SendCommand,
 ) -> Res {
     let id = device.id;
-    let req = body(req)?;
     let (qos, ttl) = check_delivery(&state, req.qos, req.ttl_ms)?;
     let cfg = &state.config;
     let wait = Duration::from_millis(req.wait_ms.unwrap_or(0));

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -21,7 +21,7 @@ use utoipa::{IntoParams, ToSchema};
 use crate::auth::{Auth, ScopedDevice, need};
 use crate::pipeline::{Note, noted};
 use crate::rbac::Scope;
-use crate::{AdminState, AppError, ErrorBody, Res, body, now_ms};
+use crate::{AdminState, AppError, Body, ErrorBody, Res, now_ms};
 
 /// Most groups a device may belong to (the gateway bounds JWT claims the same way).
 const MAX_GROUPS: usize = 64;
@@ -106,6 +106,7 @@ fn device_json(record: Option<&DeviceRecord>, id: &str, presence: Option<&Presen
 pub(crate) struct CreateDevice {
     id: String,
     #[serde(default)]
+    #[schema(max_items = 64)]
     groups: Vec<String>,
 }
 
@@ -126,9 +127,8 @@ pub(crate) struct Provisioned {
 pub(crate) async fn create_device(
     State(state): State<Arc<AdminState>>,
     auth: Auth<need::DeviceWrite>,
-    req: Result<Json<CreateDevice>, JsonRejection>,
+    Body(req): Body<CreateDevice>,
 ) -> Res {
-    let req = body(req)?;
     check_device_id(&req.id)?;
     check_groups(&req.groups)?;
     if !auth.principal.scope.covers_groups(&req.groups) {
@@ -167,8 +167,10 @@ pub(crate) async fn create_device(
 #[into_params(parameter_in = Query)]
 pub(crate) struct ListQuery {
     /// Only devices of this group.
+    #[param(pattern = "^[A-Za-z0-9._:-]{1,128}$")]
     group: Option<String>,
     /// Only devices whose ID starts with this.
+    #[param(max_length = 128)]
     prefix: Option<String>,
     /// Only online (`true`) or offline (`false`) devices.
     online: Option<bool>,
@@ -176,8 +178,10 @@ pub(crate) struct ListQuery {
     node: Option<String>,
     /// The `next` of the previous page (`after` is an older name for it).
     #[serde(alias = "after")]
+    #[param(pattern = "^[A-Za-z0-9._:-]{1,128}$")]
     cursor: Option<String>,
     /// Devices per page, 1-1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
 }
 
@@ -205,6 +209,12 @@ pub(crate) async fn list_devices(
     let limit = q.limit.unwrap_or(100);
     if !(1..=MAX_PAGE).contains(&limit) {
         return Err(AppError::bad_request(format!("limit must be 1-{MAX_PAGE}")));
+    }
+    if q.prefix.as_ref().is_some_and(|p| p.chars().count() > 128) {
+        return Err(AppError::bad_request("prefix is at most 128 characters"));
+    }
+    for id in [&q.cursor, &q.group].into_iter().flatten() {
+        check_device_id(id)?;
     }
     // The scope goes into the bus query: a group outside it is simply empty.
     let groups = match (&q.group, &auth.principal.scope) {
@@ -267,6 +277,7 @@ pub(crate) async fn get_device(
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct UpdateDevice {
+    #[schema(max_items = 64)]
     groups: Vec<String>,
 }
 
@@ -281,9 +292,8 @@ pub(crate) struct UpdateDevice {
 pub(crate) async fn update_device(
     State(state): State<Arc<AdminState>>,
     device: ScopedDevice<need::DeviceWrite>,
-    req: Result<Json<UpdateDevice>, JsonRejection>,
+    Body(req): Body<UpdateDevice>,
 ) -> Res {
-    let req = body(req)?;
     check_groups(&req.groups)?;
     let Some(mut record) = device.record else {
         return Err(AppError::not_found(format!("no device {}", device.id)));
@@ -449,6 +459,8 @@ pub(crate) struct SetDesired {
     #[schema(value_type = Object)]
     state: serde_json::Map<String, Value>,
     /// The version read; a shadow at another version answers 409 (`If-Match` works too).
+    #[serde(default, deserialize_with = "crate::num::opt_unsigned")]
+    #[schema(minimum = 0)]
     version: Option<u64>,
 }
 
@@ -478,12 +490,22 @@ pub(crate) async fn set_desired(
     State(state): State<Arc<AdminState>>,
     device: ScopedDevice<need::ShadowWrite>,
     headers: axum::http::HeaderMap,
-    req: Result<Json<SetDesired>, JsonRejection>,
+    Body(req): Body<SetDesired>,
 ) -> Res {
-    let req = body(req)?;
     let expected = match (req.version, if_match(&headers)?) {
+        // The shadow cannot be at both versions: at least one is stale.
         (Some(a), Some(b)) if a != b => {
-            return Err(AppError::bad_request("version and If-Match disagree"));
+            let current = state
+                .bus
+                .shadow_get(&device.id)
+                .await?
+                .map_or(0, |s| s.version);
+            return Err(AppError::new(
+                StatusCode::CONFLICT,
+                "version_conflict",
+                format!("version and If-Match disagree; the shadow is at version {current}"),
+            )
+            .with_current_version(current));
         }
         (a, b) => a.or(b),
     };

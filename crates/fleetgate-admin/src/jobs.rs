@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -22,7 +22,7 @@ use utoipa::{IntoParams, ToSchema};
 use crate::auth::{Auth, need};
 use crate::pipeline::{Note, noted};
 use crate::rbac::{Principal, Scope};
-use crate::{AdminState, AppError, ErrorBody, Res, body, now_ms};
+use crate::{AdminState, AppError, Body, ErrorBody, Res, now_ms};
 
 /// Most explicit device IDs in one step.
 pub(crate) const MAX_EXPLICIT: usize = 10_000;
@@ -54,14 +54,17 @@ pub(crate) struct Step {
     pub(crate) group: Option<String>,
     /// These devices (at most 10,000).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(max_items = 10_000)]
     pub(crate) devices: Vec<String>,
     /// The command's payload.
     pub(crate) payload: Value,
     /// 1 (default) or 2: jobs are queued.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::num::opt_unsigned")]
+    #[schema(minimum = 1, maximum = 2)]
     pub(crate) qos: Option<u8>,
     /// How long each command stays queued unacknowledged.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::num::opt_unsigned")]
+    #[schema(minimum = 1, maximum = 604_800_000)]
     pub(crate) ttl_ms: Option<u64>,
 }
 
@@ -269,17 +272,26 @@ pub(crate) struct CreateJob {
     group: Option<String>,
     /// These devices (at most 10,000).
     #[serde(default)]
+    #[schema(max_items = 10_000)]
     devices: Vec<String>,
     /// The command's payload.
     payload: Value,
     /// 1 (default) or 2.
+    #[serde(default, deserialize_with = "crate::num::opt_unsigned")]
+    #[schema(minimum = 1, maximum = 2)]
     qos: Option<u8>,
     /// Each command's TTL.
+    #[serde(default, deserialize_with = "crate::num::opt_unsigned")]
+    #[schema(minimum = 1, maximum = 604_800_000)]
     ttl_ms: Option<u64>,
     /// Devices per second to send to (default: as fast as batches go).
+    #[serde(default, deserialize_with = "crate::num::opt_unsigned")]
+    #[schema(minimum = 1, maximum = 100_000)]
     rate: Option<u32>,
     /// Stop (and remove what is unsent) once more than this percentage of finished
     /// executions failed or timed out (checked once at least 10 have finished).
+    #[serde(default, deserialize_with = "crate::num::opt_unsigned")]
+    #[schema(minimum = 0, maximum = 100)]
     abort_failed_percent: Option<u8>,
 }
 
@@ -291,12 +303,13 @@ pub(crate) struct CreateJob {
 pub(crate) async fn create_job(
     State(state): State<Arc<AdminState>>,
     auth: Auth<need::JobWrite>,
-    req: Result<Json<CreateJob>, JsonRejection>,
+    Body(req): Body<CreateJob>,
 ) -> Res {
-    let req = body(req)?;
-    if req.rate == Some(0) || req.abort_failed_percent.is_some_and(|p| p > 100) {
+    if !req.rate.is_none_or(|r| (1..=100_000).contains(&r))
+        || req.abort_failed_percent.is_some_and(|p| p > 100)
+    {
         return Err(AppError::bad_request(
-            "rate must be positive and abortFailedPercent 0-100",
+            "rate must be 1-100000 and abortFailedPercent 0-100",
         ));
     }
     let steps = vec![Step {
@@ -328,10 +341,13 @@ pub(crate) async fn create_job(
 #[into_params(parameter_in = Query)]
 pub(crate) struct JobQuery {
     /// Which step's executions to list (default 0).
+    #[param(minimum = 0, maximum = 99)]
     step: Option<usize>,
     /// The `next` of the previous page of executions.
+    #[param(pattern = "^[A-Za-z0-9._:-]{1,128}$")]
     cursor: Option<String>,
     /// Executions per page, 0-1000 (default 100).
+    #[param(minimum = 0, maximum = 1000)]
     limit: Option<usize>,
 }
 
@@ -379,7 +395,10 @@ pub(crate) async fn get_job(
     let (job, _) = visible(&*state.bus, &auth.principal, &id).await?;
     let step = q.step.unwrap_or(0);
     if step >= job.steps.len() {
-        return Err(AppError::bad_request("no such step"));
+        return Err(AppError::not_found(format!("job {id} has no step {step}")));
+    }
+    if let Some(c) = &q.cursor {
+        crate::devices::check_device_id(c)?;
     }
     let counts = job.counts(&*state.bus).await?;
     let mut answer = job_json(&job, &counts);
@@ -405,8 +424,10 @@ pub(crate) async fn get_job(
 #[into_params(parameter_in = Query)]
 pub(crate) struct ListQuery {
     /// The `next` of the previous page.
+    #[param(pattern = "^[0-9a-f]{16}$")]
     cursor: Option<String>,
     /// Jobs per page, 1-100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
     limit: Option<usize>,
 }
 
@@ -424,6 +445,12 @@ pub(crate) async fn list_jobs(
     let limit = q.limit.unwrap_or(20);
     if !(1..=100).contains(&limit) {
         return Err(AppError::bad_request("limit must be 1-100"));
+    }
+    if q.cursor
+        .as_ref()
+        .is_some_and(|c| c.len() != 16 || !c.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        return Err(AppError::bad_request("cursor must be a job ID"));
     }
     let docs = state
         .bus

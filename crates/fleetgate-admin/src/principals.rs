@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use axum::Json;
-use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -19,7 +18,7 @@ use utoipa::ToSchema;
 use crate::auth::{Auth, KEY_PREFIX, key_digest, need};
 use crate::pipeline::{Note, noted};
 use crate::rbac::{Principal, Role, Scope};
-use crate::{AdminState, AppError, ErrorBody, Res, body, now_ms};
+use crate::{AdminState, AppError, Body, ErrorBody, Res, now_ms};
 
 /// Shortest password accepted.
 const MIN_PASSWORD: usize = 12;
@@ -188,8 +187,11 @@ impl From<&UserDoc> for UserView {
 #[serde(deny_unknown_fields)]
 pub(crate) struct CreateUser {
     username: String,
+    #[schema(min_length = 12, max_length = 1024)]
     password: String,
     role: Role,
+    /// Device groups, or `["*"]`.
+    #[schema(min_items = 1, max_items = 64)]
     groups: Vec<String>,
 }
 
@@ -202,9 +204,8 @@ pub(crate) struct CreateUser {
 pub(crate) async fn create_user(
     State(state): State<Arc<AdminState>>,
     auth: Auth<need::PrincipalAdmin>,
-    req: Result<Json<CreateUser>, JsonRejection>,
+    Body(req): Body<CreateUser>,
 ) -> Res {
-    let req = body(req)?;
     check_username(&req.username)?;
     check_password(&req.password)?;
     check_grant(&auth.principal, &req.groups)?;
@@ -235,7 +236,7 @@ pub(crate) async fn create_user(
 
 /// Lists users (at most 1000).
 #[utoipa::path(get, path = "/v1/users", tag = "principals",
-    responses((status = 200, body = Vec<UserView>), (status = 401, body = ErrorBody),
+    responses((status = 200, body = UserList), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub(crate) async fn list_users(
     State(state): State<Arc<AdminState>>,
@@ -247,15 +248,23 @@ pub(crate) async fn list_users(
         .map(|d| serde_json::from_str::<UserDoc>(&d.body).map(|u| UserView::from(&u)))
         .collect::<Result<Vec<_>, _>>()
         .map_err(corrupt)?;
-    Ok(Json(serde_json::json!({ "users": users })).into_response())
+    Ok(Json(UserList { users }).into_response())
+}
+
+/// Users.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct UserList {
+    users: Vec<UserView>,
 }
 
 /// `PATCH /v1/users/{name}` body: any of password, role, groups.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct UpdateUser {
+    #[schema(min_length = 12, max_length = 1024)]
     password: Option<String>,
     role: Option<Role>,
+    #[schema(min_items = 1, max_items = 64)]
     groups: Option<Vec<String>>,
 }
 
@@ -270,9 +279,8 @@ pub(crate) async fn update_user(
     State(state): State<Arc<AdminState>>,
     auth: Auth<need::PrincipalAdmin>,
     Path(name): Path<String>,
-    req: Result<Json<UpdateUser>, JsonRejection>,
+    Body(req): Body<UpdateUser>,
 ) -> Res {
-    let req = body(req)?;
     let Some((mut user, version)) = load_user(&*state.bus, &name).await? else {
         return Err(AppError::not_found(format!("no user {name}")));
     };
@@ -355,11 +363,7 @@ fn token_for(state: &AdminState, user: &UserDoc) -> Response {
     security(()),
     responses((status = 200, body = TokenView), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub(crate) async fn login(
-    State(state): State<Arc<AdminState>>,
-    req: Result<Json<Login>, JsonRejection>,
-) -> Res {
-    let req = body(req)?;
+pub(crate) async fn login(State(state): State<Arc<AdminState>>, Body(req): Body<Login>) -> Res {
     let note = Note {
         actor: Some(format!("user:{}", req.username)),
         target: Some(format!("user:{}", req.username)),
@@ -388,14 +392,14 @@ pub(crate) async fn login(
 
 /// A new token for the caller's user (its current token must still be valid).
 #[utoipa::path(post, path = "/v1/auth/refresh", tag = "principals",
-    responses((status = 200, body = TokenView), (status = 400, body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)))]
+    responses((status = 200, body = TokenView), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub(crate) async fn refresh(
     State(state): State<Arc<AdminState>>,
     auth: Auth<need::Authenticated>,
 ) -> Res {
     let Some(name) = &auth.principal.username else {
-        return Err(AppError::bad_request("only user tokens can be refreshed"));
+        return Err(AppError::forbidden("only user tokens can be refreshed"));
     };
     let Some((user, _)) = load_user(&*state.bus, name).await? else {
         return Err(AppError::new(
@@ -432,10 +436,13 @@ pub(crate) async fn me(auth: Auth<need::Authenticated>) -> Res {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(crate) struct CreateKey {
+    #[schema(min_length = 1, max_length = 128)]
     name: String,
     role: Role,
+    #[schema(min_items = 1, max_items = 64)]
     groups: Vec<String>,
-    /// ms since the epoch.
+    /// ms since the epoch; in the future.
+    #[serde(default, deserialize_with = "crate::num::opt_signed")]
     expires_at: Option<i64>,
 }
 
@@ -482,9 +489,8 @@ impl From<&ApiKeyDoc> for KeyView {
 pub(crate) async fn create_key(
     State(state): State<Arc<AdminState>>,
     auth: Auth<need::PrincipalAdmin>,
-    req: Result<Json<CreateKey>, JsonRejection>,
+    Body(req): Body<CreateKey>,
 ) -> Res {
-    let req = body(req)?;
     if req.name.is_empty() || req.name.len() > 128 {
         return Err(AppError::bad_request("name must be 1-128 characters"));
     }
@@ -530,7 +536,7 @@ pub(crate) async fn create_key(
 
 /// Lists API keys (at most 1000), revoked ones included.
 #[utoipa::path(get, path = "/v1/api-keys", tag = "principals",
-    responses((status = 200, body = Vec<KeyView>), (status = 401, body = ErrorBody),
+    responses((status = 200, body = KeyList), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub(crate) async fn list_keys(
     State(state): State<Arc<AdminState>>,
@@ -542,7 +548,13 @@ pub(crate) async fn list_keys(
         .map(|d| serde_json::from_str::<ApiKeyDoc>(&d.body).map(|k| KeyView::from(&k)))
         .collect::<Result<Vec<_>, _>>()
         .map_err(corrupt)?;
-    Ok(Json(serde_json::json!({ "keys": keys })).into_response())
+    Ok(Json(KeyList { keys }).into_response())
+}
+
+/// API keys.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct KeyList {
+    keys: Vec<KeyView>,
 }
 
 /// Revokes an API key: it stops working at once (it stays listed, marked revoked).

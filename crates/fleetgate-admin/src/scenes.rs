@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -17,7 +16,7 @@ use crate::auth::{Auth, need};
 use crate::jobs::{Step, check_steps};
 use crate::pipeline::{Note, noted};
 use crate::rbac::{Principal, Scope};
-use crate::{AdminState, AppError, ErrorBody, Res, body, now_ms};
+use crate::{AdminState, AppError, Body, ErrorBody, Res, now_ms};
 
 /// A scene as stored.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -36,6 +35,7 @@ pub(crate) struct SceneDoc {
 #[serde(deny_unknown_fields)]
 pub(crate) struct PutScene {
     /// 1-100 (target, command) pairs.
+    #[schema(min_items = 1, max_items = 100)]
     actions: Vec<Step>,
 }
 
@@ -79,10 +79,9 @@ pub(crate) async fn put_scene(
     State(state): State<Arc<AdminState>>,
     auth: Auth<need::JobWrite>,
     Path(name): Path<String>,
-    req: Result<Json<PutScene>, JsonRejection>,
+    Body(req): Body<PutScene>,
 ) -> Res {
     check_name(&name)?;
-    let req = body(req)?;
     check_steps(&state, &auth.principal, &req.actions)?;
     let existing = state.bus.doc_get(DocKind::Scene, &name).await?;
     if existing.is_some() {
