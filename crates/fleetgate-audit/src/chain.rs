@@ -67,7 +67,7 @@ impl Head {
 /// What the writer appends in one step.
 pub(crate) enum Item {
     /// An ordinary entry.
-    Entry(Draft),
+    Entry(Box<Draft>),
     /// A checkpoint of whatever precedes it.
     Checkpoint,
 }
@@ -149,11 +149,11 @@ mod tests {
     fn link_chains_entries_and_skips_empty_checkpoints() {
         let signer = Signer::generate();
         let draft = || {
-            Item::Entry(Draft {
+            Item::Entry(Box::new(Draft {
                 actor: "bootstrap".into(),
                 action: "x".into(),
                 ..Draft::default()
-            })
+            }))
         };
         let (texts, head) = link(
             &Head::empty(),

@@ -130,7 +130,7 @@ impl AuditLog {
     /// # Errors
     /// [`AuditError`]: nothing was written.
     pub async fn append(&self, draft: Draft) -> Result<StreamId, AuditError> {
-        self.submit(Item::Entry(draft))
+        self.submit(Item::Entry(Box::new(draft)))
             .await?
             .ok_or(AuditError::Stopped)
     }
@@ -241,7 +241,7 @@ async fn append_batch(
     items: Vec<Item>,
 ) -> Result<Vec<Option<StreamId>>, AuditError> {
     // Items are linked anew on every try, so keep them re-creatable.
-    let items: Vec<Option<Draft>> = items
+    let items: Vec<Option<Box<Draft>>> = items
         .into_iter()
         .map(|i| match i {
             Item::Entry(d) => Some(d),
@@ -268,19 +268,17 @@ async fn append_batch(
             *cached = Some(head);
             return Ok(texts.iter().map(|_| None).collect());
         }
-        match bus
+        // `None`: another process appended first; read its head and link again.
+        if let Some(ids) = bus
             .audit_append(&head.token(), &new_head.token(), &appended)
             .await?
         {
-            Some(ids) => {
-                *cached = Some(new_head);
-                let mut ids = ids.into_iter();
-                return Ok(texts
-                    .iter()
-                    .map(|t| t.as_ref().and_then(|_| ids.next()))
-                    .collect());
-            }
-            None => {} // Another process appended first: read its head and link again.
+            *cached = Some(new_head);
+            let mut ids = ids.into_iter();
+            return Ok(texts
+                .iter()
+                .map(|t| t.as_ref().and_then(|_| ids.next()))
+                .collect());
         }
     }
     Err(AuditError::Contended)
