@@ -1,5 +1,6 @@
-"""A minimal fleetgate device: authenticates, reports a status every 5 seconds (QoS 1) and
-answers every command with a result. Needs `pip install websockets`.
+"""A minimal fleetgate device: authenticates, reports a status every 5 seconds (QoS 1),
+answers every command with a result, and applies desired state (`delta` frames) by reporting
+it back. Needs `pip install websockets`.
 
 usage: python3 examples/device.py DEVICE_ID SECRET [ws://127.0.0.1:8080/v1/device]
 """
@@ -49,6 +50,11 @@ async def main():
                 if frame["qos"] > 0:
                     await ws.send(json.dumps(answer))
                     print("->", answer)
+            elif frame.get("type") == "delta":
+                # Apply the desired state, then report it: that empties the delta.
+                applied = envelope("status", frame["payload"]["state"], 1)
+                await ws.send(json.dumps(applied))
+                print("->", applied)
             elif frame.get("type") == "rel":
                 await ws.send(json.dumps({"type": "comp", "msgid": frame["msgid"]}))
         reporter.cancel()

@@ -455,10 +455,12 @@ async fn node_receivers_resync_after_a_redis_restart() {
     server.restart();
     let got = tokio::time::timeout(PATIENCE, rx.recv()).await;
     assert_eq!(got, Ok(Some(NodeMessage::Resync)));
-    assert!(
-        bus.is_connected(),
-        "subscriptions are back before the Resync"
-    );
+    // The subscriber is whole before the Resync (the task marks it so first); the command
+    // connection reconnects on its own schedule, a moment later on a loaded machine.
+    wait_until("the bus whole again", PATIENCE, || async {
+        bus.is_connected()
+    })
+    .await;
     let after = NodeMessage::Deliver {
         device: unique_id("rdev"),
     };

@@ -220,6 +220,15 @@ mod tests {
     }
 
     #[test]
+    fn deltas_from_devices_are_refused() {
+        let e = env("me", MessageKind::Delta, 1000);
+        assert_eq!(
+            check_from_device(&e, "me", 1000, &Limits::default()),
+            Err(ProtocolError::UnexpectedType("delta"))
+        );
+    }
+
+    #[test]
     fn skew_window_is_inclusive_and_symmetric() {
         let l = Limits::default();
         let now = 10_000_000;
