@@ -35,6 +35,7 @@ bench-detail:
 	cargo build --release -p fleetgate
 	cargo bench -p fleetgate-e2e --bench gateway
 	cargo bench -p fleetgate-e2e --bench cluster
+	cargo bench -p fleetgate-e2e --bench admin
 
 fmt:
 	cargo fmt --all

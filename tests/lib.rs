@@ -83,8 +83,20 @@ pub async fn spawn_role(
     env: &[(&str, &str)],
     deadline: Duration,
 ) -> anyhow::Result<(Child, BTreeMap<String, String>)> {
-    let bin = fleetgate_binary()?;
-    let mut cmd = Command::new(&bin);
+    spawn_binary(&fleetgate_binary()?, role, env, deadline).await
+}
+
+/// [`spawn_role`] with a given binary (a benchmark compares two builds).
+///
+/// # Errors
+/// When the binary fails to start or prints no address line within `deadline`.
+pub async fn spawn_binary(
+    bin: &std::path::Path,
+    role: &str,
+    env: &[(&str, &str)],
+    deadline: Duration,
+) -> anyhow::Result<(Child, BTreeMap<String, String>)> {
+    let mut cmd = Command::new(bin);
     cmd.arg(role)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

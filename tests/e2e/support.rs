@@ -1,13 +1,16 @@
 //! Test harness: starts the real `fleetgate` binary on free ports and talks to it over real
 //! sockets. Nothing here sleeps to wait for a condition; every wait has a deadline.
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
 use tokio::process::Child;
+use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
@@ -351,4 +354,35 @@ impl Raw {
             .await
             .expect("socket closed in time")
     }
+}
+
+/// Command frames a device saw, by msgid: (first sends, resends marked `dup`).
+pub type Seen = Arc<Mutex<HashMap<String, (u32, u32)>>>;
+
+/// A device that answers every command: with `{"error": ...}` when `fail`, else a result.
+pub fn answering(mut raw: Raw, fail: bool, seen: Seen) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Ok(frame) = raw.next().await {
+            if frame["type"] != "command" {
+                continue;
+            }
+            let msgid = frame["msgid"].as_str().unwrap().to_owned();
+            {
+                let mut seen = seen.lock().unwrap();
+                let e = seen.entry(msgid.clone()).or_default();
+                if frame["dup"] == true {
+                    e.1 += 1
+                } else {
+                    e.0 += 1
+                }
+            }
+            let payload = if fail {
+                json!({"error": "refused"})
+            } else {
+                json!({"result": frame["payload"]})
+            };
+            raw.send(json!({"type": "ack", "msgid": msgid, "payload": payload}))
+                .await;
+        }
+    })
 }

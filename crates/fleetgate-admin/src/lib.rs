@@ -23,8 +23,8 @@ mod rbac;
 mod scenes;
 mod waiters;
 
+use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::DefaultBodyLimit;
@@ -129,6 +129,8 @@ pub(crate) struct AdminState {
     pub(crate) audit_failures: AtomicU64,
     /// Wakes the job runner (a job was created or cancelled here).
     pub(crate) jobs_wake: Arc<tokio::sync::Notify>,
+    /// The OpenAPI document, with this process's limits.
+    pub(crate) openapi: serde_json::Value,
 }
 
 /// A running admin API.
@@ -217,6 +219,8 @@ impl Admin {
             i64::try_from(config.token_ttl.as_millis()).unwrap_or(i64::MAX),
         );
         let poll = config.job_poll_interval;
+        let generated = serde_json::to_value(api_router().split_for_parts().1).unwrap_or_default();
+        let openapi = openapi::complete(generated, &config);
         let state = Arc::new(AdminState {
             config,
             bus,
@@ -226,6 +230,7 @@ impl Admin {
             audit_keys,
             audit_failures: AtomicU64::new(0),
             jobs_wake: Arc::default(),
+            openapi,
         });
         job_runner::start(Arc::downgrade(&state), poll);
         Ok(Self { state })
@@ -253,20 +258,17 @@ impl Admin {
     }
 
     /// The OpenAPI document (every route, generated from the handlers).
-    pub fn openapi() -> &'static serde_json::Value {
-        static DOC: OnceLock<serde_json::Value> = OnceLock::new();
-        DOC.get_or_init(|| {
-            let generated = api_router().split_for_parts().1;
-            openapi::complete(serde_json::to_value(generated).unwrap_or_default())
-        })
+    pub fn openapi(&self) -> &serde_json::Value {
+        &self.state.openapi
     }
 }
 
-/// This document: every route of the admin API with its statuses and bodies.
+/// This document: every route of the admin API with its statuses and bodies, and the limits
+/// this process runs with.
 #[utoipa::path(get, path = "/v1/openapi.json", tag = "meta", security(()),
     responses((status = 200, body = Object)))]
-async fn openapi_json() -> Json<&'static serde_json::Value> {
-    Json(Admin::openapi())
+async fn openapi_json(State(state): State<Arc<AdminState>>) -> Json<serde_json::Value> {
+    Json(state.openapi.clone())
 }
 
 #[derive(OpenApi)]

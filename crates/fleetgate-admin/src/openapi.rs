@@ -21,8 +21,21 @@ fn error(description: &str) -> Value {
     })
 }
 
-/// Completes the generated document (see the module docs).
-pub(crate) fn complete(mut doc: Value) -> Value {
+/// Completes the generated document (see the module docs) with `config`'s limits.
+pub(crate) fn complete(mut doc: Value, config: &crate::AdminConfig) -> Value {
+    let ms = |d: std::time::Duration| json!(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    for (schema, field, max) in [
+        ("SendCommand", "waitMs", ms(config.max_wait)),
+        ("SendCommand", "ttlMs", ms(config.max_ttl)),
+        ("CreateJob", "ttlMs", ms(config.max_ttl)),
+        ("Step", "ttlMs", ms(config.max_ttl)),
+    ] {
+        if let Some(prop) =
+            doc.pointer_mut(&format!("/components/schemas/{schema}/properties/{field}"))
+        {
+            prop["maximum"] = max;
+        }
+    }
     if let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) {
         for (path, item) in paths.iter_mut() {
             let Some(item) = item.as_object_mut() else {

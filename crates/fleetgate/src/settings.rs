@@ -321,6 +321,9 @@ pub struct Overrides {
     /// Largest admin request body, bytes (larger: 413).
     #[arg(long, env = "FLEETGATE_ADMIN_MAX_BODY_BYTES")]
     pub admin_max_body_bytes: Option<usize>,
+    /// Longest `waitMs` a command request may ask for, ms (at most 120000).
+    #[arg(long, env = "FLEETGATE_ADMIN_MAX_WAIT_MS")]
+    pub admin_max_wait_ms: Option<u64>,
     /// Largest shadow document a desired patch may make, bytes (larger: 413).
     #[arg(long, env = "FLEETGATE_SHADOW_MAX_BYTES")]
     pub shadow_max_bytes: Option<usize>,
@@ -372,6 +375,7 @@ impl Settings {
             admin_token_ttl_ms => admin.token_ttl_ms,
             audit_checkpoint_interval_ms => admin.audit_checkpoint_interval_ms,
             admin_max_body_bytes => admin.max_body_bytes,
+            admin_max_wait_ms => admin.max_wait_ms,
             shadow_max_bytes => admin.shadow_max_bytes,
             job_lease_ms => admin.job_lease_ms, job_batch_size => admin.job_batch_size,
             job_poll_interval_ms => admin.job_poll_interval_ms,
