@@ -889,6 +889,53 @@ async fn scoped_listings_never_show_other_groups() {
         4,
         "the bootstrap key sees everything"
     );
+    // A scoped admin neither sees nor changes principals of a wider scope.
+    let (s, _) = m
+        .node
+        .admin(
+            "POST",
+            "/v1/users",
+            Some(
+                json!({"username": "root", "password": PASSWORD, "role": "admin", "groups": ["*"]}),
+            ),
+        )
+        .await;
+    assert_eq!(s, 201);
+    let admin_a = m.credential(&Caller::Role(Role::Admin)).unwrap();
+    for (method, body) in [
+        ("PATCH", Some(json!({"password": "taken over, 0123456789"}))),
+        ("DELETE", None),
+    ] {
+        let (s, _) = m
+            .node
+            .admin_with_key(method, "/v1/users/root", body, Some(&admin_a))
+            .await;
+        assert_eq!(s, 404, "{method} of a wider-scoped admin");
+    }
+    let (_, users) = m
+        .node
+        .admin_with_key("GET", "/v1/users", None, Some(&admin_a))
+        .await;
+    let names: Vec<&str> = users["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["username"].as_str().unwrap())
+        .collect();
+    assert!(
+        !names.contains(&"root") && names.contains(&"viewer-a"),
+        "{names:?}"
+    );
+    let (s, root) = m
+        .node
+        .admin_with_key(
+            "POST",
+            "/v1/auth/login",
+            Some(json!({"username": "root", "password": PASSWORD})),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "root's password is unchanged: {root}");
     // Bad credentials of the bootstrap kind are refused too.
     let (s, _) = m
         .node

@@ -105,6 +105,17 @@ fn check_grant(granter: &Principal, groups: &[String]) -> Result<Scope, AppError
     Ok(scope)
 }
 
+/// Whether `admin` may see and change a principal granted `groups`: only within its own
+/// scope, so an admin of `farm-a` cannot take over (or even see) an admin of `*`.
+fn manages(admin: &Principal, groups: &[String]) -> bool {
+    admin.scope.contains(&Scope::from_groups(groups))
+}
+
+/// A principal outside the caller's scope answers like a missing one.
+fn out_of_scope(kind: &str, id: &str) -> AppError {
+    AppError::not_found(format!("no {kind} {id}")).with_reason("out_of_scope")
+}
+
 /// Argon2id with the crate's defaults (OWASP's recommended minimum: 19 MiB, 2 passes). Run
 /// on the blocking pool: it is deliberately slow.
 async fn hash_password(password: String) -> Result<String, AppError> {
@@ -240,14 +251,16 @@ pub(crate) async fn create_user(
         (status = 403, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub(crate) async fn list_users(
     State(state): State<Arc<AdminState>>,
-    _auth: Auth<need::PrincipalAdmin>,
+    auth: Auth<need::PrincipalAdmin>,
 ) -> Res {
     let docs = state.bus.doc_list(DocKind::User, None, 1000).await?;
-    let users = docs
-        .iter()
-        .map(|d| serde_json::from_str::<UserDoc>(&d.body).map(|u| UserView::from(&u)))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(corrupt)?;
+    let mut users = Vec::new();
+    for d in &docs {
+        let u: UserDoc = serde_json::from_str(&d.body).map_err(corrupt)?;
+        if manages(&auth.principal, &u.groups) {
+            users.push(UserView::from(&u));
+        }
+    }
     Ok(Json(UserList { users }).into_response())
 }
 
@@ -284,6 +297,9 @@ pub(crate) async fn update_user(
     let Some((mut user, version)) = load_user(&*state.bus, &name).await? else {
         return Err(AppError::not_found(format!("no user {name}")));
     };
+    if !manages(&auth.principal, &user.groups) {
+        return Err(out_of_scope("user", &name));
+    }
     if let Some(groups) = &req.groups {
         check_grant(&auth.principal, groups)?;
         user.groups.clone_from(groups);
@@ -318,9 +334,15 @@ pub(crate) async fn update_user(
         (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub(crate) async fn delete_user(
     State(state): State<Arc<AdminState>>,
-    _auth: Auth<need::PrincipalAdmin>,
+    auth: Auth<need::PrincipalAdmin>,
     Path(name): Path<String>,
 ) -> Res {
+    match load_user(&*state.bus, &name).await? {
+        Some((user, _)) if !manages(&auth.principal, &user.groups) => {
+            return Err(out_of_scope("user", &name));
+        }
+        _ => {}
+    }
     if state.bus.doc_delete(DocKind::User, &name).await? {
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {
@@ -540,14 +562,16 @@ pub(crate) async fn create_key(
         (status = 403, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub(crate) async fn list_keys(
     State(state): State<Arc<AdminState>>,
-    _auth: Auth<need::PrincipalAdmin>,
+    auth: Auth<need::PrincipalAdmin>,
 ) -> Res {
     let docs = state.bus.doc_list(DocKind::ApiKey, None, 1000).await?;
-    let keys = docs
-        .iter()
-        .map(|d| serde_json::from_str::<ApiKeyDoc>(&d.body).map(|k| KeyView::from(&k)))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(corrupt)?;
+    let mut keys = Vec::new();
+    for d in &docs {
+        let k: ApiKeyDoc = serde_json::from_str(&d.body).map_err(corrupt)?;
+        if manages(&auth.principal, &k.groups) {
+            keys.push(KeyView::from(&k));
+        }
+    }
     Ok(Json(KeyList { keys }).into_response())
 }
 
@@ -564,7 +588,7 @@ pub(crate) struct KeyList {
         (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub(crate) async fn revoke_key(
     State(state): State<Arc<AdminState>>,
-    _auth: Auth<need::PrincipalAdmin>,
+    auth: Auth<need::PrincipalAdmin>,
     Path(id): Path<String>,
 ) -> Res {
     // Compare-and-set: a concurrent last-used write must not undo the revoke.
@@ -573,6 +597,9 @@ pub(crate) async fn revoke_key(
             return Err(AppError::not_found(format!("no API key {id}")));
         };
         let mut key: ApiKeyDoc = serde_json::from_str(&doc.body).map_err(corrupt)?;
+        if !manages(&auth.principal, &key.groups) {
+            return Err(out_of_scope("API key", &id));
+        }
         if key.revoked_ms.is_some() {
             return Ok(StatusCode::NO_CONTENT.into_response());
         }
