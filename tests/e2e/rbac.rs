@@ -676,6 +676,13 @@ async fn every_endpoint_as_every_role_and_credential_answers_exactly_and_is_audi
             for caller in &callers {
                 n += 1;
                 let cell = Cell { n, in_scope };
+                // Jobs and scenes in scope are made by the farm-a admin, others by the
+                // bootstrap key (scope `*`).
+                let maker = if in_scope {
+                    m.credential(&Caller::Role(Role::Admin))
+                } else {
+                    Some(API_KEY.to_owned())
+                };
                 let path = match row.subject {
                     Subject::Device => {
                         let id = format!("m{n}");
@@ -703,12 +710,6 @@ async fn every_endpoint_as_every_role_and_credential_answers_exactly_and_is_audi
                         row.path.replace("{id}", k["id"].as_str().unwrap())
                     }
                     Subject::Job => {
-                        // In scope: made by the farm-a admin; out of scope: by the bootstrap key.
-                        let maker = if in_scope {
-                            m.credential(&Caller::Role(Role::Admin))
-                        } else {
-                            Some(API_KEY.to_owned())
-                        };
                         let (s, j) = m
                             .node
                             .admin_with_key(
@@ -724,11 +725,6 @@ async fn every_endpoint_as_every_role_and_credential_answers_exactly_and_is_audi
                     Subject::Scene | Subject::NewTarget if row.path.contains("{name}") => {
                         let name = format!("scene-{n}");
                         if row.subject == Subject::Scene {
-                            let maker = if in_scope {
-                                m.credential(&Caller::Role(Role::Admin))
-                            } else {
-                                Some(API_KEY.to_owned())
-                            };
                             let (s, b) = m
                                 .node
                                 .admin_with_key(

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use fleetgate_test_support::RedisServer;
 use serde_json::{Value, json};
 
-use crate::support::{API_KEY, DEADLINE, Raw, Seen, answering};
+use crate::support::{API_KEY, DEADLINE, Raw, Seen, answering, eventually_within};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_over_20000_devices_survives_its_admin_process_dying() {
@@ -131,10 +131,14 @@ async fn a_job_over_20000_devices_survives_its_admin_process_dying() {
         assert!(tokio::time::Instant::now() < deadline, "no progress: {j}");
     }
     admin_a.kill().await.unwrap();
-    let done = eventually_long(|| async {
-        let j = progress(&b).await;
-        (j["state"] == "completed").then_some(j)
-    })
+    let done = eventually_within(
+        "the job to complete",
+        std::time::Duration::from_secs(120),
+        || async {
+            let j = progress(&b).await;
+            (j["state"] == "completed").then_some(j)
+        },
+    )
     .await;
     assert_eq!(
         done["counts"],
@@ -152,23 +156,4 @@ async fn a_job_over_20000_devices_survives_its_admin_process_dying() {
         DEVICES / 2,
         "each online device got the command exactly once"
     );
-}
-
-/// As `eventually`, with a deadline long enough for the job's TTL to run out.
-async fn eventually_long<T, F, Fut>(mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for the job to complete"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
 }
