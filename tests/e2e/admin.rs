@@ -123,3 +123,70 @@ async fn listing_pages_through_devices_with_presence() {
     );
     assert_eq!(page2["next"], serde_json::Value::Null);
 }
+
+#[tokio::test]
+async fn deleting_a_device_closes_its_session_with_4410_and_removes_its_state() {
+    let node = Node::start(&[]).await;
+    let secret = node.provision_in("gone-1", &["farm-a"]).await;
+    let mut live = Raw::authed(&node.device_url(), "gone-1", &secret).await;
+    let (s, _) = node
+        .admin(
+            "PATCH",
+            "/v1/devices/gone-1/shadow/desired",
+            Some(json!({"state": {"mode": "eco"}})),
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(live.recv().await["type"], "delta");
+    drop(live);
+    let (s, _) = node
+        .admin(
+            "POST",
+            "/v1/devices/gone-1/commands",
+            Some(json!({"payload": {"a": 1}, "qos": 1})),
+        )
+        .await;
+    assert_eq!(s, 202);
+    let mut live = Raw::authed(&node.device_url(), "gone-1", &secret).await;
+    // The delta and the queued command come first; then the delete closes the session.
+    let (s, _) = node.admin("DELETE", "/v1/devices/gone-1", None).await;
+    assert_eq!(s, 204);
+    assert_eq!(live.closed().await.code, 4410);
+    let (s, _) = node.admin("GET", "/v1/devices/gone-1", None).await;
+    assert_eq!(s, 404);
+    let (_, refused) = Raw::auth(&node.device_url(), "gone-1", &secret).await;
+    assert_eq!(refused["status"], "error", "its credentials are gone");
+    // Provisioned again, it starts empty: no queue, no shadow.
+    node.provision_in("gone-1", &["farm-a"]).await;
+    let (_, dev) = node.admin("GET", "/v1/devices/gone-1", None).await;
+    assert_eq!(
+        (
+            dev["queuedCommands"].as_u64(),
+            dev["shadow"]["version"].as_u64()
+        ),
+        (Some(0), Some(0)),
+        "{dev}"
+    );
+    let (s, _) = node.admin("DELETE", "/v1/devices/gone-1x", None).await;
+    assert_eq!(s, 404);
+}
+
+#[tokio::test]
+async fn rotating_credentials_refuses_the_old_secret_and_keeps_the_live_session() {
+    let node = Node::start(&[]).await;
+    let old = node.provision("rot-1").await;
+    let mut live = Raw::authed(&node.device_url(), "rot-1", &old).await;
+    let (s, rotated) = node.admin("POST", "/v1/devices/rot-1/rotate", None).await;
+    assert_eq!(s, 200);
+    let new = rotated["secret"].as_str().unwrap().to_owned();
+    assert_ne!(new, old);
+    // The live session goes on.
+    live.send(crate::support::status("rot-1", "r-1", 1, json!({"t": 1})))
+        .await;
+    assert_eq!(live.recv().await["type"], "ack");
+    let (_, refused) = Raw::auth(&node.device_url(), "rot-1", &old).await;
+    assert_eq!(refused["status"], "error", "the old secret is refused");
+    // The new one works (and replaces the old session).
+    let _fresh = Raw::authed(&node.device_url(), "rot-1", &new).await;
+    assert_eq!(live.closed().await.code, 4409);
+}

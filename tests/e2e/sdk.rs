@@ -172,3 +172,47 @@ async fn a_replaced_sdk_device_stops_instead_of_fighting_back() {
         }
     }
 }
+
+/// Desired state reaches an SDK device as `DeviceEvent::Delta`, over both codecs; reporting
+/// it puts the shadow in sync.
+#[tokio::test]
+async fn the_sdk_surfaces_deltas_and_reporting_them_syncs_the_shadow() {
+    let node = Node::start(&[]).await;
+    for (i, codec) in [Codec::Json, Codec::Protobuf].into_iter().enumerate() {
+        let id = format!("sdk-delta-{i}");
+        let secret = node.provision(&id).await;
+        let (client, mut events) =
+            Device::connect(options(&node, &id, &secret).with_codec(codec)).unwrap();
+        connected(&mut events).await;
+        let (s, _) = node
+            .admin(
+                "PATCH",
+                &format!("/v1/devices/{id}/shadow/desired"),
+                Some(json!({"state": {"mode": "eco"}})),
+            )
+            .await;
+        assert_eq!(s, 200);
+        let state = loop {
+            match next_event(&mut events).await {
+                DeviceEvent::Delta { version, state } => {
+                    assert_eq!(version, 1);
+                    break state;
+                }
+                other => panic!("expected the delta, got {other:?}"),
+            }
+        };
+        assert_eq!(
+            serde_json::Value::Object(state.clone()),
+            json!({"mode": "eco"})
+        );
+        client
+            .send_status(serde_json::Value::Object(state), Qos::AtLeastOnce)
+            .await
+            .unwrap();
+        let (_, shadow) = node
+            .admin("GET", &format!("/v1/devices/{id}/shadow"), None)
+            .await;
+        assert_eq!(shadow["inSync"], true, "{shadow}");
+        client.disconnect().await;
+    }
+}
