@@ -139,6 +139,14 @@ pub struct Admin {
     state: Arc<AdminState>,
 }
 
+impl std::fmt::Debug for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admin")
+            .field("node_id", &self.state.config.node_id)
+            .finish_non_exhaustive()
+    }
+}
+
 pub(crate) type Res = Result<Response, AppError>;
 
 pub(crate) fn now_ms() -> i64 {

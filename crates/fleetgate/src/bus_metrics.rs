@@ -106,3 +106,18 @@ impl Collector for BusMetrics {
         )
     }
 }
+
+/// The admin API's figures on `/metrics`, read at scrape time.
+#[derive(Debug)]
+pub(crate) struct AdminMetrics(pub(crate) fleetgate_admin::Admin);
+
+impl Collector for AdminMetrics {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        counter(
+            &mut e,
+            "fleetgate_audit_response_failures",
+            "Audit response entries that could not be written after their request had run.",
+            self.0.audit_failures(),
+        )
+    }
+}

@@ -214,6 +214,7 @@ async fn serve(settings: Settings, run_gateway: bool, run_admin: bool) -> anyhow
         let listener = bind(&settings.admin_listen)?;
         addrs.insert("admin".into(), listener.local_addr()?.to_string().into());
         let admin = Admin::start(settings.admin_config()?, bus.clone()).await?;
+        registry.register_collector(Box::new(bus_metrics::AdminMetrics(admin.clone())));
         Some((admin, listener))
     } else {
         None
