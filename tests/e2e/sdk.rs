@@ -192,15 +192,10 @@ async fn the_sdk_surfaces_deltas_and_reporting_them_syncs_the_shadow() {
             )
             .await;
         assert_eq!(s, 200);
-        let state = loop {
-            match next_event(&mut events).await {
-                DeviceEvent::Delta { version, state } => {
-                    assert_eq!(version, 1);
-                    break state;
-                }
-                other => panic!("expected the delta, got {other:?}"),
-            }
+        let DeviceEvent::Delta { version, state } = next_event(&mut events).await else {
+            panic!("expected the delta first");
         };
+        assert_eq!(version, 1);
         assert_eq!(
             serde_json::Value::Object(state.clone()),
             json!({"mode": "eco"})
