@@ -27,7 +27,9 @@ async fn schemathesis_finds_nothing_against_the_running_api() {
             ])
             .args(["--no-color", "--config-file", config, "run", &url])
             .args(["--header", &format!("Authorization: Bearer {API_KEY}")])
-            .args(["--seed", "1", "--workers", "2"])
+            // One worker: CPython 3.11 can fail `ast.parse` in hypothesis when two threads
+            // describe strategies at once ("AST constructor recursion depth mismatch").
+            .args(["--seed", "1", "--workers", "1"])
             .output()
             .expect("python3 runs (make test installs schemathesis: scripts/test-deps)")
     })
