@@ -236,3 +236,20 @@ async fn a_scene_runs_its_actions_as_one_audited_job() {
     let (s, _) = node.admin("POST", "/v1/scenes/nope/activate", None).await;
     assert_eq!(s, 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slowly_paced_job_does_not_hold_up_another() {
+    let node = Node::start(&[("FLEETGATE_JOB_POLL_INTERVAL_MS", "100")]).await;
+    for i in 0..20 {
+        node.provision_in(&format!("slow-{i:02}"), &["slow"]).await;
+    }
+    for i in 0..3 {
+        node.provision_in(&format!("fast-{i}"), &["fast"]).await;
+    }
+    // One device per second: twenty seconds to send.
+    let slow = create(&node, json!({"group": "slow", "payload": {}, "rate": 1})).await;
+    let fast = create(&node, json!({"group": "fast", "payload": {}})).await;
+    let done = until_state(&node, &fast, "dispatched").await;
+    assert_eq!(done["executions"], 3);
+    assert_eq!(job(&node, &slow).await["state"], "running");
+}

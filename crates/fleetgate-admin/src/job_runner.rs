@@ -1,6 +1,7 @@
 //! Sends jobs. Every admin process runs one runner; a job is sent by the process holding its
 //! lease (a field of the job document, taken and renewed by compare-and-set), so a job whose
-//! process died is taken over once the lease runs out.
+//! process died is taken over once the lease runs out. A process sends up to eight jobs at a
+//! time, each in a task of its own, so a slowly paced rollout does not hold up the others.
 //!
 //! Sending is in batches of at most `job_batch_size` devices: read the next targets, queue
 //! their commands with one `Bus::job_push` (one script per Redis shard), then save the
@@ -9,7 +10,8 @@
 //! `Exists` for devices that already have the step's execution, so nobody gets a command
 //! twice and nobody is skipped. Nothing holds more than one batch in memory.
 
-use std::sync::Weak;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use fleetgate_audit::{Draft, Stage};
@@ -27,14 +29,21 @@ use crate::rbac::Scope;
 const CANCEL_BATCH: usize = 1000;
 /// After its last command's TTL, a job waits this long for outcomes still on their way.
 const OUTCOME_GRACE_MS: i64 = 30_000;
+/// Jobs one process sends at the same time (each its own task, so a slow-paced job does not
+/// hold up the others); more wait for a free slot.
+const CONCURRENT_JOBS: usize = 8;
+
+/// The jobs this process is sending now.
+type Sending = Arc<Mutex<HashSet<String>>>;
 
 /// Starts the runner; it stops when the admin state is dropped.
 pub(crate) fn start(state: Weak<AdminState>, poll: Duration) {
     tokio::spawn(async move {
+        let sending = Sending::default();
         loop {
             let Some(s) = state.upgrade() else { return };
             let wake = s.jobs_wake.clone();
-            if let Err(error) = pass(&s).await {
+            if let Err(error) = pass(&s, &sending).await {
                 warn!(message = "job runner pass failed", %error);
             }
             drop(s);
@@ -47,7 +56,7 @@ pub(crate) fn start(state: Weak<AdminState>, poll: Duration) {
 }
 
 /// One look at every active job.
-async fn pass(state: &AdminState) -> Result<(), BusError> {
+async fn pass(state: &Arc<AdminState>, sending: &Sending) -> Result<(), BusError> {
     let mut after: Option<String> = None;
     loop {
         let page = state
@@ -55,7 +64,7 @@ async fn pass(state: &AdminState) -> Result<(), BusError> {
             .doc_list(DocKind::ActiveJob, after.as_deref(), 100)
             .await?;
         for entry in &page {
-            if let Err(error) = step_job(state, &entry.id).await {
+            if let Err(error) = step_job(state, sending, &entry.id).await {
                 warn!(message = "job step failed", job = %entry.id, %error);
             }
         }
@@ -66,13 +75,34 @@ async fn pass(state: &AdminState) -> Result<(), BusError> {
     }
 }
 
-async fn step_job(state: &AdminState, id: &str) -> Result<(), BusError> {
+async fn step_job(state: &Arc<AdminState>, sending: &Sending, id: &str) -> Result<(), BusError> {
     let Some((job, version)) = load(&*state.bus, id).await? else {
         state.bus.doc_delete(DocKind::ActiveJob, id).await?;
         return Ok(());
     };
     match job.state {
-        JobState::Running => dispatch(state, job, version).await,
+        JobState::Running => {
+            {
+                let mut set = sending.lock().unwrap_or_else(|e| e.into_inner());
+                if set.contains(id) || set.len() >= CONCURRENT_JOBS {
+                    return Ok(());
+                }
+                set.insert(id.to_owned());
+            }
+            let (state, sending, id) = (state.clone(), sending.clone(), id.to_owned());
+            tokio::spawn(async move {
+                if let Err(error) = dispatch(&state, job, version).await {
+                    warn!(message = "job dispatch failed", job = %id, %error);
+                }
+                sending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+                // Whatever comes next for it (settling, another slot) need not wait a poll.
+                state.jobs_wake.notify_one();
+            });
+            Ok(())
+        }
         JobState::Dispatched => settle(state, job, version).await,
         JobState::Cancelled | JobState::Aborted => withdraw(state, job).await,
         JobState::Completed => state.bus.doc_delete(DocKind::ActiveJob, id).await.map(drop),
