@@ -273,33 +273,7 @@ pub(crate) trait Needs: Send + Sync + 'static {
     const PERMISSION: Permission;
 }
 
-/// Marker types naming permissions, for `Auth<need::X>`.
-pub(crate) mod need {
-    use super::{Needs, Permission};
-
-    macro_rules! needs {
-        ($($name:ident),* $(,)?) => {$(
-            /// Requires the permission of the same name.
-            pub(crate) struct $name;
-            impl Needs for $name {
-                const PERMISSION: Permission = Permission::$name;
-            }
-        )*};
-    }
-
-    needs!(
-        DeviceRead,
-        DeviceWrite,
-        CommandSend,
-        ShadowWrite,
-        JobRead,
-        JobWrite,
-        NodeRead,
-        AuditRead,
-        PrincipalAdmin,
-        Authenticated,
-    );
-}
+pub(crate) use crate::rbac::need;
 
 /// The caller, allowed to do `N`: the extractor every handler declares its permission with.
 pub(crate) struct Auth<N: Needs> {

@@ -24,9 +24,30 @@ pub enum Role {
     Auditor,
 }
 
-/// What a request needs to be allowed to do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Permission {
+/// Declares the permissions once: the enum the policy table matches on, and for each a marker
+/// type in [`need`] that a handler names in its extractor (`Auth<need::DeviceRead>`).
+macro_rules! permissions {
+    ($($(#[doc = $doc:literal])+ $name:ident,)*) => {
+        /// What a request needs to be allowed to do.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum Permission {
+            $($(#[doc = $doc])+ $name,)*
+        }
+
+        /// Marker types naming permissions, for `Auth<need::X>`.
+        pub(crate) mod need {
+            $(
+                /// Requires the permission of the same name.
+                pub(crate) struct $name;
+                impl crate::auth::Needs for $name {
+                    const PERMISSION: super::Permission = super::Permission::$name;
+                }
+            )*
+        }
+    };
+}
+
+permissions! {
     /// Read devices, their presence and shadows.
     DeviceRead,
     /// Provision, regroup, rotate, revoke, disconnect and delete devices.
