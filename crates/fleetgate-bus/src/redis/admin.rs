@@ -457,71 +457,52 @@ impl RedisBus {
         job: &str,
         commands: &[Command],
     ) -> BusResult<Vec<JobPush>> {
-        let mut by_shard: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-        for (i, c) in commands.iter().enumerate() {
-            by_shard
-                .entry(self.shard_for(&c.device))
-                .or_default()
-                .push(i);
-        }
         let mut keys = self.job_keys(job);
         keys.push(self.key("qexp", ""));
         keys.push(self.key("qseq", ""));
         let now = wall_ms().to_string();
-        let mut answers = vec![None; commands.len()];
-        for (shard, indices) in by_shard {
-            for chunk in indices.chunks(JOB_PUSH_BATCH) {
-                let mut args = Vec::with_capacity(4 + chunk.len() * 5);
-                args.extend([
-                    self.prefix(),
-                    count(self.inner.config.queue_max_len),
-                    self.job_retention_ms(),
-                    v(now.clone()),
-                ]);
-                for &i in chunk {
-                    let c = &commands[i];
-                    let deliver = NodeMessage::Deliver {
-                        device: c.device.clone(),
-                    };
+        let devices: Vec<&str> = commands.iter().map(|c| c.device.as_str()).collect();
+        let statuses = self
+            .eval_per_device(
+                "job_push",
+                &devices,
+                JOB_PUSH_BATCH,
+                &self.inner.scripts.admin.job_push,
+                |chunk| {
+                    let mut args = Vec::with_capacity(4 + chunk.len() * 5);
                     args.extend([
-                        v(c.device.clone()),
-                        v(c.msgid.as_str()),
-                        v(codec::encode_command(c)),
-                        v(c.expires_ms.to_string()),
-                        v(codec::encode_node_message(&deliver)),
+                        self.prefix(),
+                        count(self.inner.config.queue_max_len),
+                        self.job_retention_ms(),
+                        v(now.clone()),
                     ]);
-                }
-                let reply = self
-                    .eval(
-                        shard,
-                        &self.inner.scripts.admin.job_push,
-                        keys.clone(),
-                        args,
-                    )
-                    .await?;
-                let statuses = array("job_push", reply)?;
-                if statuses.len() != chunk.len() {
-                    return Err(BusError::Corrupt(
-                        "job_push: wrong number of answers".into(),
-                    ));
-                }
-                for (&i, status) in chunk.iter().zip(statuses) {
-                    answers[i] = Some(match int("job_push", status)? {
-                        0 => JobPush::Exists,
-                        1 => JobPush::Queued,
-                        2 => JobPush::QueueFull,
-                        other => {
-                            return Err(BusError::Corrupt(format!(
-                                "job_push: unexpected status {other}"
-                            )));
-                        }
-                    });
-                }
-            }
-        }
-        answers
+                    for &i in chunk {
+                        let c = &commands[i];
+                        let deliver = NodeMessage::Deliver {
+                            device: c.device.clone(),
+                        };
+                        args.extend([
+                            v(c.device.clone()),
+                            v(c.msgid.as_str()),
+                            v(codec::encode_command(c)),
+                            v(c.expires_ms.to_string()),
+                            v(codec::encode_node_message(&deliver)),
+                        ]);
+                    }
+                    (keys.clone(), args)
+                },
+            )
+            .await?;
+        statuses
             .into_iter()
-            .map(|a| a.ok_or_else(|| BusError::Corrupt("job_push: a command got no answer".into())))
+            .map(|status| match int("job_push", status)? {
+                0 => Ok(JobPush::Exists),
+                1 => Ok(JobPush::Queued),
+                2 => Ok(JobPush::QueueFull),
+                other => Err(BusError::Corrupt(format!(
+                    "job_push: unexpected status {other}"
+                ))),
+            })
             .collect()
     }
 

@@ -684,6 +684,39 @@ impl RedisBus {
             .map_err(fred_err)
     }
 
+    /// Runs `script` for items that each live on one device's shard: grouped by shard, at
+    /// most `batch` per call, with the keys and arguments `call` makes for a chunk (item
+    /// indices). The script answers one value per item; the answers come back in item order.
+    pub(super) async fn eval_per_device(
+        &self,
+        what: &str,
+        devices: &[&str],
+        batch: usize,
+        script: &Script,
+        mut call: impl FnMut(&[usize]) -> (Vec<String>, Vec<Value>),
+    ) -> BusResult<Vec<Value>> {
+        let mut by_shard: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for (i, d) in devices.iter().enumerate() {
+            by_shard.entry(self.shard_for(d)).or_default().push(i);
+        }
+        let mut out = vec![Value::Null; devices.len()];
+        for (shard, indices) in by_shard {
+            for chunk in indices.chunks(batch) {
+                let (keys, args) = call(chunk);
+                let answers = array(what, self.eval(shard, script, keys, args).await?)?;
+                if answers.len() != chunk.len() {
+                    return Err(BusError::Corrupt(format!(
+                        "{what}: wrong number of answers"
+                    )));
+                }
+                for (&i, a) in chunk.iter().zip(answers) {
+                    out[i] = a;
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// `QUEUE_PENDING`; counting an attempt for each returned command when `count` holds the
     /// msgids to skip.
     async fn read_queue(
@@ -958,34 +991,23 @@ impl Bus for RedisBus {
     }
 
     async fn presence_get_many(&self, devices: &[String]) -> BusResult<Vec<Option<Presence>>> {
-        let mut out = vec![None; devices.len()];
-        let mut by_shard: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-        for (i, d) in devices.iter().enumerate() {
-            by_shard.entry(self.shard_for(d)).or_default().push(i);
-        }
-        for (shard, indices) in by_shard {
-            for chunk in indices.chunks(PRESENCE_READ_BATCH) {
-                let keys = chunk.iter().map(|&i| self.key("p:", &devices[i])).collect();
-                let reply = self
-                    .eval(
-                        shard,
-                        &self.inner.scripts.presence_get,
-                        keys,
-                        vec![self.prefix()],
-                    )
-                    .await?;
-                let answers = array("presence_get_many", reply)?;
-                if answers.len() != chunk.len() {
-                    return Err(BusError::Corrupt(
-                        "presence_get_many: wrong number of answers".into(),
-                    ));
-                }
-                for (&i, p) in chunk.iter().zip(answers) {
-                    out[i] = presence_reply("presence_get_many", p)?;
-                }
-            }
-        }
-        Ok(out)
+        let ids: Vec<&str> = devices.iter().map(String::as_str).collect();
+        let answers = self
+            .eval_per_device(
+                "presence_get_many",
+                &ids,
+                PRESENCE_READ_BATCH,
+                &self.inner.scripts.presence_get,
+                |chunk| {
+                    let keys = chunk.iter().map(|&i| self.key("p:", ids[i])).collect();
+                    (keys, vec![self.prefix()])
+                },
+            )
+            .await?;
+        answers
+            .into_iter()
+            .map(|p| presence_reply("presence_get_many", p))
+            .collect()
     }
 
     async fn presence_remove(&self, device: &str, conn_id: u64) -> BusResult<bool> {
