@@ -3,9 +3,10 @@ DEV_API_KEY ?= dev-api-key-change-me-0123
 SHELL := bash
 .SHELLFLAGS := -eo pipefail -c
 
-.PHONY: test deps lint build run cluster bench bench-detail fmt
+.PHONY: test deps lint build run cluster bench bench-detail fmt chart
 
-test: deps lint
+# The release build is the image's (scripts/build-release): CI compiles what ships.
+test: deps lint build
 	cargo build --workspace --bins
 	timeout 1500 cargo test --workspace 2>&1 | tee target/test-output.log
 	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "%d passed, %d failed\n", p, f }' target/test-output.log
@@ -18,7 +19,7 @@ lint:
 	cargo clippy --workspace --all-targets -- -D warnings
 
 build:
-	cargo build --release -p fleetgate
+	scripts/build-release
 
 run: build
 	@sed -e 's/$$API_KEY/$(DEV_API_KEY)/g' docs/run-banner.txt
@@ -39,3 +40,7 @@ bench-detail:
 
 fmt:
 	cargo fmt --all
+
+# Regenerates k8s/base (and the chart's copy of nginx/'s config) after a chart change.
+chart:
+	scripts/chart.py generate

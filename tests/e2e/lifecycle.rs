@@ -65,6 +65,21 @@ async fn pongs_keep_a_quiet_device_alive() {
 
 #[tokio::test]
 async fn sigterm_drains_with_1012_and_retry_after_then_exits_cleanly() {
+    drains_with_1012(Trigger::Sigterm).await;
+}
+
+/// Kubernetes' preStop hook: `GET /drain` on the internal listener drains as SIGTERM does.
+#[tokio::test]
+async fn get_drain_on_the_internal_listener_drains_as_sigterm_does() {
+    drains_with_1012(Trigger::DrainEndpoint).await;
+}
+
+enum Trigger {
+    Sigterm,
+    DrainEndpoint,
+}
+
+async fn drains_with_1012(trigger: Trigger) {
     let mut node = Node::start(&[("FLEETGATE_DRAIN_PERIOD_MS", "1500")]).await;
     let mut sockets = Vec::new();
     for i in 0..3 {
@@ -74,11 +89,22 @@ async fn sigterm_drains_with_1012_and_retry_after_then_exits_cleanly() {
     }
     let (code, _) = node.internal_get("/readyz").await;
     assert_eq!(code, 200);
-    node.signal("TERM");
+    match trigger {
+        Trigger::Sigterm => node.signal("TERM"),
+        Trigger::DrainEndpoint => {
+            let (code, body) = node.internal_get("/drain").await;
+            assert_eq!((code, body.as_str()), (202, "draining"));
+        }
+    }
     eventually("readiness off", || async {
         (node.internal_get("/readyz").await.0 == 503).then_some(())
     })
     .await;
+    let (_, metrics) = node.internal_get("/metrics").await;
+    assert!(
+        metrics.lines().any(|l| l == "fleetgate_ready 0"),
+        "{metrics}"
+    );
     let refused = Raw::try_connect(&node.device_url(), &[]).await.err();
     assert_eq!(refused, Some(503), "no new upgrades while draining");
     for mut s in sockets {
@@ -104,9 +130,14 @@ async fn operator_disconnect_closes_with_1000() {
 
 #[tokio::test]
 async fn health_readiness_and_metrics_are_served_on_the_internal_listener() {
-    let node = Node::start(&[]).await;
+    let node = Node::start(&[("FLEETGATE_MAX_CONNECTIONS", "50")]).await;
     let secret = node.provision("m1").await;
-    let _raw = Raw::authed(&node.device_url(), "m1", &secret).await;
+    let mut raw = Raw::authed(&node.device_url(), "m1", &secret).await;
+    for i in 0..3 {
+        raw.send(status("m1", &format!("q{i}"), 1, json!({"t": i})))
+            .await;
+        assert_eq!(raw.recv().await["type"], "ack");
+    }
     assert_eq!(node.internal_get("/healthz").await.0, 200);
     assert_eq!(node.internal_get("/readyz").await.0, 200);
     let (code, text) = node.internal_get("/metrics").await;
@@ -116,6 +147,14 @@ async fn health_readiness_and_metrics_are_served_on_the_internal_listener() {
         "{text}"
     );
     assert!(text.contains("fleetgate_auth_success_total 1"), "{text}");
+    // What the chart's alerts divide and compare.
+    assert_eq!(sample(&text, "fleetgate_ready"), 1.0, "{text}");
+    assert_eq!(sample(&text, "fleetgate_connections_max"), 50.0, "{text}");
+    assert_eq!(
+        sample(&text, "fleetgate_ack_latency_seconds_count"),
+        3.0,
+        "one observation per acked QoS 1 message: {text}"
+    );
     let rss = sample(&text, "process_resident_memory_bytes");
     assert!(rss > 1024.0 * 1024.0, "resident memory {rss}: {text}");
     let fds = sample(&text, "process_open_fds");

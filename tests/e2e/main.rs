@@ -4,6 +4,7 @@
 mod admin;
 mod audit;
 mod auth;
+mod chart;
 mod cluster;
 mod commands;
 mod ingest;

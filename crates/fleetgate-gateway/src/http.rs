@@ -13,6 +13,7 @@ use axum::routing::get;
 use fleetgate_protocol::{Codec, SUBPROTOCOL_JSON, SUBPROTOCOL_PROTO};
 use prometheus_client::registry::Registry;
 use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span, warn};
 
 use crate::Shared;
@@ -152,8 +153,25 @@ async fn device_upgrade(
 pub(crate) fn internal_router(
     registry: Arc<Registry>,
     ready: impl Fn() -> bool + Clone + Send + Sync + 'static,
+    shutdown: CancellationToken,
 ) -> Router {
     Router::new()
+        // A GET because Kubernetes' preStop `httpGet` hook is the only hook a shell-less
+        // image can run. It answers at once: the drain ends with the process, which would
+        // cut a response sent at its end. Repeats are harmless.
+        .route(
+            "/drain",
+            get(move || {
+                let shutdown = shutdown.clone();
+                async move {
+                    if !shutdown.is_cancelled() {
+                        tracing::info!(message = "drain requested on the internal listener");
+                        shutdown.cancel();
+                    }
+                    (StatusCode::ACCEPTED, "draining")
+                }
+            }),
+        )
         .route(
             "/metrics",
             get(move || {

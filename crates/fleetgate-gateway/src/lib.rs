@@ -81,6 +81,9 @@ impl Gateway {
     ) -> Self {
         let metrics = Arc::new(Metrics::default());
         metrics.register(registry);
+        metrics
+            .connections_max
+            .set(i64::try_from(config.max_connections).unwrap_or(i64::MAX));
         let shared = Shared {
             sessions_capacity: Arc::new(Semaphore::new(config.max_connections)),
             sockets_capacity: Arc::new(Semaphore::new(
@@ -157,11 +160,13 @@ impl Gateway {
     }
 }
 
-/// The router of the internal listener: `/metrics`, `/healthz`, `/readyz`. `ready` decides
-/// readiness (it can combine several roles of one process).
+/// The router of the internal listener: `/metrics`, `/healthz`, `/readyz` and `/drain`.
+/// `ready` decides readiness (it can combine several roles of one process); `/drain` cancels
+/// `shutdown`, exactly as SIGTERM does.
 pub fn internal_router(
     registry: Arc<Registry>,
     ready: impl Fn() -> bool + Clone + Send + Sync + 'static,
+    shutdown: CancellationToken,
 ) -> axum::Router {
-    http::internal_router(registry, ready)
+    http::internal_router(registry, ready, shutdown)
 }

@@ -4,6 +4,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 /// Label for message counters: the frame type.
@@ -28,10 +29,12 @@ pub struct OutcomeLabel {
 }
 
 /// The node's metrics.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     /// Authenticated device sessions open now.
     pub connections_active: Gauge,
+    /// The node's session cap (`max_connections`), so alerts can compare against it.
+    pub connections_max: Gauge,
     /// WebSocket upgrades accepted.
     pub connections_total: Counter,
     /// Upgrades refused with 503 because the node was full or draining.
@@ -56,6 +59,35 @@ pub struct Metrics {
     pub outbox_dropped: Counter,
     /// Bus calls that failed.
     pub bus_errors: Counter,
+    /// Time from reading a QoS 1/2 device message to its answer being queued, i.e. until
+    /// the message is durable in the bus.
+    pub ack_latency: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            connections_active: Gauge::default(),
+            connections_max: Gauge::default(),
+            connections_total: Counter::default(),
+            connections_rejected: Counter::default(),
+            closes: Family::default(),
+            auth_success: Counter::default(),
+            auth_failures: Counter::default(),
+            messages_received: Family::default(),
+            messages_rejected: Counter::default(),
+            commands_sent: Counter::default(),
+            commands_retransmitted: Counter::default(),
+            commands_finished: Family::default(),
+            outbox_dropped: Counter::default(),
+            bus_errors: Counter::default(),
+            // 100 us .. ~3.3 s: a memory-bus ack is sub-millisecond, a Redis one a few ms,
+            // and anything past a second is an outage.
+            ack_latency: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 16),
+            ),
+        }
+    }
 }
 
 impl Metrics {
@@ -66,6 +98,11 @@ impl Metrics {
             "connections_active",
             "Authenticated device sessions open now",
             self.connections_active.clone(),
+        );
+        r.register(
+            "connections_max",
+            "Authenticated device sessions this node accepts (max_connections)",
+            self.connections_max.clone(),
         );
         r.register(
             "connections",
@@ -123,5 +160,11 @@ impl Metrics {
             self.outbox_dropped.clone(),
         );
         r.register("bus_errors", "Failed bus calls", self.bus_errors.clone());
+        r.register_with_unit(
+            "ack_latency",
+            "Time from reading a QoS 1/2 device message to queueing its answer (durable in the bus)",
+            prometheus_client::registry::Unit::Seconds,
+            self.ack_latency.clone(),
+        );
     }
 }

@@ -4,7 +4,7 @@
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use fleetgate_bus::Presence;
 use fleetgate_protocol::{
-    AuthResponse, CloseCode, Codec, ErrorCode, ErrorFrame, Frame, MsgId, ProtocolError,
+    AuthResponse, CloseCode, Codec, ErrorCode, ErrorFrame, Frame, MsgId, ProtocolError, Qos,
     ReplayWindow, retry_after_reason,
 };
 use std::sync::Arc;
@@ -616,7 +616,17 @@ impl Session {
     /// Handles one decoded frame, returning the frames to write back.
     async fn on_frame(&mut self, frame: Frame) -> Result<Vec<Frame>, Close> {
         match frame {
-            Frame::Message(env) => self.ingest(env).await,
+            Frame::Message(env) => {
+                let timed = (env.qos != Qos::AtMostOnce).then(std::time::Instant::now);
+                let answered = self.ingest(env).await;
+                if let Some(start) = timed {
+                    self.shared
+                        .metrics
+                        .ack_latency
+                        .observe(start.elapsed().as_secs_f64());
+                }
+                answered
+            }
             Frame::Compact(compact) => {
                 let msgid = MsgId::new(format!("c{:x}", rand::random::<u64>()))
                     .map_err(|e| Close::protocol(&e))?;

@@ -73,6 +73,12 @@ impl Collector for BusMetrics {
                     "Node messages that could not be decoded.",
                     s.corrupt_messages,
                 )?;
+                counter(
+                    &mut e,
+                    "fleetgate_bus_resubscribe_failures",
+                    "Failed attempts to re-issue pub/sub subscriptions after a Redis reconnect.",
+                    s.resubscribe_failures,
+                )?;
                 gauge(
                     &mut e,
                     "fleetgate_bus_shards",

@@ -117,6 +117,7 @@ fn main() -> anyhow::Result<()> {
         settings.otlp_endpoint.as_deref(),
         &settings.node_id,
     )?;
+    raise_open_file_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -124,6 +125,16 @@ fn main() -> anyhow::Result<()> {
     // Socket tasks still parked on the runtime go before the trace flush, which blocks.
     drop(runtime);
     served
+}
+
+/// Raises the soft open-file limit to the hard one. Container runtimes (containerd 2 among
+/// them) start processes with a soft limit of 1024 under a far higher hard limit, and every
+/// device holds a descriptor; Go's runtime does the same at start.
+fn raise_open_file_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => info!(message = "open-file limit", limit),
+        Err(error) => tracing::warn!(message = "could not raise the open-file limit", %error),
+    }
 }
 
 /// Binds with a deep accept backlog: a connect storm overflows tokio's default queue and
@@ -159,6 +170,29 @@ fn load_jwt_keys(settings: &Settings) -> anyhow::Result<JwtKeys> {
     let file: KeyFile =
         toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     Ok(JwtKeys::from_specs(&file.keys)?)
+}
+
+/// `fleetgate_ready`: 1 while `/readyz` answers 200, so flapping readiness shows in metrics
+/// (kubelet's probe results are not scraped by most setups).
+struct ReadyMetric(Arc<dyn Fn() -> bool + Send + Sync>);
+
+impl std::fmt::Debug for ReadyMetric {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReadyMetric")
+    }
+}
+
+impl prometheus_client::collector::Collector for ReadyMetric {
+    fn encode(&self, mut e: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
+        use prometheus_client::encoding::EncodeMetric;
+        let g = prometheus_client::metrics::gauge::ConstGauge::new(i64::from((self.0)()));
+        g.encode(e.encode_descriptor(
+            "fleetgate_ready",
+            "1 while this process answers /readyz with 200.",
+            None,
+            g.metric_type(),
+        )?)
+    }
 }
 
 async fn shutdown_signal(token: CancellationToken) {
@@ -227,7 +261,10 @@ async fn serve(settings: Settings, run_gateway: bool, run_admin: bool) -> anyhow
     // are up.
     let ready_bus = bus.clone();
     let ready = move || ready_gw.as_ref().is_none_or(Gateway::is_ready) && ready_bus.connected();
-    let internal_app = fleetgate_gateway::internal_router(Arc::new(registry), ready);
+    let ready: Arc<dyn Fn() -> bool + Send + Sync> = Arc::new(ready);
+    registry.register_collector(Box::new(ReadyMetric(ready.clone())));
+    let internal_app =
+        fleetgate_gateway::internal_router(Arc::new(registry), move || ready(), shutdown.clone());
     let internal_task = tokio::spawn(async move { axum::serve(internal, internal_app).await });
 
     let admin_task = admin.map(|(admin, listener)| {

@@ -577,9 +577,9 @@ impl Settings {
     }
 }
 
-/// Sessions the machine can hold: bounded by memory (about 16 KiB each, busy) and by the
-/// open-file limit (one descriptor each, less the pending-auth sockets and a reserve for
-/// listeners, Redis and logs).
+/// Sessions the machine can hold: bounded by memory (about 16 KiB each, busy; the cgroup's
+/// limit where one is set) and by the open-file limit (one descriptor each, less the
+/// pending-auth sockets and a reserve for listeners, Redis and logs).
 fn auto_max_connections(pending: usize) -> usize {
     let mem = std::fs::read_to_string("/proc/meminfo")
         .ok()
@@ -590,6 +590,12 @@ fn auto_max_connections(pending: usize) -> usize {
                 .and_then(|kb| kb.parse::<u64>().ok())
         })
         .map_or(1 << 30, |kb| kb * 1024);
+    // In a container MemTotal is the host's; the cgroup's limit is what the pod may use.
+    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|m| m.trim().parse::<u64>().ok())
+        .unwrap_or(u64::MAX);
+    let mem = mem.min(cgroup);
     let by_mem = GatewayConfig::max_connections_for_memory(mem);
     let by_files = std::fs::read_to_string("/proc/self/limits")
         .ok()

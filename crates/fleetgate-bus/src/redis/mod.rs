@@ -198,6 +198,8 @@ pub struct RedisBusStats {
     pub lagged_messages: u64,
     /// Node messages that could not be decoded.
     pub corrupt_messages: u64,
+    /// Failed attempts to re-issue subscriptions after a reconnect.
+    pub resubscribe_failures: u64,
 }
 
 /// A point of a shard on the hash ring.
@@ -464,6 +466,9 @@ async fn resubscribe_task(
                 }
                 Err(error) => {
                     tracing::warn!(message = "resubscribing after a Redis reconnect failed", %error);
+                    if let Some(router) = router.upgrade() {
+                        router.resubscribe_failures.fetch_add(1, Ordering::Relaxed);
+                    }
                     // The next reconnect event retries; a failure on a live link retries here.
                     if !subscriber.is_connected() {
                         break;
@@ -633,6 +638,7 @@ impl RedisBus {
             dropped_node_messages: r.dropped_node.load(Ordering::Relaxed),
             lagged_messages: r.lagged.load(Ordering::Relaxed),
             corrupt_messages: r.corrupt.load(Ordering::Relaxed),
+            resubscribe_failures: r.resubscribe_failures.load(Ordering::Relaxed),
         }
     }
 

@@ -97,6 +97,8 @@ pub(super) struct Router {
     pub(super) lagged: AtomicU64,
     /// Node messages that could not be decoded.
     pub(super) corrupt: AtomicU64,
+    /// Attempts to re-issue the subscriptions after a reconnect that failed.
+    pub(super) resubscribe_failures: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -121,6 +123,7 @@ impl Router {
             dropped_node: AtomicU64::new(0),
             lagged: AtomicU64::new(0),
             corrupt: AtomicU64::new(0),
+            resubscribe_failures: AtomicU64::new(0),
         });
         (router, receivers)
     }

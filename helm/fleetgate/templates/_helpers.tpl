@@ -1,0 +1,226 @@
+{{/* Names, labels and the derived settings every template shares. */}}
+
+{{- define "fleetgate.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "fleetgate.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Selector labels of one component: (dict "root" $ "component" "gateway"). */}}
+{{- define "fleetgate.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "fleetgate.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "fleetgate.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace "+" "_" }}
+{{ include "fleetgate.selectorLabels" . }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+app.kubernetes.io/part-of: fleetgate
+{{- with .root.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* metadata.annotations for any object (commonAnnotations plus extra). */}}
+{{/* Written right after a top-level metadata's labels: `{{- include ... }}`. */}}
+{{- define "fleetgate.annotations" -}}
+{{- $all := merge (deepCopy (default dict .extra)) (deepCopy .root.Values.commonAnnotations) -}}
+{{- if $all }}
+  annotations:
+    {{- toYaml $all | nindent 4 }}
+{{- end }}
+{{- end -}}
+
+{{- define "fleetgate.image" -}}
+{{- $tag := default .Chart.AppVersion .Values.image.tag -}}
+{{- if .Values.image.digest -}}
+{{ .Values.image.repository }}@{{ .Values.image.digest }}
+{{- else -}}
+{{ .Values.image.repository }}:{{ $tag }}
+{{- end -}}
+{{- end -}}
+
+{{- define "fleetgate.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "fleetgate.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "fleetgate.secretName" -}}
+{{- default (printf "%s-secrets" (include "fleetgate.fullname" .)) .Values.secrets.existingSecret -}}
+{{- end -}}
+
+{{/* "true" when the development Redis runs (no external Redis configured). */}}
+{{- define "fleetgate.devRedis" -}}
+{{- if and .Values.devRedis.enabled (not .Values.redis.urls) (not .Values.redis.existingSecret) -}}true{{- end -}}
+{{- end -}}
+
+{{- define "fleetgate.devRedisName" -}}
+{{- printf "%s-dev-redis" (include "fleetgate.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* "true" when the pods talk to some Redis. */}}
+{{- define "fleetgate.hasRedis" -}}
+{{- if or .Values.redis.urls .Values.redis.existingSecret (include "fleetgate.devRedis" .) -}}true{{- end -}}
+{{- end -}}
+
+{{/* The drain period in ms, falling back to the binary's default (30000). */}}
+{{- define "fleetgate.drainMs" -}}
+{{- $g := default dict .Values.config.gateway -}}
+{{- int64 (default 30000 $g.drain_period_ms) -}}
+{{- end -}}
+
+{{/* Grace period: explicit, or 2 x drain + 15 s. */}}
+{{- define "fleetgate.gatewayGraceSeconds" -}}
+{{- if .Values.gateway.terminationGracePeriodSeconds -}}
+{{- int64 .Values.gateway.terminationGracePeriodSeconds -}}
+{{- else -}}
+{{- add (div (mul 2 (include "fleetgate.drainMs" . | int64)) 1000) 15 -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Sessions per gateway pod: explicit, or devicesPerPod plus headroom. */}}
+{{- define "fleetgate.maxConnections" -}}
+{{- $g := default dict .Values.config.gateway -}}
+{{- if $g.max_connections -}}
+{{- int64 $g.max_connections -}}
+{{- else -}}
+{{- $s := .Values.gateway.sizing -}}
+{{- div (mul (int64 $s.devicesPerPod) (add 100 (int64 $s.headroomPercent))) 100 -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Resources of a gateway pod. Explicit resources win; otherwise memory from BENCHMARKS.md:
+request = devicesPerPod x 5 KiB (idle, measured 4-4.7 KiB) + 64 MiB;
+limit = max_connections x 16 KiB (busy sessions) + 128 MiB. No CPU limit: throttling a
+gateway stretches every device's heartbeat and ack latency.
+*/}}
+{{- define "fleetgate.gatewayResources" -}}
+{{- if .Values.gateway.resources -}}
+{{- toYaml .Values.gateway.resources -}}
+{{- else -}}
+{{- $s := .Values.gateway.sizing -}}
+{{- $req := add (div (mul (int64 $s.devicesPerPod) 5) 1024) 64 -}}
+{{- $lim := add (div (mul (include "fleetgate.maxConnections" . | int64) 16) 1024) 128 -}}
+requests:
+  cpu: {{ $s.cpuRequest }}
+  memory: {{ $req }}Mi
+limits:
+  memory: {{ $lim }}Mi
+{{- end -}}
+{{- end -}}
+
+{{/* One TOML value: strings quoted (JSON escapes are valid TOML), numbers as integers. */}}
+{{- define "fleetgate.tomlValue" -}}
+{{- if kindIs "string" . -}}
+{{- toJson . -}}
+{{- else if kindIs "bool" . -}}
+{{- . -}}
+{{- else if or (kindIs "float64" .) (kindIs "int64" .) (kindIs "int" .) -}}
+{{- int64 . -}}
+{{- else if kindIs "slice" . -}}
+[{{- range $i, $v := . }}{{ if $i }}, {{ end }}{{ include "fleetgate.tomlValue" $v }}{{ end -}}]
+{{- else -}}
+{{- fail (printf "config: cannot write %v (%s) as TOML" . (kindOf .)) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Keys of a map as TOML lines, skipping empty values (unset = the binary's default). */}}
+{{- define "fleetgate.tomlTable" -}}
+{{- range $k, $v := . }}
+{{- if and (not (kindIs "map" $v)) (not (kindIs "invalid" $v)) (not (and (kindIs "string" $v) (eq $v ""))) }}
+{{ $k }} = {{ include "fleetgate.tomlValue" $v }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "fleetgate.secretsDir" -}}/etc/fleetgate/secrets{{- end -}}
+
+{{/* Whether an optional secret file is present: inline content or declared in existingSecret. */}}
+{{- define "fleetgate.hasSecretFile" -}}
+{{- $s := .root.Values.secrets -}}
+{{- if $s.existingSecret -}}
+{{- if index $s.existingSecretHas .key -}}true{{- end -}}
+{{- else if index $s .key -}}true{{- end -}}
+{{- end -}}
+
+{{/* The TOML config: the user's `config` plus what the chart owns. */}}
+{{- define "fleetgate.configToml" -}}
+{{- $c := deepCopy .Values.config -}}
+{{- $gateway := default dict $c.gateway -}}
+{{- $_ := set $gateway "max_connections" (include "fleetgate.maxConnections" . | int64) -}}
+{{- $admin := default dict $c.admin -}}
+{{- $dir := include "fleetgate.secretsDir" . -}}
+{{- $k := .Values.secrets.keys -}}
+{{- if include "fleetgate.hasSecretFile" (dict "root" . "key" "jwtKeys") -}}
+{{- $_ := set $c "jwt_keys" (printf "%s/%s" $dir $k.jwtKeys) -}}
+{{- end -}}
+{{- if include "fleetgate.hasSecretFile" (dict "root" . "key" "adminTokenKeys") -}}
+{{- $_ := set $admin "token_keys" (printf "%s/%s" $dir $k.adminTokenKeys) -}}
+{{- end -}}
+{{- if include "fleetgate.hasSecretFile" (dict "root" . "key" "auditSigningKey") -}}
+{{- $_ := set $admin "audit_signing_key" (printf "%s/%s" $dir $k.auditSigningKey) -}}
+{{- end -}}
+{{- $_ := set $c "listen" (printf "0.0.0.0:%d" (int64 .Values.ports.public)) -}}
+{{- $_ := set $c "admin_listen" (printf "0.0.0.0:%d" (int64 .Values.ports.admin)) -}}
+{{- $_ := set $c "internal_listen" (printf "0.0.0.0:%d" (int64 .Values.ports.internal)) -}}
+{{- if and (not .Values.redis.existingSecret) .Values.redis.urls -}}
+{{- $_ := set $c "redis_urls" .Values.redis.urls -}}
+{{- else if include "fleetgate.devRedis" . -}}
+{{- $_ := set $c "redis_urls" (list (printf "redis://%s:6379" (include "fleetgate.devRedisName" .))) -}}
+{{- end -}}
+# Rendered by the fleetgate chart from `config` and the chart's own settings.
+{{- include "fleetgate.tomlTable" $c }}
+{{- $tables := dict "gateway" $gateway "admin" $admin "bus" (default dict $c.bus) }}
+{{- range $section := list "gateway" "admin" "bus" }}
+{{- with index $tables $section }}
+[{{ $section }}]
+{{- include "fleetgate.tomlTable" . }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/*
+Pod-level checksums: pods roll when the config or the secrets they read change. Gateway pods
+read only the JWT keys, so an admin key rotation does not drain every device:
+(dict "root" $ "role" "gateway").
+*/}}
+{{- define "fleetgate.checksums" -}}
+{{- $s := .root.Values.secrets -}}
+{{- $read := ternary (dict "existingSecret" $s.existingSecret "jwtKeys" $s.jwtKeys "has" $s.existingSecretHas.jwtKeys "key" $s.keys.jwtKeys) $s (eq .role "gateway") -}}
+checksum/config: {{ include "fleetgate.configToml" .root | sha256sum }}
+checksum/secrets: {{ toJson $read | sha256sum }}
+{{- end -}}
+
+{{/* `from:` of the devices' port: the proxy when it runs, else publicFrom (empty = anyone). */}}
+{{- define "fleetgate.publicFrom" -}}
+{{- if .Values.proxy.enabled -}}
+from:
+  - podSelector:
+      matchLabels:
+        {{- include "fleetgate.selectorLabels" (dict "root" . "component" "proxy") | nindent 8 }}
+  {{- with .Values.networkPolicy.publicFrom }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- else if .Values.networkPolicy.publicFrom -}}
+from:
+  {{- toYaml .Values.networkPolicy.publicFrom | nindent 2 }}
+{{- end -}}
+{{- end -}}
