@@ -143,3 +143,53 @@ async fn plain_http_on_the_device_listener_gets_json_errors() {
         assert!(body["error"]["code"].is_string(), "{path}: {body}");
     }
 }
+
+/// Container runtimes (containerd 2 among them) start processes with a soft open-file limit of
+/// 1024 under a far higher hard one; one descriptor per device would cap a pod at ~800
+/// devices. The node raises its soft limit to the hard one and sizes its cap from that.
+#[tokio::test]
+async fn the_node_raises_a_low_soft_open_file_limit_to_the_hard_one() {
+    let real = fleetgate_e2e::fleetgate_binary().unwrap();
+    let wrapper = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/e2e/low-nofile.sh"));
+    let hard: u64 = String::from_utf8(
+        std::process::Command::new("sh")
+            .args(["-c", "ulimit -Hn"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .parse()
+    .expect("a finite hard limit");
+    assert!(
+        hard > 1024,
+        "this test needs a hard limit above 1024, not {hard}"
+    );
+    let env = [
+        ("FLEETGATE_REAL", real.to_str().unwrap()),
+        ("FLEETGATE_API_KEY", crate::support::API_KEY),
+        ("FLEETGATE_LISTEN", "127.0.0.1:0"),
+        ("FLEETGATE_ADMIN_LISTEN", "127.0.0.1:0"),
+        ("FLEETGATE_INTERNAL_LISTEN", "127.0.0.1:0"),
+        ("RUST_LOG", "warn"),
+    ];
+    let (_child, listeners) =
+        fleetgate_e2e::spawn_binary(wrapper, "all", &env, crate::support::DEADLINE)
+            .await
+            .unwrap();
+    let text = reqwest::get(format!("http://{}/metrics", listeners["internal"]))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let sample = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name}: {text}"))
+    };
+    assert_eq!(sample("process_max_fds"), hard as f64, "{text}");
+    // The automatic cap follows the raised limit (memory permitting), not the 1024 it started with.
+    assert!(sample("fleetgate_connections_max") > 1024.0, "{text}");
+}
