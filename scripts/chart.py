@@ -259,6 +259,12 @@ def check_fleetgate_pods(c: Checks, scenario: str, objs: list[dict], values: dic
             c.ok(pre.get("path") == "/drain" and port_number(ctr, pre.get("port")) == ports["internal"], f"{scenario}: {name}: preStop does not call /drain on the internal port")
             limits = ctr["resources"].get("limits", {})
             c.ok("memory" in limits and "cpu" not in limits, f"{scenario}: {name}: wants a memory limit and no CPU limit")
+        if role == "gateway":
+            # Least privilege: a gateway sees the JWT keys of the Secret, never the admin keys.
+            vols = [v for v in spec["volumes"] if "secret" in v]
+            env = {e["name"] for e in ctr.get("env", [])}
+            c.ok("FLEETGATE_API_KEY" not in env, f"{scenario}: {name}: gateway pods get the admin API key")
+            c.ok(all([i["key"] for i in v["secret"].get("items", [])] == ["jwt-keys.toml"] for v in vols), f"{scenario}: {name}: gateway pods mount more of the Secret than the JWT keys")
         if role in ("admin", "all"):
             env = {e["name"]: e for e in ctr["env"]}
             c.ok("secretKeyRef" in env.get("FLEETGATE_API_KEY", {}).get("valueFrom", {}), f"{scenario}: {name}: API key not from a Secret")
