@@ -38,9 +38,9 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-pub use auth::TokenKey;
 pub use error::{AppError, ErrorBody};
-pub use rbac::Role;
+pub use fleetgate_authz::Role;
+pub use fleetgate_authz::TokenKey;
 
 /// Admin API settings; defaults here are the documented ones.
 #[derive(Debug, Clone)]

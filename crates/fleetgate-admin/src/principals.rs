@@ -19,6 +19,7 @@ use crate::auth::{Auth, KEY_PREFIX, key_digest, need};
 use crate::pipeline::{Note, noted};
 use crate::rbac::{Principal, Role, Scope};
 use crate::{AdminState, AppError, Body, ErrorBody, Res, now_ms};
+pub(crate) use fleetgate_authz::{ApiKeyDoc, UserDoc};
 
 /// Shortest password accepted.
 const MIN_PASSWORD: usize = 12;
@@ -26,36 +27,6 @@ const MIN_PASSWORD: usize = 12;
 const MAX_PASSWORD: usize = 1024;
 /// Most groups in one grant.
 const MAX_GRANT_GROUPS: usize = 64;
-
-/// A user as stored.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub(crate) struct UserDoc {
-    pub(crate) username: String,
-    pub(crate) password_hash: String,
-    pub(crate) role: Role,
-    pub(crate) groups: Vec<String>,
-    pub(crate) created_ms: i64,
-    pub(crate) created_by: String,
-    /// Tokens issued before this are refused (set on password and grant changes).
-    pub(crate) tokens_after_ms: i64,
-}
-
-/// An API key as stored: never the key itself.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub(crate) struct ApiKeyDoc {
-    pub(crate) id: String,
-    pub(crate) name: String,
-    pub(crate) role: Role,
-    pub(crate) groups: Vec<String>,
-    pub(crate) sha256: String,
-    pub(crate) created_ms: i64,
-    pub(crate) created_by: String,
-    pub(crate) expires_at: Option<i64>,
-    pub(crate) last_used_ms: Option<i64>,
-    pub(crate) revoked_ms: Option<i64>,
-}
 
 fn corrupt(e: serde_json::Error) -> AppError {
     BusError::Corrupt(e.to_string()).into()
