@@ -322,6 +322,13 @@ mod tests {
             .unwrap();
     }
 
+    async fn replace(bus: &MemoryBus, kind: DocKind, id: &str, body: &impl Serialize) {
+        let stored = bus.doc_get(kind, id).await.unwrap().unwrap();
+        let body = serde_json::to_string(body).unwrap();
+        let expect = DocExpect::Version(stored.version);
+        bus.doc_put(kind, id, &body, expect).await.unwrap();
+    }
+
     fn refused(r: Result<Principal, AuthnError>) -> &'static str {
         match r {
             Err(AuthnError::Refused(reason)) => reason,
@@ -382,16 +389,7 @@ mod tests {
             "bad_token"
         );
         user.tokens_after_ms = now_ms() + 2_000;
-        let doc = bus.doc_get(DocKind::User, "olga").await.unwrap().unwrap();
-        let body = serde_json::to_string(&user).unwrap();
-        bus.doc_put(
-            DocKind::User,
-            "olga",
-            &body,
-            DocExpect::Version(doc.version),
-        )
-        .await
-        .unwrap();
+        replace(&bus, DocKind::User, "olga", &user).await;
         assert_eq!(
             refused(a.authenticate(&bus, Some(&header)).await),
             "token_revoked"
@@ -427,20 +425,7 @@ mod tests {
             "bad_credentials"
         );
         doc.revoked_ms = Some(1);
-        let stored = bus
-            .doc_get(DocKind::ApiKey, "abc123")
-            .await
-            .unwrap()
-            .unwrap();
-        let body = serde_json::to_string(&doc).unwrap();
-        bus.doc_put(
-            DocKind::ApiKey,
-            "abc123",
-            &body,
-            DocExpect::Version(stored.version),
-        )
-        .await
-        .unwrap();
+        replace(&bus, DocKind::ApiKey, "abc123", &doc).await;
         assert_eq!(
             refused(a.authenticate(&bus, Some(&format!("Bearer {key}"))).await),
             "revoked_key"
