@@ -1,12 +1,14 @@
 //! Test harness shared by the crates' tests: real servers from Debian's packages (`redis-server`,
-//! `nginx`), started on free loopback ports and killed on drop. No mocks.
+//! `nginx`, `mosquitto`), started on free loopback ports and killed on drop. No mocks.
 //!
 //! Waits are on events with deadlines: a server counts as started when it prints that it
 //! accepts connections, not after a sleep.
 
+mod mosquitto;
 mod nginx;
 mod redis;
 
+pub use mosquitto::MosquittoServer;
 pub use nginx::{CONFIG_TEMPLATE, NginxOptions, NginxServer, render_config};
 pub use redis::{RedisOptions, RedisServer};
 
