@@ -230,7 +230,17 @@ def check_fleetgate_pods(c: Checks, scenario: str, objs: list[dict], values: dic
     ports = {"public": 8080, "admin": 8081, "internal": 9090} | values.get("ports", {})
     text, config = config_toml(objs)
     drain_ms = config.get("gateway", {}).get("drain_period_ms", 30000)
-    cm_sum = hashlib.sha256(text.rstrip("\n").encode()).hexdigest()
+    def role_sum(role: str) -> str:
+        """sha256 of the config as `role` reads it (the section it ignores left out)."""
+        omit = {"gateway": "[admin]", "admin": "[gateway]"}.get(role)
+        lines, skipping = [], False
+        for line in text.rstrip("\n").split("\n"):
+            if line.startswith("["):
+                skipping = line == omit
+            if not skipping:
+                lines.append(line)
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
     for d in by_kind(objs, "Deployment"):
         name = d["metadata"]["name"]
         spec = d["spec"]["template"]["spec"]
@@ -249,7 +259,7 @@ def check_fleetgate_pods(c: Checks, scenario: str, objs: list[dict], values: dic
             c.ok(get["path"] == path, f"{scenario}: {name}: {probe} on {get['path']}, not {path}")
             c.ok(port_number(ctr, get["port"]) == ports["internal"], f"{scenario}: {name}: {probe} not on the internal port")
         annotations = d["spec"]["template"]["metadata"]["annotations"]
-        c.ok(annotations.get("checksum/config") == cm_sum, f"{scenario}: {name}: checksum/config is not the config's sha256")
+        c.ok(annotations.get("checksum/config") == role_sum(role), f"{scenario}: {name}: checksum/config is not the sha256 of the config it reads")
         c.ok(ctr["args"][1:] == ["--config", "/etc/fleetgate/config.toml"], f"{scenario}: {name}: not started with the chart's config")
         if role in ("gateway", "all"):
             grace = spec["terminationGracePeriodSeconds"]
@@ -453,6 +463,12 @@ def check_checksum_rolls(c: Checks) -> None:
     sa = named(a, "Deployment", "-gateway")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
     sb = named(b, "Deployment", "-gateway")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
     c.ok(sa != sb, "a config change does not change checksum/config")
+    # An admin-only setting rolls the admin pods and leaves the gateways (and their devices) be.
+    d = objects(render({"config": {"admin": {"job_batch_size": 100}}}))
+    config_sum = lambda objs, suffix: named(objs, "Deployment", suffix)["spec"]["template"]["metadata"]["annotations"]["checksum/config"]  # noqa: E731
+    c.ok(config_sum(a, "-admin") != config_sum(d, "-admin"), "an admin setting does not roll the admin pods")
+    c.ok(config_sum(a, "-gateway") == config_sum(d, "-gateway"), "an admin setting rolls the gateway pods")
+    c.ok(config_sum(a, "-admin") == config_sum(b, "-admin"), "a gateway setting rolls the admin pods")
     # An admin-only key rotation rolls the admin pods, not the gateways (that would drain devices).
     k = objects(render({"secrets": {"adminTokenKeys": "[[keys]]\nkid = 'b'\nsecret = 'x'"}}))
     secret_sum = lambda objs, suffix: named(objs, "Deployment", suffix)["spec"]["template"]["metadata"]["annotations"]["checksum/secrets"]  # noqa: E731

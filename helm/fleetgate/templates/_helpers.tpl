@@ -163,6 +163,17 @@ limits:
 
 {{/* The TOML config: the user's `config` plus what the chart owns. */}}
 {{- define "fleetgate.configToml" -}}
+{{- include "fleetgate.configTomlFor" (dict "root" . "role" "all") -}}
+{{- end -}}
+
+{{/*
+The config as one role reads it: a gateway ignores [admin], an admin process ignores
+[gateway]. Only the pods' checksums use the narrowed text, so that changing an admin-only
+setting does not roll (and drain) the gateways; every pod mounts the whole file.
+*/}}
+{{- define "fleetgate.configTomlFor" -}}
+{{- $omit := index (dict "gateway" "admin" "admin" "gateway" "all" "") .role -}}
+{{- with .root -}}
 {{- $c := deepCopy .Values.config -}}
 {{- $gateway := default dict $c.gateway -}}
 {{- $_ := set $gateway "max_connections" (include "fleetgate.maxConnections" . | int64) -}}
@@ -189,12 +200,13 @@ limits:
 # Rendered by the fleetgate chart from `config` and the chart's own settings.
 {{- include "fleetgate.tomlTable" $c }}
 {{- $tables := dict "gateway" $gateway "admin" $admin "bus" (default dict $c.bus) }}
-{{- range $section := list "gateway" "admin" "bus" }}
+{{- range $section := without (list "gateway" "admin" "bus") $omit }}
 {{- with index $tables $section }}
 [{{ $section }}]
 {{- include "fleetgate.tomlTable" . }}
 {{- end }}
 {{- end }}
+{{- end -}}
 {{- end -}}
 
 {{/*
@@ -205,7 +217,7 @@ read only the JWT keys, so an admin key rotation does not drain every device:
 {{- define "fleetgate.checksums" -}}
 {{- $s := .root.Values.secrets -}}
 {{- $read := ternary (dict "existingSecret" $s.existingSecret "jwtKeys" $s.jwtKeys "has" $s.existingSecretHas.jwtKeys "key" $s.keys.jwtKeys) $s (eq .role "gateway") -}}
-checksum/config: {{ include "fleetgate.configToml" .root | sha256sum }}
+checksum/config: {{ include "fleetgate.configTomlFor" . | sha256sum }}
 checksum/secrets: {{ toJson $read | sha256sum }}
 {{- end -}}
 
