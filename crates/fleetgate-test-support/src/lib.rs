@@ -57,3 +57,80 @@ pub(crate) fn scratch_dir(prefix: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).expect("create scratch dir");
     dir
 }
+
+/// Where a server writes the log line that says it is ready.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum LogStream {
+    Stdout,
+    Stderr,
+}
+
+/// Starts `bin args` under a guard shell and waits up to `deadline` for a log line containing
+/// `ready`. The shell ties the server to our stdin: when the returned child is stopped
+/// ([`stop_guarded`]) or this process exits without stopping it (servers kept in statics),
+/// the pipe closes, `read` returns and the server is killed with SIGKILL, as a crash would.
+/// The log keeps being drained so the server never blocks on a full pipe. `None` when the
+/// server exited before it was ready (a port taken, say).
+///
+/// # Panics
+/// When the server is still not ready at `deadline`.
+pub(crate) fn spawn_guarded(
+    what: &str,
+    bin: &std::path::Path,
+    args: &[std::ffi::OsString],
+    log: LogStream,
+    ready: &'static str,
+    deadline: std::time::Duration,
+) -> Option<std::process::Child> {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let (stdout, stderr) = match log {
+        LogStream::Stdout => (Stdio::piped(), Stdio::null()),
+        LogStream::Stderr => (Stdio::null(), Stdio::piped()),
+    };
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(r#"bin=$1; shift; "$bin" "$@" & pid=$!; read _; kill -9 $pid; wait $pid"#)
+        .arg("sh")
+        .arg(bin)
+        .args(args)
+        .stdout(stdout)
+        .stderr(stderr)
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+    let reader: Box<dyn std::io::Read + Send> = match log {
+        LogStream::Stdout => Box::new(child.stdout.take().expect("stdout")),
+        LogStream::Stderr => Box::new(child.stderr.take().expect("stderr")),
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut ready_sent = false;
+        for line in BufReader::new(reader).lines().map_while(Result::ok) {
+            if !ready_sent && line.contains(ready) {
+                let _ = tx.send(true);
+                ready_sent = true;
+            }
+        }
+        if !ready_sent {
+            let _ = tx.send(false);
+        }
+    });
+    match rx.recv_timeout(deadline) {
+        Ok(true) => Some(child),
+        Ok(false) => {
+            stop_guarded(child);
+            None
+        }
+        Err(_) => {
+            stop_guarded(child);
+            panic!("{what} not ready within {deadline:?}");
+        }
+    }
+}
+
+/// Closes the guard shell's stdin (which kills the server) and reaps the shell.
+pub(crate) fn stop_guarded(mut child: std::process::Child) {
+    drop(child.stdin.take());
+    let _ = child.wait();
+}

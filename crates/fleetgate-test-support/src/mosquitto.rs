@@ -1,12 +1,10 @@
 //! `mosquitto` (Eclipse Mosquitto, the MQTT broker) processes for tests of the MQTT bridge.
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Child;
 use std::time::Duration;
 
-use crate::{require_program, scratch_dir};
+use crate::{LogStream, require_program, scratch_dir, stop_guarded};
 
 /// Longest wait for the broker to accept connections.
 const START_DEADLINE: Duration = Duration::from_secs(20);
@@ -54,7 +52,7 @@ impl MosquittoServer {
     /// Kills the broker (SIGKILL, as a crash).
     pub fn kill(&mut self) {
         if let Some(child) = self.child.take() {
-            stop(child);
+            stop_guarded(child);
         }
     }
 
@@ -82,57 +80,18 @@ impl MosquittoServer {
             dir = self.dir.display()
         );
         std::fs::write(&config, text).expect("write mosquitto.conf");
-        // As for redis-server: a shell ties the broker to our stdin, so it dies with us.
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg(r#"bin=$1; shift; "$bin" "$@" & pid=$!; read _; kill -9 $pid; wait $pid"#)
-            .arg("sh")
-            .arg(bin)
-            .arg("-c")
-            .arg(&config)
-            .stdout(Stdio::null())
-            // Its log, on stderr: unbuffered, unlike stdout into a pipe.
-            .stderr(Stdio::piped())
-            .stdin(Stdio::piped())
-            .spawn()
-            .expect("spawn mosquitto");
-        let stdout = child.stderr.take().expect("stderr");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut ready_sent = false;
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if !ready_sent && line.contains(" running") {
-                    let _ = tx.send(true);
-                    ready_sent = true;
-                }
-            }
-            if !ready_sent {
-                let _ = tx.send(false);
-            }
-        });
-        match rx.recv_timeout(START_DEADLINE) {
-            Ok(true) => {
-                self.child = Some(child);
-                true
-            }
-            Ok(false) => {
-                stop(child);
-                false
-            }
-            Err(_) => {
-                stop(child);
-                panic!(
-                    "mosquitto on port {} not ready within {START_DEADLINE:?}",
-                    self.port
-                );
-            }
-        }
+        let what = format!("mosquitto on port {}", self.port);
+        // Its log goes to stderr: unbuffered, unlike stdout into a pipe.
+        self.child = crate::spawn_guarded(
+            &what,
+            &bin,
+            &["-c".into(), config.into_os_string()],
+            LogStream::Stderr,
+            " running",
+            START_DEADLINE,
+        );
+        self.child.is_some()
     }
-}
-
-fn stop(mut child: Child) {
-    drop(child.stdin.take());
-    let _ = child.wait();
 }
 
 impl Drop for MosquittoServer {

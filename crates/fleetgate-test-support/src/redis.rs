@@ -1,12 +1,10 @@
 //! `redis-server` processes for tests.
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
-use crate::{require_program, scratch_dir};
+use crate::{LogStream, require_program, scratch_dir, stop_guarded};
 
 /// How a test server runs.
 #[derive(Debug, Clone, Default)]
@@ -101,7 +99,7 @@ impl RedisServer {
     /// already wrote).
     pub fn kill(&mut self) {
         if let Some(child) = self.child.take() {
-            stop(child);
+            stop_guarded(child);
         }
     }
 
@@ -151,60 +149,17 @@ impl RedisServer {
             &["--appendonly", "no"]
         };
         args.extend(persistence.iter().map(Into::into));
-        // A shell ties the server to our stdin: when the guard is dropped, or this process
-        // exits without dropping it (servers kept in statics), the pipe closes, `read`
-        // returns and the server is killed with SIGKILL, as a crash would.
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg(r#"bin=$1; shift; "$bin" "$@" & pid=$!; read _; kill -9 $pid; wait $pid"#)
-            .arg("sh")
-            .arg(bin)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .stdin(Stdio::piped())
-            .spawn()
-            .expect("spawn redis-server");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        // Reads the log until the server says it is ready (or exits), then keeps draining it so
-        // the server never blocks on a full pipe.
-        std::thread::spawn(move || {
-            let mut ready_sent = false;
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if !ready_sent && line.contains("Ready to accept connections") {
-                    let _ = tx.send(true);
-                    ready_sent = true;
-                }
-            }
-            if !ready_sent {
-                let _ = tx.send(false);
-            }
-        });
-        match rx.recv_timeout(START_DEADLINE) {
-            Ok(true) => {
-                self.child = Some(child);
-                true
-            }
-            Ok(false) => {
-                stop(child);
-                false
-            }
-            Err(_) => {
-                stop(child);
-                panic!(
-                    "redis-server on port {} not ready within {START_DEADLINE:?}",
-                    self.port
-                );
-            }
-        }
+        let what = format!("redis-server on port {}", self.port);
+        self.child = crate::spawn_guarded(
+            &what,
+            &bin,
+            &args,
+            LogStream::Stdout,
+            "Ready to accept connections",
+            START_DEADLINE,
+        );
+        self.child.is_some()
     }
-}
-
-/// Closes the guard shell's stdin (which kills the server) and reaps the shell.
-fn stop(mut child: Child) {
-    drop(child.stdin.take());
-    let _ = child.wait();
 }
 
 impl Drop for RedisServer {
