@@ -35,8 +35,10 @@ use fleetgate_protocol::{CloseCode, MessageKind, MsgId, Qos};
 use serde_json::{Map, Value, json};
 
 mod admin;
+mod fanout;
 
 pub use admin::*;
+pub use fanout::*;
 
 use crate::{
     Bus, BusError, Channel, Command, CommandOutcome, DeliveryState, DeviceRecord, FailReason,
@@ -100,8 +102,12 @@ async fn recv_node(rx: &mut tokio::sync::mpsc::Receiver<NodeMessage>, what: &str
 }
 
 async fn recv_frame(sub: &mut Subscription, what: &str) -> Bytes {
+    recv_published(sub, what).await.frame
+}
+
+async fn recv_published(sub: &mut Subscription, what: &str) -> crate::Published {
     match tokio::time::timeout(PATIENCE, sub.recv()).await {
-        Ok(Some(f)) => f,
+        Ok(Some(p)) => p,
         Ok(None) => panic!("{what}: subscription closed"),
         Err(_) => panic!("{what}: no frame within {PATIENCE:?}"),
     }
@@ -2128,6 +2134,10 @@ macro_rules! bus_conformance_tests {
             pubsub_unsubscribe_on_drop,
             pubsub_retained,
             pubsub_slow_subscriber_does_not_block,
+            fanout_offsets_and_history,
+            fanout_unwatched_channel_keeps_nothing,
+            fanout_history_is_bounded,
+            fanout_recovery_after_unsubscribe,
             doc_put_expectations,
             doc_concurrent_writers_one_wins,
             doc_list_order_and_paging,

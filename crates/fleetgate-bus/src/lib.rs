@@ -259,14 +259,28 @@ pub trait Bus: Send + Sync + 'static {
     async fn shadow_get(&self, device: &str) -> BusResult<Option<Shadow>>;
 
     /// Publishes an encoded frame on a fan-out channel; with `retain` it also becomes the
-    /// channel's last value.
+    /// channel's last value. Only a *watched* channel (one with a subscriber somewhere, or
+    /// whose last subscriber left less than the history TTL ago, or whose history was read
+    /// that recently) gives the frame an offset, keeps it in its history and delivers it;
+    /// on any other channel a publish costs no more than the retained write.
     async fn publish(&self, channel: &Channel, frame: Bytes, retain: bool) -> BusResult<()>;
-    /// Subscribes to a channel; dropping the [`Subscription`] unsubscribes. Frames published
-    /// after this returns are delivered; the retained value is not replayed (see
-    /// [`Bus::retained`]).
+    /// Subscribes to a channel, which is watched from then on; dropping the
+    /// [`Subscription`] unsubscribes. Frames published after this returns are delivered, in
+    /// offset order; the retained value is not replayed (see [`Bus::retained`]). When the
+    /// subscriber falls behind, frames are dropped (and counted); the offsets show the gap,
+    /// which [`Bus::history`] may fill.
     async fn subscribe(&self, channel: &Channel) -> BusResult<Subscription>;
     /// The channel's retained value, if any.
     async fn retained(&self, channel: &Channel) -> BusResult<Option<Bytes>>;
+    /// The channel's position and, when `since` is given, up to `limit` kept frames after
+    /// that offset. Reading watches the channel for the history TTL, so a position read now
+    /// stays valid for a subscriber that comes back within it.
+    async fn history(
+        &self,
+        channel: &Channel,
+        since: Option<u64>,
+        limit: usize,
+    ) -> BusResult<History>;
 
     // --- admin documents -------------------------------------------------------------
 

@@ -352,15 +352,66 @@ impl Channel {
     }
 }
 
+/// How much of each watched channel's stream the bus keeps, so that a subscriber that
+/// reconnects can get what it missed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryConfig {
+    /// Most frames kept per channel (0 keeps none: offsets only).
+    pub size: usize,
+    /// How long frames are kept, and how long a channel stays watched after its last
+    /// subscriber left (at least one second).
+    pub ttl: std::time::Duration,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        Self {
+            size: 100,
+            ttl: std::time::Duration::from_secs(300),
+        }
+    }
+}
+
+/// A frame as published on a channel, with its position in the channel's stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// Position in the channel's stream: 1 for the first frame of an epoch, then +1 each.
+    pub offset: u64,
+    /// The frame, shared with every other receiver.
+    pub frame: Bytes,
+}
+
+/// Where a channel's stream stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelPosition {
+    /// Names one run of offsets: when a channel's state is lost (it was unwatched for longer
+    /// than the history TTL, or the backend lost its data) offsets restart under a new epoch.
+    pub epoch: String,
+    /// The offset of the last frame published (0 before the first).
+    pub offset: u64,
+}
+
+/// What [`crate::Bus::history`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct History {
+    /// The channel's position when read (the channel is watched from then on).
+    pub position: ChannelPosition,
+    /// The kept frames after the requested offset, oldest first.
+    pub frames: Vec<Published>,
+    /// Whether `frames` holds every frame after the requested offset (`false`: some are no
+    /// longer kept, or the offset is not of this epoch).
+    pub complete: bool,
+}
+
 /// A live subscription to a channel; dropping it unsubscribes.
 pub struct Subscription {
-    rx: mpsc::Receiver<Bytes>,
+    rx: mpsc::Receiver<Published>,
     _guard: Box<dyn Send + Sync>,
 }
 
 impl Subscription {
     /// Wraps a receiver and whatever must be dropped to unsubscribe.
-    pub fn new(rx: mpsc::Receiver<Bytes>, guard: impl Send + Sync + 'static) -> Self {
+    pub fn new(rx: mpsc::Receiver<Published>, guard: impl Send + Sync + 'static) -> Self {
         Self {
             rx,
             _guard: Box::new(guard),
@@ -368,7 +419,7 @@ impl Subscription {
     }
 
     /// The next frame; `None` once the bus closed the subscription.
-    pub async fn recv(&mut self) -> Option<Bytes> {
+    pub async fn recv(&mut self) -> Option<Published> {
         self.rx.recv().await
     }
 }

@@ -76,6 +76,7 @@ fn config_defaults() {
         telemetry_max_len: 0,
         node_channel_capacity: 0,
         subscription_capacity: 0,
+        history: fleetgate_bus::HistoryConfig::default(),
         job_retention: std::time::Duration::ZERO,
     });
     assert_eq!(
@@ -296,7 +297,7 @@ async fn slow_subscriber_drops_are_counted() {
     let mut fast = bus.subscribe(&ch).await.unwrap();
     for i in 0..10u8 {
         bus.publish(&ch, Bytes::from(vec![i]), false).await.unwrap();
-        assert_eq!(fast.recv().await.unwrap(), Bytes::from(vec![i]));
+        assert_eq!(fast.recv().await.unwrap().frame, Bytes::from(vec![i]));
     }
     assert_eq!(
         bus.dropped_messages(),
@@ -305,7 +306,7 @@ async fn slow_subscriber_drops_are_counted() {
     );
     for i in 0..4u8 {
         assert_eq!(
-            slow.recv().await.unwrap(),
+            slow.recv().await.unwrap().frame,
             Bytes::from(vec![i]),
             "it keeps the oldest"
         );
@@ -364,7 +365,7 @@ async fn stored_results_expire_and_stay_bounded() {
     assert!(held <= 2_048, "expired results must be purged, {held} held");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn dropping_subscriptions_frees_channels() {
     let bus = MemoryBus::default();
     let ch = Channel::Group("g".into());
@@ -375,10 +376,12 @@ async fn dropping_subscriptions_frees_channels() {
     assert_eq!(bus.subscriber_count(&ch), 1);
     drop(b);
     assert_eq!(bus.subscriber_count(&ch), 0);
+    assert_eq!(bus.stats().channels, 1, "kept watched for the history TTL");
+    tokio::time::advance(fleetgate_bus::HistoryConfig::default().ttl).await;
     assert_eq!(
         bus.stats().channels,
         0,
-        "a channel without subscribers or retained value is freed"
+        "a channel without subscribers, retained value or watch is freed"
     );
     bus.publish(&ch, Bytes::from_static(b"r"), true)
         .await

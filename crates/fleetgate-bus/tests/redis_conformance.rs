@@ -396,14 +396,14 @@ async fn slow_subscriber_drops_are_counted() {
     assert_eq!(bus.subscriber_count(&ch), 2);
     for i in 0..10u8 {
         bus.publish(&ch, Bytes::from(vec![i]), false).await.unwrap();
-        assert_eq!(fast.recv().await.unwrap(), Bytes::from(vec![i]));
+        assert_eq!(fast.recv().await.unwrap().frame, Bytes::from(vec![i]));
     }
     wait_until("6 of 10 frames dropped", PATIENCE, || async {
         bus.stats().dropped_messages == 6
     })
     .await;
     for i in 0..4u8 {
-        assert_eq!(slow.recv().await.unwrap(), Bytes::from(vec![i]));
+        assert_eq!(slow.recv().await.unwrap().frame, Bytes::from(vec![i]));
     }
     drop(slow);
     drop(fast);
@@ -467,6 +467,49 @@ async fn node_receivers_resync_after_a_redis_restart() {
     bus.node_publish(&n, &after).await.unwrap();
     let got = tokio::time::timeout(PATIENCE, rx.recv()).await;
     assert_eq!(got, Ok(Some(after)));
+}
+
+/// A Redis that comes back empty has lost every channel's position; the bus watches its
+/// subscribed channels again once resubscribed, so their frames flow again (under a new
+/// epoch, which the history read shows).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_are_watched_again_after_redis_lost_its_data() {
+    let mut server = fleetgate_test_support::RedisServer::start();
+    let mut cfg = config(vec![server.url()]);
+    cfg.reconnect_max_delay_ms = 200;
+    let bus = RedisBus::connect(cfg).await.expect("connect");
+    let ch = Channel::Device(unique_id("rwatch"));
+    let mut sub = bus.subscribe(&ch).await.unwrap();
+    let before = bus.history(&ch, None, 1).await.unwrap().position;
+    server.restart();
+    wait_until("the bus whole again", PATIENCE, || async {
+        bus.is_connected()
+    })
+    .await;
+    // Publish until one arrives: the re-watch follows the resubscribe by a round trip.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let got = loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no frame after the restart"
+        );
+        if bus
+            .publish(&ch, Bytes::from_static(b"again"), false)
+            .await
+            .is_err()
+        {
+            continue;
+        }
+        if let Ok(Some(p)) = tokio::time::timeout(Duration::from_millis(200), sub.recv()).await {
+            break p;
+        }
+    };
+    assert_eq!(got.frame, Bytes::from_static(b"again"));
+    let after = bus.history(&ch, None, 1).await.unwrap().position;
+    assert_ne!(
+        after.epoch, before.epoch,
+        "offsets restarted under a new epoch"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -853,7 +896,7 @@ mod sharding {
                 .await
                 .unwrap();
             let got = tokio::time::timeout(PATIENCE, sub.recv()).await.unwrap();
-            assert_eq!(got, Some(Bytes::from(d.clone())));
+            assert_eq!(got.map(|p| p.frame), Some(Bytes::from(d.clone())));
             assert_eq!(
                 bus.retained(&Channel::Device(d.clone())).await.unwrap(),
                 Some(Bytes::from(d.clone()))

@@ -14,25 +14,26 @@
 //! cannot take.
 
 mod admin;
+mod fanout;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use serde_json::{Map, Value};
-use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio::sync::mpsc;
 
 use crate::node_tx::NodeTx;
 use tokio::time::Instant;
 
 use crate::{
     AuditRecord, Bus, BusError, BusResult, Channel, Command, CommandOutcome, DeliveryState,
-    DeviceQuery, DeviceRecord, Doc, DocExpect, DocKind, DocWrite, JobCounts, JobExec, JobExecState,
-    JobPush, NodeInfo, NodeMessage, Presence, QueuedCommand, Shadow, StreamId, Subscription,
-    TelemetryRecord, merge_patch, partition_for,
+    DeviceQuery, DeviceRecord, Doc, DocExpect, DocKind, DocWrite, History, JobCounts, JobExec,
+    JobExecState, JobPush, NodeInfo, NodeMessage, Presence, QueuedCommand, Shadow, StreamId,
+    Subscription, TelemetryRecord, merge_patch, partition_for,
 };
 use crate::{DesiredGuard, DesiredMerge};
 
@@ -49,6 +50,8 @@ pub struct MemoryBusConfig {
     pub node_channel_capacity: usize,
     /// Capacity of each fan-out subscription (at least 1).
     pub subscription_capacity: usize,
+    /// What each watched fan-out channel keeps for subscribers that come back.
+    pub history: crate::HistoryConfig,
     /// How long a job's executions are kept after their last change.
     pub job_retention: Duration,
 }
@@ -61,6 +64,7 @@ impl Default for MemoryBusConfig {
             telemetry_max_len: 100_000,
             node_channel_capacity: 4096,
             subscription_capacity: 1024,
+            history: crate::HistoryConfig::default(),
             job_retention: crate::JOB_RETENTION,
         }
     }
@@ -132,7 +136,7 @@ impl MemoryBus {
 
     /// Fan-out frames dropped so far because a subscriber had no room.
     pub fn dropped_messages(&self) -> u64 {
-        self.inner.dropped_messages.load(Ordering::Relaxed)
+        self.inner.fanout.dropped.load(Ordering::Relaxed)
     }
 
     /// Node messages dropped so far because the node's receiver had no room.
@@ -142,10 +146,7 @@ impl MemoryBus {
 
     /// Live subscriptions to `channel`.
     pub fn subscriber_count(&self, channel: &Channel) -> usize {
-        lock(&self.inner.pubsub)
-            .channels
-            .get(channel)
-            .map_or(0, |c| c.subs.len())
+        self.inner.fanout.subscriber_count(channel)
     }
 
     /// Current sizes of the bus's state.
@@ -168,13 +169,7 @@ impl MemoryBus {
         let stored_results = lock(&inner.results).entries.len();
         let telemetry_records = inner.telemetry.iter().map(|p| lock(p).records.len()).sum();
         let shadows = lock(&inner.shadows).len();
-        let (channels, subscribers) = {
-            let p = lock(&inner.pubsub);
-            (
-                p.channels.len(),
-                p.channels.values().map(|c| c.subs.len()).sum(),
-            )
-        };
+        let (channels, subscribers) = inner.fanout.counts();
         let node_subscribers = lock(&inner.node_channels).len();
         MemoryBusStats {
             devices,
@@ -211,8 +206,7 @@ struct Inner {
     qos2: Mutex<Qos2>,
     telemetry: Vec<Mutex<Partition>>,
     shadows: Mutex<HashMap<String, Shadow>>,
-    pubsub: Mutex<PubSub>,
-    dropped_messages: AtomicU64,
+    fanout: Arc<fanout::Fanout>,
     dropped_node_messages: AtomicU64,
 }
 
@@ -232,6 +226,10 @@ impl Inner {
             .map(|_| Mutex::new(Partition::default()))
             .collect();
         let jobs = Mutex::new(admin::Jobs::new(config.job_retention));
+        let fanout = Arc::new(fanout::Fanout::new(
+            config.history,
+            config.subscription_capacity,
+        ));
         Self {
             config,
             registry: Mutex::default(),
@@ -245,8 +243,7 @@ impl Inner {
             qos2: Mutex::new(Qos2::default()),
             telemetry,
             shadows: Mutex::default(),
-            pubsub: Mutex::default(),
-            dropped_messages: AtomicU64::new(0),
+            fanout,
             dropped_node_messages: AtomicU64::new(0),
         }
     }
@@ -550,43 +547,6 @@ impl Partition {
 /// Parses `<ms>-<seq>` (or `<ms>`, read as `<ms>-0`).
 fn format_stream_id((ms, seq): (u64, u64)) -> StreamId {
     StreamId(format!("{ms}-{seq}"))
-}
-
-// --- fan-out -------------------------------------------------------------------------------
-
-#[derive(Default)]
-struct PubSub {
-    channels: HashMap<Channel, ChannelState>,
-    next_id: u64,
-}
-
-#[derive(Default)]
-struct ChannelState {
-    subs: Vec<(u64, mpsc::Sender<Bytes>)>,
-    retained: Option<Bytes>,
-}
-
-/// Removes its subscription when dropped. Holds the bus weakly so that dropping the bus
-/// closes outstanding subscriptions instead of keeping the state alive.
-struct SubscriptionGuard {
-    inner: Weak<Inner>,
-    channel: Channel,
-    id: u64,
-}
-
-impl Drop for SubscriptionGuard {
-    fn drop(&mut self) {
-        let Some(inner) = self.inner.upgrade() else {
-            return;
-        };
-        let mut pubsub = lock(&inner.pubsub);
-        if let Some(state) = pubsub.channels.get_mut(&self.channel) {
-            state.subs.retain(|(id, _)| *id != self.id);
-            if state.subs.is_empty() && state.retained.is_none() {
-                pubsub.channels.remove(&self.channel);
-            }
-        }
-    }
 }
 
 // --- the trait -----------------------------------------------------------------------------
@@ -945,60 +905,25 @@ impl Bus for MemoryBus {
     }
 
     async fn publish(&self, channel: &Channel, frame: Bytes, retain: bool) -> BusResult<()> {
-        let mut pubsub = lock(&self.inner.pubsub);
-        let state = if retain {
-            let state = pubsub.channels.entry(channel.clone()).or_default();
-            state.retained = Some(frame.clone());
-            state
-        } else {
-            match pubsub.channels.get_mut(channel) {
-                Some(state) => state,
-                None => return Ok(()),
-            }
-        };
-        let mut dropped = 0;
-        // Closed senders belong to subscriptions being dropped right now; their guard
-        // removes them, so skipping them here is enough.
-        for (_, tx) in &state.subs {
-            if let Err(TrySendError::Full(_)) = tx.try_send(frame.clone()) {
-                dropped += 1;
-            }
-        }
-        if dropped > 0 {
-            self.inner
-                .dropped_messages
-                .fetch_add(dropped, Ordering::Relaxed);
-        }
+        self.inner.fanout.publish(channel, frame, retain);
         Ok(())
     }
 
     async fn subscribe(&self, channel: &Channel) -> BusResult<Subscription> {
-        let (tx, rx) = mpsc::channel(self.inner.config.subscription_capacity);
-        let id = {
-            let mut pubsub = lock(&self.inner.pubsub);
-            let id = pubsub.next_id;
-            pubsub.next_id += 1;
-            pubsub
-                .channels
-                .entry(channel.clone())
-                .or_default()
-                .subs
-                .push((id, tx));
-            id
-        };
-        let guard = SubscriptionGuard {
-            inner: Arc::downgrade(&self.inner),
-            channel: channel.clone(),
-            id,
-        };
-        Ok(Subscription::new(rx, guard))
+        Ok(self.inner.fanout.subscribe(channel))
     }
 
     async fn retained(&self, channel: &Channel) -> BusResult<Option<Bytes>> {
-        Ok(lock(&self.inner.pubsub)
-            .channels
-            .get(channel)
-            .and_then(|c| c.retained.clone()))
+        Ok(self.inner.fanout.retained(channel))
+    }
+
+    async fn history(
+        &self,
+        channel: &Channel,
+        since: Option<u64>,
+        limit: usize,
+    ) -> BusResult<History> {
+        Ok(self.inner.fanout.history(channel, since, limit))
     }
 
     async fn doc_put(

@@ -91,6 +91,7 @@
 mod admin;
 mod admin_scripts;
 mod codec;
+mod fanout;
 mod pubsub;
 mod reshard;
 mod scripts;
@@ -118,8 +119,8 @@ use tokio::task::JoinHandle;
 
 use crate::{
     AuditRecord, Bus, BusError, BusResult, Channel, Command, CommandOutcome, DeviceQuery,
-    DeviceRecord, Doc, DocExpect, DocKind, DocWrite, JobCounts, JobExec, JobExecState, JobPush,
-    NodeInfo, NodeMessage, Presence, QueuedCommand, Shadow, StreamId, Subscription,
+    DeviceRecord, Doc, DocExpect, DocKind, DocWrite, History, JobCounts, JobExec, JobExecState,
+    JobPush, NodeInfo, NodeMessage, Presence, QueuedCommand, Shadow, StreamId, Subscription,
     TelemetryRecord, merge_patch, partition_for,
 };
 use crate::{DesiredGuard, DesiredMerge};
@@ -165,6 +166,8 @@ pub struct RedisBusConfig {
     pub pubsub_buffer: usize,
     /// How long a job's executions are kept after their last change.
     pub job_retention: Duration,
+    /// What each watched fan-out channel keeps for subscribers that come back.
+    pub history: crate::HistoryConfig,
 }
 
 impl Default for RedisBusConfig {
@@ -183,6 +186,7 @@ impl Default for RedisBusConfig {
             reconnect_max_delay_ms: 5_000,
             pubsub_buffer: 8192,
             job_retention: crate::JOB_RETENTION,
+            history: crate::HistoryConfig::default(),
         }
     }
 }
@@ -258,7 +262,9 @@ struct Scripts {
     queue_take_expired: Script,
     telemetry_append: Script,
     shadow_cas: Script,
-    publish_retained: Script,
+    fanout_publish: Script,
+    fanout_watch: Script,
+    fanout_history: Script,
     result_send: Script,
     admin: admin::AdminScripts,
 }
@@ -279,7 +285,9 @@ impl Scripts {
             queue_take_expired: Script::from_lua(scripts::QUEUE_TAKE_EXPIRED),
             telemetry_append: Script::from_lua(scripts::TELEMETRY_APPEND),
             shadow_cas: Script::from_lua(scripts::SHADOW_CAS),
-            publish_retained: Script::from_lua(scripts::PUBLISH_RETAINED),
+            fanout_publish: Script::from_lua(scripts::FANOUT_PUBLISH),
+            fanout_watch: Script::from_lua(scripts::FANOUT_WATCH),
+            fanout_history: Script::from_lua(scripts::FANOUT_HISTORY),
             result_send: Script::from_lua(scripts::RESULT_SEND),
             admin: admin::AdminScripts::new(),
         }
@@ -461,6 +469,8 @@ async fn resubscribe_task(
                     // receivers re-read durable state.
                     if let Some(router) = router.upgrade() {
                         router.resync_nodes();
+                        // Redis may have lost the channel positions with its data.
+                        router.rewatch.notify_one();
                     }
                     break;
                 }
@@ -573,14 +583,24 @@ impl RedisBus {
             )));
         }
 
+        let ttl = config.history.ttl.max(Duration::from_secs(1));
+        let period = ttl / 3;
+        let rewatch = router.rewatch.clone();
         Ok(Self {
-            inner: Arc::new(Inner {
-                config,
-                shards,
-                ring,
-                scripts: Scripts::new(),
-                router,
-                tasks,
+            inner: Arc::new_cyclic(|weak| {
+                tasks.push(tokio::spawn(fanout::watch_task(
+                    weak.clone(),
+                    rewatch,
+                    period,
+                )));
+                Inner {
+                    config,
+                    shards,
+                    ring,
+                    scripts: Scripts::new(),
+                    router,
+                    tasks,
+                }
             }),
         })
     }
@@ -1409,39 +1429,20 @@ impl Bus for RedisBus {
     }
 
     async fn publish(&self, channel: &Channel, frame: Bytes, retain: bool) -> BusResult<()> {
-        let shard = self.channel_shard(channel);
-        let name = self.channel_name(channel);
-        if retain {
-            self.eval(
-                shard,
-                &self.inner.scripts.publish_retained,
-                vec![self.key("ret:", &channel.name())],
-                vec![v(name), Value::Bytes(frame)],
-            )
-            .await?;
-        } else {
-            self.client(shard)
-                .publish::<Value, _, _>(name, Value::Bytes(frame))
-                .await
-                .map_err(fred_err)?;
-        }
-        Ok(())
+        self.fanout_publish(channel, frame, retain).await
     }
 
     async fn subscribe(&self, channel: &Channel) -> BusResult<Subscription> {
-        let shard = self.channel_shard(channel);
-        let name = self.channel_name(channel);
-        let (tx, rx) = mpsc::channel(self.inner.config.subscription_capacity);
-        let id = self.inner.router.add_subscriber(&name, tx);
-        let guard = pubsub::Guard {
-            router: Arc::downgrade(&self.inner.router),
-            shard,
-            channel: name.clone(),
-            id,
-        };
-        // On failure the guard drops here, unregistering the subscriber.
-        self.inner.router.confirm(shard, &name, Some(id)).await?;
-        Ok(Subscription::new(rx, guard))
+        self.fanout_subscribe(channel).await
+    }
+
+    async fn history(
+        &self,
+        channel: &Channel,
+        since: Option<u64>,
+        limit: usize,
+    ) -> BusResult<History> {
+        self.fanout_history(channel, since, limit).await
     }
 
     async fn retained(&self, channel: &Channel) -> BusResult<Option<Bytes>> {

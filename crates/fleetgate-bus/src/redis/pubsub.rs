@@ -22,17 +22,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
-use bytes::Bytes;
 use fred::clients::{Client, SubscriberClient};
 use fred::interfaces::PubsubInterface;
 use fred::types::{Message, Value};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc::error::TrySendError;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{Notify, broadcast, mpsc, oneshot};
 
 use super::{codec, fred_err};
 use crate::node_tx::NodeTx;
-use crate::{BusError, BusResult, NodeMessage};
+use crate::{BusError, BusResult, NodeMessage, Published};
 
 /// Capacity of each shard's control queue.
 const CONTROL_CAPACITY: usize = 1024;
@@ -53,7 +52,7 @@ pub(super) enum Control {
 /// A local fan-out subscriber.
 struct Sub {
     id: u64,
-    tx: mpsc::Sender<Bytes>,
+    tx: mpsc::Sender<Published>,
     /// Receiving (its marker came through).
     live: bool,
 }
@@ -99,6 +98,8 @@ pub(super) struct Router {
     pub(super) corrupt: AtomicU64,
     /// Attempts to re-issue the subscriptions after a reconnect that failed.
     pub(super) resubscribe_failures: AtomicU64,
+    /// Asks the watch task to refresh every subscribed channel's position now.
+    pub(super) rewatch: Arc<Notify>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -124,6 +125,7 @@ impl Router {
             lagged: AtomicU64::new(0),
             corrupt: AtomicU64::new(0),
             resubscribe_failures: AtomicU64::new(0),
+            rewatch: Arc::new(Notify::new()),
         });
         (router, receivers)
     }
@@ -176,7 +178,7 @@ impl Router {
     }
 
     /// Registers a local fan-out subscriber on the Redis channel; returns its ID.
-    pub(super) fn add_subscriber(&self, channel: &str, tx: mpsc::Sender<Bytes>) -> u64 {
+    pub(super) fn add_subscriber(&self, channel: &str, tx: mpsc::Sender<Published>) -> u64 {
         let mut table = lock(&self.table);
         let id = table.next_id;
         table.next_id += 1;
@@ -205,6 +207,16 @@ impl Router {
     pub(super) fn resync_nodes(&self) {
         let mut table = lock(&self.table);
         table.nodes.retain(|_, node| node.resync().is_ok());
+    }
+
+    /// The Redis channels with a local fan-out subscriber.
+    pub(super) fn fanout_channels(&self) -> Vec<String> {
+        lock(&self.table)
+            .channels
+            .iter()
+            .filter(|(_, subs)| !subs.is_empty())
+            .map(|(name, _)| name.clone())
+            .collect()
     }
 
     /// Local subscriber and node channel counts, for tests and metrics.
@@ -248,7 +260,8 @@ impl Router {
             }
             return;
         }
-        let Some(frame) = value.into_bytes() else {
+        let Some(published) = value.into_bytes().and_then(super::fanout::split_published) else {
+            self.corrupt.fetch_add(1, Ordering::Relaxed);
             return;
         };
         let table = lock(&self.table);
@@ -257,7 +270,7 @@ impl Router {
         };
         let mut dropped = 0;
         for sub in subs.iter().filter(|s| s.live) {
-            if let Err(TrySendError::Full(_)) = sub.tx.try_send(frame.clone()) {
+            if let Err(TrySendError::Full(_)) = sub.tx.try_send(published.clone()) {
                 dropped += 1;
             }
         }

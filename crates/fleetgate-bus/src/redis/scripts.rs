@@ -237,15 +237,86 @@ redis.call('SET', KEYS[1], ARGV[2])
 return 1
 ";
 
-/// Retained publish. `KEYS[1]` = retained key; `ARGV` = channel, frame.
-pub(super) const PUBLISH_RETAINED: &str = r"
-redis.call('SET', KEYS[1], ARGV[2])
-return redis.call('PUBLISH', ARGV[1], ARGV[2])
-";
-
 /// Result send. `KEYS[1]` = result key; `ARGV` = node channel, encoded outcome, encoded
 /// message, TTL in ms. Stores before publishing, so a waiter that hears nothing can read it.
 pub(super) const RESULT_SEND: &str = r"
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[4])
 return redis.call('PUBLISH', ARGV[1], ARGV[3])
+";
+
+/// Fan-out publish. `KEYS` = position hash, history stream, retained key; `ARGV` = Redis
+/// channel, frame, retain (`1`/`0`), now (ms), history size, history TTL (ms). Sets the
+/// retained value if asked; on a watched channel (its position hash exists) also assigns the
+/// next offset, keeps the frame in the history and publishes `<offset> <frame>`. Returns the
+/// offset, 0 when unwatched.
+pub(super) const FANOUT_PUBLISH: &str = r"
+if ARGV[3] == '1' then
+  redis.call('SET', KEYS[3], ARGV[2])
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return 0
+end
+local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
+local size = tonumber(ARGV[5])
+if size > 0 then
+  if n == 1 then
+    redis.call('DEL', KEYS[2])
+  end
+  redis.call('XADD', KEYS[2], 'MAXLEN', size, n .. '-0', 't', ARGV[4], 'f', ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[6])
+end
+redis.call('PUBLISH', ARGV[1], n .. ' ' .. ARGV[2])
+return n
+";
+
+/// Fan-out watch. `KEYS` = position hashes (one shard's); `ARGV` = TTL (ms), epoch prefix.
+/// Creates each missing position (offset 0, a new epoch) and keeps it for the TTL.
+pub(super) const FANOUT_WATCH: &str = r"
+for i, k in ipairs(KEYS) do
+  if redis.call('HSETNX', k, 'e', ARGV[2] .. '-' .. i) == 1 then
+    redis.call('HSET', k, 'n', 0)
+  end
+  redis.call('PEXPIRE', k, ARGV[1])
+end
+return #KEYS
+";
+
+/// Fan-out history. `KEYS` = position hash, history stream; `ARGV` = TTL (ms), epoch
+/// prefix, since (empty: none), limit, now (ms). Watches the channel as [`FANOUT_WATCH`]
+/// does, then answers `{epoch, offset, complete, offset1, frame1, ...}` with the kept frames
+/// after `since` that are younger than the TTL.
+pub(super) const FANOUT_HISTORY: &str = r"
+if redis.call('HSETNX', KEYS[1], 'e', ARGV[2]) == 1 then
+  redis.call('HSET', KEYS[1], 'n', 0)
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+local pos = redis.call('HMGET', KEYS[1], 'e', 'n')
+local n = tonumber(pos[2])
+local out = {pos[1], n, 1}
+if ARGV[3] == '' then
+  return out
+end
+local since = tonumber(ARGV[3])
+local oldest = tonumber(ARGV[5]) - tonumber(ARGV[1])
+local first = nil
+if since < n then
+  local entries = redis.call('XRANGE', KEYS[2], (since + 1) .. '-0', '+', 'COUNT', tonumber(ARGV[4]))
+  for _, e in ipairs(entries) do
+    local f = e[2]
+    local t, frame = nil, nil
+    for j = 1, #f, 2 do
+      if f[j] == 't' then t = tonumber(f[j + 1]) elseif f[j] == 'f' then frame = f[j + 1] end
+    end
+    if t and frame and t >= oldest then
+      local off = tonumber(string.match(e[1], '^(%d+)'))
+      if not first then first = off end
+      out[#out + 1] = off
+      out[#out + 1] = frame
+    end
+  end
+end
+if since > n or (since < n and first ~= since + 1) then
+  out[3] = 0
+end
+return out
 ";
