@@ -2,6 +2,7 @@
 //! real sockets.
 
 mod admin;
+mod app;
 mod audit;
 mod auth;
 mod chart;

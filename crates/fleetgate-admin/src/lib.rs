@@ -123,7 +123,7 @@ pub(crate) struct AdminState {
     pub(crate) config: AdminConfig,
     pub(crate) bus: Arc<dyn Bus>,
     pub(crate) waiters: waiters::Waiters,
-    pub(crate) authn: auth::Authenticator,
+    pub(crate) authn: Arc<auth::Authenticator>,
     pub(crate) audit: AuditLog,
     pub(crate) audit_keys: Vec<fleetgate_audit::VerifyingKey>,
     pub(crate) audit_failures: AtomicU64,
@@ -221,11 +221,11 @@ impl Admin {
         };
         let audit = AuditLog::start(bus.clone(), signer, &audit_config);
         let waiters = waiters::Waiters::start(bus.clone(), &config.node_id).await?;
-        let authn = auth::Authenticator::new(
+        let authn = Arc::new(auth::Authenticator::new(
             config.api_key.clone(),
             &config.token_keys,
             i64::try_from(config.token_ttl.as_millis()).unwrap_or(i64::MAX),
-        );
+        ));
         let poll = config.job_poll_interval;
         let generated = serde_json::to_value(api_router().split_for_parts().1).unwrap_or_default();
         let openapi = openapi::complete(generated, &config);
@@ -242,6 +242,12 @@ impl Admin {
         });
         job_runner::start(Arc::downgrade(&state), poll);
         Ok(Self { state })
+    }
+
+    /// The authenticator of this admin API's principals, for a gateway in the same process
+    /// (`/v1/app` accepts the same tokens and keys, even with an ephemeral token key).
+    pub fn authenticator(&self) -> Arc<fleetgate_authz::Authenticator> {
+        self.state.authn.clone()
     }
 
     /// Response audit entries that could not be written (the request had already run).

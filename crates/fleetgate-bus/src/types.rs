@@ -326,15 +326,18 @@ pub enum Channel {
     Group(String),
     /// Alerts: events flagged as alerts, failed commands.
     Alerts,
+    /// Devices of a group coming online and going offline: `presence:<group>`.
+    Presence(String),
 }
 
 impl Channel {
-    /// The channel's name (`device:<id>`, `group:<name>`, `alerts`).
+    /// The channel's name (`device:<id>`, `group:<name>`, `alerts`, `presence:<group>`).
     pub fn name(&self) -> String {
         match self {
             Self::Device(id) => format!("device:{id}"),
             Self::Group(g) => format!("group:{g}"),
             Self::Alerts => "alerts".to_owned(),
+            Self::Presence(g) => format!("presence:{g}"),
         }
     }
 
@@ -344,10 +347,12 @@ impl Channel {
             Some(Self::Alerts)
         } else if let Some(id) = name.strip_prefix("device:").filter(|s| !s.is_empty()) {
             Some(Self::Device(id.to_owned()))
+        } else if let Some(g) = name.strip_prefix("group:").filter(|s| !s.is_empty()) {
+            Some(Self::Group(g.to_owned()))
         } else {
-            name.strip_prefix("group:")
+            name.strip_prefix("presence:")
                 .filter(|s| !s.is_empty())
-                .map(|g| Self::Group(g.to_owned()))
+                .map(|g| Self::Presence(g.to_owned()))
         }
     }
 }

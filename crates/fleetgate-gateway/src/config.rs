@@ -51,6 +51,31 @@ pub struct GatewayConfig {
     pub qos2_ttl: Duration,
     /// How often expired commands are collected and reported.
     pub expiry_sweep_interval: Duration,
+    /// Limits of `/v1/app` sessions.
+    pub app: AppConfig,
+}
+
+/// Limits of `/v1/app` sessions (dashboards and apps).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppConfig {
+    /// Most channels one connection subscribes to at once.
+    pub max_subscriptions: usize,
+    /// Most connections one principal holds on this node at once.
+    pub max_connections_per_principal: usize,
+    /// Most bytes queued for one connection (more than the largest frame); a client that
+    /// falls this far behind is closed
+    /// with 4008 and recovers from its offsets when it comes back.
+    pub queue_bytes: usize,
+}
+
+impl Default for AppConfig {
+    fn default() -> Self {
+        Self {
+            max_subscriptions: 100,
+            max_connections_per_principal: 100,
+            queue_bytes: 2 << 20,
+        }
+    }
 }
 
 impl GatewayConfig {
@@ -84,6 +109,7 @@ impl Default for GatewayConfig {
             node_ttl: Duration::from_millis(15_000),
             qos2_ttl: Duration::from_millis(10 * 60 * 1000),
             expiry_sweep_interval: Duration::from_millis(1_000),
+            app: AppConfig::default(),
         }
     }
 }

@@ -1,4 +1,4 @@
-//! HTTP surface: the `/v1/device` upgrade (capacity, drain and header auth are checked before
+//! HTTP surface: the `/v1/device` upgrade (and the route to `/v1/app`) (capacity, drain and header auth are checked before
 //! the upgrade) and the internal listener.
 
 use std::sync::Arc;
@@ -23,11 +23,12 @@ use crate::session::{self, Admission};
 pub(crate) fn public_router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/device", get(device_upgrade))
+        .route("/v1/app", get(crate::app::upgrade))
         .fallback(|| async {
             json_error(
                 StatusCode::NOT_FOUND,
                 "not_found",
-                "devices connect to /v1/device",
+                "devices connect to /v1/device, apps to /v1/app",
             )
         })
         .with_state(shared)
@@ -44,7 +45,7 @@ pub(crate) fn json_error(status: StatusCode, code: &str, message: &str) -> Respo
     (status, axum::Json(body)).into_response()
 }
 
-fn unavailable(code: &str, message: &str, retry_after_s: u32) -> Response {
+pub(crate) fn unavailable(code: &str, message: &str, retry_after_s: u32) -> Response {
     let mut resp = json_error(StatusCode::SERVICE_UNAVAILABLE, code, message);
     resp.headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));

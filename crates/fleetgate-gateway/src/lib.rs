@@ -1,10 +1,12 @@
-//! The fleetgate gateway node: device WebSocket sessions (`/v1/device`), authentication,
+//! The fleetgate gateway node: device WebSocket sessions (`/v1/device`), app sessions
+//! (`/v1/app`: dashboards subscribing to channels), authentication,
 //! the QoS engine in both directions, limits, drain, and the internal listener
 //! (`/metrics`, `/healthz`, `/readyz`).
 //!
 //! The node holds no state that matters beyond its sockets: presence, queues, shadows and
 //! telemetry live in the [`Bus`]. See docs/ARCHITECTURE.md for the map.
 
+mod app;
 pub mod auth;
 pub mod config;
 mod http;
@@ -63,6 +65,8 @@ pub(crate) struct Shared {
     pub(crate) draining: AtomicBool,
     pub(crate) bus_ok: AtomicBool,
     pub(crate) started_ms: i64,
+    /// `/v1/app`: principals, the fan-out hub, per-principal counts.
+    pub(crate) app: app::AppState,
 }
 
 /// A gateway node, ready to serve.
@@ -72,11 +76,14 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Creates a node on `bus`, registering its metrics in `registry`.
+    /// Creates a node on `bus`, registering its metrics in `registry`. Devices authenticate
+    /// with `jwt` keys or their secrets; `/v1/app` clients with the admin API's principals,
+    /// checked by `principals`.
     pub fn new(
         config: GatewayConfig,
         bus: Arc<dyn Bus>,
         jwt: JwtKeys,
+        principals: Arc<fleetgate_authz::Authenticator>,
         registry: &mut Registry,
     ) -> Self {
         let metrics = Arc::new(Metrics::default());
@@ -95,6 +102,7 @@ impl Gateway {
             sessions: registry::Sessions::default(),
             parked_windows: registry::ParkedWindows::default(),
             stale_presence: registry::StalePresence::default(),
+            app: app::AppState::new(principals, app::hub::Hub::new(bus.clone(), metrics.clone())),
             config,
             bus,
             metrics,

@@ -62,6 +62,20 @@ pub struct Metrics {
     /// Time from reading a QoS 1/2 device message to its answer being queued, i.e. until
     /// the message is durable in the bus.
     pub ack_latency: Histogram,
+    /// `/v1/app` sessions open now.
+    pub app_sessions: Gauge,
+    /// Channel subscriptions of `/v1/app` sessions now.
+    pub app_subscriptions: Gauge,
+    /// Channels this node holds a bus subscription to for app sessions (one each, shared).
+    pub app_channels: Gauge,
+    /// Frames the node's channels received and fanned out (each encoded once).
+    pub app_frames_fanned_out: Counter,
+    /// Frames written to app clients.
+    pub app_frames_delivered: Counter,
+    /// App clients closed because their queue reached its byte limit.
+    pub app_overflows: Counter,
+    /// Offset gaps seen on a channel (frames dropped or lost in transit).
+    pub app_gaps: Counter,
 }
 
 impl Default for Metrics {
@@ -86,6 +100,13 @@ impl Default for Metrics {
             ack_latency: Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 16),
             ),
+            app_sessions: Gauge::default(),
+            app_subscriptions: Gauge::default(),
+            app_channels: Gauge::default(),
+            app_frames_fanned_out: Counter::default(),
+            app_frames_delivered: Counter::default(),
+            app_overflows: Counter::default(),
+            app_gaps: Counter::default(),
         }
     }
 }
@@ -165,6 +186,41 @@ impl Metrics {
             "Time from reading a QoS 1/2 device message to queueing its answer (durable in the bus)",
             prometheus_client::registry::Unit::Seconds,
             self.ack_latency.clone(),
+        );
+        r.register(
+            "app_sessions",
+            "/v1/app sessions open now",
+            self.app_sessions.clone(),
+        );
+        r.register(
+            "app_subscriptions",
+            "Channel subscriptions of /v1/app sessions now",
+            self.app_subscriptions.clone(),
+        );
+        r.register(
+            "app_channels",
+            "Channels with a bus subscription on this node for app sessions",
+            self.app_channels.clone(),
+        );
+        r.register(
+            "app_frames_fanned_out",
+            "Channel frames received by this node for app subscribers (each encoded once)",
+            self.app_frames_fanned_out.clone(),
+        );
+        r.register(
+            "app_frames_delivered",
+            "Frames written to app clients",
+            self.app_frames_delivered.clone(),
+        );
+        r.register(
+            "app_overflows",
+            "App clients closed with 4008 because their queue was full",
+            self.app_overflows.clone(),
+        );
+        r.register(
+            "app_gaps",
+            "Offset gaps on app channels (filled from history or reported)",
+            self.app_gaps.clone(),
         );
     }
 }

@@ -294,6 +294,8 @@ pub(crate) async fn report_failure(shared: &Shared, q: &QueuedCommand, reason: F
 /// tasks to end.
 pub(crate) async fn drain(shared: &Shared) {
     shared.draining.store(true, Ordering::Relaxed);
+    // App clients recover from their offsets on another node; they go first.
+    shared.app.drain.cancel();
     heartbeat_once(shared).await;
     let sessions = shared.sessions.snapshot();
     let period = shared.config.drain_period;

@@ -388,6 +388,7 @@ async fn register(
         }
     }
     shared.metrics.connections_active.inc();
+    crate::app::announce_presence(shared, &device.id, &device.groups, true).await;
     let now = Instant::now();
     // Boxed: the session's state then sits once on the heap instead of in two slots of the
     // connection's future.
@@ -419,15 +420,24 @@ impl Session {
             self.shared.stale_presence.push(&self.device, self.conn_id);
             return;
         }
-        if let Err(error) = self
+        match self
             .shared
             .bus
             .presence_remove(&self.device, self.conn_id)
             .await
         {
-            self.shared.metrics.bus_errors.inc();
-            self.shared.stale_presence.push(&self.device, self.conn_id);
-            warn!(message = "presence delete failed; retried after the bus comes back", %error);
+            // Only the connection that still held the presence is the device going offline
+            // (a replaced one is not).
+            Ok(true) => {
+                crate::app::announce_presence(&self.shared, &self.device, &self.groups, false)
+                    .await;
+            }
+            Ok(false) => {}
+            Err(error) => {
+                self.shared.metrics.bus_errors.inc();
+                self.shared.stale_presence.push(&self.device, self.conn_id);
+                warn!(message = "presence delete failed; retried after the bus comes back", %error);
+            }
         }
     }
 

@@ -28,7 +28,10 @@ pub enum CloseCode {
     Replaced = 4409,
     /// The device's credentials were revoked.
     Revoked = 4410,
-    /// The device exceeded its message rate limit.
+    /// An app client fell behind: its queue reached its byte limit. It may reconnect and
+    /// recover from its last offsets.
+    SlowConsumer = 4008,
+    /// The device exceeded its message rate limit (or an app principal its connections).
     RateLimited = 4429,
 }
 
@@ -53,6 +56,7 @@ impl CloseCode {
             4408 => Self::AuthTimeout,
             4409 => Self::Replaced,
             4410 => Self::Revoked,
+            4008 => Self::SlowConsumer,
             4429 => Self::RateLimited,
             _ => return None,
         })

@@ -4,6 +4,7 @@
 //! Only this crate knows the wire shape: everything past [`Codec::decode`] works on
 //! [`Frame`] values.
 
+pub mod app;
 mod close;
 mod error;
 mod frame;

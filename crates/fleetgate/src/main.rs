@@ -231,25 +231,36 @@ async fn serve(settings: Settings, run_gateway: bool, run_admin: bool) -> anyhow
     tokio::spawn(shutdown_signal(shutdown.clone()));
 
     let mut addrs = serde_json::Map::new();
-    let gateway = if run_gateway {
-        let listener = bind(&settings.listen)?;
-        addrs.insert("gateway".into(), listener.local_addr()?.to_string().into());
-        let gw = Gateway::new(
-            settings.gateway_config(),
-            bus.clone(),
-            load_jwt_keys(&settings)?,
-            &mut registry,
-        );
-        Some((gw, listener))
-    } else {
-        None
-    };
     let admin = if run_admin {
         let listener = bind(&settings.admin_listen)?;
         addrs.insert("admin".into(), listener.local_addr()?.to_string().into());
         let admin = Admin::start(settings.admin_config()?, bus.clone()).await?;
         registry.register_collector(Box::new(bus_metrics::AdminMetrics(admin.clone())));
         Some((admin, listener))
+    } else {
+        None
+    };
+    let gateway = if run_gateway {
+        let listener = bind(&settings.listen)?;
+        addrs.insert("gateway".into(), listener.local_addr()?.to_string().into());
+        // `/v1/app` accepts the admin API's principals: in one process the same
+        // authenticator (its token key may be ephemeral), else one with the same keys.
+        let principals = match &admin {
+            Some((admin, _)) => admin.authenticator(),
+            None => Arc::new(fleetgate_authz::Authenticator::new(
+                settings.api_key.clone(),
+                &settings.token_keys()?,
+                i64::try_from(settings.admin.token_ttl_ms).unwrap_or(i64::MAX),
+            )),
+        };
+        let gw = Gateway::new(
+            settings.gateway_config(),
+            bus.clone(),
+            load_jwt_keys(&settings)?,
+            principals,
+            &mut registry,
+        );
+        Some((gw, listener))
     } else {
         None
     };

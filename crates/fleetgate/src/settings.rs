@@ -91,6 +91,12 @@ pub struct GatewaySettings {
     pub qos2_ttl_ms: u64,
     /// How often expired commands are collected.
     pub expiry_sweep_interval_ms: u64,
+    /// Channels one `/v1/app` connection may subscribe to at once.
+    pub app_max_subscriptions: usize,
+    /// `/v1/app` connections one principal may hold on a node.
+    pub app_max_connections_per_principal: usize,
+    /// Bytes queued for one `/v1/app` connection before it is closed with 4008.
+    pub app_queue_bytes: usize,
 }
 
 /// `[admin]`.
@@ -139,6 +145,11 @@ pub struct BusSettings {
     pub redis_command_timeout_ms: u64,
     /// How long a job's per-device outcomes are kept after their last change.
     pub job_retention_ms: u64,
+    /// Frames kept per watched fan-out channel for app clients that reconnect (0: none).
+    pub history_size: usize,
+    /// How long those frames are kept, and a channel stays watched after its last
+    /// subscriber left.
+    pub history_ttl_ms: u64,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -190,6 +201,9 @@ impl Default for GatewaySettings {
             node_ttl_ms: ms(g.node_ttl),
             qos2_ttl_ms: ms(g.qos2_ttl),
             expiry_sweep_interval_ms: ms(g.expiry_sweep_interval),
+            app_max_subscriptions: g.app.max_subscriptions,
+            app_max_connections_per_principal: g.app.max_connections_per_principal,
+            app_queue_bytes: g.app.queue_bytes,
         }
     }
 }
@@ -224,6 +238,8 @@ impl Default for BusSettings {
             telemetry_max_len: b.telemetry_max_len,
             redis_command_timeout_ms: ms(RedisBusConfig::default().command_timeout),
             job_retention_ms: ms(b.job_retention),
+            history_size: b.history.size,
+            history_ttl_ms: ms(b.history.ttl),
         }
     }
 }
@@ -339,6 +355,21 @@ pub struct Overrides {
     /// How long a job's per-device outcomes are kept after their last change, ms.
     #[arg(long, env = "FLEETGATE_JOB_RETENTION_MS")]
     pub job_retention_ms: Option<u64>,
+    /// Frames kept per watched channel for app clients that reconnect.
+    #[arg(long, env = "FLEETGATE_HISTORY_SIZE")]
+    pub history_size: Option<usize>,
+    /// How long channel history is kept, ms.
+    #[arg(long, env = "FLEETGATE_HISTORY_TTL_MS")]
+    pub history_ttl_ms: Option<u64>,
+    /// Channels one /v1/app connection may subscribe to.
+    #[arg(long, env = "FLEETGATE_APP_MAX_SUBSCRIPTIONS")]
+    pub app_max_subscriptions: Option<usize>,
+    /// /v1/app connections per principal on a node.
+    #[arg(long, env = "FLEETGATE_APP_MAX_CONNECTIONS_PER_PRINCIPAL")]
+    pub app_max_connections_per_principal: Option<usize>,
+    /// Bytes queued for one /v1/app connection before it is closed with 4008.
+    #[arg(long, env = "FLEETGATE_APP_QUEUE_BYTES")]
+    pub app_queue_bytes: Option<usize>,
 }
 
 impl Settings {
@@ -380,6 +411,10 @@ impl Settings {
             job_lease_ms => admin.job_lease_ms, job_batch_size => admin.job_batch_size,
             job_poll_interval_ms => admin.job_poll_interval_ms,
             job_retention_ms => bus.job_retention_ms,
+            history_size => bus.history_size, history_ttl_ms => bus.history_ttl_ms,
+            app_max_subscriptions => gateway.app_max_subscriptions,
+            app_max_connections_per_principal => gateway.app_max_connections_per_principal,
+            app_queue_bytes => gateway.app_queue_bytes,
         );
         if o.admin_token_keys.is_some() {
             s.admin.token_keys = o.admin_token_keys.clone();
@@ -462,6 +497,17 @@ impl Settings {
         if self.bus.redis_command_timeout_ms == 0 {
             bail!("redis_command_timeout_ms must be positive");
         }
+        if self.bus.history_size > 10_000 || self.bus.history_ttl_ms < 1000 {
+            bail!("history_size must be at most 10000 and history_ttl_ms at least 1000");
+        }
+        if g.app_max_subscriptions == 0
+            || g.app_max_connections_per_principal == 0
+            || g.app_queue_bytes < g.max_frame_bytes + 1024
+        {
+            bail!(
+                "app_max_subscriptions and app_max_connections_per_principal must be positive, app_queue_bytes at least max_frame_bytes + 1024"
+            );
+        }
         if self.node_id.len() > 128 {
             bail!("node_id is longer than 128 bytes");
         }
@@ -492,6 +538,11 @@ impl Settings {
             node_ttl: d(g.node_ttl_ms),
             qos2_ttl: d(g.qos2_ttl_ms),
             expiry_sweep_interval: d(g.expiry_sweep_interval_ms),
+            app: fleetgate_gateway::config::AppConfig {
+                max_subscriptions: g.app_max_subscriptions,
+                max_connections_per_principal: g.app_max_connections_per_principal,
+                queue_bytes: g.app_queue_bytes,
+            },
             ..GatewayConfig::default()
         };
         c.limits.max_frame_bytes = g.max_frame_bytes;
@@ -504,31 +555,40 @@ impl Settings {
         c
     }
 
-    /// The admin crate's config, with the key files it names read.
+    /// The user token keys (`admin.token_keys`), read from their file; none configured is
+    /// an empty list (an ephemeral key).
     ///
     /// # Errors
     /// An unreadable or invalid key file.
-    pub fn admin_config(&self) -> anyhow::Result<AdminConfig> {
+    pub fn token_keys(&self) -> anyhow::Result<Vec<fleetgate_admin::TokenKey>> {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
         struct TokenKeyFile {
             keys: Vec<fleetgate_admin::TokenKey>,
         }
+        let Some(path) = &self.admin.token_keys else {
+            return Ok(Vec::new());
+        };
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let file: TokenKeyFile =
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        if file.keys.is_empty() {
+            bail!("{}: no [[keys]]", path.display());
+        }
+        Ok(file.keys)
+    }
+
+    /// The admin crate's config, with the key files it names read.
+    ///
+    /// # Errors
+    /// An unreadable or invalid key file.
+    pub fn admin_config(&self) -> anyhow::Result<AdminConfig> {
         let read = |path: &PathBuf| {
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
         };
         let a = &self.admin;
-        let token_keys = match &a.token_keys {
-            Some(path) => {
-                let file: TokenKeyFile = toml::from_str(&read(path)?)
-                    .with_context(|| format!("parsing {}", path.display()))?;
-                if file.keys.is_empty() {
-                    bail!("{}: no [[keys]]", path.display());
-                }
-                file.keys
-            }
-            None => Vec::new(),
-        };
+        let token_keys = self.token_keys()?;
         Ok(AdminConfig {
             node_id: format!("{}-admin", self.node_id),
             api_key: self.api_key.clone(),
@@ -561,6 +621,7 @@ impl Settings {
             telemetry_max_len: self.bus.telemetry_max_len,
             command_timeout: Duration::from_millis(self.bus.redis_command_timeout_ms),
             job_retention: Duration::from_millis(self.bus.job_retention_ms),
+            history: self.history_config(),
             ..RedisBusConfig::default()
         }
     }
@@ -572,7 +633,15 @@ impl Settings {
             telemetry_partitions: self.bus.telemetry_partitions,
             telemetry_max_len: self.bus.telemetry_max_len,
             job_retention: Duration::from_millis(self.bus.job_retention_ms),
+            history: self.history_config(),
             ..MemoryBusConfig::default()
+        }
+    }
+
+    fn history_config(&self) -> fleetgate_bus::HistoryConfig {
+        fleetgate_bus::HistoryConfig {
+            size: self.bus.history_size,
+            ttl: Duration::from_millis(self.bus.history_ttl_ms),
         }
     }
 }

@@ -1,0 +1,212 @@
+//! `GET /v1/app`: WebSocket sessions for dashboards and apps. The protocol is in
+//! docs/PROTOCOL.md; its frames are [`fleetgate_protocol::app`].
+//!
+//! Principals are the admin API's (user tokens, API keys), checked with the same
+//! [`fleetgate_authz`] rules. Channels fan out through the node's [`hub::Hub`].
+
+mod access;
+pub(crate) mod hub;
+mod session;
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::State;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::Response;
+use fleetgate_authz::{Authenticator, AuthnError, Principal};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info_span, warn};
+
+use crate::Shared;
+use crate::http::{json_error, unavailable};
+
+/// The app side of a node: who may connect, the hub, and per-principal connection counts.
+pub(crate) struct AppState {
+    pub(crate) authn: Arc<Authenticator>,
+    pub(crate) hub: Arc<hub::Hub>,
+    /// Connections per principal (actor) on this node.
+    connections: Mutex<HashMap<String, usize>>,
+    /// Cancelled when the node drains: app sessions close with 1012.
+    pub(crate) drain: CancellationToken,
+}
+
+impl AppState {
+    pub(crate) fn new(authn: Arc<Authenticator>, hub: Arc<hub::Hub>) -> Self {
+        Self {
+            authn,
+            hub,
+            connections: Mutex::default(),
+            drain: CancellationToken::new(),
+        }
+    }
+}
+
+/// One of a principal's connections on this node; released on drop.
+pub(crate) struct Slot {
+    shared: Arc<Shared>,
+    actor: String,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut counts = self
+            .shared
+            .app
+            .connections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = counts.get_mut(&self.actor) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.actor);
+            }
+        }
+    }
+}
+
+/// Takes one of `principal`'s connection slots, or `None` when it holds the most allowed.
+pub(crate) fn take_slot(shared: &Arc<Shared>, principal: &Principal) -> Option<Slot> {
+    let max = shared.config.app.max_connections_per_principal;
+    let mut counts = shared
+        .app
+        .connections
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let n = counts.entry(principal.actor.clone()).or_default();
+    if *n >= max {
+        return None;
+    }
+    *n += 1;
+    Some(Slot {
+        shared: shared.clone(),
+        actor: principal.actor.clone(),
+    })
+}
+
+/// Publishes a device coming online or going offline on `presence:<group>` of each of its
+/// groups. Costs nothing on the bus where nobody watches those channels.
+pub(crate) async fn announce_presence(
+    shared: &Shared,
+    device: &str,
+    groups: &[String],
+    online: bool,
+) {
+    if groups.is_empty() {
+        return;
+    }
+    let frame = serde_json::json!({
+        "type": "presence",
+        "device": device,
+        "online": online,
+        "node": shared.config.node_id,
+        "timestamp": crate::now_ms(),
+    });
+    let frame = bytes::Bytes::from(frame.to_string());
+    for g in groups {
+        let channel = fleetgate_bus::Channel::Presence(g.clone());
+        if let Err(error) = shared.bus.publish(&channel, frame.clone(), false).await {
+            shared.metrics.bus_errors.inc();
+            warn!(message = "presence publish failed", %error);
+        }
+    }
+}
+
+/// How a socket arrives at its session.
+pub(crate) enum Admission {
+    /// Authenticated by the `Authorization` header.
+    Authenticated(Principal, Slot),
+    /// Must send `{"type":"auth","token":...}` first.
+    AwaitAuthFrame,
+}
+
+/// The refusal's reason as a stable string (it never quotes the credential).
+pub(crate) fn refusal_reason(error: &AuthnError) -> &'static str {
+    match error {
+        AuthnError::Refused(reason) => reason,
+        AuthnError::Bus(_) => "unavailable",
+    }
+}
+
+pub(crate) async fn upgrade(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                "not_websocket",
+                &rejection.body_text(),
+            );
+        }
+    };
+    if shared.draining.load(Ordering::Relaxed) {
+        shared.metrics.connections_rejected.inc();
+        return unavailable("draining", "node is draining; connect to another node", 1);
+    }
+    let Ok(socket_permit) = shared.sockets_capacity.clone().try_acquire_owned() else {
+        shared.metrics.connections_rejected.inc();
+        return unavailable("at_capacity", "node is at its connection limit", 5);
+    };
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let admission = match authorization {
+        Some(value) => match shared
+            .app
+            .authn
+            .authenticate(&*shared.bus, Some(value))
+            .await
+        {
+            Ok(principal) => match take_slot(&shared, &principal) {
+                Some(slot) => Admission::Authenticated(principal, slot),
+                None => {
+                    return json_error(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "too_many_connections",
+                        "the principal holds the most app connections allowed on this node",
+                    );
+                }
+            },
+            Err(AuthnError::Bus(error)) => {
+                shared.metrics.bus_errors.inc();
+                warn!(message = "app auth lookup failed", %error);
+                return unavailable("bus_unavailable", "cannot verify credentials now", 1);
+            }
+            Err(refused) => {
+                shared.metrics.auth_failures.inc();
+                return json_error(
+                    StatusCode::UNAUTHORIZED,
+                    refusal_reason(&refused),
+                    "authentication failed",
+                );
+            }
+        },
+        None => Admission::AwaitAuthFrame,
+    };
+    let max = shared.config.limits.max_frame_bytes;
+    let ws = ws
+        .read_buffer_size(shared.config.read_buffer_bytes)
+        .write_buffer_size(0)
+        .max_write_buffer_size(max.max(shared.config.app.queue_bytes) + 64 * 1024)
+        .max_message_size(max)
+        .max_frame_size(max);
+    let token = shared.tracker.token();
+    let client: u64 = rand::random();
+    let span =
+        info_span!("app", client, node_id = %shared.config.node_id, actor = tracing::field::Empty);
+    ws.on_failed_upgrade(|error| warn!(message = "app upgrade failed", %error))
+        .on_upgrade(move |socket| {
+            async move {
+                session::run(shared, socket, client, admission).await;
+                drop(socket_permit);
+                drop(token);
+            }
+            .instrument(span)
+        })
+}
