@@ -270,11 +270,12 @@ def check_fleetgate_pods(c: Checks, scenario: str, objs: list[dict], values: dic
             limits = ctr["resources"].get("limits", {})
             c.ok("memory" in limits and "cpu" not in limits, f"{scenario}: {name}: wants a memory limit and no CPU limit")
         if role == "gateway":
-            # Least privilege: a gateway sees the JWT keys of the Secret, never the admin keys.
+            # Least privilege: a gateway sees the JWT keys and the user token keys (/v1/app
+            # verifies users), never the API key or the audit signing key.
             vols = [v for v in spec["volumes"] if "secret" in v]
             env = {e["name"] for e in ctr.get("env", [])}
             c.ok("FLEETGATE_API_KEY" not in env, f"{scenario}: {name}: gateway pods get the admin API key")
-            c.ok(all([i["key"] for i in v["secret"].get("items", [])] == ["jwt-keys.toml"] for v in vols), f"{scenario}: {name}: gateway pods mount more of the Secret than the JWT keys")
+            c.ok(all(v["secret"].get("items") and {i["key"] for i in v["secret"]["items"]} <= {"jwt-keys.toml", "admin-token-keys.toml"} for v in vols), f"{scenario}: {name}: gateway pods mount more of the Secret than the JWT and user token keys")
         if role in ("admin", "all"):
             env = {e["name"]: e for e in ctr["env"]}
             c.ok("secretKeyRef" in env.get("FLEETGATE_API_KEY", {}).get("valueFrom", {}), f"{scenario}: {name}: API key not from a Secret")
@@ -310,7 +311,7 @@ def check_routing(c: Checks, scenario: str, objs: list[dict], values: dict) -> N
     if values.get("proxy", {}).get("enabled", True):
         conf = proxy_cm["data"]["nginx.conf"] if proxy_cm else ""
         template = NGINX.read_text()
-        c.ok("hash $fleetgate_device_id consistent;" in conf, f"{scenario}: proxy does not hash on the device ID")
+        c.ok("hash $fleetgate_hash_key consistent;" in conf and "default $fleetgate_device_id;" in conf, f"{scenario}: proxy does not hash on the device ID")
         c.ok("@" not in re.sub(r"#.*", "", conf), f"{scenario}: proxy config has an unfilled placeholder")
         c.ok(re.search(r"server \S+-gateway-pods\.fleetgate\.svc\.cluster\.local:\d+ resolve", conf) is not None, f"{scenario}: proxy does not resolve the gateway pods")
         # Same config as nginx/ apart from the placeholders.
@@ -469,11 +470,16 @@ def check_checksum_rolls(c: Checks) -> None:
     c.ok(config_sum(a, "-admin") != config_sum(d, "-admin"), "an admin setting does not roll the admin pods")
     c.ok(config_sum(a, "-gateway") == config_sum(d, "-gateway"), "an admin setting rolls the gateway pods")
     c.ok(config_sum(a, "-admin") == config_sum(b, "-admin"), "a gateway setting rolls the admin pods")
-    # An admin-only key rotation rolls the admin pods, not the gateways (that would drain devices).
-    k = objects(render({"secrets": {"adminTokenKeys": "[[keys]]\nkid = 'b'\nsecret = 'x'"}}))
+    # An admin-only key rotation rolls the admin pods, not the gateways (that would drain devices);
+    # the user token keys roll both (gateways verify the users of /v1/app).
+    k = objects(render({"secrets": {"auditSigningKey": "-----BEGIN PRIVATE KEY-----"}}))
     secret_sum = lambda objs, suffix: named(objs, "Deployment", suffix)["spec"]["template"]["metadata"]["annotations"]["checksum/secrets"]  # noqa: E731
-    c.ok(secret_sum(a, "-admin") != secret_sum(k, "-admin"), "an admin key change does not roll the admin pods")
-    c.ok(secret_sum(a, "-gateway") == secret_sum(k, "-gateway"), "an admin key change rolls the gateway pods")
+    c.ok(secret_sum(a, "-admin") != secret_sum(k, "-admin"), "an audit key change does not roll the admin pods")
+    c.ok(secret_sum(a, "-gateway") == secret_sum(k, "-gateway"), "an audit key change rolls the gateway pods")
+    t = objects(render({"secrets": {"adminTokenKeys": "[[keys]]\nkid = 'b'\nsecret = 'x'"}}))
+    c.ok(secret_sum(a, "-gateway") != secret_sum(t, "-gateway"), "a user token key change does not roll the gateway pods")
+    mounted = [v for v in named(t, "Deployment", "-gateway")["spec"]["template"]["spec"]["volumes"] if "secret" in v]
+    c.ok(mounted and [i["key"] for i in mounted[0]["secret"]["items"]] == ["admin-token-keys.toml"], "gateway pods do not mount the user token keys")
     j = objects(render({"secrets": {"jwtKeys": "[[keys]]"}}))
     c.ok(secret_sum(a, "-gateway") != secret_sum(j, "-gateway"), "a JWT key change does not roll the gateway pods")
 

@@ -211,12 +211,14 @@ setting does not roll (and drain) the gateways; every pod mounts the whole file.
 
 {{/*
 Pod-level checksums: pods roll when the config or the secrets they read change. Gateway pods
-read only the JWT keys, so an admin key rotation does not drain every device:
+read only the JWT keys and the user token keys, so an admin API key or audit key rotation
+does not drain every device:
 (dict "root" $ "role" "gateway").
 */}}
 {{- define "fleetgate.checksums" -}}
 {{- $s := .root.Values.secrets -}}
-{{- $read := ternary (dict "existingSecret" $s.existingSecret "jwtKeys" $s.jwtKeys "has" $s.existingSecretHas.jwtKeys "key" $s.keys.jwtKeys) $s (eq .role "gateway") -}}
+{{- $gw := dict "existingSecret" $s.existingSecret "jwtKeys" $s.jwtKeys "has" $s.existingSecretHas.jwtKeys "key" $s.keys.jwtKeys "adminTokenKeys" $s.adminTokenKeys "hasTokens" $s.existingSecretHas.adminTokenKeys -}}
+{{- $read := ternary $gw $s (eq .role "gateway") -}}
 checksum/config: {{ include "fleetgate.configTomlFor" . | sha256sum }}
 checksum/secrets: {{ toJson $read | sha256sum }}
 {{- end -}}
