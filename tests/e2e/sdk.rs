@@ -211,3 +211,63 @@ async fn the_sdk_surfaces_deltas_and_reporting_them_syncs_the_shadow() {
         client.disconnect().await;
     }
 }
+
+async fn next_app(app: &mut fleetgate_device::AppClient) -> fleetgate_device::AppEvent {
+    tokio::time::timeout(DEADLINE, app.next())
+        .await
+        .expect("a frame in time")
+        .unwrap()
+}
+
+/// The SDK's two ends: a device reports, an `AppClient` watches it, drops, and recovers
+/// what it missed from its positions on a new connection.
+#[tokio::test]
+async fn an_app_client_follows_a_device_and_recovers_after_a_reconnect() {
+    use fleetgate_device::{AppClient, AppEvent};
+    let node = Node::start(&[]).await;
+    let secret = node.provision("sdk-watched").await;
+    let (client, mut events) = Device::connect(options(&node, "sdk-watched", &secret)).unwrap();
+    connected(&mut events).await;
+    let url = format!("ws://{}/v1/app", node.gateway);
+    let mut app = AppClient::connect(&url, crate::support::API_KEY)
+        .await
+        .unwrap();
+    assert_eq!(app.subscribe("device:sdk-watched").await.unwrap(), 0);
+    for i in 0..10 {
+        client
+            .send_status(json!({"n": i}), Qos::AtLeastOnce)
+            .await
+            .unwrap();
+    }
+    for i in 0..10 {
+        match next_app(&mut app).await {
+            AppEvent::Message { data, .. } => assert_eq!(data["payload"]["n"], i),
+            other => panic!("{other:?}"),
+        }
+    }
+    let positions = app.positions().clone();
+    drop(app);
+    for i in 10..13 {
+        client
+            .send_status(json!({"n": i}), Qos::AtLeastOnce)
+            .await
+            .unwrap();
+    }
+    let mut back = AppClient::connect_with(&url, crate::support::API_KEY, positions)
+        .await
+        .unwrap();
+    assert_eq!(back.subscribe("device:sdk-watched").await.unwrap(), 3);
+    for i in 10..13 {
+        match next_app(&mut back).await {
+            AppEvent::Message { data, offset, .. } => {
+                assert_eq!(data["payload"]["n"], i);
+                assert_eq!(offset, Some(i + 1));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        back.positions().get("device:sdk-watched").map(|p| p.1),
+        Some(13)
+    );
+}

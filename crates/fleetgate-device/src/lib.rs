@@ -29,9 +29,13 @@
 //! - Every channel is bounded; the event channel drops (and counts) events rather than
 //!   stall acks and heartbeats behind a slow reader.
 //!
+//! [`AppClient`] is the other end: a dashboard or integration subscribing to `/v1/app`
+//! channels, recovering from its offsets after a reconnect.
+//!
 //! [`Connection`] is the low-level layer (upgrade, auth, typed frames) for tests that drive
 //! the raw protocol.
 
+mod app;
 mod backoff;
 mod client;
 mod connection;
@@ -41,6 +45,7 @@ mod eventloop;
 mod msgid;
 mod options;
 
+pub use app::{AppClient, AppError, AppEvent, Positions};
 pub use backoff::should_reconnect;
 pub use client::{BatchItem, Device, DeviceClient, DeviceEvent, IncomingCommand, LinkState};
 pub use connection::{Connection, Session, WsStream};
