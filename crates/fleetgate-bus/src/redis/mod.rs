@@ -44,13 +44,15 @@
 //! | `P tm:<partition>` | stream, `MAXLEN ~` | ring(`telemetry:<p>`) | telemetry records |
 //! | `P sh:<device>` | string (JSON) | device's | shadow (reported, desired, version, updated_ms) |
 //! | `P ret:<channel>` | string | channel's | retained frame |
+//! | `P pos:<channel>` | hash `e`,`n`, `PEXPIRE` history TTL | channel's | epoch and last offset; exists only while the channel is watched (see `fanout.rs`) |
+//! | `P hist:<channel>` | stream, IDs `<offset>-0`, `MAXLEN` history size, `PEXPIRE` TTL | channel's | the channel's last frames (`t` ms, `f` frame) |
 //! | `P res:<device>:<msgid>` | string, `PX` TTL | device's | a command's outcome, for waiters that missed its message |
 //!
 //! Every write to a job's keys restarts their expiry at [`RedisBusConfig::job_retention`],
 //! so a job's executions go away that long after its last change, as in the memory backend.
 //!
-//! Pub/sub channels: `P ch:<channel name>` on the channel's shard, and `P nodech:<node>` on
-//! every shard.
+//! Pub/sub channels: `P ch:<channel name>` on the channel's shard (payload `<offset> <frame>`),
+//! and `P nodech:<node>` on every shard.
 //!
 //! Membership keys are written to every shard (one heartbeat costs one `SET PX` per shard) so
 //! that the presence scripts can check a node's liveness atomically on the device's shard;
