@@ -436,4 +436,130 @@ async fn an_app_on_one_node_receives_a_device_on_another_through_redis() {
     .await;
     assert_eq!(sub["recovered"], 4, "{sub}");
     expect_messages(&mut moved, "device:x-app", start + 101, 100, 4).await;
+    // A command from an app on node B reaches the device on node A, and its result comes back.
+    let seen = crate::support::Seen::default();
+    let _answering = crate::support::answering(device, false, seen.clone());
+    twin.send(json!({"type": "command", "id": "x", "device": "x-app", "payload": {"go": 1}, "waitMs": 5000}))
+        .await;
+    let result = loop {
+        let f = twin.recv().await;
+        if f["type"] != "message" {
+            break f;
+        }
+    };
+    assert_eq!(
+        (result["type"].as_str(), result["status"].as_str()),
+        (Some("command_result"), Some("done")),
+        "{result}"
+    );
+}
+
+/// What `GET /v1/audit` holds for `actor`'s `command.send` calls: (stage, outcome, reason).
+async fn command_audit(node: &Node, actor: &str) -> Vec<(String, Option<u64>, Option<String>)> {
+    let (s, audit) = node
+        .admin(
+            "GET",
+            &format!("/v1/audit?action=command.send&actor={actor}"),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{audit}");
+    audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["stage"].as_str().unwrap().to_owned(),
+                e["outcome"].as_u64(),
+                e["reason"].as_str().map(str::to_owned),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn an_operator_commands_a_device_over_the_app_socket_and_it_is_audited_as_over_rest() {
+    let node = Node::start(&[]).await;
+    let secret = node.provision_in("cmd-a", &["farm-a"]).await;
+    node.provision_in("cmd-b", &["farm-b"]).await;
+    let device = Raw::authed(&node.device_url(), "cmd-a", &secret).await;
+    let seen = crate::support::Seen::default();
+    let _answering = crate::support::answering(device, false, seen.clone());
+    let operator = user_token(&node, "op-a", "operator", &["farm-a"]).await;
+    let viewer = user_token(&node, "view-a", "viewer", &["farm-a"]).await;
+    let mut op = app(&node, &operator).await;
+    op.send(json!({"type": "command", "id": "c1", "device": "cmd-a", "payload": {"on": true}, "qos": 1, "waitMs": 5000}))
+        .await;
+    let result = op.recv().await;
+    assert_eq!(
+        (
+            result["type"].as_str(),
+            result["id"].as_str(),
+            result["status"].as_str()
+        ),
+        (Some("command_result"), Some("c1"), Some("done")),
+        "{result}"
+    );
+    let msgid = result["msgid"].as_str().unwrap().to_owned();
+    assert!(
+        result["result"].is_object(),
+        "the device's result: {result}"
+    );
+    assert_eq!(
+        seen.lock().unwrap().get(&msgid).map(|s| s.0),
+        Some(1),
+        "delivered once"
+    );
+    op.send(json!({"type": "command", "id": "c2", "device": "cmd-a", "payload": {}, "qos": 1}))
+        .await;
+    let queued = op.recv().await;
+    assert_eq!(
+        (queued["status"].as_str(), queued["id"].as_str()),
+        (Some("queued"), Some("c2")),
+        "{queued}"
+    );
+    op.send(json!({"type": "command", "id": "c3", "device": "cmd-b", "payload": {}}))
+        .await;
+    assert_eq!(op.recv().await["code"], "not_found");
+    op.send(
+        json!({"type": "command", "id": "c4", "device": "cmd-a", "payload": {}, "waitMs": 999999}),
+    )
+    .await;
+    assert_eq!(op.recv().await["code"], "bad_request");
+    let mut view = app(&node, &viewer).await;
+    view.send(json!({"type": "command", "id": "v1", "device": "cmd-a", "payload": {}}))
+        .await;
+    let refused = view.recv().await;
+    assert_eq!(
+        (refused["code"].as_str(), refused["id"].as_str()),
+        (Some("forbidden"), Some("v1"))
+    );
+
+    // Each command left a request entry, then a response entry with what REST would answer.
+    let entries = command_audit(&node, "user:op-a").await;
+    let pairs = |outcome: u64, reason: Option<&str>| {
+        vec![
+            ("request".to_owned(), None, None),
+            (
+                "response".to_owned(),
+                Some(outcome),
+                reason.map(str::to_owned),
+            ),
+        ]
+    };
+    let expected: Vec<_> = [
+        pairs(200, None),
+        pairs(202, None),
+        pairs(404, Some("out_of_scope")),
+        pairs(400, Some("bad_request")),
+    ]
+    .concat();
+    assert_eq!(entries, expected);
+    assert_eq!(
+        command_audit(&node, "user:view-a").await,
+        pairs(403, Some("forbidden"))
+    );
+    let (_, verify) = node.admin("GET", "/v1/audit/verify", None).await;
+    assert_eq!(verify["ok"], true, "{verify}");
 }

@@ -8,9 +8,9 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
-use base64::Engine;
-use fleetgate_bus::{Command, CommandOutcome, NodeMessage};
-use fleetgate_protocol::{MsgId, Qos};
+use fleetgate_bus::CommandOutcome;
+use fleetgate_bus::dispatch::{CommandRequest, Dispatched, dispatch};
+use fleetgate_protocol::Qos;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tracing::Instrument;
@@ -18,7 +18,7 @@ use utoipa::ToSchema;
 
 use crate::auth::{ScopedDevice, need};
 use crate::pipeline::{Note, noted};
-use crate::{AdminState, AppError, Body, ErrorBody, Res, now_ms};
+use crate::{AdminState, AppError, Body, ErrorBody, Res};
 
 /// `POST /v1/devices/{id}/commands` body.
 #[derive(Deserialize, ToSchema)]
@@ -40,11 +40,6 @@ pub(crate) struct SendCommand {
     #[serde(default, deserialize_with = "crate::num::opt_unsigned")]
     #[schema(minimum = 0, maximum = 60_000)]
     wait_ms: Option<u64>,
-}
-
-pub(crate) fn new_msgid() -> MsgId {
-    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 12]>());
-    MsgId::new(raw).expect("base64url of 12 bytes is a valid msgid")
 }
 
 /// Checks QoS and TTL as every command path (single, job) does.
@@ -109,75 +104,59 @@ async fn send_in_span(
     if presence.is_none() && device.record.is_none() {
         return Err(AppError::not_found(format!("no device {id}")));
     }
-    let now = now_ms();
-    let msgid = new_msgid();
-    let m = msgid.as_str().to_owned();
+    let request = CommandRequest {
+        device: id,
+        payload: req.payload,
+        qos,
+        ttl,
+        wait,
+        traceparent: fleetgate_bus::trace::current_traceparent(),
+    };
+    let dispatched = dispatch(
+        &*state.bus,
+        &state.waiters,
+        &cfg.node_id,
+        presence.as_ref(),
+        request,
+    )
+    .await;
+    let (msgid, dispatched) = match dispatched {
+        Ok(d) => d,
+        Err((msgid, e)) => return Err(AppError::from(e).with_msgid(msgid.into_string())),
+    };
+    let m = msgid.into_string();
+    tracing::Span::current().record("msgid", m.as_str());
     let note = Note {
         msgid: Some(m.clone()),
         ..Note::default()
     };
-    let command = Command {
-        msgid: msgid.clone(),
-        device: id.clone(),
-        payload: req.payload,
-        qos,
-        created_ms: now,
-        expires_ms: now.saturating_add(ttl.as_millis() as i64),
-        reply_to: (!wait.is_zero()).then(|| cfg.node_id.clone()),
-        traceparent: fleetgate_bus::trace::current_traceparent(),
-        job: None,
-    };
-    tracing::Span::current().record("msgid", m.as_str());
     let answer = |status: StatusCode, body: Value| {
         Ok(noted((status, Json(body)).into_response(), note.clone()))
     };
-    if qos == Qos::AtMostOnce {
-        let Some(p) = presence else {
-            return Err(AppError::new(
-                StatusCode::CONFLICT,
-                "device_offline",
-                "QoS 0 commands are not queued; the device is offline",
-            )
-            .with_msgid(m));
-        };
-        state
-            .bus
-            .node_publish(&p.node, &NodeMessage::Command(command))
-            .await?;
-        return answer(StatusCode::ACCEPTED, json!({ "msgid": m }));
-    }
-    let mut waiter = (!wait.is_zero()).then(|| state.waiters.wait(&id, &m));
-    // The push also tells the device's node, reading presence in the same step: a session
-    // that registered just before is told, one registering just after reads the queue.
-    state
-        .bus
-        .queue_push(&command)
-        .await
-        .map_err(|e| AppError::from(e).with_msgid(m.clone()))?;
-    let Some(waiter) = waiter.as_mut() else {
-        return answer(StatusCode::ACCEPTED, json!({ "msgid": m }));
-    };
-    let outcome = match tokio::time::timeout(wait, waiter.outcome()).await {
-        Ok(Some(outcome)) => Some(outcome),
-        // The result message may have been lost on the way (a bus reconnect): the stored
-        // copy decides before the call gives up.
-        Ok(None) | Err(_) => state.bus.result_get(&id, &m).await.ok().flatten(),
-    };
-    match outcome {
-        Some(CommandOutcome::Result(result)) => {
+    match dispatched {
+        Dispatched::Queued => answer(StatusCode::ACCEPTED, json!({ "msgid": m })),
+        Dispatched::Offline => Err(AppError::new(
+            StatusCode::CONFLICT,
+            "device_offline",
+            "QoS 0 commands are not queued; the device is offline",
+        )
+        .with_msgid(m)),
+        Dispatched::Outcome(CommandOutcome::Result(result)) => {
             answer(StatusCode::OK, json!({ "msgid": m, "result": result }))
         }
-        Some(CommandOutcome::Error(error)) => {
+        Dispatched::Outcome(CommandOutcome::Error(error)) => {
             answer(StatusCode::OK, json!({ "msgid": m, "error": error }))
         }
-        Some(CommandOutcome::Done) => answer(StatusCode::OK, json!({ "msgid": m, "result": null })),
-        Some(CommandOutcome::Failed(reason)) => Err(AppError::new(
+        Dispatched::Outcome(CommandOutcome::Done) => {
+            answer(StatusCode::OK, json!({ "msgid": m, "result": null }))
+        }
+        Dispatched::Outcome(CommandOutcome::Failed(reason)) => Err(AppError::new(
             StatusCode::GATEWAY_TIMEOUT,
             reason.as_str(),
             "the device never acknowledged the command",
         )
         .with_msgid(m)),
-        None => Err(AppError::new(
+        Dispatched::Timeout => Err(AppError::new(
             StatusCode::GATEWAY_TIMEOUT,
             "timeout",
             "no result within waitMs; the command stays queued until its TTL",

@@ -21,7 +21,6 @@ mod pipeline;
 mod principals;
 mod rbac;
 mod scenes;
-mod waiters;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -122,7 +121,7 @@ pub enum StartError {
 pub(crate) struct AdminState {
     pub(crate) config: AdminConfig,
     pub(crate) bus: Arc<dyn Bus>,
-    pub(crate) waiters: waiters::Waiters,
+    pub(crate) waiters: fleetgate_bus::dispatch::Waiters,
     pub(crate) authn: Arc<auth::Authenticator>,
     pub(crate) audit: AuditLog,
     pub(crate) audit_keys: Vec<fleetgate_audit::VerifyingKey>,
@@ -220,7 +219,7 @@ impl Admin {
             ..AuditConfig::default()
         };
         let audit = AuditLog::start(bus.clone(), signer, &audit_config);
-        let waiters = waiters::Waiters::start(bus.clone(), &config.node_id).await?;
+        let waiters = fleetgate_bus::dispatch::Waiters::start(bus.clone(), &config.node_id).await?;
         let authn = Arc::new(auth::Authenticator::new(
             config.api_key.clone(),
             &config.token_keys,
@@ -248,6 +247,12 @@ impl Admin {
     /// (`/v1/app` accepts the same tokens and keys, even with an ephemeral token key).
     pub fn authenticator(&self) -> Arc<fleetgate_authz::Authenticator> {
         self.state.authn.clone()
+    }
+
+    /// The audit log handle, for a gateway in the same process (its `/v1/app` commands are
+    /// audited on the same chain, by the same writer).
+    pub fn audit_log(&self) -> AuditLog {
+        self.state.audit.clone()
     }
 
     /// Response audit entries that could not be written (the request had already run).

@@ -48,6 +48,10 @@ pub struct AuditConfig {
     pub checkpoint_interval: Duration,
     /// Entries waiting for the writer; a full queue makes callers wait.
     pub queue: usize,
+    /// Whether this process signs checkpoints. A process that only appends (a gateway
+    /// auditing `/v1/app` commands) leaves them to the admin processes, whose checkpoints
+    /// cover every entry of the chain, so it needs no signing key.
+    pub checkpoints: bool,
 }
 
 impl Default for AuditConfig {
@@ -55,6 +59,7 @@ impl Default for AuditConfig {
         Self {
             checkpoint_interval: Duration::from_secs(60),
             queue: 4096,
+            checkpoints: true,
         }
     }
 }
@@ -90,6 +95,9 @@ impl AuditLog {
         let signer = Arc::new(signer);
         tokio::spawn(writer(bus.clone(), signer.clone(), rx));
         let log = Self { tx, bus, signer };
+        if !config.checkpoints {
+            return log;
+        }
         let weak = log.tx.downgrade();
         let interval = config.checkpoint_interval;
         tokio::spawn(async move {

@@ -12,6 +12,7 @@
 //! survivors ([`Bus::presence_sweep_node`]).
 
 pub mod conformance;
+pub mod dispatch;
 pub mod memory;
 mod node_tx;
 mod partition;

@@ -29,6 +29,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use app::{AppAccess, AppCommands, CommandLimits};
 pub use auth::{AuthError, Authenticator, JwtKeySpec, JwtKeys, secret_digest};
 pub use config::GatewayConfig;
 pub use metrics::Metrics;
@@ -77,13 +78,12 @@ pub struct Gateway {
 
 impl Gateway {
     /// Creates a node on `bus`, registering its metrics in `registry`. Devices authenticate
-    /// with `jwt` keys or their secrets; `/v1/app` clients with the admin API's principals,
-    /// checked by `principals`.
+    /// with `jwt` keys or their secrets; `/v1/app` clients as `app` says.
     pub fn new(
         config: GatewayConfig,
         bus: Arc<dyn Bus>,
         jwt: JwtKeys,
-        principals: Arc<fleetgate_authz::Authenticator>,
+        app: AppAccess,
         registry: &mut Registry,
     ) -> Self {
         let metrics = Arc::new(Metrics::default());
@@ -102,7 +102,7 @@ impl Gateway {
             sessions: registry::Sessions::default(),
             parked_windows: registry::ParkedWindows::default(),
             stale_presence: registry::StalePresence::default(),
-            app: app::AppState::new(principals, app::hub::Hub::new(bus.clone(), metrics.clone())),
+            app: app::AppState::new(app, app::hub::Hub::new(bus.clone(), metrics.clone())),
             config,
             bus,
             metrics,

@@ -85,7 +85,9 @@ pub enum AppErrorCode {
     Timeout,
     /// The device never acknowledged the command (attempts exhausted or expired).
     Failed,
-    /// The bus could not be reached; retry.
+    /// The connection has the most commands waiting that it may.
+    TooManyCommands,
+    /// The bus (or the audit log) could not be reached; retry.
     Unavailable,
 }
 

@@ -243,21 +243,51 @@ async fn serve(settings: Settings, run_gateway: bool, run_admin: bool) -> anyhow
     let gateway = if run_gateway {
         let listener = bind(&settings.listen)?;
         addrs.insert("gateway".into(), listener.local_addr()?.to_string().into());
-        // `/v1/app` accepts the admin API's principals: in one process the same
-        // authenticator (its token key may be ephemeral), else one with the same keys.
-        let principals = match &admin {
-            Some((admin, _)) => admin.authenticator(),
-            None => Arc::new(fleetgate_authz::Authenticator::new(
-                settings.api_key.clone(),
-                &settings.token_keys()?,
-                i64::try_from(settings.admin.token_ttl_ms).unwrap_or(i64::MAX),
-            )),
+        // `/v1/app` accepts the admin API's principals and audits its commands on the same
+        // chain: in one process with the admin API's own authenticator (its token key may be
+        // ephemeral) and writer; alone with one holding the same keys, and an appending-only
+        // writer (the admin processes sign the checkpoints).
+        let (principals, audit) = match &admin {
+            Some((admin, _)) => (admin.authenticator(), admin.audit_log()),
+            None => (
+                Arc::new(fleetgate_authz::Authenticator::new(
+                    settings.api_key.clone(),
+                    &settings.token_keys()?,
+                    i64::try_from(settings.admin.token_ttl_ms).unwrap_or(i64::MAX),
+                )),
+                fleetgate_audit::AuditLog::start(
+                    bus.clone(),
+                    fleetgate_audit::Signer::generate(),
+                    &fleetgate_audit::AuditConfig {
+                        checkpoints: false,
+                        ..fleetgate_audit::AuditConfig::default()
+                    },
+                ),
+            ),
+        };
+        let a = &settings.admin;
+        let limits = fleetgate_gateway::CommandLimits {
+            default_ttl: std::time::Duration::from_millis(a.default_ttl_ms),
+            max_ttl: std::time::Duration::from_millis(a.max_ttl_ms),
+            max_wait: std::time::Duration::from_millis(a.max_wait_ms),
+        };
+        let commands = fleetgate_gateway::AppCommands::start(
+            bus.clone(),
+            audit,
+            format!("{}-app", settings.node_id),
+            limits,
+        )
+        .await
+        .context("subscribing to the app command results")?;
+        let app = fleetgate_gateway::AppAccess {
+            principals,
+            commands: Some(commands),
         };
         let gw = Gateway::new(
             settings.gateway_config(),
             bus.clone(),
             load_jwt_keys(&settings)?,
-            principals,
+            app,
             &mut registry,
         );
         Some((gw, listener))

@@ -30,7 +30,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// One frame queued for a session.
 pub(crate) struct Item {
-    /// The channel it belongs to.
+    /// The channel it belongs to; empty for answers to the session's own requests (always
+    /// delivered).
     pub(crate) channel: Arc<str>,
     /// Its offset; `None` for notices (a gap, a lost subscription).
     pub(crate) offset: Option<u64>,
@@ -66,7 +67,7 @@ impl ClientQueue {
 
     /// Queues `item` unless that would pass the limit; then the queue is emptied and marked
     /// overflowed, and `false` returned.
-    fn push(&self, item: Item) -> bool {
+    pub(crate) fn push(&self, item: Item) -> bool {
         let mut s = lock(&self.state);
         if s.overflowed {
             return false;

@@ -5,8 +5,11 @@
 //! [`fleetgate_authz`] rules. Channels fan out through the node's [`hub::Hub`].
 
 mod access;
+mod command;
 pub(crate) mod hub;
 mod session;
+
+pub use command::{AppCommands, CommandLimits};
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -26,6 +29,8 @@ use crate::http::{json_error, unavailable};
 /// The app side of a node: who may connect, the hub, and per-principal connection counts.
 pub(crate) struct AppState {
     pub(crate) authn: Arc<Authenticator>,
+    /// Commands from app sessions; `None` answers them `forbidden`.
+    pub(crate) commands: Option<Arc<AppCommands>>,
     pub(crate) hub: Arc<hub::Hub>,
     /// Connections per principal (actor) on this node.
     connections: Mutex<HashMap<String, usize>>,
@@ -34,14 +39,24 @@ pub(crate) struct AppState {
 }
 
 impl AppState {
-    pub(crate) fn new(authn: Arc<Authenticator>, hub: Arc<hub::Hub>) -> Self {
+    pub(crate) fn new(access: AppAccess, hub: Arc<hub::Hub>) -> Self {
         Self {
-            authn,
+            authn: access.principals,
+            commands: access.commands.map(Arc::new),
             hub,
             connections: Mutex::default(),
             drain: CancellationToken::new(),
         }
     }
+}
+
+/// Who may use `/v1/app` and how its commands are sent and audited.
+pub struct AppAccess {
+    /// The admin API's principals (the same authenticator in one process, else one with the
+    /// same token keys).
+    pub principals: Arc<Authenticator>,
+    /// Command frames; `None` refuses them (`forbidden`).
+    pub commands: Option<AppCommands>,
 }
 
 /// One of a principal's connections on this node; released on drop.

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use bytes::Bytes;
@@ -15,6 +16,7 @@ use tokio::time::Instant;
 use tracing::{Span, debug, warn};
 
 use super::access::{Refusal, may_subscribe};
+use super::command::{self, CommandFrame};
 use super::hub::{ClientQueue, Item, Membership};
 use super::{Admission, Slot, refusal_reason, take_slot};
 use crate::Shared;
@@ -22,6 +24,9 @@ use crate::metrics::CodeLabel;
 
 /// Extra time a slow consumer's close frame may take to get through.
 const SLOW_CLOSE_LINGER: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Commands one connection may have waiting at once.
+const MAX_COMMANDS_IN_FLIGHT: usize = 16;
 
 /// Most frames one subscribe's recovery sends (the history keeps fewer; see settings).
 const RECOVERY_LIMIT: usize = 10_000;
@@ -55,6 +60,7 @@ struct AppSession {
     subs: HashMap<Arc<str>, Sub>,
     last_activity: Instant,
     next_ping: Instant,
+    commands_in_flight: Arc<AtomicUsize>,
     _slot: Slot,
 }
 
@@ -76,6 +82,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut ws: WebSocket, client: u64, adm
                 subs: HashMap::new(),
                 last_activity: now,
                 next_ping: now + shared.config.heartbeat,
+                commands_in_flight: Arc::default(),
                 _slot: slot,
             };
             shared.metrics.app_sessions.inc();
@@ -276,15 +283,17 @@ impl AppSession {
     async fn deliver(&mut self, ws: &mut WebSocket, items: Vec<Item>) -> Result<(), Close> {
         let mut n = 0u64;
         for item in items {
-            let Some(sub) = self.subs.get_mut(&item.channel) else {
-                // Unsubscribed meanwhile.
-                continue;
-            };
-            match item.offset {
-                Some(o) if o <= sub.last => continue,
-                Some(o) => sub.last = o,
-                // A gap notice: offsets may restart (a new epoch).
-                None => sub.last = 0,
+            if !item.channel.is_empty() {
+                let Some(sub) = self.subs.get_mut(&item.channel) else {
+                    // Unsubscribed meanwhile.
+                    continue;
+                };
+                match item.offset {
+                    Some(o) if o <= sub.last => continue,
+                    Some(o) => sub.last = o,
+                    // A gap notice: offsets may restart (a new epoch).
+                    None => sub.last = 0,
+                }
             }
             let Ok(text) = Utf8Bytes::try_from(item.frame) else {
                 continue;
@@ -346,15 +355,64 @@ impl AppSession {
                 };
                 send_text(&self.shared, ws, reply.encode()).await
             }
-            AppRequest::Command { id, .. } => {
-                let reply = AppReply::error(
+            AppRequest::Command {
+                id,
+                device,
+                payload,
+                qos,
+                ttl_ms,
+                wait_ms,
+            } => {
+                let frame = CommandFrame {
                     id,
-                    AppErrorCode::Forbidden,
-                    "commands over /v1/app are not enabled on this node",
-                );
-                send_text(&self.shared, ws, reply.encode()).await
+                    device,
+                    payload,
+                    qos,
+                    ttl_ms,
+                    wait_ms,
+                };
+                self.command(ws, frame).await
             }
         }
+    }
+
+    /// Starts a command in its own task (a wait may take as long as `max_wait`, and the
+    /// session keeps delivering meanwhile); its answer comes back through the queue.
+    async fn command(&mut self, ws: &mut WebSocket, frame: CommandFrame) -> Result<(), Close> {
+        let Some(commands) = self.shared.app.commands.clone() else {
+            let reply = AppReply::error(
+                frame.id,
+                AppErrorCode::Forbidden,
+                "commands over /v1/app are not enabled on this node",
+            );
+            return send_text(&self.shared, ws, reply.encode()).await;
+        };
+        let in_flight = self.commands_in_flight.clone();
+        if in_flight.fetch_add(1, Ordering::AcqRel) >= MAX_COMMANDS_IN_FLIGHT {
+            in_flight.fetch_sub(1, Ordering::AcqRel);
+            let reply = AppReply::error(
+                frame.id,
+                AppErrorCode::TooManyCommands,
+                "too many commands waiting on this connection",
+            );
+            return send_text(&self.shared, ws, reply.encode()).await;
+        }
+        let shared = self.shared.clone();
+        let principal = self.principal.clone();
+        let queue = self.queue.clone();
+        tokio::spawn(async move {
+            let reply = command::run(&*shared.bus, &commands, &principal, frame).await;
+            in_flight.fetch_sub(1, Ordering::AcqRel);
+            let item = Item {
+                channel: Arc::from(""),
+                offset: None,
+                frame: Bytes::from(reply.encode()),
+            };
+            if !queue.push(item) {
+                shared.metrics.app_overflows.inc();
+            }
+        });
+        Ok(())
     }
 
     async fn subscribe(
