@@ -50,6 +50,9 @@ struct Entry {
     nginx_sources: u8,
     /// Nodes the devices connect to directly (no nginx), by index.
     device_nodes: Option<Vec<usize>>,
+    /// Fanout: nodes the app subscribers connect to directly, by index (default: where the
+    /// devices go).
+    app_nodes: Option<Vec<usize>>,
     scenario: String,
     config: String,
     #[serde(default)]
@@ -76,6 +79,8 @@ enum System {
 /// What a run's scenario is pointed at; dropping it stops everything.
 struct Target {
     ws_urls: Vec<String>,
+    /// `/v1/app` endpoints; empty: the scenario derives them from `ws_urls`.
+    app_urls: Vec<String>,
     admin: Option<String>,
     metrics: Vec<String>,
     pids: Vec<u32>,
@@ -102,6 +107,7 @@ async fn start(entry: &Entry, loadtest: &Path) -> anyhow::Result<Target> {
             let node = Node::start(&quiet_env(NODE_MAX_CONNECTIONS)).await?;
             Ok(Target {
                 ws_urls: vec![format!("ws://{}/v1/device", node.gateway)],
+                app_urls: Vec::new(),
                 admin: Some(format!("http://{}", node.admin)),
                 metrics: vec![format!("http://{}/metrics", node.internal)],
                 pids: vec![node.pid()],
@@ -132,6 +138,7 @@ async fn start(entry: &Entry, loadtest: &Path) -> anyhow::Result<Target> {
             let addrs: serde_json::Value = serde_json::from_str(&line)?;
             let pid = child.id().unwrap_or(0);
             Ok(Target {
+                app_urls: Vec::new(),
                 ws_urls: vec![format!(
                     "ws://{}/v1/device",
                     addrs["sink"].as_str().unwrap_or("")
@@ -189,8 +196,17 @@ async fn start(entry: &Entry, loadtest: &Path) -> anyhow::Result<Target> {
                         .await?;
                 (vec![format!("ws://{}/v1/device", n.addr())], Some(n))
             };
+            let app_urls = match &entry.app_nodes {
+                Some(only) => only
+                    .iter()
+                    .map(|i| nodes.get(*i).map(|n| format!("ws://{}/v1/app", n.gateway)))
+                    .collect::<Option<Vec<_>>>()
+                    .context("app_nodes names a node the entry does not start")?,
+                None => Vec::new(),
+            };
             Ok(Target {
                 ws_urls,
+                app_urls,
                 // The last node's admin API: storms drain node 0.
                 admin: nodes.last().map(|n| format!("http://{}", n.admin)),
                 metrics: nodes
@@ -241,6 +257,9 @@ async fn run_one(
         .kill_on_drop(true);
     if let Some(admin) = &target.admin {
         cmd.arg("--admin-url").arg(admin);
+    }
+    if !target.app_urls.is_empty() {
+        cmd.arg("--app-url").arg(target.app_urls.join(","));
     }
     for (key, v) in &entry.set {
         cmd.arg(format!("--{key}")).arg(flag_value(v));

@@ -250,6 +250,37 @@ impl AppClient {
         }
     }
 
+    /// The next text frame as the gateway sent it, undecoded (frames held while a request
+    /// waited come first, re-encoded). For clients that decode only what they need, such as
+    /// a load generator; positions are not updated.
+    ///
+    /// # Errors
+    /// As [`AppClient::next`].
+    pub async fn next_text(&mut self) -> Result<String, AppError> {
+        if let Some(held) = self.held.pop_front() {
+            return serde_json::to_string(&held).map_err(|e| AppError::Protocol(e.to_string()));
+        }
+        loop {
+            match self.ws.next().await {
+                Some(Ok(Message::Text(t))) => return Ok(t.to_string()),
+                Some(Ok(Message::Close(frame))) => {
+                    return Err(AppError::Closed {
+                        code: frame.as_ref().map(|f| f.code.into()),
+                        reason: frame.map(|f| f.reason.to_string()).unwrap_or_default(),
+                    });
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e.into()),
+                None => {
+                    return Err(AppError::Closed {
+                        code: None,
+                        reason: String::new(),
+                    });
+                }
+            }
+        }
+    }
+
     fn request_id(&mut self) -> String {
         self.next_id += 1;
         format!("r{}", self.next_id)

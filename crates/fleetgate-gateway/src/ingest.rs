@@ -234,15 +234,15 @@ impl Session {
         if alert {
             channels.push(Channel::Alerts);
         }
-        for (i, channel) in channels.iter().enumerate() {
+        // All channels at once: on Redis each publish is a round trip (a script that gives
+        // watched channels their offset), and they do not depend on one another.
+        let publishes = channels.iter().enumerate().map(|(i, channel)| {
             // Only the device's own channel keeps a retained value.
             let retain = retain && i == 0;
-            if let Err(error) = self
-                .shared
-                .bus
-                .publish(channel, frame.clone(), retain)
-                .await
-            {
+            self.shared.bus.publish(channel, frame.clone(), retain)
+        });
+        for result in futures_util::future::join_all(publishes).await {
+            if let Err(error) = result {
                 self.shared.metrics.bus_errors.inc();
                 warn!(message = "publish failed", %error);
             }

@@ -76,6 +76,8 @@ pub struct Metrics {
     pub app_overflows: Counter,
     /// Offset gaps seen on a channel (frames dropped or lost in transit).
     pub app_gaps: Counter,
+    /// Time from a channel frame reaching this node to its write to an app client.
+    pub app_delivery_latency: Histogram,
 }
 
 impl Default for Metrics {
@@ -107,6 +109,11 @@ impl Default for Metrics {
             app_frames_delivered: Counter::default(),
             app_overflows: Counter::default(),
             app_gaps: Counter::default(),
+            // The same 100 us .. ~3.3 s buckets as acks: a fast node delivers in well under
+            // a millisecond, a backlogged client shows here before it is closed with 4008.
+            app_delivery_latency: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 16),
+            ),
         }
     }
 }
@@ -216,6 +223,12 @@ impl Metrics {
             "app_overflows",
             "App clients closed with 4008 because their queue was full",
             self.app_overflows.clone(),
+        );
+        r.register_with_unit(
+            "app_delivery_latency",
+            "Time from a channel frame reaching this node to its write to an app client",
+            prometheus_client::registry::Unit::Seconds,
+            self.app_delivery_latency.clone(),
         );
         r.register(
             "app_gaps",

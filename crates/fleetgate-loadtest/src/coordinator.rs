@@ -191,6 +191,8 @@ pub async fn run(spec: Spec, out: &Output) -> anyhow::Result<RunResult> {
     let http = reqwest::Client::new();
     let setup = Duration::from_secs_f64(spec.setup_timeout);
     let devices = spec.devices as u64;
+    // App subscribers (fanout) connect in the same phase and count as done the same way.
+    let sockets = devices + spec.apps as u64;
     let mut m = Moments::default();
     let (mut fleet, goose_reports) = Fleet::start(&spec, out).await?;
     eprintln!(
@@ -209,7 +211,7 @@ pub async fn run(spec: Spec, out: &Output) -> anyhow::Result<RunResult> {
     let t_connect = Instant::now();
     fleet.phase(Phase::Connect).await?;
     fleet
-        .require("connecting", setup, |p| p.connect_done >= devices)
+        .require("connecting", setup, |p| p.connect_done >= sockets)
         .await?;
     eprintln!(
         "connected {} of {} in {:.1} s",

@@ -38,6 +38,9 @@ enum Cmd {
     Commands(RunArgs),
     /// Drain or kill a node under load (`--trigger`): time until all are back, commands lost.
     ReconnectStorm(RunArgs),
+    /// Devices report at a fixed rate while app subscribers watch them over `/v1/app`:
+    /// delivered frames/s, delivery latency, server CPU per delivered frame.
+    Fanout(RunArgs),
     /// The reference sink: accepts WebSockets, reads and discards.
     Sink {
         /// WebSocket listener.
@@ -90,6 +93,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Telemetry(a) => (Scenario::Telemetry, a),
         Cmd::Commands(a) => (Scenario::Commands, a),
         Cmd::ReconnectStorm(a) => (Scenario::ReconnectStorm, a),
+        Cmd::Fanout(a) => (Scenario::Fanout, a),
         Cmd::Sink {
             listen,
             metrics_listen,

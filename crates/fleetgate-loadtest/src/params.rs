@@ -24,6 +24,9 @@ pub enum Scenario {
     Commands,
     /// Drain or kill a node under load; time until every device is back, commands lost.
     ReconnectStorm,
+    /// Devices report at a fixed rate while app subscribers (`/v1/app`) watch their
+    /// channels; delivered frames/s, delivery latency, server CPU per delivered frame.
+    Fanout,
 }
 
 impl Scenario {
@@ -34,6 +37,7 @@ impl Scenario {
             Scenario::Telemetry => "telemetry",
             Scenario::Commands => "commands",
             Scenario::ReconnectStorm => "reconnect-storm",
+            Scenario::Fanout => "fanout",
         }
     }
 }
@@ -58,6 +62,17 @@ pub struct Params {
     /// Device endpoint(s), comma-separated; devices are spread over them by index.
     #[arg(long, value_delimiter = ',')]
     pub ws_url: Option<Vec<String>>,
+    /// Fanout: app endpoint(s) (`/v1/app`), comma-separated; apps are spread over them by
+    /// index. Default: each device endpoint with `/v1/app` for `/v1/device`.
+    #[arg(long, value_delimiter = ',')]
+    pub app_url: Option<Vec<String>>,
+    /// Fanout: app subscribers; app `j` subscribes to the channels of devices
+    /// `j * channels-per-app + i` (mod devices), `i` < channels-per-app.
+    #[arg(long)]
+    pub apps: Option<usize>,
+    /// Fanout: device channels each app subscribes to (a dashboard watching many devices).
+    #[arg(long)]
+    pub channels_per_app: Option<usize>,
     /// Admin API base URL (provisioning, commands).
     #[arg(long)]
     pub admin_url: Option<String>,
@@ -186,7 +201,7 @@ impl Params {
             Scenario::Connect => 1_000,
             Scenario::Telemetry => 50,
             Scenario::Commands => 200,
-            Scenario::ReconnectStorm => 1_000,
+            Scenario::ReconnectStorm | Scenario::Fanout => 1_000,
         });
         if devices == 0 {
             return bad("devices must be at least 1".into());
@@ -200,7 +215,10 @@ impl Params {
             .admin_url
             .unwrap_or_else(|| "http://127.0.0.1:8081".into());
         let needs_admin = auth == AuthKind::Provision
-            || matches!(scenario, Scenario::Commands | Scenario::ReconnectStorm);
+            || matches!(
+                scenario,
+                Scenario::Commands | Scenario::ReconnectStorm | Scenario::Fanout
+            );
         if needs_admin && self.api_key.is_none() {
             return bad(format!(
                 "{} needs --api-key (or FLEETGATE_API_KEY) for the admin API",
@@ -225,9 +243,22 @@ impl Params {
                 return bad(format!("ws-url {u:?} is not a ws:// or wss:// URL"));
             }
         }
+        let apps = if scenario == Scenario::Fanout {
+            self.apps.unwrap_or(18_000)
+        } else {
+            0
+        };
+        let app_urls = self.app_url.unwrap_or_else(|| {
+            ws_urls
+                .iter()
+                .map(|u| u.replace("/v1/device", "/v1/app"))
+                .collect()
+        });
         let qos = self.qos.unwrap_or(1);
         match scenario {
-            Scenario::Telemetry if qos > 1 => return bad("telemetry qos must be 0 or 1".into()),
+            Scenario::Telemetry | Scenario::Fanout if qos > 1 => {
+                return bad("telemetry qos must be 0 or 1".into());
+            }
             Scenario::Commands | Scenario::ReconnectStorm if !(1..=2).contains(&qos) => {
                 return bad("command qos must be 1 or 2 (QoS 0 commands are not queued)".into());
             }
@@ -235,6 +266,7 @@ impl Params {
         }
         let rate = self.rate.unwrap_or(match scenario {
             Scenario::Connect | Scenario::Telemetry => 0.0,
+            Scenario::Fanout => 5.0,
             Scenario::Commands => 1_000.0,
             Scenario::ReconnectStorm => 500.0,
         });
@@ -249,11 +281,14 @@ impl Params {
                 "reconnect-storm needs --trigger, the command that drains or kills a node".into(),
             );
         }
-        let min_workers = devices.div_ceil(MAX_DEVICES_PER_WORKER);
+        if scenario == Scenario::Fanout && rate <= 0.0 {
+            return bad("fanout needs a fixed rate per device (rate > 0)".into());
+        }
+        let min_workers = (devices + apps).div_ceil(MAX_DEVICES_PER_WORKER);
         let workers = self.workers.unwrap_or(min_workers).max(1);
         if workers < min_workers {
             return bad(format!(
-                "{devices} devices need at least {min_workers} workers ({MAX_DEVICES_PER_WORKER} sockets per process)"
+                "{devices} devices and {apps} apps need at least {min_workers} workers ({MAX_DEVICES_PER_WORKER} sockets per process)"
             ));
         }
         if workers > devices {
@@ -286,6 +321,9 @@ impl Params {
                 .device_prefix
                 .unwrap_or_else(|| format!("lt-{:06x}", rand::random::<u32>() & 0xff_ffff)),
             devices,
+            apps,
+            channels_per_app: self.channels_per_app.unwrap_or(1).clamp(1, devices),
+            app_urls,
             connect_rate,
             connect_concurrency: self.connect_concurrency.unwrap_or(256).max(1),
             duration: secs(self.duration, 10.0, "duration")?,
@@ -319,6 +357,9 @@ pub struct Spec {
     pub jwt_kid: Option<String>,
     pub device_prefix: String,
     pub devices: usize,
+    pub apps: usize,
+    pub channels_per_app: usize,
+    pub app_urls: Vec<String>,
     pub connect_rate: f64,
     pub connect_concurrency: usize,
     pub duration: f64,
@@ -343,6 +384,19 @@ impl Spec {
         let extra = self.devices % self.workers;
         let start = w * base + w.min(extra);
         start..start + base + usize::from(w < extra)
+    }
+
+    /// The app subscribers worker `w` runs: an even split like [`Spec::share`].
+    pub fn share_apps(&self, w: usize) -> Range<usize> {
+        let base = self.apps / self.workers;
+        let extra = self.apps % self.workers;
+        let start = w * base + w.min(extra);
+        start..start + base + usize::from(w < extra)
+    }
+
+    /// The endpoint app `j` connects to.
+    pub fn app_url(&self, j: usize) -> &str {
+        &self.app_urls[j % self.app_urls.len()]
     }
 
     /// The ID of device `i`.
@@ -496,7 +550,7 @@ mod tests {
             assert!(spec.devices > 0);
             seen += 1;
         }
-        assert_eq!(seen, 4, "one file per scenario");
+        assert_eq!(seen, 5, "one file per scenario");
     }
 
     #[test]

@@ -28,6 +28,65 @@ pub struct Sample {
     pub sessions: f64,
     /// Nodes that answered.
     pub nodes: usize,
+    /// Cumulative counts of `fleetgate_app_delivery_latency_seconds` per bucket of
+    /// [`DELIVERY_BUCKETS_S`] (the last is `+Inf`).
+    pub delivery: [f64; DELIVERY_BUCKETS_S.len() + 1],
+}
+
+/// Upper bounds of the gateway's app delivery latency buckets, seconds (100 us doubling).
+pub const DELIVERY_BUCKETS_S: [f64; 16] = {
+    let mut b = [0.0001; 16];
+    let mut i = 1;
+    while i < 16 {
+        b[i] = b[i - 1] * 2.0;
+        i += 1;
+    }
+    b
+};
+
+/// The cumulative bucket counts of the app delivery histogram on one page.
+fn delivery_buckets(text: &str) -> [f64; DELIVERY_BUCKETS_S.len() + 1] {
+    let mut out = [0.0; DELIVERY_BUCKETS_S.len() + 1];
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("fleetgate_app_delivery_latency_seconds_bucket{le=\"")
+        else {
+            continue;
+        };
+        let Some((le, value)) = rest.split_once("\"}") else {
+            continue;
+        };
+        let Ok(v) = value.trim().parse::<f64>() else {
+            continue;
+        };
+        let slot = if le == "+Inf" {
+            Some(DELIVERY_BUCKETS_S.len())
+        } else {
+            le.parse::<f64>().ok().and_then(|b| {
+                DELIVERY_BUCKETS_S
+                    .iter()
+                    .position(|x| (x - b).abs() <= b * 1e-6)
+            })
+        };
+        if let Some(i) = slot {
+            out[i] = v;
+        }
+    }
+    out
+}
+
+/// The bucket bound (ms) under which quantile `q` of the deliveries between two samples
+/// fell: coarse (buckets double), but what the node itself measured.
+pub fn delivery_quantile_ms(before: &Sample, after: &Sample, q: f64) -> Option<f64> {
+    let total =
+        after.delivery[DELIVERY_BUCKETS_S.len()] - before.delivery[DELIVERY_BUCKETS_S.len()];
+    if total <= 0.0 {
+        return None;
+    }
+    DELIVERY_BUCKETS_S
+        .iter()
+        .enumerate()
+        .find(|(i, _)| after.delivery[*i] - before.delivery[*i] >= q * total)
+        .map(|(_, b)| b * 1000.0)
 }
 
 /// The sum of every series of `name` (any labels); `None` when absent.
@@ -69,6 +128,7 @@ pub fn parse(text: &str) -> Sample {
             .filter_map(|n| metric_sum(text, n))
             .sum(),
         nodes: 1,
+        delivery: delivery_buckets(text),
     }
 }
 
@@ -82,6 +142,9 @@ pub async fn sample(http: &reqwest::Client, urls: &[String]) -> Sample {
         total.ingested += s.ingested;
         total.sessions += s.sessions;
         total.nodes += 1;
+        for (t, d) in total.delivery.iter_mut().zip(s.delivery) {
+            *t += d;
+        }
     }
     total
 }
@@ -134,6 +197,17 @@ fleetgate_messages_received_total{type=\"event\",x=\"a}b\"} 5
         assert_eq!(s.fds, 12.0);
         assert_eq!(s.cpu, 3.5);
         assert_eq!(s.ingested, 105.0);
+        let before = parse(
+            "fleetgate_app_delivery_latency_seconds_bucket{le=\"0.0001\"} 0\nfleetgate_app_delivery_latency_seconds_bucket{le=\"+Inf\"} 0\n",
+        );
+        let after = parse(concat!(
+            "fleetgate_app_delivery_latency_seconds_bucket{le=\"0.0001\"} 50\n",
+            "fleetgate_app_delivery_latency_seconds_bucket{le=\"0.0002\"} 98\n",
+            "fleetgate_app_delivery_latency_seconds_bucket{le=\"0.0004\"} 100\n",
+            "fleetgate_app_delivery_latency_seconds_bucket{le=\"+Inf\"} 100\n",
+        ));
+        assert_eq!(delivery_quantile_ms(&before, &after, 0.5), Some(0.1));
+        assert_eq!(delivery_quantile_ms(&before, &after, 0.99), Some(0.4));
         assert_eq!(parse("sink_messages_received_total 9\n").ingested, 9.0);
         assert_eq!(
             parse("fleetgate_connections_active 19000\n").sessions,

@@ -163,6 +163,67 @@ pub fn summarize(
                 put("ack_p999_ms", h.quantile_ms(0.999));
             }
         }
+        Scenario::Fanout => {
+            let sent = t.count("messages_sent") as f64;
+            let delivered = t.count("app_frames") as f64;
+            let apps = t.count("apps_connected") as f64;
+            put("messages_sent", sent);
+            put("apps_connected", apps);
+            put("app_failed", t.total("app_failed") as f64);
+            put("app_closed", t.total("app_closed") as f64);
+            put("frames_delivered", delivered);
+            // Every frame reaches each of its channel's subscribers: apps x channels per app
+            // / devices of them.
+            if sent > 0.0 && spec.devices > 0 {
+                let expected = sent * apps * spec.channels_per_app as f64 / spec.devices as f64;
+                put("delivered_ratio", delivered / expected);
+            }
+            let load = t.span("load").map_or(0.0, |s| s.secs());
+            if load > 0.0 {
+                put("delivered_per_s", delivered / load);
+                put("client_msg_per_s", sent / load);
+            }
+            if let Some(h) = t.latencies_of("delivery") {
+                put("delivery_p50_ms", h.quantile_ms(0.5));
+                put("delivery_p99_ms", h.quantile_ms(0.99));
+                put("delivery_p999_ms", h.quantile_ms(0.999));
+            }
+            if let (Some((_, s0)), Some((_, s1))) = (m.run_start, m.run_end) {
+                // The node's own share: from a frame reaching it to its socket write.
+                for (name, q) in [
+                    ("node_delivery_p50_ms", 0.5),
+                    ("node_delivery_p99_ms", 0.99),
+                ] {
+                    if let Some(v) = crate::scrape::delivery_quantile_ms(&s0, &s1, q) {
+                        put(name, v);
+                    }
+                }
+            }
+            if let (Some((a, s0)), Some((b, s1))) = (m.run_start, m.run_end) {
+                let secs = b.saturating_sub(a) as f64 / 1000.0;
+                if s1.nodes > 0 && s1.nodes == s0.nodes && secs > 0.0 && s1.cpu > s0.cpu {
+                    let cpu = s1.cpu - s0.cpu;
+                    let ingested = s1.ingested - s0.ingested;
+                    if delivered > 0.0 {
+                        put("server_cpu_per_delivered_us", cpu * 1e6 / delivered);
+                    }
+                    if ingested > 0.0 {
+                        put("server_msg_per_s", ingested / secs);
+                    }
+                }
+            }
+            // Memory per socket held: apps and their devices together (devices are
+            // apps / (apps per channel) of them, a few percent).
+            if let (Some(idle), Some(after)) = (m.idle, m.connected)
+                && idle.nodes > 0
+                && apps > 0.0
+            {
+                put(
+                    "server_rss_per_socket_bytes",
+                    (after.rss - idle.rss) / (apps + connected),
+                );
+            }
+        }
         Scenario::Commands | Scenario::ReconnectStorm => {
             let statuses = t.breakdown("command_status");
             let ok = statuses.get("200").copied().unwrap_or(0) as f64;
@@ -222,6 +283,8 @@ pub fn summarize(
         "command_status",
         "answer_failed",
         "error_frame",
+        "app_failed",
+        "app_closed",
     ] {
         let b = t.breakdown(kind);
         if !b.is_empty() {
@@ -270,6 +333,7 @@ mod tests {
             ingested,
             sessions: 0.0,
             nodes: 1,
+            ..Sample::default()
         }
     }
 

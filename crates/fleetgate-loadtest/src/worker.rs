@@ -17,6 +17,8 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{Semaphore, oneshot, watch};
 
+mod fanout;
+
 use crate::pace::Pacer;
 use crate::params::Scenario as Kind;
 use crate::params::{AuthKind, Spec};
@@ -31,6 +33,9 @@ struct Ctx {
     spec: Spec,
     first: usize,
     len: usize,
+    /// This worker's app subscribers (fanout): global indices.
+    apps: std::ops::Range<usize>,
+    next_app: AtomicUsize,
     phase: watch::Receiver<Phase>,
     next_device: AtomicUsize,
     live: Live,
@@ -145,10 +150,13 @@ async fn attack(init: Init, phase: watch::Receiver<Phase>) -> anyhow::Result<Tal
     let spec = init.spec;
     let share = spec.share(init.index);
     let operators = spec.operators_in(init.index);
+    let apps = spec.share_apps(init.index);
     let workers = spec.workers as f64;
     let ctx = Arc::new(Ctx {
         first: share.start,
         len: share.len(),
+        apps,
+        next_app: AtomicUsize::new(0),
         phase,
         next_device: AtomicUsize::new(0),
         live: Live::default(),
@@ -176,7 +184,7 @@ async fn attack(init: Init, phase: watch::Receiver<Phase>) -> anyhow::Result<Tal
 
     let mut config = GooseConfiguration::default();
     config.host = Some(ctx.spec.admin_url.clone());
-    config.users = Some(ctx.len + operators);
+    config.users = Some(ctx.len + operators + ctx.apps.len());
     // Every user starts at once; connection pacing is ours (`connect_rate`).
     config.increase_rate = Some("1000000".into());
     config.iterations = Some(1);
@@ -197,6 +205,9 @@ async fn attack(init: Init, phase: watch::Receiver<Phase>) -> anyhow::Result<Tal
         .register_scenario(device_scenario(&ctx, ctx.len)?);
     if operators > 0 {
         attack = attack.register_scenario(operator_scenario(&ctx, operators)?);
+    }
+    if !ctx.apps.is_empty() {
+        attack = attack.register_scenario(app_scenario(&ctx, ctx.apps.len())?);
     }
     attack.execute().await.map_err(goose_error)?;
     ticker.abort();
@@ -239,6 +250,12 @@ fn operator_scenario(ctx: &Arc<Ctx>, weight: usize) -> anyhow::Result<Scenario> 
     Ok(scenario!("operators")
         .set_weight(weight)?
         .register_transaction(step!(ctx, "commands", operate)))
+}
+
+fn app_scenario(ctx: &Arc<Ctx>, weight: usize) -> anyhow::Result<Scenario> {
+    Ok(scenario!("apps")
+        .set_weight(weight)?
+        .register_transaction(step!(ctx, "watch", fanout::watch)))
 }
 
 fn custom_error(msg: String) -> Box<TransactionError> {
@@ -484,7 +501,7 @@ async fn device_load(ctx: Arc<Ctx>, user: &mut GooseUser) -> TransactionResult {
     let client = user
         .get_session_data::<Slot>()
         .and_then(|s| s.client.clone());
-    if let (Some(client), Kind::Telemetry) = (client, ctx.spec.scenario) {
+    if let (Some(client), Kind::Telemetry | Kind::Fanout) = (client, ctx.spec.scenario) {
         let sent = telemetry(&ctx, &client).await;
         user.record_custom_request_duration("WS", "telemetry", sent.1, sent.0 > 0, None, None)
             .await?;
@@ -519,7 +536,12 @@ async fn telemetry(ctx: &Ctx, client: &DeviceClient) -> (u64, Duration) {
         while inflight.len() < window && !ctx.at_least(Phase::Settle) {
             pacer.wait().await;
             seq += 1;
-            let payload = json!({ "seq": seq, "temp": 21.5, "pad": pad });
+            // Fanout subscribers measure delivery latency from the send time.
+            let payload = if spec.scenario == Kind::Fanout {
+                json!({ "seq": seq, "temp": 21.5, "sentUs": fanout::now_us(), "pad": pad })
+            } else {
+                json!({ "seq": seq, "temp": 21.5, "pad": pad })
+            };
             let t0 = Instant::now();
             let send = client.send_status(payload, qos);
             inflight.push(async move { (send.await, t0.elapsed()) });

@@ -257,6 +257,11 @@ pub fn quiet_env(max_connections: usize) -> Vec<(&'static str, String)> {
         ("FLEETGATE_AUTH_TIMEOUT_MS", "60000".into()),
         ("FLEETGATE_RATE_LIMIT_PER_SECOND", "1000000".into()),
         ("FLEETGATE_RATE_LIMIT_BURST", "1000000".into()),
+        // Fanout runs connect every app subscriber with the one API key.
+        (
+            "FLEETGATE_APP_MAX_CONNECTIONS_PER_PRINCIPAL",
+            "1000000".into(),
+        ),
     ]
 }
 

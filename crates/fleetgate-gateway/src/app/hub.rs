@@ -37,6 +37,8 @@ pub(crate) struct Item {
     pub(crate) offset: Option<u64>,
     /// The encoded frame, shared with the channel's other subscribers.
     pub(crate) frame: Bytes,
+    /// When the node had it (for the delivery latency metric).
+    pub(crate) at: std::time::Instant,
 }
 
 #[derive(Default)]
@@ -123,13 +125,15 @@ struct Entry {
 }
 
 impl Entry {
-    /// Hands `item` (made by `make`, once) to every client; counts the ones that overflowed.
+    /// Hands the frame to every client's queue; counts the ones that overflowed.
     fn fan_out(&self, offset: Option<u64>, frame: Bytes, metrics: &Metrics) {
+        let at = std::time::Instant::now();
         for queue in lock(&self.clients).values() {
             let item = Item {
                 channel: self.name.clone(),
                 offset,
                 frame: frame.clone(),
+                at,
             };
             if !queue.push(item) {
                 metrics.app_overflows.inc();

@@ -282,6 +282,7 @@ impl AppSession {
     /// Writes queued frames in one flush, skipping what the client already has.
     async fn deliver(&mut self, ws: &mut WebSocket, items: Vec<Item>) -> Result<(), Close> {
         let mut n = 0u64;
+        let mut written = Vec::with_capacity(items.len());
         for item in items {
             if !item.channel.is_empty() {
                 let Some(sub) = self.subs.get_mut(&item.channel) else {
@@ -295,6 +296,7 @@ impl AppSession {
                     None => sub.last = 0,
                 }
             }
+            written.push(item.at);
             let Ok(text) = Utf8Bytes::try_from(item.frame) else {
                 continue;
             };
@@ -321,6 +323,10 @@ impl AppSession {
             }
         }
         self.shared.metrics.app_frames_delivered.inc_by(n);
+        let latency = &self.shared.metrics.app_delivery_latency;
+        for at in written {
+            latency.observe(at.elapsed().as_secs_f64());
+        }
         Ok(())
     }
 
@@ -407,6 +413,7 @@ impl AppSession {
                 channel: Arc::from(""),
                 offset: None,
                 frame: Bytes::from(reply.encode()),
+                at: std::time::Instant::now(),
             };
             if !queue.push(item) {
                 shared.metrics.app_overflows.inc();
