@@ -260,25 +260,7 @@ impl AppClient {
         if let Some(held) = self.held.pop_front() {
             return serde_json::to_string(&held).map_err(|e| AppError::Protocol(e.to_string()));
         }
-        loop {
-            match self.ws.next().await {
-                Some(Ok(Message::Text(t))) => return Ok(t.to_string()),
-                Some(Ok(Message::Close(frame))) => {
-                    return Err(AppError::Closed {
-                        code: frame.as_ref().map(|f| f.code.into()),
-                        reason: frame.map(|f| f.reason.to_string()).unwrap_or_default(),
-                    });
-                }
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(e.into()),
-                None => {
-                    return Err(AppError::Closed {
-                        code: None,
-                        reason: String::new(),
-                    });
-                }
-            }
-        }
+        self.read_text().await
     }
 
     fn request_id(&mut self) -> String {
@@ -315,12 +297,14 @@ impl AppClient {
     }
 
     async fn read(&mut self) -> Result<AppReply, AppError> {
+        let text = self.read_text().await?;
+        serde_json::from_str(&text).map_err(|e| AppError::Protocol(format!("bad frame: {e}")))
+    }
+
+    async fn read_text(&mut self) -> Result<String, AppError> {
         loop {
             match self.ws.next().await {
-                Some(Ok(Message::Text(t))) => {
-                    return serde_json::from_str(&t)
-                        .map_err(|e| AppError::Protocol(format!("bad frame: {e}")));
-                }
+                Some(Ok(Message::Text(t))) => return Ok(t.to_string()),
                 Some(Ok(Message::Close(frame))) => {
                     return Err(AppError::Closed {
                         code: frame.as_ref().map(|f| f.code.into()),
