@@ -4,20 +4,12 @@ use std::process::Stdio;
 
 use crate::support::{API_KEY, Node};
 
-#[tokio::test]
-async fn python_websockets_device_speaks_the_protocol() {
-    let node = Node::start(&[]).await;
-    let secret = node.provision("py-dev").await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/interop/device.py");
+/// Runs `interop/<script>` with `args` and asserts it passed every step.
+async fn run_script(script: &str, args: &[&str]) {
+    let path = format!("{}/interop/{script}", env!("CARGO_MANIFEST_DIR"));
     let out = tokio::process::Command::new("python3")
-        .args([
-            script,
-            &node.device_url(),
-            &format!("http://{}", node.admin),
-            API_KEY,
-            "py-dev",
-            &secret,
-        ])
+        .arg(&path)
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .output();
@@ -29,36 +21,27 @@ async fn python_websockets_device_speaks_the_protocol() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
-        "python device failed (needs `pip install websockets`)\nstdout:\n{stdout}\nstderr:\n{stderr}"
+        "python {script} failed (needs `pip install websockets`)\nstdout:\n{stdout}\nstderr:\n{stderr}"
     );
     assert!(stdout.contains("interop: all steps passed"), "{stdout}");
+}
+
+#[tokio::test]
+async fn python_websockets_device_speaks_the_protocol() {
+    let node = Node::start(&[]).await;
+    let secret = node.provision("py-dev").await;
+    let admin = format!("http://{}", node.admin);
+    run_script(
+        "device.py",
+        &[&node.device_url(), &admin, API_KEY, "py-dev", &secret],
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn python_websockets_dashboard_subscribes_and_recovers() {
     let node = Node::start(&[]).await;
     let secret = node.provision("py-app-dev").await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/interop/app.py");
-    let out = tokio::process::Command::new("python3")
-        .args([
-            script,
-            &format!("ws://{}", node.gateway),
-            API_KEY,
-            "py-app-dev",
-            &secret,
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output();
-    let out = tokio::time::timeout(crate::support::DEADLINE * 3, out)
-        .await
-        .expect("script finished in time")
-        .expect("python3 runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "python dashboard failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
-    );
-    assert!(stdout.contains("interop: all steps passed"), "{stdout}");
+    let base = format!("ws://{}", node.gateway);
+    run_script("app.py", &[&base, API_KEY, "py-app-dev", &secret]).await;
 }

@@ -52,26 +52,39 @@ pub(crate) fn unavailable(code: &str, message: &str, retry_after_s: u32) -> Resp
     resp
 }
 
+/// The checks every upgrade starts with: a WebSocket request, to a node that is not draining.
+pub(crate) fn upgradable(
+    shared: &Shared,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Result<WebSocketUpgrade, Box<Response>> {
+    let ws = ws.map_err(|rejection| {
+        Box::new(json_error(
+            StatusCode::BAD_REQUEST,
+            "not_websocket",
+            &rejection.body_text(),
+        ))
+    })?;
+    if shared.draining.load(Ordering::Relaxed) {
+        shared.metrics.connections_rejected.inc();
+        return Err(Box::new(unavailable(
+            "draining",
+            "node is draining; connect to another node",
+            1,
+        )));
+    }
+    Ok(ws)
+}
+
 async fn device_upgrade(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
     query: Result<Query<DeviceQuery>, axum::extract::rejection::QueryRejection>,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
-    let ws = match ws {
+    let ws = match upgradable(&shared, ws) {
         Ok(ws) => ws,
-        Err(rejection) => {
-            return json_error(
-                StatusCode::BAD_REQUEST,
-                "not_websocket",
-                &rejection.body_text(),
-            );
-        }
+        Err(refused) => return *refused,
     };
-    if shared.draining.load(Ordering::Relaxed) {
-        shared.metrics.connections_rejected.inc();
-        return unavailable("draining", "node is draining; connect to another node", 1);
-    }
     // Refuse before upgrading when the node is full: the cheapest answer, and one a load
     // balancer can act on.
     let full = || {

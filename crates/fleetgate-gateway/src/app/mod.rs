@@ -12,7 +12,6 @@ mod session;
 pub use command::{AppCommands, CommandLimits};
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use axum::extract::State;
@@ -24,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span, warn};
 
 use crate::Shared;
-use crate::http::{json_error, unavailable};
+use crate::http::{json_error, unavailable, upgradable};
 
 /// The app side of a node: who may connect, the hub, and per-principal connection counts.
 pub(crate) struct AppState {
@@ -150,20 +149,10 @@ pub(crate) async fn upgrade(
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
-    let ws = match ws {
+    let ws = match upgradable(&shared, ws) {
         Ok(ws) => ws,
-        Err(rejection) => {
-            return json_error(
-                StatusCode::BAD_REQUEST,
-                "not_websocket",
-                &rejection.body_text(),
-            );
-        }
+        Err(refused) => return *refused,
     };
-    if shared.draining.load(Ordering::Relaxed) {
-        shared.metrics.connections_rejected.inc();
-        return unavailable("draining", "node is draining; connect to another node", 1);
-    }
     let Ok(socket_permit) = shared.sockets_capacity.clone().try_acquire_owned() else {
         shared.metrics.connections_rejected.inc();
         return unavailable("at_capacity", "node is at its connection limit", 5);

@@ -335,14 +335,14 @@ impl AppSession {
             Ok(r) => r,
             Err(message) => {
                 let reply = AppReply::error(None, AppErrorCode::BadRequest, message);
-                return send_text(&self.shared, ws, reply.encode()).await;
+                return self.answer(ws, &reply).await;
             }
         };
         match request {
             AppRequest::Auth { .. } => {
                 let reply =
                     AppReply::error(None, AppErrorCode::BadRequest, "already authenticated");
-                send_text(&self.shared, ws, reply.encode()).await
+                self.answer(ws, &reply).await
             }
             AppRequest::Subscribe {
                 channel,
@@ -359,7 +359,7 @@ impl AppSession {
                     }
                     None => channel_error(id, &channel, AppErrorCode::BadRequest, "not subscribed"),
                 };
-                send_text(&self.shared, ws, reply.encode()).await
+                self.answer(ws, &reply).await
             }
             AppRequest::Command {
                 id,
@@ -391,7 +391,7 @@ impl AppSession {
                 AppErrorCode::Forbidden,
                 "commands over /v1/app are not enabled on this node",
             );
-            return send_text(&self.shared, ws, reply.encode()).await;
+            return self.answer(ws, &reply).await;
         };
         let in_flight = self.commands_in_flight.clone();
         if in_flight.fetch_add(1, Ordering::AcqRel) >= MAX_COMMANDS_IN_FLIGHT {
@@ -401,7 +401,7 @@ impl AppSession {
                 AppErrorCode::TooManyCommands,
                 "too many commands waiting on this connection",
             );
-            return send_text(&self.shared, ws, reply.encode()).await;
+            return self.answer(ws, &reply).await;
         }
         let shared = self.shared.clone();
         let principal = self.principal.clone();
@@ -433,18 +433,18 @@ impl AppSession {
         let refuse = |code, message: &str| channel_error(id.clone(), &name, code, message);
         let Some(channel) = Channel::parse(&name) else {
             let reply = refuse(AppErrorCode::BadRequest, "unknown channel");
-            return send_text(&self.shared, ws, reply.encode()).await;
+            return self.answer(ws, &reply).await;
         };
         if self.subs.contains_key(name.as_str()) {
             let reply = refuse(AppErrorCode::BadRequest, "already subscribed");
-            return send_text(&self.shared, ws, reply.encode()).await;
+            return self.answer(ws, &reply).await;
         }
         if self.subs.len() >= self.shared.config.app.max_subscriptions {
             let reply = refuse(
                 AppErrorCode::TooManySubscriptions,
                 "the connection holds the most subscriptions allowed",
             );
-            return send_text(&self.shared, ws, reply.encode()).await;
+            return self.answer(ws, &reply).await;
         }
         let shared = self.shared.clone();
         match may_subscribe(&*shared.bus, &self.principal, &channel).await {
@@ -538,6 +538,11 @@ impl AppSession {
             AppErrorCode::Unavailable,
             "the bus is unavailable; retry",
         );
+        self.answer(ws, &reply).await
+    }
+
+    /// Writes one reply frame.
+    async fn answer(&self, ws: &mut WebSocket, reply: &AppReply) -> Result<(), Close> {
         send_text(&self.shared, ws, reply.encode()).await
     }
 
