@@ -37,7 +37,7 @@ CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "HTTPRoute", "BackendTrafficPol
 # Settings the chart writes itself (listeners, identity, secrets, Redis, key files).
 CHART_OWNED = {
     "listen", "admin_listen", "internal_listen", "node_id", "api_key", "redis_urls",
-    "jwt_keys", "admin.token_keys", "admin.audit_signing_key",
+    "jwt_keys", "admin.token_keys", "admin.audit_signing_key", "mqtt.password_file",
 }
 # Marks the Secret value the chart generates at random, so renders can be compared.
 GENERATED = "<generated at install>"
@@ -270,12 +270,18 @@ def check_fleetgate_pods(c: Checks, scenario: str, objs: list[dict], values: dic
             limits = ctr["resources"].get("limits", {})
             c.ok("memory" in limits and "cpu" not in limits, f"{scenario}: {name}: wants a memory limit and no CPU limit")
         if role == "gateway":
-            # Least privilege: a gateway sees the JWT keys and the user token keys (/v1/app
-            # verifies users), never the API key or the audit signing key.
+            # Least privilege: a gateway sees the JWT keys, the user token keys (/v1/app and
+            # /v1/mqtt verify users) and the MQTT broker password, never the API key or the
+            # audit signing key.
             vols = [v for v in spec["volumes"] if "secret" in v]
             env = {e["name"] for e in ctr.get("env", [])}
             c.ok("FLEETGATE_API_KEY" not in env, f"{scenario}: {name}: gateway pods get the admin API key")
-            c.ok(all(v["secret"].get("items") and {i["key"] for i in v["secret"]["items"]} <= {"jwt-keys.toml", "admin-token-keys.toml"} for v in vols), f"{scenario}: {name}: gateway pods mount more of the Secret than the JWT and user token keys")
+            c.ok(all(v["secret"].get("items") and {i["key"] for i in v["secret"]["items"]} <= {"jwt-keys.toml", "admin-token-keys.toml", "mqtt-password"} for v in vols), f"{scenario}: {name}: gateway pods mount more of the Secret than the JWT and user token keys and the MQTT password")
+            s = values.get("secrets", {})
+            if s.get("mqttPassword") or s.get("existingSecretHas", {}).get("mqttPassword"):
+                mounted = {i["key"] for v in vols for i in v["secret"].get("items", [])}
+                c.ok("mqtt-password" in mounted, f"{scenario}: {name}: the MQTT password is not mounted")
+                c.ok(config.get("mqtt", {}).get("password_file") == "/etc/fleetgate/secrets/mqtt-password", f"{scenario}: {name}: mqtt.password_file does not name the mounted password")
         if role in ("admin", "all"):
             env = {e["name"]: e for e in ctr["env"]}
             c.ok("secretKeyRef" in env.get("FLEETGATE_API_KEY", {}).get("valueFrom", {}), f"{scenario}: {name}: API key not from a Secret")
@@ -411,6 +417,8 @@ def check_settings_reachable(c: Checks, binary: str | None) -> None:
         # Unset options are not printed; give each one so that it is.
         "FLEETGATE_JWT_KEYS": "/k", "FLEETGATE_OTLP_ENDPOINT": "http://c:4318",
         "FLEETGATE_ADMIN_TOKEN_KEYS": "/k", "FLEETGATE_AUDIT_SIGNING_KEY": "/k",
+        "FLEETGATE_MQTT_URL": "mqtt://b:1883", "FLEETGATE_MQTT_USERNAME": "u",
+        "FLEETGATE_MQTT_PASSWORD_FILE": "/k",
     }
     p = subprocess.run([binary, "config"], capture_output=True, text=True, env=env, check=True)
     printed = set()

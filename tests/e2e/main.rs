@@ -2,12 +2,14 @@
 //! real sockets.
 
 mod admin;
+mod alerts;
 mod app;
 mod audit;
 mod auth;
 mod chart;
 mod cluster;
 mod commands;
+mod consumer;
 mod ingest;
 mod ingress;
 mod interop;
@@ -15,6 +17,7 @@ mod jobs;
 mod lifecycle;
 mod limits;
 mod loadtest;
+mod mqtt;
 mod openapi;
 mod rbac;
 mod sdk;

@@ -45,6 +45,7 @@ enum Needs {
     JobRead,
     JobWrite,
     NodeRead,
+    AlertWrite,
     AuditRead,
     PrincipalAdmin,
 }
@@ -63,6 +64,7 @@ fn allows(role: Role, needs: Needs) -> bool {
                 | N::ShadowWrite
                 | N::JobRead
                 | N::JobWrite
+                | N::AlertWrite
                 | N::NodeRead
         ),
         Role::Viewer => matches!(
@@ -91,6 +93,8 @@ enum Subject {
     Scene,
     /// The body names a group in the caller's scope, or another one.
     NewTarget,
+    /// `{id}` is an alert rule on a group of the caller's scope, or on another group.
+    Rule,
 }
 
 struct Row {
@@ -396,6 +400,54 @@ fn rows() -> Vec<Row> {
         ),
         row(
             "GET",
+            "/v1/alert-rules",
+            "alert_rule.list",
+            N::DeviceRead,
+            S::Nothing,
+            200,
+            none,
+        ),
+        row(
+            "PUT",
+            "/v1/alert-rules/{id}",
+            "alert_rule.put",
+            N::AlertWrite,
+            S::NewTarget,
+            201,
+            |c| {
+                Some(json!({"name": "hot", "target": {"group": c.group()},
+                    "condition": {"threshold": {"tag": "t", "op": ">", "value": 1}}}))
+            },
+        ),
+        row(
+            "GET",
+            "/v1/alert-rules/{id}",
+            "alert_rule.get",
+            N::DeviceRead,
+            S::Rule,
+            200,
+            none,
+        ),
+        row(
+            "DELETE",
+            "/v1/alert-rules/{id}",
+            "alert_rule.delete",
+            N::AlertWrite,
+            S::Rule,
+            204,
+            none,
+        ),
+        row(
+            "GET",
+            "/v1/alerts",
+            "alert.list",
+            N::DeviceRead,
+            S::Nothing,
+            200,
+            none,
+        ),
+        row(
+            "GET",
             "/v1/nodes",
             "node.list",
             N::NodeRead,
@@ -669,6 +721,7 @@ async fn every_endpoint_as_every_role_and_credential_answers_exactly_and_is_audi
             | Subject::NewDevice
             | Subject::Job
             | Subject::Scene
+            | Subject::Rule
             | Subject::NewTarget => &[true, false],
             _ => &[true],
         };
@@ -738,6 +791,22 @@ async fn every_endpoint_as_every_role_and_credential_answers_exactly_and_is_audi
                         }
                         row.path.replace("{name}", &name)
                     }
+                    Subject::NewTarget => row.path.replace("{id}", &format!("rule-{n}")),
+                    Subject::Rule => {
+                        let id = format!("rule-{n}");
+                        let (s, b) = m
+                            .node
+                            .admin_with_key(
+                                "PUT",
+                                &format!("/v1/alert-rules/{id}"),
+                                Some(json!({"name": "hot", "target": {"group": cell.group()},
+                                    "condition": {"offline": {"seconds": 60}}})),
+                                maker.as_deref(),
+                            )
+                            .await;
+                        assert_eq!(s, 201, "{b}");
+                        row.path.replace("{id}", &id)
+                    }
                     _ => row.path.to_owned(),
                 };
                 m.new_entries().await;
@@ -761,7 +830,7 @@ async fn every_endpoint_as_every_role_and_credential_answers_exactly_and_is_audi
                     _ if !in_scope
                         && matches!(
                             row.subject,
-                            Subject::Device | Subject::Job | Subject::Scene
+                            Subject::Device | Subject::Job | Subject::Scene | Subject::Rule
                         ) =>
                     {
                         404

@@ -64,7 +64,12 @@ impl Node {
             admin: addrs.admin,
             internal: addrs.internal,
             child,
-            http: reqwest::Client::new(),
+            // A hung handler fails its test with a message instead of hanging the run (waits
+            // over REST are capped well below this).
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(90))
+                .build()
+                .expect("HTTP client"),
         }
     }
 

@@ -8,6 +8,7 @@
 //! - what is recorded: [`pipeline`] appends every state change, login and refusal to the
 //!   audit log (`fleetgate-audit`), failing closed.
 
+mod alerts;
 mod audit_api;
 mod auth;
 mod commands;
@@ -32,7 +33,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router, middleware};
 use fleetgate_audit::{AuditConfig, AuditLog, Signer};
-use fleetgate_bus::{Bus, BusError};
+use fleetgate_bus::{Bus, BusError, DocExpect, DocKind, DocWrite};
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -343,6 +344,13 @@ fn api_router() -> OpenApiRouter<Arc<AdminState>> {
             scenes::delete_scene
         ))
         .routes(routes!(scenes::activate))
+        .routes(routes!(alerts::list_rules))
+        .routes(routes!(
+            alerts::put_rule,
+            alerts::get_rule,
+            alerts::delete_rule
+        ))
+        .routes(routes!(alerts::list_alerts))
         .routes(routes!(list_nodes))
         .routes(routes!(audit_api::list))
         .routes(routes!(audit_api::verify))
@@ -379,4 +387,26 @@ async fn method_not_allowed() -> AppError {
         "method_not_allowed",
         "this endpoint does not take that method",
     )
+}
+
+/// Creates (`existing` = `None`) or replaces, at exactly version `existing`, a document:
+/// 201 or 200, or 409 when another writer came first.
+pub(crate) async fn put_versioned(
+    state: &AdminState,
+    kind: DocKind,
+    id: &str,
+    text: &str,
+    existing: Option<u64>,
+    what: &str,
+) -> Result<StatusCode, AppError> {
+    let expect = existing.map_or(DocExpect::Absent, DocExpect::Version);
+    match state.bus.doc_put(kind, id, text, expect).await? {
+        DocWrite::Written(_) if existing.is_some() => Ok(StatusCode::OK),
+        DocWrite::Written(_) => Ok(StatusCode::CREATED),
+        DocWrite::Conflict(_) => Err(AppError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("the {what} changed meanwhile; try again"),
+        )),
+    }
 }

@@ -102,6 +102,11 @@ fn action(method: &Method, path: &str) -> String {
         ("GET", "/v1/scenes/{name}") => "scene.get",
         ("DELETE", "/v1/scenes/{name}") => "scene.delete",
         ("POST", "/v1/scenes/{name}/activate") => "scene.activate",
+        ("GET", "/v1/alert-rules") => "alert_rule.list",
+        ("PUT", "/v1/alert-rules/{id}") => "alert_rule.put",
+        ("GET", "/v1/alert-rules/{id}") => "alert_rule.get",
+        ("DELETE", "/v1/alert-rules/{id}") => "alert_rule.delete",
+        ("GET", "/v1/alerts") => "alert.list",
         (m, p) => return format!("{m} {p}"),
     };
     name.to_owned()
@@ -123,6 +128,7 @@ fn target(matched: &str, actual: &str) -> Option<String> {
         ("api-keys", "key"),
         ("jobs", "job"),
         ("scenes", "scene"),
+        ("alert-rules", "alert_rule"),
     ];
     let m: Vec<&str> = matched.split('/').collect();
     let a: Vec<&str> = actual.split('/').collect();

@@ -7,7 +7,7 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use fleetgate_bus::{BusError, DocExpect, DocKind, DocWrite};
+use fleetgate_bus::{BusError, DocKind};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::ToSchema;
@@ -16,7 +16,7 @@ use crate::auth::{Auth, need};
 use crate::jobs::{Step, check_steps};
 use crate::pipeline::{Note, noted};
 use crate::rbac::{Principal, Scope};
-use crate::{AdminState, AppError, Body, ErrorBody, Res, now_ms};
+use crate::{AdminState, AppError, Body, ErrorBody, Res, now_ms, put_versioned};
 
 /// A scene as stored.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -96,28 +96,16 @@ pub(crate) async fn put_scene(
         updated_by: auth.principal.actor.clone(),
     };
     let text = serde_json::to_string(&scene).map_err(|e| BusError::Corrupt(e.to_string()))?;
-    let expect = existing
-        .as_ref()
-        .map_or(DocExpect::Absent, |d| DocExpect::Version(d.version));
-    match state
-        .bus
-        .doc_put(DocKind::Scene, &name, &text, expect)
-        .await?
-    {
-        DocWrite::Written(_) => {
-            let status = if existing.is_some() {
-                StatusCode::OK
-            } else {
-                StatusCode::CREATED
-            };
-            Ok((status, Json(scene)).into_response())
-        }
-        DocWrite::Conflict(_) => Err(AppError::new(
-            StatusCode::CONFLICT,
-            "conflict",
-            "the scene changed meanwhile; try again",
-        )),
-    }
+    let status = put_versioned(
+        &state,
+        DocKind::Scene,
+        &name,
+        &text,
+        existing.map(|d| d.version),
+        "scene",
+    )
+    .await?;
+    Ok((status, Json(scene)).into_response())
 }
 
 /// A scene.

@@ -22,6 +22,8 @@ pub struct Sample<'a> {
     pub at_ms: i64,
     /// The status payload, plain or IIoT shape (see [`mod@crate::tags`]); read, never copied.
     pub payload: &'a Value,
+    /// The payload's tags, when already extracted (see [`Sample::indexed`]).
+    index: Option<&'a [(&'a str, f64)]>,
 }
 
 impl<'a> Sample<'a> {
@@ -31,12 +33,27 @@ impl<'a> Sample<'a> {
             device,
             at_ms,
             payload,
+            index: None,
+        }
+    }
+
+    /// The same sample, reading tags from `index` (the payload's [`crate::tags`], in order)
+    /// instead of the JSON. Evaluating many rules, looking each tag up in the JSON costs most
+    /// of the time (measured: about three quarters, in key comparisons).
+    pub fn indexed(self, index: &'a [(&'a str, f64)]) -> Self {
+        Self {
+            index: Some(index),
+            ..self
         }
     }
 
     /// The numeric value of `tag` in this sample, if present.
     pub fn value(&self, tag: &str) -> Option<f64> {
-        tag_value(self.payload, tag)
+        match self.index {
+            // Last entry wins, as in `tag_value`.
+            Some(index) => index.iter().rev().find(|(t, _)| *t == tag).map(|(_, v)| *v),
+            None => tag_value(self.payload, tag),
+        }
     }
 }
 

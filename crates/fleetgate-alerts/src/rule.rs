@@ -13,6 +13,7 @@ pub const MAX_NAME_CHARS: usize = 200;
 pub const MAX_TAG_BYTES: usize = 128;
 
 /// One alert rule: what to watch, on which devices, and how loud to be.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Rule {
@@ -38,6 +39,7 @@ fn is_zero(v: &i64) -> bool {
 }
 
 /// The devices a rule applies to.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub enum Target {
@@ -48,6 +50,7 @@ pub enum Target {
 }
 
 /// What a rule watches. Each kind defines its fire and its clear condition.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub enum Condition {
@@ -62,6 +65,7 @@ pub enum Condition {
 }
 
 /// `tag <op> value`; resolves once the tag is at or past `clear`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Threshold {
@@ -78,6 +82,7 @@ pub struct Threshold {
 }
 
 /// Fires when `tag < low` or `tag > high`; resolves once back inside by `margin`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Band {
@@ -93,6 +98,7 @@ pub struct Band {
 }
 
 /// Fires when `|Δtag| / Δt` between consecutive samples exceeds `per_second`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Rate {
@@ -106,6 +112,7 @@ pub struct Rate {
 }
 
 /// Fires when the device has been offline for at least `seconds`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Offline {
@@ -114,6 +121,7 @@ pub struct Offline {
 }
 
 /// Threshold comparison operators.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Op {
     /// Strictly greater than.
@@ -138,6 +146,7 @@ impl fmt::Display for Op {
 }
 
 /// How serious an alert is; ordered `Info < Warning < Critical`.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
 )]

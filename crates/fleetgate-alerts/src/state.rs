@@ -44,8 +44,20 @@ impl DeviceState {
         sample: &Sample<'_>,
         out: &mut Vec<Transition>,
     ) -> bool {
+        // With a few rules, one pass over the payload for all of them beats a lookup in the
+        // JSON per rule (measured: the pass costs about as much as two lookups).
+        let index: Vec<(&str, f64)> = if rules.len() >= 3 {
+            crate::tags::tags(sample.payload).collect()
+        } else {
+            Vec::new()
+        };
+        let sample = if rules.len() >= 3 {
+            sample.indexed(&index)
+        } else {
+            *sample
+        };
         self.each(rules, sample.device, groups, out, |rule, state| {
-            eval::evaluate(rule, state, sample)
+            eval::evaluate(rule, state, &sample)
         })
     }
 

@@ -68,6 +68,8 @@ permissions! {
     JobRead,
     /// Create and cancel jobs; manage and activate scenes.
     JobWrite,
+    /// Create, change and delete alert rules.
+    AlertWrite,
     /// List gateway nodes.
     NodeRead,
     /// Read and verify the audit log.
@@ -105,6 +107,7 @@ impl Role {
                     | P::ShadowWrite
                     | P::JobRead
                     | P::JobWrite
+                    | P::AlertWrite
                     | P::NodeRead
                     | P::Authenticated
             ),

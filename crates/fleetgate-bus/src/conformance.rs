@@ -2138,6 +2138,7 @@ macro_rules! bus_conformance_tests {
             fanout_unwatched_channel_keeps_nothing,
             fanout_history_is_bounded,
             fanout_recovery_after_unsubscribe,
+            alerts_stream_and_open_set,
             doc_put_expectations,
             doc_concurrent_writers_one_wins,
             doc_list_order_and_paging,

@@ -33,6 +33,9 @@ pub use partition::partition_for;
 pub const RESULT_TTL: std::time::Duration = std::time::Duration::from_secs(120);
 /// How long job executions are kept after their last change, by default.
 pub const JOB_RETENTION: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+/// Default most records kept in the alerts stream (trimmed approximately on Redis).
+pub const ALERTS_MAX_LEN: usize = 100_000;
 pub use store::*;
 pub use types::*;
 
@@ -327,6 +330,24 @@ pub trait Bus: Send + Sync + 'static {
         after: Option<&StreamId>,
         limit: usize,
     ) -> BusResult<Vec<AuditRecord>>;
+
+    // --- alerts ----------------------------------------------------------------------
+
+    /// Records an alert's new state in one step: appends `alert` (JSON) to the alerts
+    /// stream, which integrations read with consumer groups, and keeps it as open alert `id`
+    /// (`open`) or forgets the open alert (`!open`, a resolution). Returns its position.
+    async fn alert_record(&self, id: &str, alert: &str, open: bool) -> BusResult<StreamId>;
+    /// The open alert `id`, as last recorded.
+    async fn alert_open(&self, id: &str) -> BusResult<Option<String>>;
+    /// Every open alert (at most `limit`), in no particular order.
+    async fn alerts_open(&self, limit: usize) -> BusResult<Vec<String>>;
+    /// Records of the alerts stream after position `after` (exclusive; `None` = the oldest
+    /// retained), in append order, at most `limit`.
+    async fn alerts_read(
+        &self,
+        after: Option<&StreamId>,
+        limit: usize,
+    ) -> BusResult<Vec<AlertRecord>>;
 
     // --- jobs ------------------------------------------------------------------------
 

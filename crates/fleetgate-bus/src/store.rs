@@ -18,16 +18,22 @@ pub enum DocKind {
     Job,
     /// The index of jobs still being processed, by job ID (small bodies).
     ActiveJob,
+    /// An alert rule, by rule ID.
+    AlertRule,
+    /// One device's alert-rule states, by device ID (kept so they survive a node move).
+    AlertState,
 }
 
 impl DocKind {
     /// Every kind, for tests and tools.
-    pub const ALL: [DocKind; 5] = [
+    pub const ALL: [DocKind; 7] = [
         DocKind::User,
         DocKind::ApiKey,
         DocKind::Scene,
         DocKind::Job,
         DocKind::ActiveJob,
+        DocKind::AlertRule,
+        DocKind::AlertState,
     ];
 
     /// Stable name, part of storage keys.
@@ -38,6 +44,8 @@ impl DocKind {
             Self::Scene => "scene",
             Self::Job => "job",
             Self::ActiveJob => "active-job",
+            Self::AlertRule => "alert-rule",
+            Self::AlertState => "alert-state",
         }
     }
 }
@@ -94,6 +102,15 @@ pub struct AuditRecord {
     pub id: StreamId,
     /// The entry, exactly the text that was appended.
     pub entry: String,
+}
+
+/// One record of the alerts stream: an alert as it fired or resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertRecord {
+    /// Position in the stream; increasing in append order.
+    pub id: StreamId,
+    /// The alert (JSON), exactly as recorded.
+    pub alert: String,
 }
 
 /// Where one device's execution of a job stands.

@@ -78,6 +78,7 @@ fn config_defaults() {
         subscription_capacity: 0,
         history: fleetgate_bus::HistoryConfig::default(),
         job_retention: std::time::Duration::ZERO,
+        alerts_max_len: 0,
     });
     assert_eq!(
         zero.telemetry_partitions(),

@@ -53,6 +53,10 @@ pub struct GatewayConfig {
     pub expiry_sweep_interval: Duration,
     /// Limits of `/v1/app` sessions.
     pub app: AppConfig,
+    /// How often the node re-reads the alert rules (a new rule applies within this).
+    pub alert_rules_refresh: Duration,
+    /// Most devices at once whose offline rules this node times after they disconnected.
+    pub alert_offline_watch: usize,
 }
 
 /// Limits of `/v1/app` sessions (dashboards and apps).
@@ -110,6 +114,8 @@ impl Default for GatewayConfig {
             qos2_ttl: Duration::from_millis(10 * 60 * 1000),
             expiry_sweep_interval: Duration::from_millis(1_000),
             app: AppConfig::default(),
+            alert_rules_refresh: Duration::from_millis(5_000),
+            alert_offline_watch: 100_000,
         }
     }
 }

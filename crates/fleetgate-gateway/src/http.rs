@@ -1,4 +1,4 @@
-//! HTTP surface: the `/v1/device` upgrade (and the route to `/v1/app`) (capacity, drain and header auth are checked before
+//! HTTP surface: the `/v1/device` upgrade (and the routes to `/v1/app` and `/v1/mqtt`) (capacity, drain and header auth are checked before
 //! the upgrade) and the internal listener.
 
 use std::sync::Arc;
@@ -24,11 +24,12 @@ pub(crate) fn public_router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/device", get(device_upgrade))
         .route("/v1/app", get(crate::app::upgrade))
+        .route("/v1/mqtt", get(crate::mqtt::upgrade))
         .fallback(|| async {
             json_error(
                 StatusCode::NOT_FOUND,
                 "not_found",
-                "devices connect to /v1/device, apps to /v1/app",
+                "devices connect to /v1/device, apps to /v1/app, MQTT web clients to /v1/mqtt",
             )
         })
         .with_state(shared)

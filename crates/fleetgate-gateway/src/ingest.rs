@@ -175,7 +175,7 @@ impl Session {
     /// the telemetry append decides success: it is what QoS 1/2 answers promise. Payloads
     /// move into the records rather than being copied; the fan-out frames are encoded first.
     async fn accept(
-        &self,
+        &mut self,
         messages: Vec<Envelope>,
         now: i64,
     ) -> Result<(), fleetgate_bus::BusError> {
@@ -221,6 +221,17 @@ impl Session {
             }
             let alert = kind == MessageKind::Event && record.payload.get("severity").is_some();
             self.publish(frame, retain, alert).await;
+            if kind == MessageKind::Status {
+                crate::alerts::DeviceAlerts::on_status(
+                    &mut self.alerts,
+                    &self.shared,
+                    &self.device,
+                    &self.groups,
+                    &record.payload,
+                    record.timestamp,
+                )
+                .await;
+            }
         }
         Ok(())
     }

@@ -1,25 +1,28 @@
 //! The fleetgate gateway node: device WebSocket sessions (`/v1/device`), app sessions
-//! (`/v1/app`: dashboards subscribing to channels), authentication,
+//! (`/v1/app`: dashboards subscribing to channels), the MQTT bridge for web clients
+//! (`/v1/mqtt`), authentication,
 //! the QoS engine in both directions, limits, drain, and the internal listener
 //! (`/metrics`, `/healthz`, `/readyz`).
 //!
 //! The node holds no state that matters beyond its sockets: presence, queues, shadows and
 //! telemetry live in the [`Bus`]. See docs/ARCHITECTURE.md for the map.
 
+mod alerts;
 mod app;
 pub mod auth;
 pub mod config;
 mod http;
 mod ingest;
 pub mod metrics;
+mod mqtt;
 mod node;
 mod outbound;
 mod outbox;
 mod registry;
 mod session;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use fleetgate_bus::Bus;
@@ -33,6 +36,7 @@ pub use app::{AppAccess, AppCommands, CommandLimits};
 pub use auth::{AuthError, Authenticator, JwtKeySpec, JwtKeys, secret_digest};
 pub use config::GatewayConfig;
 pub use metrics::Metrics;
+pub use mqtt::MqttAccess;
 
 /// [`fleetgate_bus::RESULT_TTL`] in the bus's unit.
 pub(crate) const RESULT_TTL_MS: u64 = fleetgate_bus::RESULT_TTL.as_millis() as u64;
@@ -68,6 +72,10 @@ pub(crate) struct Shared {
     pub(crate) started_ms: i64,
     /// `/v1/app`: principals, the fan-out hub, per-principal counts.
     pub(crate) app: app::AppState,
+    /// Alert rules, their evaluation counters and the offline watch.
+    pub(crate) alerts: alerts::Alerts,
+    /// `/v1/mqtt`: set by [`Gateway::with_mqtt`]; unset answers 503.
+    pub(crate) mqtt: OnceLock<mqtt::MqttAccess>,
 }
 
 /// A gateway node, ready to serve.
@@ -88,6 +96,8 @@ impl Gateway {
     ) -> Self {
         let metrics = Arc::new(Metrics::default());
         metrics.register(registry);
+        let alerts = alerts::Alerts::new(config.alert_offline_watch);
+        alerts.metrics.register(registry);
         metrics
             .connections_max
             .set(i64::try_from(config.max_connections).unwrap_or(i64::MAX));
@@ -103,6 +113,7 @@ impl Gateway {
             parked_windows: registry::ParkedWindows::default(),
             stale_presence: registry::StalePresence::default(),
             app: app::AppState::new(app, app::hub::Hub::new(bus.clone(), metrics.clone())),
+            alerts,
             config,
             bus,
             metrics,
@@ -110,13 +121,22 @@ impl Gateway {
             draining: AtomicBool::new(false),
             bus_ok: AtomicBool::new(true),
             started_ms: now_ms(),
+            mqtt: OnceLock::new(),
         };
         Self {
             shared: Arc::new(shared),
         }
     }
 
-    /// The router of the public listener (`/v1/device`).
+    /// Serves `/v1/mqtt` through `access.bridge`, registering the bridge's metrics. Call
+    /// before [`Gateway::run`]; a second call is ignored.
+    pub fn with_mqtt(self, access: MqttAccess, registry: &mut Registry) -> Self {
+        registry.register_collector(Box::new(metrics::BridgeMetrics(access.bridge.clone())));
+        let _ = self.shared.mqtt.set(access);
+        self
+    }
+
+    /// The router of the public listener (`/v1/device`, `/v1/app`, `/v1/mqtt`).
     pub fn router(&self) -> axum::Router {
         http::public_router(self.shared.clone())
     }

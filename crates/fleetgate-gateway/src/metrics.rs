@@ -78,6 +78,17 @@ pub struct Metrics {
     pub app_gaps: Counter,
     /// Time from a channel frame reaching this node to its write to an app client.
     pub app_delivery_latency: Histogram,
+    /// `/v1/mqtt` sessions open now.
+    pub mqtt_sessions: Gauge,
+    /// Topic filters held by `/v1/mqtt` sessions now (each session's own count; the broker
+    /// sees one subscription per distinct filter per node).
+    pub mqtt_subscriptions: Gauge,
+    /// Broker messages written to `/v1/mqtt` clients.
+    pub mqtt_frames_delivered: Counter,
+    /// Publishes from `/v1/mqtt` clients accepted by the bridge.
+    pub mqtt_published: Counter,
+    /// `/v1/mqtt` clients closed with 4008 because their queue was full.
+    pub mqtt_overflows: Counter,
 }
 
 impl Default for Metrics {
@@ -114,6 +125,11 @@ impl Default for Metrics {
             app_delivery_latency: Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 16),
             ),
+            mqtt_sessions: Gauge::default(),
+            mqtt_subscriptions: Gauge::default(),
+            mqtt_frames_delivered: Counter::default(),
+            mqtt_published: Counter::default(),
+            mqtt_overflows: Counter::default(),
         }
     }
 }
@@ -235,5 +251,116 @@ impl Metrics {
             "Offset gaps on app channels (filled from history or reported)",
             self.app_gaps.clone(),
         );
+        r.register(
+            "mqtt_sessions",
+            "/v1/mqtt sessions open now",
+            self.mqtt_sessions.clone(),
+        );
+        r.register(
+            "mqtt_subscriptions",
+            "Topic filters held by /v1/mqtt sessions now",
+            self.mqtt_subscriptions.clone(),
+        );
+        r.register(
+            "mqtt_frames_delivered",
+            "Broker messages written to /v1/mqtt clients",
+            self.mqtt_frames_delivered.clone(),
+        );
+        r.register(
+            "mqtt_published",
+            "Publishes from /v1/mqtt clients accepted by the bridge",
+            self.mqtt_published.clone(),
+        );
+        r.register(
+            "mqtt_overflows",
+            "/v1/mqtt clients closed with 4008 because their queue was full",
+            self.mqtt_overflows.clone(),
+        );
+    }
+}
+
+/// The MQTT bridge's own counts (`fleetgate_mqtt_bridge_*`), read at scrape time.
+#[derive(Debug)]
+pub struct BridgeMetrics(pub fleetgate_mqtt::Bridge);
+
+impl prometheus_client::collector::Collector for BridgeMetrics {
+    fn encode(&self, mut e: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::counter::ConstCounter;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        let s = self.0.stats();
+        let gauges = [
+            (
+                "fleetgate_mqtt_bridge_connected",
+                "1 while the node's MQTT broker connection is up",
+                i64::from(s.connected),
+            ),
+            (
+                "fleetgate_mqtt_bridge_filters",
+                "Distinct topic filters this node holds on the broker (one subscription each)",
+                i64::try_from(s.filters).unwrap_or(i64::MAX),
+            ),
+            (
+                "fleetgate_mqtt_bridge_subscribers",
+                "Subscribers of the bridge (sessions and node-level consumers)",
+                i64::try_from(s.subscribers).unwrap_or(i64::MAX),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let g = ConstGauge::new(value);
+            g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)?;
+        }
+        let counters = [
+            (
+                "fleetgate_mqtt_bridge_connects",
+                "ConnAcks from the broker (first connect and reconnects)",
+                s.connects,
+            ),
+            (
+                "fleetgate_mqtt_bridge_broker_subscribes",
+                "Filters sent to the broker in SUBSCRIBE packets, resubscribes included",
+                s.broker_subscribes,
+            ),
+            (
+                "fleetgate_mqtt_bridge_broker_subacks",
+                "SUBACKs from the broker (each confirms one SUBSCRIBE packet)",
+                s.broker_subacks,
+            ),
+            (
+                "fleetgate_mqtt_bridge_broker_unsubscribes",
+                "Filters sent to the broker in UNSUBSCRIBE packets",
+                s.broker_unsubscribes,
+            ),
+            (
+                "fleetgate_mqtt_bridge_messages_received",
+                "PUBLISH packets received from the broker",
+                s.messages_received,
+            ),
+            (
+                "fleetgate_mqtt_bridge_deliveries",
+                "Broker messages handed to subscribers' queues",
+                s.deliveries,
+            ),
+            (
+                "fleetgate_mqtt_bridge_published",
+                "Messages published towards the broker",
+                s.published,
+            ),
+            (
+                "fleetgate_mqtt_bridge_overflows",
+                "Subscribers dropped because their queue was full",
+                s.overflows,
+            ),
+            (
+                "fleetgate_mqtt_bridge_oversized",
+                "Broker messages dropped for a payload over the frame limit",
+                s.oversized,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let c = ConstCounter::new(value);
+            c.encode(e.encode_descriptor(name, help, None, c.metric_type())?)?;
+        }
+        Ok(())
     }
 }

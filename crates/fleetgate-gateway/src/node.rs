@@ -41,6 +41,14 @@ pub(crate) async fn start(
             }
         })
     };
+    // Rules are read once before serving, so a node evaluates from its first device on.
+    shared.alerts.refresh(&*shared.bus).await;
+    tokio::spawn(crate::alerts::refresh_loop(
+        shared.clone(),
+        shared.config.alert_rules_refresh,
+        stop.clone(),
+    ));
+    tokio::spawn(crate::alerts::offline::run(shared.clone(), stop.clone()));
     Ok(tokio::spawn(async move {
         let mut beat = tokio::time::interval(shared.config.node_ttl / 3);
         let mut sweep = tokio::time::interval(shared.config.expiry_sweep_interval);

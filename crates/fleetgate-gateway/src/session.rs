@@ -102,6 +102,8 @@ pub(crate) struct Session {
     pub(crate) replay: ReplayWindow,
     pub(crate) rate: RateLimit,
     pub(crate) outgoing: Outgoing,
+    /// Alert rules and states, once any rule exists (see `alerts`).
+    pub(crate) alerts: Option<Box<crate::alerts::DeviceAlerts>>,
     last_activity: Instant,
     next_ping: Instant,
     /// Held while the session lives: one of `max_connections`.
@@ -389,6 +391,16 @@ async fn register(
     }
     shared.metrics.connections_active.inc();
     crate::app::announce_presence(shared, &device.id, &device.groups, true).await;
+    let mut alerts = None;
+    crate::alerts::DeviceAlerts::on_presence(
+        &mut alerts,
+        shared,
+        &device.id,
+        &device.groups,
+        true,
+        now_ms(),
+    )
+    .await;
     let now = Instant::now();
     // Boxed: the session's state then sits once on the heap instead of in two slots of the
     // connection's future.
@@ -402,6 +414,7 @@ async fn register(
         replay,
         rate: RateLimit::new(shared.config.rate_limit_burst),
         outgoing: Outgoing::default(),
+        alerts,
         last_activity: now,
         next_ping: now + shared.config.heartbeat,
         _session_permit: session_permit,
@@ -431,6 +444,15 @@ impl Session {
             Ok(true) => {
                 crate::app::announce_presence(&self.shared, &self.device, &self.groups, false)
                     .await;
+                crate::alerts::DeviceAlerts::on_presence(
+                    &mut self.alerts,
+                    &self.shared,
+                    &self.device,
+                    &self.groups,
+                    false,
+                    now_ms(),
+                )
+                .await;
             }
             Ok(false) => {}
             Err(error) => {

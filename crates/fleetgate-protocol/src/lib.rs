@@ -9,6 +9,7 @@ mod close;
 mod error;
 mod frame;
 pub mod json;
+pub mod mqtt;
 pub mod proto;
 mod validate;
 

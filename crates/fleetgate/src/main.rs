@@ -229,6 +229,8 @@ async fn serve(settings: Settings, run_gateway: bool, run_admin: bool) -> anyhow
     registry.register_collector(Box::new(ProcessMetrics::new()));
     let shutdown = CancellationToken::new();
     tokio::spawn(shutdown_signal(shutdown.clone()));
+    // Stops the MQTT bridge once the gateway has drained its sessions.
+    let mqtt_stop = CancellationToken::new();
 
     let mut addrs = serde_json::Map::new();
     let admin = if run_admin {
@@ -290,6 +292,17 @@ async fn serve(settings: Settings, run_gateway: bool, run_admin: bool) -> anyhow
             app,
             &mut registry,
         );
+        let gw = match settings
+            .mqtt
+            .bridge(&settings.node_id, settings.gateway.max_frame_bytes)?
+        {
+            Some((config, acl)) => {
+                info!(message = "MQTT bridge", broker = %config.broker.host, port = config.broker.port);
+                let bridge = fleetgate_mqtt::Bridge::start(config, mqtt_stop.clone());
+                gw.with_mqtt(fleetgate_gateway::MqttAccess { bridge, acl }, &mut registry)
+            }
+            None => gw,
+        };
         Some((gw, listener))
     } else {
         None
@@ -329,7 +342,9 @@ async fn serve(settings: Settings, run_gateway: bool, run_admin: bool) -> anyhow
     info!(message = "fleetgate started", node_id = %settings.node_id);
 
     if let Some((gw, listener)) = gateway {
-        gw.run(listener, shutdown.clone()).await?;
+        let served = gw.run(listener, shutdown.clone()).await;
+        mqtt_stop.cancel();
+        served?;
     } else {
         shutdown.cancelled().await;
     }

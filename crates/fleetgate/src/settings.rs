@@ -41,6 +41,8 @@ pub struct Settings {
     pub admin: AdminSettings,
     /// Memory bus settings.
     pub bus: BusSettings,
+    /// The MQTT bridge (`/v1/mqtt`).
+    pub mqtt: MqttSettings,
 }
 
 /// `[gateway]`.
@@ -97,6 +99,8 @@ pub struct GatewaySettings {
     pub app_max_connections_per_principal: usize,
     /// Bytes queued for one `/v1/app` connection before it is closed with 4008.
     pub app_queue_bytes: usize,
+    /// How often a node re-reads the alert rules.
+    pub alert_rules_refresh_ms: u64,
 }
 
 /// `[admin]`.
@@ -150,6 +154,8 @@ pub struct BusSettings {
     /// How long those frames are kept, and a channel stays watched after its last
     /// subscriber left.
     pub history_ttl_ms: u64,
+    /// Records kept in the alerts stream (approximately, on Redis).
+    pub alerts_max_len: usize,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -171,6 +177,7 @@ impl Default for Settings {
             gateway: GatewaySettings::default(),
             admin: AdminSettings::default(),
             bus: BusSettings::default(),
+            mqtt: MqttSettings::default(),
         }
     }
 }
@@ -204,6 +211,7 @@ impl Default for GatewaySettings {
             app_max_subscriptions: g.app.max_subscriptions,
             app_max_connections_per_principal: g.app.max_connections_per_principal,
             app_queue_bytes: g.app.queue_bytes,
+            alert_rules_refresh_ms: ms(g.alert_rules_refresh),
         }
     }
 }
@@ -240,6 +248,7 @@ impl Default for BusSettings {
             job_retention_ms: ms(b.job_retention),
             history_size: b.history.size,
             history_ttl_ms: ms(b.history.ttl),
+            alerts_max_len: b.alerts_max_len,
         }
     }
 }
@@ -250,6 +259,9 @@ pub struct Overrides {
     /// TOML config file.
     #[arg(long, env = "FLEETGATE_CONFIG")]
     pub config: Option<PathBuf>,
+    /// The MQTT bridge's options.
+    #[command(flatten)]
+    pub mqtt: MqttOverrides,
     /// Public WebSocket listener (port 0 = any free port).
     #[arg(long, env = "FLEETGATE_LISTEN")]
     pub listen: Option<String>,
@@ -370,6 +382,12 @@ pub struct Overrides {
     /// Bytes queued for one /v1/app connection before it is closed with 4008.
     #[arg(long, env = "FLEETGATE_APP_QUEUE_BYTES")]
     pub app_queue_bytes: Option<usize>,
+    /// How often a node re-reads the alert rules, ms.
+    #[arg(long, env = "FLEETGATE_ALERT_RULES_REFRESH_MS")]
+    pub alert_rules_refresh_ms: Option<u64>,
+    /// Records kept in the alerts stream.
+    #[arg(long, env = "FLEETGATE_ALERTS_MAX_LEN")]
+    pub alerts_max_len: Option<usize>,
 }
 
 impl Settings {
@@ -415,6 +433,8 @@ impl Settings {
             app_max_subscriptions => gateway.app_max_subscriptions,
             app_max_connections_per_principal => gateway.app_max_connections_per_principal,
             app_queue_bytes => gateway.app_queue_bytes,
+            alert_rules_refresh_ms => gateway.alert_rules_refresh_ms,
+            alerts_max_len => bus.alerts_max_len,
         );
         if o.admin_token_keys.is_some() {
             s.admin.token_keys = o.admin_token_keys.clone();
@@ -438,6 +458,7 @@ impl Settings {
         if o.otlp_endpoint.is_some() {
             s.otlp_endpoint = o.otlp_endpoint.clone();
         }
+        s.mqtt.apply(&o.mqtt);
         if s.node_id.is_empty() {
             let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .map(|h| h.trim().to_owned())
@@ -449,6 +470,7 @@ impl Settings {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
+        self.mqtt.validate()?;
         let g = &self.gateway;
         if g.heartbeat_ms == 0 || g.idle_timeout_ms <= g.heartbeat_ms {
             bail!(
@@ -497,6 +519,9 @@ impl Settings {
         if self.bus.redis_command_timeout_ms == 0 {
             bail!("redis_command_timeout_ms must be positive");
         }
+        if self.gateway.alert_rules_refresh_ms < 100 || self.bus.alerts_max_len == 0 {
+            bail!("alert_rules_refresh_ms must be at least 100 and alerts_max_len positive");
+        }
         if self.bus.history_size > 10_000 || self.bus.history_ttl_ms < 1000 {
             bail!("history_size must be at most 10000 and history_ttl_ms at least 1000");
         }
@@ -543,6 +568,7 @@ impl Settings {
                 max_connections_per_principal: g.app_max_connections_per_principal,
                 queue_bytes: g.app_queue_bytes,
             },
+            alert_rules_refresh: d(g.alert_rules_refresh_ms),
             ..GatewayConfig::default()
         };
         c.limits.max_frame_bytes = g.max_frame_bytes;
@@ -622,6 +648,7 @@ impl Settings {
             command_timeout: Duration::from_millis(self.bus.redis_command_timeout_ms),
             job_retention: Duration::from_millis(self.bus.job_retention_ms),
             history: self.history_config(),
+            alerts_max_len: self.bus.alerts_max_len,
             ..RedisBusConfig::default()
         }
     }
@@ -634,6 +661,7 @@ impl Settings {
             telemetry_max_len: self.bus.telemetry_max_len,
             job_retention: Duration::from_millis(self.bus.job_retention_ms),
             history: self.history_config(),
+            alerts_max_len: self.bus.alerts_max_len,
             ..MemoryBusConfig::default()
         }
     }
@@ -678,6 +706,134 @@ fn auto_max_connections(pending: usize) -> usize {
     by_mem.min(by_files)
 }
 
+/// `[mqtt]`: the MQTT bridge for web clients (`/v1/mqtt`) and its topic ACLs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttSettings {
+    /// Broker URL, `mqtt://host:port`; unset = `/v1/mqtt` answers 503.
+    pub url: Option<String>,
+    /// Username for the broker.
+    pub username: Option<String>,
+    /// File holding the broker password (with `username`).
+    pub password_file: Option<PathBuf>,
+    /// The node's MQTT client ID is this followed by the node ID.
+    pub client_id_prefix: String,
+    /// Filters `/v1/mqtt` clients may subscribe to (`${principal}`, `${group}`; `!` denies).
+    pub subscribe_acl: Vec<String>,
+    /// Topics `/v1/mqtt` clients may publish on (same syntax).
+    pub publish_acl: Vec<String>,
+}
+
+impl Default for MqttSettings {
+    fn default() -> Self {
+        let owned = |list: &[&str]| list.iter().map(|p| (*p).to_owned()).collect();
+        Self {
+            url: None,
+            username: None,
+            password_file: None,
+            client_id_prefix: "fleetgate-".into(),
+            subscribe_acl: owned(fleetgate_mqtt::DEFAULT_SUBSCRIBE_ACL),
+            publish_acl: owned(fleetgate_mqtt::DEFAULT_PUBLISH_ACL),
+        }
+    }
+}
+
+/// The `[mqtt]` options as environment variables and flags.
+#[derive(Debug, Clone, Args)]
+pub struct MqttOverrides {
+    /// MQTT broker for /v1/mqtt (`mqtt://host:port`); empty or unset = /v1/mqtt answers 503.
+    #[arg(long, env = "FLEETGATE_MQTT_URL")]
+    pub mqtt_url: Option<String>,
+    /// Username for the MQTT broker.
+    #[arg(long, env = "FLEETGATE_MQTT_USERNAME")]
+    pub mqtt_username: Option<String>,
+    /// File holding the MQTT broker password.
+    #[arg(long, env = "FLEETGATE_MQTT_PASSWORD_FILE")]
+    pub mqtt_password_file: Option<PathBuf>,
+    /// MQTT client ID prefix (the node ID follows).
+    #[arg(long, env = "FLEETGATE_MQTT_CLIENT_ID_PREFIX")]
+    pub mqtt_client_id_prefix: Option<String>,
+    /// Comma-separated filters /v1/mqtt clients may subscribe to.
+    #[arg(long, env = "FLEETGATE_MQTT_SUBSCRIBE_ACL", value_delimiter = ',')]
+    pub mqtt_subscribe_acl: Option<Vec<String>>,
+    /// Comma-separated topics /v1/mqtt clients may publish on.
+    #[arg(long, env = "FLEETGATE_MQTT_PUBLISH_ACL", value_delimiter = ',')]
+    pub mqtt_publish_acl: Option<Vec<String>>,
+}
+
+impl MqttSettings {
+    /// Layers the env and flags on top: an empty URL unsets it, empty ACL items are skipped.
+    fn apply(&mut self, o: &MqttOverrides) {
+        if let Some(url) = &o.mqtt_url {
+            self.url = Some(url.trim().to_owned()).filter(|u| !u.is_empty());
+        }
+        if o.mqtt_username.is_some() {
+            self.username = o.mqtt_username.clone();
+        }
+        if o.mqtt_password_file.is_some() {
+            self.password_file = o.mqtt_password_file.clone();
+        }
+        if let Some(prefix) = &o.mqtt_client_id_prefix {
+            self.client_id_prefix = prefix.clone();
+        }
+        let list = |v: &[String]| -> Vec<String> {
+            v.iter()
+                .map(|p| p.trim().to_owned())
+                .filter(|p| !p.is_empty())
+                .collect()
+        };
+        if let Some(v) = &o.mqtt_subscribe_acl {
+            self.subscribe_acl = list(v);
+        }
+        if let Some(v) = &o.mqtt_publish_acl {
+            self.publish_acl = list(v);
+        }
+    }
+
+    fn acl(&self) -> anyhow::Result<fleetgate_mqtt::TopicAcl> {
+        fleetgate_mqtt::TopicAcl::parse(&self.subscribe_acl, &self.publish_acl)
+            .context("mqtt subscribe_acl / publish_acl")
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        self.acl()?;
+        if let Some(url) = &self.url {
+            fleetgate_mqtt::BrokerAddr::parse(url).context("mqtt url")?;
+        }
+        if self.password_file.is_some() && self.username.is_none() {
+            bail!("mqtt password_file needs mqtt username");
+        }
+        Ok(())
+    }
+
+    /// The bridge's config and the ACLs, with the password file read; `None` when no broker
+    /// is configured.
+    ///
+    /// # Errors
+    /// A bad URL or ACL pattern, or an unreadable password file.
+    pub fn bridge(
+        &self,
+        node_id: &str,
+        max_frame_bytes: usize,
+    ) -> anyhow::Result<Option<(fleetgate_mqtt::BridgeConfig, fleetgate_mqtt::TopicAcl)>> {
+        let acl = self.acl()?;
+        let Some(url) = &self.url else {
+            return Ok(None);
+        };
+        let broker = fleetgate_mqtt::BrokerAddr::parse(url).context("mqtt url")?;
+        let client_id = format!("{}{node_id}", self.client_id_prefix);
+        let mut config = fleetgate_mqtt::BridgeConfig::new(broker, client_id);
+        config.username = self.username.clone();
+        if let Some(path) = &self.password_file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            config.password = Some(text.trim_end_matches(['\r', '\n']).to_owned());
+        }
+        config.max_packet_bytes = max_frame_bytes;
+        Ok(Some((config, acl)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::Settings;
@@ -695,6 +851,20 @@ mod tests {
         s.admin.max_wait_ms += 1;
         let error = s.validate().unwrap_err().to_string();
         assert!(error.contains("max_wait_ms"), "{error}");
+    }
+
+    #[test]
+    fn mqtt_defaults_keep_devices_out_and_bad_values_are_refused() {
+        let s = Settings::default();
+        assert!(s.mqtt.url.is_none());
+        assert!(s.mqtt.publish_acl.iter().all(|p| !p.starts_with("devices")));
+        let mut bad = Settings::default();
+        bad.mqtt.url = Some("mqtts://broker:8883".into());
+        let e = format!("{:#}", bad.validate().unwrap_err());
+        assert!(e.contains("not supported"), "{e}");
+        let mut acl = Settings::default();
+        acl.mqtt.subscribe_acl = vec!["a/#/b".into()];
+        assert!(acl.validate().is_err());
     }
 
     #[test]

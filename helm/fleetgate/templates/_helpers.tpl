@@ -189,6 +189,10 @@ setting does not roll (and drain) the gateways; every pod mounts the whole file.
 {{- if include "fleetgate.hasSecretFile" (dict "root" . "key" "auditSigningKey") -}}
 {{- $_ := set $admin "audit_signing_key" (printf "%s/%s" $dir $k.auditSigningKey) -}}
 {{- end -}}
+{{- $mqtt := default dict $c.mqtt -}}
+{{- if include "fleetgate.hasSecretFile" (dict "root" . "key" "mqttPassword") -}}
+{{- $_ := set $mqtt "password_file" (printf "%s/%s" $dir $k.mqttPassword) -}}
+{{- end -}}
 {{- $_ := set $c "listen" (printf "0.0.0.0:%d" (int64 .Values.ports.public)) -}}
 {{- $_ := set $c "admin_listen" (printf "0.0.0.0:%d" (int64 .Values.ports.admin)) -}}
 {{- $_ := set $c "internal_listen" (printf "0.0.0.0:%d" (int64 .Values.ports.internal)) -}}
@@ -199,8 +203,8 @@ setting does not roll (and drain) the gateways; every pod mounts the whole file.
 {{- end -}}
 # Rendered by the fleetgate chart from `config` and the chart's own settings.
 {{- include "fleetgate.tomlTable" $c }}
-{{- $tables := dict "gateway" $gateway "admin" $admin "bus" (default dict $c.bus) }}
-{{- range $section := without (list "gateway" "admin" "bus") $omit }}
+{{- $tables := dict "gateway" $gateway "admin" $admin "bus" (default dict $c.bus) "mqtt" $mqtt }}
+{{- range $section := without (list "gateway" "admin" "bus" "mqtt") $omit }}
 {{- with index $tables $section }}
 [{{ $section }}]
 {{- include "fleetgate.tomlTable" . }}
@@ -211,13 +215,13 @@ setting does not roll (and drain) the gateways; every pod mounts the whole file.
 
 {{/*
 Pod-level checksums: pods roll when the config or the secrets they read change. Gateway pods
-read only the JWT keys and the user token keys, so an admin API key or audit key rotation
+read only the JWT keys, the user token keys and the MQTT password, so an admin API key or audit key rotation
 does not drain every device:
 (dict "root" $ "role" "gateway").
 */}}
 {{- define "fleetgate.checksums" -}}
 {{- $s := .root.Values.secrets -}}
-{{- $gw := dict "existingSecret" $s.existingSecret "jwtKeys" $s.jwtKeys "has" $s.existingSecretHas.jwtKeys "key" $s.keys.jwtKeys "adminTokenKeys" $s.adminTokenKeys "hasTokens" $s.existingSecretHas.adminTokenKeys -}}
+{{- $gw := dict "existingSecret" $s.existingSecret "jwtKeys" $s.jwtKeys "has" $s.existingSecretHas.jwtKeys "key" $s.keys.jwtKeys "adminTokenKeys" $s.adminTokenKeys "hasTokens" $s.existingSecretHas.adminTokenKeys "mqttPassword" $s.mqttPassword "hasMqtt" $s.existingSecretHas.mqttPassword -}}
 {{- $read := ternary $gw $s (eq .role "gateway") -}}
 checksum/config: {{ include "fleetgate.configTomlFor" . | sha256sum }}
 checksum/secrets: {{ toJson $read | sha256sum }}

@@ -126,3 +126,42 @@ pub async fn fanout_recovery_after_unsubscribe(bus: &dyn Bus) {
     );
     assert_eq!(h.frames[0].offset, last + 1);
 }
+
+/// An alert's records land in the stream in order; the open set follows fire and resolve.
+pub async fn alerts_stream_and_open_set(bus: &dyn Bus) {
+    let id = unique_id("rule:dev");
+    let fired = format!(r#"{{"id":"{id}","state":"open"}}"#);
+    let resolved = format!(r#"{{"id":"{id}","state":"resolved"}}"#);
+    let first = bus.alert_record(&id, &fired, true).await.expect("fire");
+    assert_eq!(
+        bus.alert_open(&id).await.expect("open"),
+        Some(fired.clone())
+    );
+    assert!(
+        bus.alerts_open(100_000)
+            .await
+            .expect("open set")
+            .contains(&fired),
+        "the open set holds it"
+    );
+    let second = bus
+        .alert_record(&id, &resolved, false)
+        .await
+        .expect("resolve");
+    assert!(
+        second.parts().unwrap() > first.parts().unwrap(),
+        "later position"
+    );
+    assert_eq!(bus.alert_open(&id).await.expect("open"), None, "resolved");
+    let after_first = bus.alerts_read(Some(&first), 100).await.expect("read");
+    let ours: Vec<&str> = after_first
+        .iter()
+        .filter(|r| r.alert.contains(&id))
+        .map(|r| r.alert.as_str())
+        .collect();
+    assert_eq!(ours, vec![resolved.as_str()], "only the later record");
+    let all = bus.alerts_read(None, 100_000).await.expect("read all");
+    let positions: Vec<_> = all.iter().map(|r| r.id.parts().unwrap()).collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "append order");
+    assert!(all.iter().any(|r| r.alert == fired && r.id == first));
+}

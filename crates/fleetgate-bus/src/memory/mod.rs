@@ -14,6 +14,7 @@
 //! cannot take.
 
 mod admin;
+mod alerts;
 mod fanout;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -30,10 +31,10 @@ use crate::node_tx::NodeTx;
 use tokio::time::Instant;
 
 use crate::{
-    AuditRecord, Bus, BusError, BusResult, Channel, Command, CommandOutcome, DeliveryState,
-    DeviceQuery, DeviceRecord, Doc, DocExpect, DocKind, DocWrite, History, JobCounts, JobExec,
-    JobExecState, JobPush, NodeInfo, NodeMessage, Presence, QueuedCommand, Shadow, StreamId,
-    Subscription, TelemetryRecord, merge_patch, partition_for,
+    AlertRecord, AuditRecord, Bus, BusError, BusResult, Channel, Command, CommandOutcome,
+    DeliveryState, DeviceQuery, DeviceRecord, Doc, DocExpect, DocKind, DocWrite, History,
+    JobCounts, JobExec, JobExecState, JobPush, NodeInfo, NodeMessage, Presence, QueuedCommand,
+    Shadow, StreamId, Subscription, TelemetryRecord, merge_patch, partition_for,
 };
 use crate::{DesiredGuard, DesiredMerge};
 
@@ -54,6 +55,8 @@ pub struct MemoryBusConfig {
     pub history: crate::HistoryConfig,
     /// How long a job's executions are kept after their last change.
     pub job_retention: Duration,
+    /// Most records kept in the alerts stream; the oldest are trimmed (at least 1).
+    pub alerts_max_len: usize,
 }
 
 impl Default for MemoryBusConfig {
@@ -66,6 +69,7 @@ impl Default for MemoryBusConfig {
             subscription_capacity: 1024,
             history: crate::HistoryConfig::default(),
             job_retention: crate::JOB_RETENTION,
+            alerts_max_len: crate::ALERTS_MAX_LEN,
         }
     }
 }
@@ -197,6 +201,7 @@ struct Inner {
     registry: Mutex<admin::Registry>,
     docs: Mutex<admin::Docs>,
     audit: Mutex<admin::Audit>,
+    alerts: Mutex<alerts::Alerts>,
     /// Locked before `queues` where both are held.
     jobs: Mutex<admin::Jobs>,
     cluster: Mutex<Cluster>,
@@ -226,6 +231,7 @@ impl Inner {
             .map(|_| Mutex::new(Partition::default()))
             .collect();
         let jobs = Mutex::new(admin::Jobs::new(config.job_retention));
+        let alerts = Mutex::new(alerts::Alerts::new(config.alerts_max_len));
         let fanout = Arc::new(fanout::Fanout::new(
             config.history,
             config.subscription_capacity,
@@ -235,6 +241,7 @@ impl Inner {
             registry: Mutex::default(),
             docs: Mutex::default(),
             audit: Mutex::default(),
+            alerts,
             jobs,
             cluster: Mutex::default(),
             node_channels: Mutex::default(),
@@ -974,6 +981,28 @@ impl Bus for MemoryBus {
     ) -> BusResult<Vec<AuditRecord>> {
         let after = after.map(StreamId::parts).transpose()?;
         Ok(lock(&self.inner.audit).read(after, limit))
+    }
+
+    async fn alert_record(&self, id: &str, alert: &str, open: bool) -> BusResult<StreamId> {
+        let now = u64::try_from(wall_ms()).unwrap_or(0);
+        Ok(lock(&self.inner.alerts).record(now, id, alert, open))
+    }
+
+    async fn alert_open(&self, id: &str) -> BusResult<Option<String>> {
+        Ok(lock(&self.inner.alerts).open(id))
+    }
+
+    async fn alerts_open(&self, limit: usize) -> BusResult<Vec<String>> {
+        Ok(lock(&self.inner.alerts).all_open(limit))
+    }
+
+    async fn alerts_read(
+        &self,
+        after: Option<&StreamId>,
+        limit: usize,
+    ) -> BusResult<Vec<AlertRecord>> {
+        let after = after.map(StreamId::parts).transpose()?;
+        Ok(lock(&self.inner.alerts).read(after, limit))
     }
 
     async fn job_push(&self, job: &str, commands: &[Command]) -> BusResult<Vec<JobPush>> {

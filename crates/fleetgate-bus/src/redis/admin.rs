@@ -31,6 +31,7 @@ pub(super) struct AdminScripts {
     doc_list: Script,
     doc_delete: Script,
     audit_append: Script,
+    pub(super) alert_record: Script,
     job_push: Script,
     job_record: Script,
     job_execs: Script,
@@ -50,6 +51,7 @@ impl AdminScripts {
             doc_list: Script::from_lua(admin_scripts::DOC_LIST),
             doc_delete: Script::from_lua(admin_scripts::DOC_DELETE),
             audit_append: Script::from_lua(admin_scripts::AUDIT_APPEND),
+            alert_record: Script::from_lua(admin_scripts::ALERT_RECORD),
             job_push: Script::from_lua(admin_scripts::JOB_PUSH),
             job_record: Script::from_lua(admin_scripts::JOB_RECORD),
             job_execs: Script::from_lua(admin_scripts::JOB_EXECS),
@@ -417,36 +419,19 @@ impl RedisBus {
         Ok(Some(ids))
     }
 
-    /// [`crate::Bus::audit_read`]: an `XRANGE` from an exclusive start.
+    /// [`crate::Bus::audit_read`].
     pub(super) async fn read_audit(
         &self,
         after: Option<&StreamId>,
         limit: usize,
     ) -> BusResult<Vec<AuditRecord>> {
-        let after = after.map(StreamId::parts).transpose()?;
-        let Some(start) = super::stream_start(after) else {
-            return Ok(Vec::new());
-        };
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
-        let entries = self
-            .stream_range(0, self.key("audit", ""), start, limit)
+        let texts = self
+            .stream_texts(self.key("audit", ""), "e", after, limit)
             .await?;
-        entries
+        Ok(texts
             .into_iter()
-            .map(|(id, fields)| {
-                let entry = fields
-                    .into_iter()
-                    .find(|(k, _)| k == "e")
-                    .map(|(_, e)| e)
-                    .ok_or_else(|| BusError::Corrupt(format!("audit entry {id} has no text")))?;
-                Ok(AuditRecord {
-                    id: StreamId(id),
-                    entry,
-                })
-            })
-            .collect()
+            .map(|(id, entry)| AuditRecord { id, entry })
+            .collect())
     }
 
     // --- jobs ------------------------------------------------------------------------------

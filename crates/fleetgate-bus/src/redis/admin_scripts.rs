@@ -150,6 +150,19 @@ redis.call('SET', KEYS[2], ARGV[2])
 return ids
 ";
 
+/// An alert's new state. `KEYS` = alerts stream, open-alerts hash; `ARGV` = stream length
+/// bound (approximate), alert ID, alert JSON, `1` (open) or `0` (resolved). The new
+/// record's stream ID.
+pub(super) const ALERT_RECORD: &str = r"
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'a', ARGV[3])
+if ARGV[4] == '1' then
+  redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+else
+  redis.call('HDEL', KEYS[2], ARGV[2])
+end
+return id
+";
+
 /// Job execution helpers, as Lua functions over one job's keys on one shard: `jx` (device
 /// -> `<state> <updated_ms> <msgid>`, see `codec::decode_job_exec`), `jc` (state -> count),
 /// `jq` (devices still queued).

@@ -28,6 +28,8 @@
 //! | `P docs:<kind>` | zset (score 0) | 0 | IDs of the kind's documents, listed with `ZRANGEBYLEX` |
 //! | `P audit` | stream, field `e` | 0 | the audit log's entries, in append order |
 //! | `P audit:head` | string | 0 | the audit log's head token (missing reads as empty) |
+//! | `P alerts` | stream, field `a`, `MAXLEN ~` | 0 | alert records (JSON) as they fire and resolve; integrations read it with consumer groups |
+//! | `P alerts:open` | hash | 0 | alert ID -> the open alert (JSON) |
 //! | `P jx:<job>` | hash, `PEXPIRE` retention | every | device -> `<state> <updated_ms> <msgid>`: the job's executions of that shard's devices |
 //! | `P jxi:<job>` | zset (score 0), `PEXPIRE` retention | every | device IDs of `jx`, for paging in device order |
 //! | `P jc:<job>` | hash, `PEXPIRE` retention | every | state name -> executions in that state |
@@ -92,6 +94,7 @@
 
 mod admin;
 mod admin_scripts;
+mod alerts;
 mod codec;
 mod fanout;
 mod pubsub;
@@ -120,10 +123,10 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::{
-    AuditRecord, Bus, BusError, BusResult, Channel, Command, CommandOutcome, DeviceQuery,
-    DeviceRecord, Doc, DocExpect, DocKind, DocWrite, History, JobCounts, JobExec, JobExecState,
-    JobPush, NodeInfo, NodeMessage, Presence, QueuedCommand, Shadow, StreamId, Subscription,
-    TelemetryRecord, merge_patch, partition_for,
+    AlertRecord, AuditRecord, Bus, BusError, BusResult, Channel, Command, CommandOutcome,
+    DeviceQuery, DeviceRecord, Doc, DocExpect, DocKind, DocWrite, History, JobCounts, JobExec,
+    JobExecState, JobPush, NodeInfo, NodeMessage, Presence, QueuedCommand, Shadow, StreamId,
+    Subscription, TelemetryRecord, merge_patch, partition_for,
 };
 use crate::{DesiredGuard, DesiredMerge};
 
@@ -170,6 +173,8 @@ pub struct RedisBusConfig {
     pub job_retention: Duration,
     /// What each watched fan-out channel keeps for subscribers that come back.
     pub history: crate::HistoryConfig,
+    /// Approximate most records kept in the alerts stream (`XADD MAXLEN ~`).
+    pub alerts_max_len: usize,
 }
 
 impl Default for RedisBusConfig {
@@ -189,6 +194,7 @@ impl Default for RedisBusConfig {
             pubsub_buffer: 8192,
             job_retention: crate::JOB_RETENTION,
             history: crate::HistoryConfig::default(),
+            alerts_max_len: crate::ALERTS_MAX_LEN,
         }
     }
 }
@@ -221,6 +227,13 @@ impl Hash for VNode {
         state.write(&(self.shard as u64).to_le_bytes());
         state.write(&self.replica.to_le_bytes());
     }
+}
+
+/// The shard (index into the URL list) that a cluster of `shards` Redis servers places `key`
+/// on: a device ID, or `telemetry:<p>` for telemetry partition `p`. For integrations that
+/// read the streams without connecting a bus.
+pub fn shard_of(key: &str, shards: usize) -> usize {
+    Ring::new(shards).shard(key)
 }
 
 /// Which shard holds a key, for a number of shards: the same answer in every process (and
@@ -793,6 +806,38 @@ impl RedisBus {
 
     /// Up to `limit` entries of a stream from `start` (see [`stream_start`]): each entry's ID
     /// and its field, value pairs.
+    /// Entries of stream `key` on shard 0 after `after` (exclusive), at most `limit`, each
+    /// as its ID and the text of its one field `field` (the audit log's and the alerts').
+    async fn stream_texts(
+        &self,
+        key: String,
+        field: &str,
+        after: Option<&StreamId>,
+        limit: usize,
+    ) -> BusResult<Vec<(StreamId, String)>> {
+        let after = after.map(StreamId::parts).transpose()?;
+        let Some(start) = stream_start(after) else {
+            return Ok(Vec::new());
+        };
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        self.stream_range(0, key, start, limit)
+            .await?
+            .into_iter()
+            .map(|(id, fields)| {
+                let text = fields
+                    .into_iter()
+                    .find(|(k, _)| k == field)
+                    .map(|(_, t)| t)
+                    .ok_or_else(|| {
+                        BusError::Corrupt(format!("stream entry {id} has no {field}"))
+                    })?;
+                Ok((StreamId(id), text))
+            })
+            .collect()
+    }
+
     async fn stream_range(
         &self,
         shard: usize,
@@ -1503,6 +1548,26 @@ impl Bus for RedisBus {
         limit: usize,
     ) -> BusResult<Vec<AuditRecord>> {
         self.read_audit(after, limit).await
+    }
+
+    async fn alert_record(&self, id: &str, alert: &str, open: bool) -> BusResult<StreamId> {
+        self.record_alert(id, alert, open).await
+    }
+
+    async fn alert_open(&self, id: &str) -> BusResult<Option<String>> {
+        self.open_alert(id).await
+    }
+
+    async fn alerts_open(&self, limit: usize) -> BusResult<Vec<String>> {
+        self.open_alerts(limit).await
+    }
+
+    async fn alerts_read(
+        &self,
+        after: Option<&StreamId>,
+        limit: usize,
+    ) -> BusResult<Vec<AlertRecord>> {
+        self.read_alerts(after, limit).await
     }
 
     /// One script per shard (and per batch of commands) queues and records its devices'

@@ -7,7 +7,7 @@
 mod access;
 mod command;
 pub(crate) mod hub;
-mod session;
+pub(crate) mod session;
 
 pub use command::{AppCommands, CommandLimits};
 
@@ -144,55 +144,115 @@ pub(crate) fn refusal_reason(error: &AuthnError) -> &'static str {
     }
 }
 
-pub(crate) async fn upgrade(
-    State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
-    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
-) -> Response {
-    let ws = match upgradable(&shared, ws) {
-        Ok(ws) => ws,
-        Err(refused) => return *refused,
-    };
-    let Ok(socket_permit) = shared.sockets_capacity.clone().try_acquire_owned() else {
-        shared.metrics.connections_rejected.inc();
-        return unavailable("at_capacity", "node is at its connection limit", 5);
-    };
+/// Authenticates an upgrade by its `Authorization` header, as `/v1/app` and `/v1/mqtt` both
+/// do: a principal with a connection slot, a first-frame auth to wait for when there is no
+/// header, or the HTTP answer refusing the upgrade.
+pub(crate) async fn header_admission(
+    shared: &Arc<Shared>,
+    headers: &HeaderMap,
+) -> Result<Admission, Box<Response>> {
     let authorization = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    let admission = match authorization {
+    Ok(match authorization {
         Some(value) => match shared
             .app
             .authn
             .authenticate(&*shared.bus, Some(value))
             .await
         {
-            Ok(principal) => match take_slot(&shared, &principal) {
+            Ok(principal) => match take_slot(shared, &principal) {
                 Some(slot) => Admission::Authenticated(principal, slot),
                 None => {
-                    return json_error(
+                    return Err(Box::new(json_error(
                         StatusCode::TOO_MANY_REQUESTS,
                         "too_many_connections",
-                        "the principal holds the most app connections allowed on this node",
-                    );
+                        "the principal holds the most app and MQTT connections allowed on this node",
+                    )));
                 }
             },
             Err(AuthnError::Bus(error)) => {
                 shared.metrics.bus_errors.inc();
                 warn!(message = "app auth lookup failed", %error);
-                return unavailable("bus_unavailable", "cannot verify credentials now", 1);
+                return Err(Box::new(unavailable(
+                    "bus_unavailable",
+                    "cannot verify credentials now",
+                    1,
+                )));
             }
             Err(refused) => {
                 shared.metrics.auth_failures.inc();
-                return json_error(
+                return Err(Box::new(json_error(
                     StatusCode::UNAUTHORIZED,
                     refusal_reason(&refused),
                     "authentication failed",
-                );
+                )));
             }
         },
         None => Admission::AwaitAuthFrame,
+    })
+}
+
+pub(crate) async fn upgrade(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    let admitted = match admit(&shared, &headers, ws).await {
+        Ok(a) => a,
+        Err(refused) => return *refused,
     };
+    let span = info_span!("app", client = admitted.client, node_id = %shared.config.node_id,
+        actor = tracing::field::Empty);
+    let Admitted {
+        ws,
+        permit,
+        admission,
+        token,
+        client,
+    } = admitted;
+    ws.on_failed_upgrade(|error| warn!(message = "app upgrade failed", %error))
+        .on_upgrade(move |socket| {
+            async move {
+                session::run(shared, socket, client, admission).await;
+                drop(permit);
+                drop(token);
+            }
+            .instrument(span)
+        })
+}
+
+/// A socket let through the prelude every `/v1/app` and `/v1/mqtt` upgrade shares.
+pub(crate) struct Admitted {
+    /// The upgrade, with the app sessions' buffer sizes and frame limits.
+    pub(crate) ws: WebSocketUpgrade,
+    /// One of the node's socket permits, held while the session lives.
+    pub(crate) permit: tokio::sync::OwnedSemaphorePermit,
+    /// What the headers said about the principal.
+    pub(crate) admission: Admission,
+    /// Keeps drain waiting for the session.
+    pub(crate) token: tokio_util::task::task_tracker::TaskTrackerToken,
+    /// A random ID for the session's log span.
+    pub(crate) client: u64,
+}
+
+/// The shared prelude: the WebSocket and drain checks, a socket permit, header auth, and
+/// the buffer sizes (no write buffer kept; queues are bounded in bytes instead).
+pub(crate) async fn admit(
+    shared: &Arc<Shared>,
+    headers: &HeaderMap,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Result<Admitted, Box<Response>> {
+    let ws = upgradable(shared, ws)?;
+    let Ok(permit) = shared.sockets_capacity.clone().try_acquire_owned() else {
+        shared.metrics.connections_rejected.inc();
+        return Err(Box::new(unavailable(
+            "at_capacity",
+            "node is at its connection limit",
+            5,
+        )));
+    };
+    let admission = header_admission(shared, headers).await?;
     let max = shared.config.limits.max_frame_bytes;
     let ws = ws
         .read_buffer_size(shared.config.read_buffer_bytes)
@@ -200,17 +260,11 @@ pub(crate) async fn upgrade(
         .max_write_buffer_size(max.max(shared.config.app.queue_bytes) + 64 * 1024)
         .max_message_size(max)
         .max_frame_size(max);
-    let token = shared.tracker.token();
-    let client: u64 = rand::random();
-    let span =
-        info_span!("app", client, node_id = %shared.config.node_id, actor = tracing::field::Empty);
-    ws.on_failed_upgrade(|error| warn!(message = "app upgrade failed", %error))
-        .on_upgrade(move |socket| {
-            async move {
-                session::run(shared, socket, client, admission).await;
-                drop(socket_permit);
-                drop(token);
-            }
-            .instrument(span)
-        })
+    Ok(Admitted {
+        ws,
+        permit,
+        admission,
+        token: shared.tracker.token(),
+        client: rand::random(),
+    })
 }

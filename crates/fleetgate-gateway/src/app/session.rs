@@ -31,13 +31,14 @@ const MAX_COMMANDS_IN_FLIGHT: usize = 16;
 /// Most frames one subscribe's recovery sends (the history keeps fewer; see settings).
 const RECOVERY_LIMIT: usize = 10_000;
 
-struct Close {
-    code: CloseCode,
-    reason: String,
+/// How a session ends: the close frame to send.
+pub(crate) struct Close {
+    pub(crate) code: CloseCode,
+    pub(crate) reason: String,
 }
 
 impl Close {
-    fn new(code: CloseCode, reason: impl Into<String>) -> Self {
+    pub(crate) fn new(code: CloseCode, reason: impl Into<String>) -> Self {
         Self {
             code,
             reason: reason.into(),
@@ -97,6 +98,11 @@ pub(crate) async fn run(shared: Arc<Shared>, mut ws: WebSocket, client: u64, adm
         }
         Err(close) => close,
     };
+    finish(&shared, &mut ws, close).await;
+}
+
+/// Counts the close and sends its frame; `/v1/app` and `/v1/mqtt` sessions end here.
+pub(crate) async fn finish(shared: &Shared, ws: &mut WebSocket, close: Close) {
     shared
         .metrics
         .closes
@@ -104,7 +110,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut ws: WebSocket, client: u64, adm
             code: close.code.as_u16(),
         })
         .inc();
-    debug!(message = "app session closed", code = close.code.as_u16(), reason = %close.reason);
+    debug!(message = "session closed", code = close.code.as_u16(), reason = %close.reason);
     let code = close.code;
     let frame = CloseFrame {
         code: code.as_u16(),
@@ -124,11 +130,15 @@ pub(crate) async fn run(shared: Arc<Shared>, mut ws: WebSocket, client: u64, adm
     .await;
 }
 
-async fn send_text(shared: &Shared, ws: &mut WebSocket, text: String) -> Result<(), Close> {
+pub(crate) async fn send_text(
+    shared: &Shared,
+    ws: &mut WebSocket,
+    text: String,
+) -> Result<(), Close> {
     write(shared, ws, Message::Text(text.into())).await
 }
 
-async fn write(shared: &Shared, ws: &mut WebSocket, msg: Message) -> Result<(), Close> {
+pub(crate) async fn write(shared: &Shared, ws: &mut WebSocket, msg: Message) -> Result<(), Close> {
     match tokio::time::timeout(shared.config.write_timeout, ws.send(msg)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err(Close::new(CloseCode::GoingAway, "socket closed")),
@@ -140,7 +150,10 @@ async fn write(shared: &Shared, ws: &mut WebSocket, msg: Message) -> Result<(), 
 }
 
 /// Waits for `{"type":"auth","token":...}` and checks it.
-async fn auth_frame(shared: &Arc<Shared>, ws: &mut WebSocket) -> Result<(Principal, Slot), Close> {
+pub(crate) async fn auth_frame(
+    shared: &Arc<Shared>,
+    ws: &mut WebSocket,
+) -> Result<(Principal, Slot), Close> {
     let text = loop {
         match tokio::time::timeout(shared.config.auth_timeout, ws.recv()).await {
             Err(_) => {
