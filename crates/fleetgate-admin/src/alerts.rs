@@ -50,17 +50,25 @@ async fn load(
     principal: &Principal,
     id: &str,
 ) -> Result<(Rule, u64), AppError> {
-    let missing = || AppError::not_found(format!("no alert rule {id}"));
-    let doc = state
-        .bus
-        .doc_get(DocKind::AlertRule, id)
+    find(state, principal, id)
         .await?
-        .ok_or_else(missing)?;
+        .ok_or_else(|| AppError::not_found(format!("no alert rule {id}")))
+}
+
+/// [`load`], with a missing rule as `None` (an invisible one is still a 404).
+async fn find(
+    state: &AdminState,
+    principal: &Principal,
+    id: &str,
+) -> Result<Option<(Rule, u64)>, AppError> {
+    let Some(doc) = state.bus.doc_get(DocKind::AlertRule, id).await? else {
+        return Ok(None);
+    };
     let rule: Rule = serde_json::from_str(&doc.body).map_err(corrupt)?;
     if rule_in_scope(state, principal, &rule).await? {
-        Ok((rule, doc.version))
+        Ok(Some((rule, doc.version)))
     } else {
-        Err(missing().with_reason("out_of_scope"))
+        Err(AppError::not_found(format!("no alert rule {id}")).with_reason("out_of_scope"))
     }
 }
 
@@ -111,8 +119,9 @@ pub(crate) async fn put_rule(
             }
         });
     }
-    let existing = match state.bus.doc_get(DocKind::AlertRule, &id).await? {
-        Some(_) => Some(load(&state, &auth.principal, &id).await?.1),
+    // Replacing needs the rule to be visible (a rule of another scope is a 404).
+    let existing = match find(&state, &auth.principal, &id).await? {
+        Some((_, version)) => Some(version),
         None => {
             let count = state
                 .bus
