@@ -322,11 +322,16 @@ impl Raw {
 
     /// The next data frame, or how the socket closed.
     pub async fn next(&mut self) -> Result<Value, Closed> {
+        tokio::time::timeout(DEADLINE, self.next_frame())
+            .await
+            .expect("frame in time")
+    }
+
+    /// The next data frame however long it takes (pings in between are answered), or how the
+    /// socket closed: for devices that sit idle until the server sends them something.
+    pub async fn next_frame(&mut self) -> Result<Value, Closed> {
         loop {
-            let msg = tokio::time::timeout(DEADLINE, self.ws.next())
-                .await
-                .expect("frame in time");
-            match msg {
+            match self.ws.next().await {
                 Some(Ok(Message::Text(t))) => {
                     return Ok(serde_json::from_str(&t).expect("server sent JSON"));
                 }
@@ -374,9 +379,15 @@ impl Raw {
 pub type Seen = Arc<Mutex<HashMap<String, (u32, u32)>>>;
 
 /// A device that answers every command: with `{"error": ...}` when `fail`, else a result.
-pub fn answering(mut raw: Raw, fail: bool, seen: Seen) -> JoinHandle<()> {
+/// It waits for commands without a deadline (an idle device only sees pings) and ends with how
+/// its socket closed.
+pub fn answering(mut raw: Raw, fail: bool, seen: Seen) -> JoinHandle<Closed> {
     tokio::spawn(async move {
-        while let Ok(frame) = raw.next().await {
+        loop {
+            let frame = match raw.next_frame().await {
+                Ok(frame) => frame,
+                Err(closed) => return closed,
+            };
             if frame["type"] != "command" {
                 continue;
             }

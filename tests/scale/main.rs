@@ -145,6 +145,19 @@ async fn a_job_over_20000_devices_survives_its_admin_process_dying() {
         },
     )
     .await;
+    // A device whose socket ended cannot answer: say so rather than leave only a count.
+    let mut ended = Vec::new();
+    for (n, h) in online.into_iter().enumerate() {
+        if h.is_finished() {
+            ended.push(format!("{}: {:?}", ids[n], h.await));
+        }
+    }
+    assert!(
+        ended.is_empty(),
+        "{} online devices lost their socket during the job, first {:?}",
+        ended.len(),
+        &ended[..ended.len().min(5)]
+    );
     assert_eq!(
         done["counts"],
         json!({"queued": 0, "delivered": 0, "succeeded": DEVICES / 2, "failed": 0, "timedOut": DEVICES / 2, "cancelled": 0}),
