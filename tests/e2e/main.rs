@@ -18,6 +18,7 @@ mod lifecycle;
 mod limits;
 mod loadtest;
 mod mqtt;
+mod mqtt_devices;
 mod openapi;
 mod rbac;
 mod sdk;

@@ -5,8 +5,8 @@ use std::process::Stdio;
 
 use fleetgate_test_support::MosquittoServer;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::Command;
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
 
 use crate::support::{API_KEY, DEADLINE, Node, Raw, eventually};
 
@@ -16,21 +16,28 @@ fn mqtt_url(node: &Node) -> String {
     format!("ws://{}/v1/mqtt", node.gateway)
 }
 
-/// A node bridged to `broker`, once its MQTT connection is up.
-async fn bridged(broker: &MosquittoServer, extra: &[(&str, &str)]) -> Node {
+/// Filters every bridged node holds for MQTT devices (`$share/fleetgate/devices/+/status`,
+/// `/events`, `/acks`).
+const DEVICE_FILTERS: u64 = 3;
+
+/// A node bridged to `broker`, once its MQTT connection is up and the broker confirmed its
+/// MQTT device filters.
+pub(crate) async fn bridged(broker: &MosquittoServer, extra: &[(&str, &str)]) -> Node {
     let url = broker.url();
     let mut env = vec![("FLEETGATE_MQTT_URL", url.as_str())];
     env.extend_from_slice(extra);
     let node = Node::start(&env).await;
-    eventually("the bridge connects", || async {
-        (metric(&node, "fleetgate_mqtt_bridge_connected").await == 1).then_some(())
+    eventually("the bridge connects with its device filters", || async {
+        let connected = metric(&node, "fleetgate_mqtt_bridge_connected").await == 1;
+        let confirmed = metric(&node, "fleetgate_mqtt_bridge_filters_confirmed").await;
+        (connected && confirmed == DEVICE_FILTERS).then_some(())
     })
     .await;
     node
 }
 
 /// The value of an unlabelled metric (`name` or `name_total`), 0 when absent.
-async fn metric(node: &Node, name: &str) -> u64 {
+pub(crate) async fn metric(node: &Node, name: &str) -> u64 {
     let (_, text) = node.internal_get("/metrics").await;
     text.lines()
         .find_map(|l| {
@@ -71,7 +78,7 @@ async fn publish(ws: &mut Raw, topic: &str, payload: Value, qos: u8) -> Value {
 }
 
 /// Publishes with `mosquitto_pub` (a real MQTT client) and waits for it to finish.
-async fn mosquitto_pub(broker: &MosquittoServer, topic: &str, payload: &[u8]) {
+pub(crate) async fn mosquitto_pub(broker: &MosquittoServer, topic: &str, payload: &[u8]) {
     let mut child = Command::new("mosquitto_pub")
         .args([
             "-h",
@@ -95,6 +102,36 @@ async fn mosquitto_pub(broker: &MosquittoServer, topic: &str, payload: &[u8]) {
         .expect("mosquitto_pub in time")
         .unwrap();
     assert!(status.success(), "mosquitto_pub {topic}");
+}
+
+/// Runs `mosquitto_sub` (a real MQTT client) with `args` and waits for its SUBACK; its
+/// stdout lines follow (with `-d` debug lines among them).
+pub(crate) async fn mosquitto_sub(
+    broker: &MosquittoServer,
+    args: &[&str],
+) -> (Child, Lines<BufReader<ChildStdout>>) {
+    // Line-buffered, so its SUBACK line arrives when it happens (stdout is a pipe).
+    let mut child = Command::new("stdbuf")
+        .args(["-oL", "mosquitto_sub", "-h", "127.0.0.1", "-d"])
+        .args(["-p", &broker.port().to_string()])
+        .args(args)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("mosquitto_sub (Debian package mosquitto-clients; scripts/test-deps)");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let subscribed = async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("SUBACK") {
+                return;
+            }
+        }
+        panic!("mosquitto_sub ended before subscribing");
+    };
+    tokio::time::timeout(DEADLINE, subscribed)
+        .await
+        .expect("mosquitto_sub subscribed in time");
+    (child, lines)
 }
 
 fn expect_mqtt(frame: &Value, topic: &str, payload: &str) {
@@ -183,33 +220,8 @@ async fn a_wildcard_subscriber_receives_exactly_what_mosquitto_pub_publishes() {
 async fn a_web_publish_reaches_a_real_mqtt_subscriber() {
     let broker = MosquittoServer::start();
     let node = bridged(&broker, &[]).await;
-    // Line-buffered, so its SUBACK line arrives when it happens (stdout is a pipe).
-    let mut sub = Command::new("stdbuf")
-        .args([
-            "-oL",
-            "mosquitto_sub",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &broker.port().to_string(),
-        ])
-        .args(["-t", "apps/bootstrap/#", "-v", "-d", "-C", "3"])
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("mosquitto_sub (Debian package mosquitto-clients; scripts/test-deps)");
-    let mut lines = BufReader::new(sub.stdout.take().unwrap()).lines();
-    let subscribed = async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if line.contains("SUBACK") {
-                return;
-            }
-        }
-        panic!("mosquitto_sub ended before subscribing");
-    };
-    tokio::time::timeout(DEADLINE, subscribed)
-        .await
-        .expect("mosquitto_sub subscribed in time");
+    let (_sub, mut lines) =
+        mosquitto_sub(&broker, &["-t", "apps/bootstrap/#", "-v", "-C", "3"]).await;
 
     let mut ws = web(&node, API_KEY).await;
     let ok = json!({"type":"published","topic":"apps/bootstrap/a","id":"p"});
@@ -345,6 +357,7 @@ async fn a_broker_restart_loses_no_subscription() {
 async fn sessions_on_one_filter_share_one_broker_subscription() {
     let broker = MosquittoServer::start();
     let node = bridged(&broker, &[]).await;
+    let base = metric(&node, "fleetgate_mqtt_bridge_broker_subscribes").await;
     let mut a = web(&node, API_KEY).await;
     let mut b = web(&node, API_KEY).await;
     assert_eq!(
@@ -359,9 +372,12 @@ async fn sessions_on_one_filter_share_one_broker_subscription() {
     assert_eq!(subscribe(&mut b, "groups/+/#").await["type"], "subscribed");
     assert_eq!(
         metric(&node, "fleetgate_mqtt_bridge_broker_subscribes").await,
-        2
+        base + 2
     );
-    assert_eq!(metric(&node, "fleetgate_mqtt_bridge_filters").await, 2);
+    assert_eq!(
+        metric(&node, "fleetgate_mqtt_bridge_filters").await,
+        DEVICE_FILTERS + 2
+    );
     assert_eq!(metric(&node, "fleetgate_mqtt_subscriptions").await, 3);
 
     for n in 0..3 {
@@ -385,7 +401,7 @@ async fn sessions_on_one_filter_share_one_broker_subscription() {
     eventually("the last holder's close unsubscribes", || async {
         let unsubscribed = metric(&node, "fleetgate_mqtt_bridge_broker_unsubscribes").await;
         let filters = metric(&node, "fleetgate_mqtt_bridge_filters").await;
-        (unsubscribed == 2 && filters == 0).then_some(())
+        (unsubscribed == 2 && filters == DEVICE_FILTERS).then_some(())
     })
     .await;
 }
@@ -446,7 +462,7 @@ async fn a_client_that_stops_reading_is_closed_with_4008_and_drops_its_filters()
         .expect("mosquitto_pub in time")
         .unwrap();
     eventually("the slow session is dropped from its filter", || async {
-        (metric(&node, "fleetgate_mqtt_bridge_filters").await == 0).then_some(())
+        (metric(&node, "fleetgate_mqtt_bridge_filters").await == DEVICE_FILTERS).then_some(())
     })
     .await;
     assert_eq!(ws.closed().await.code, 4008);

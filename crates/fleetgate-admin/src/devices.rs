@@ -10,7 +10,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use base64::Engine;
 use fleetgate_bus::{
-    DesiredGuard, DesiredMerge, DeviceQuery, DeviceRecord, NodeMessage, Presence, Shadow,
+    DesiredGuard, DesiredMerge, DeviceQuery, DeviceRecord, NodeMessage, Presence, Shadow, Transport,
 };
 use fleetgate_protocol::CloseCode;
 use serde::{Deserialize, Serialize};
@@ -94,6 +94,7 @@ fn device_json(record: Option<&DeviceRecord>, id: &str, presence: Option<&Presen
         "provisioned": record.is_some(),
         "createdMs": record.map(|r| r.created_ms),
         "revoked": record.is_some_and(|r| r.revoked),
+        "transport": record.map(|r| r.transport.as_str()),
         "online": presence.is_some(),
         "node": presence.map(|p| p.node.clone()),
         "connectedSinceMs": presence.map(|p| p.since_ms),
@@ -108,6 +109,37 @@ pub(crate) struct CreateDevice {
     #[serde(default)]
     #[schema(max_items = 64)]
     groups: Vec<String>,
+    /// How the device connects; `mqtt` devices are ingested from the broker and get their
+    /// commands on `devices/<id>/commands`.
+    #[serde(default)]
+    transport: TransportBody,
+}
+
+/// How a device connects (`websocket` unless told).
+#[derive(Deserialize, Serialize, ToSchema, Clone, Copy, Default)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum TransportBody {
+    #[default]
+    Websocket,
+    Mqtt,
+}
+
+impl From<Transport> for TransportBody {
+    fn from(t: Transport) -> Self {
+        match t {
+            Transport::Websocket => TransportBody::Websocket,
+            Transport::Mqtt => TransportBody::Mqtt,
+        }
+    }
+}
+
+impl From<TransportBody> for Transport {
+    fn from(t: TransportBody) -> Self {
+        match t {
+            TransportBody::Websocket => Transport::Websocket,
+            TransportBody::Mqtt => Transport::Mqtt,
+        }
+    }
 }
 
 /// A provisioned device and its secret (shown once).
@@ -115,6 +147,7 @@ pub(crate) struct CreateDevice {
 pub(crate) struct Provisioned {
     id: String,
     groups: Vec<String>,
+    transport: TransportBody,
     secret: String,
 }
 
@@ -143,6 +176,7 @@ pub(crate) async fn create_device(
         secret_sha256,
         created_ms: now_ms(),
         revoked: false,
+        transport: req.transport.into(),
     };
     let note = Note::target(format!("device:{}", req.id));
     // IDs are global: a scoped caller provisioning an ID in use learns that it exists. It is
@@ -153,6 +187,7 @@ pub(crate) async fn create_device(
     let answer = Provisioned {
         id: req.id,
         groups: req.groups,
+        transport: req.transport,
         secret,
     };
     Ok(noted(
@@ -372,6 +407,7 @@ pub(crate) async fn rotate(
     Ok(Json(Provisioned {
         id: record.id,
         groups: record.groups,
+        transport: record.transport.into(),
         secret,
     })
     .into_response())

@@ -202,6 +202,7 @@ mod tests {
             secret_sha256: [0; 32],
             created_ms: 0,
             revoked: false,
+            transport: Default::default(),
         }
     }
 

@@ -120,6 +120,7 @@ fn device_record(id: &str, groups: &[&str]) -> DeviceRecord {
         secret_sha256: [7; 32],
         created_ms: 1_700_000_000_000,
         revoked: false,
+        transport: Default::default(),
     }
 }
 
@@ -272,6 +273,7 @@ pub async fn registry_create_get_update(bus: &dyn Bus) {
     updated.revoked = true;
     updated.groups = vec!["farm-a".into(), "farm-c".into()];
     updated.secret_sha256 = [9; 32];
+    updated.transport = crate::Transport::Mqtt;
     assert!(
         bus.device_update(&updated).await.expect("device_update"),
         "update of an existing device"

@@ -18,6 +18,37 @@ pub struct DeviceRecord {
     pub created_ms: i64,
     /// Revoked devices cannot authenticate.
     pub revoked: bool,
+    /// How it reaches fleetgate, which decides where its commands go.
+    pub transport: Transport,
+}
+
+/// How a device connects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    /// A WebSocket to `/v1/device` (the default).
+    #[default]
+    Websocket,
+    /// Through the MQTT broker (`devices/<id>/...` topics), bridged by the gateway nodes.
+    Mqtt,
+}
+
+impl Transport {
+    /// The name in records and the admin API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Websocket => "websocket",
+            Self::Mqtt => "mqtt",
+        }
+    }
+
+    /// Parses [`Transport::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "websocket" => Some(Self::Websocket),
+            "mqtt" => Some(Self::Mqtt),
+            _ => None,
+        }
+    }
 }
 
 /// A live gateway node, as registered in membership.
@@ -144,6 +175,16 @@ pub enum NodeMessage {
         code: CloseCode,
         /// Close reason.
         reason: String,
+    },
+    /// A message an MQTT device published, received by another node (the broker shares
+    /// device topics among nodes) and passed on to this one, which holds the device.
+    MqttInbound {
+        /// The device.
+        device: String,
+        /// The topic's last level: `status`, `events` or `acks`.
+        kind: String,
+        /// The payload as published (UTF-8 JSON).
+        payload: String,
     },
     /// A command's outcome, for the node waiting on it.
     CommandResult {

@@ -447,6 +447,7 @@ async fn device_delete_and_job_cancel_keep_the_expiry_index_in_step() {
             secret_sha256: [0; 32],
             created_ms: 0,
             revoked: false,
+            transport: Default::default(),
         };
         assert!(bus.device_create(&record).await.unwrap());
         for m in ["a", "b"] {

@@ -341,6 +341,7 @@ async fn unreadable_records_can_be_replaced_and_deleted() {
         secret_sha256: [1; 32],
         created_ms: 1,
         revoked: false,
+        transport: Default::default(),
     };
     let redis = raw(&support::shared().url()).await;
     for id in ["replaced", "deleted"] {
@@ -618,6 +619,7 @@ mod sharding {
                 secret_sha256: [3; 32],
                 created_ms: 1,
                 revoked: false,
+                transport: Default::default(),
             };
             assert!(bus.device_create(&record).await.unwrap());
         }

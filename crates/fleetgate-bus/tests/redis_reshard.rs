@@ -57,6 +57,7 @@ async fn adding_a_shard_moves_what_it_owns_and_keeps_everything_readable() {
             secret_sha256: [7; 32],
             created_ms: 1,
             revoked: false,
+            transport: Default::default(),
         };
         assert!(one.device_create(&record).await.unwrap());
         for i in 0..COMMANDS {

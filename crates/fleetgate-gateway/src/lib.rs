@@ -76,6 +76,8 @@ pub(crate) struct Shared {
     pub(crate) alerts: alerts::Alerts,
     /// `/v1/mqtt`: set by [`Gateway::with_mqtt`]; unset answers 503.
     pub(crate) mqtt: OnceLock<mqtt::MqttAccess>,
+    /// Messages of MQTT devices other nodes passed on, for this node's router.
+    pub(crate) mqtt_forwarded: OnceLock<tokio::sync::mpsc::Sender<mqtt::device::Forwarded>>,
 }
 
 /// A gateway node, ready to serve.
@@ -122,6 +124,7 @@ impl Gateway {
             bus_ok: AtomicBool::new(true),
             started_ms: now_ms(),
             mqtt: OnceLock::new(),
+            mqtt_forwarded: OnceLock::new(),
         };
         Self {
             shared: Arc::new(shared),

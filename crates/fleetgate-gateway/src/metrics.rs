@@ -89,6 +89,10 @@ pub struct Metrics {
     pub mqtt_published: Counter,
     /// `/v1/mqtt` clients closed with 4008 because their queue was full.
     pub mqtt_overflows: Counter,
+    /// Messages of MQTT devices this node received, by what became of them.
+    pub mqtt_device_messages: Family<OutcomeLabel, Counter>,
+    /// MQTT devices this node holds now (also counted in `connections_active`).
+    pub mqtt_devices_held: Gauge,
 }
 
 impl Default for Metrics {
@@ -130,6 +134,8 @@ impl Default for Metrics {
             mqtt_frames_delivered: Counter::default(),
             mqtt_published: Counter::default(),
             mqtt_overflows: Counter::default(),
+            mqtt_device_messages: Family::default(),
+            mqtt_devices_held: Gauge::default(),
         }
     }
 }
@@ -204,6 +210,16 @@ impl Metrics {
             self.outbox_dropped.clone(),
         );
         r.register("bus_errors", "Failed bus calls", self.bus_errors.clone());
+        r.register(
+            "mqtt_device_messages",
+            "Messages of MQTT devices received from the broker or another node, by outcome",
+            self.mqtt_device_messages.clone(),
+        );
+        r.register(
+            "mqtt_devices_held",
+            "MQTT devices this node holds a session for",
+            self.mqtt_devices_held.clone(),
+        );
         r.register_with_unit(
             "ack_latency",
             "Time from reading a QoS 1/2 device message to queueing its answer (durable in the bus)",
@@ -299,6 +315,11 @@ impl prometheus_client::collector::Collector for BridgeMetrics {
                 "fleetgate_mqtt_bridge_filters",
                 "Distinct topic filters this node holds on the broker (one subscription each)",
                 i64::try_from(s.filters).unwrap_or(i64::MAX),
+            ),
+            (
+                "fleetgate_mqtt_bridge_filters_confirmed",
+                "Of those filters, the ones the broker confirmed on the current connection",
+                i64::try_from(s.filters_confirmed).unwrap_or(i64::MAX),
             ),
             (
                 "fleetgate_mqtt_bridge_subscribers",

@@ -49,6 +49,7 @@ pub(crate) async fn start(
         stop.clone(),
     ));
     tokio::spawn(crate::alerts::offline::run(shared.clone(), stop.clone()));
+    crate::mqtt::device::start(&shared, stop.clone());
     Ok(tokio::spawn(async move {
         let mut beat = tokio::time::interval(shared.config.node_ttl / 3);
         let mut sweep = tokio::time::interval(shared.config.expiry_sweep_interval);
@@ -131,6 +132,14 @@ fn dispatch(shared: &Shared, msg: NodeMessage) {
             version,
             delta,
         } => (device, None, Outbound::Delta(Box::new((version, delta)))),
+        NodeMessage::MqttInbound {
+            device,
+            kind,
+            payload,
+        } => {
+            crate::mqtt::device::forwarded(shared, device, &kind, payload);
+            return;
+        }
         // Results are for admin nodes; a gateway node has nobody waiting. Resync is handled
         // by the inbox loop.
         NodeMessage::CommandResult { .. } | NodeMessage::Resync => return,

@@ -59,6 +59,11 @@ impl<T> Outbox<T> {
 
     /// Closes the outbox: pushes fail and `recv` returns `None` at once (a closed session has
     /// no use for what is left).
+    /// What is still queued, once closed: a session that ends hands on what it will not read.
+    pub(crate) fn take_rest(&self) -> Vec<T> {
+        self.lock().drain(..).collect()
+    }
+
     pub(crate) fn close(&self) {
         self.closed.store(true, Ordering::Release);
         self.notify.notify_one();

@@ -23,6 +23,8 @@ pub(crate) enum Outbound {
     Close(Box<(CloseCode, String)>),
     /// Desired state changed: send the delta `(version, state)`.
     Delta(Box<(u64, serde_json::Map<String, serde_json::Value>)>),
+    /// What an MQTT device published, for the node that holds it.
+    Mqtt(Box<crate::mqtt::device::Inbound>),
 }
 
 /// A session as seen by the rest of the node.

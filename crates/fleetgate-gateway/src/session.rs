@@ -27,6 +27,7 @@ pub(crate) enum Admission {
 }
 
 /// Why a session ends.
+#[derive(Debug)]
 pub(crate) struct Close {
     pub(crate) code: CloseCode,
     pub(crate) reason: String,
@@ -348,9 +349,19 @@ async fn register(
             "node at capacity",
         ));
     };
-    let node = &shared.config.node_id;
+    insert_local(shared, &device.id, conn_id, outbox);
+    register_claimed(shared, device, conn_id, codec, session_permit).await
+}
+
+/// Puts a session in this node's registry, closing (4409) the one it replaces here.
+pub(crate) fn insert_local(
+    shared: &Shared,
+    device: &str,
+    conn_id: u64,
+    outbox: Arc<Outbox<Outbound>>,
+) {
     if let Some(old) = shared.sessions.insert(
-        &device.id,
+        device,
         SessionHandle {
             conn_id,
             outbox,
@@ -365,6 +376,18 @@ async fn register(
             old.outbox.close();
         }
     }
+}
+
+/// The rest of [`register`] once the session is in the local registry: presence (replacing
+/// a connection on another node), announcements, the session's state.
+pub(crate) async fn register_claimed(
+    shared: &Arc<Shared>,
+    device: AuthedDevice,
+    conn_id: u64,
+    codec: Codec,
+    session_permit: tokio::sync::OwnedSemaphorePermit,
+) -> Result<Box<Session>, Close> {
+    let node = &shared.config.node_id;
     let presence = Presence {
         node: node.clone(),
         conn_id,
@@ -422,7 +445,7 @@ async fn register(
 }
 
 impl Session {
-    async fn unregister(mut self: Box<Self>) {
+    pub(crate) async fn unregister(mut self: Box<Self>) {
         self.shared.metrics.connections_active.dec();
         let window = std::mem::take(&mut self.replay);
         self.shared.parked_windows.park(&self.device, window);
@@ -509,17 +532,25 @@ impl Session {
     /// Tells a device that connects the desired state it has not reported yet. A shadow the
     /// bus cannot read now is not worth refusing the session: the next change sends it.
     async fn send_delta(&mut self, ws: &mut WebSocket) -> Result<(), Close> {
+        match self.pending_delta().await {
+            Some(frame) => send_frame(&self.shared, ws, self.codec, &frame).await,
+            None => Ok(()),
+        }
+    }
+
+    /// The `delta` frame owed to a device that (re)appears, if its shadow has one.
+    pub(crate) async fn pending_delta(&self) -> Option<Frame> {
         match self.shared.bus.shadow_get(&self.device).await {
-            Ok(Some(shadow)) if !shadow.delta.is_empty() => {
-                let frame =
-                    crate::outbound::delta_frame(&self.device, shadow.version, shadow.delta);
-                send_frame(&self.shared, ws, self.codec, &frame).await
-            }
-            Ok(_) => Ok(()),
+            Ok(Some(shadow)) if !shadow.delta.is_empty() => Some(crate::outbound::delta_frame(
+                &self.device,
+                shadow.version,
+                shadow.delta,
+            )),
+            Ok(_) => None,
             Err(error) => {
                 self.shared.metrics.bus_errors.inc();
                 tracing::warn!(message = "could not read the shadow for its delta", %error);
-                Ok(())
+                None
             }
         }
     }
@@ -558,12 +589,18 @@ impl Session {
     }
 
     async fn on_outbound(&mut self, ws: &mut WebSocket, out: Outbound) -> Result<(), Close> {
+        let frames = self.outbound_frames(out).await?;
+        self.send_all(ws, frames).await
+    }
+
+    /// What a message from outside the socket makes the session write (or why it ends).
+    pub(crate) async fn outbound_frames(&mut self, out: Outbound) -> Result<Vec<Frame>, Close> {
         match out {
             Outbound::Deliver => {
                 self.shared
                     .sessions
                     .deliver_taken(&self.device, self.conn_id);
-                self.deliver(ws).await
+                Ok(self.outgoing.fill(&self.shared, &self.device).await)
             }
             Outbound::Command(cmd) => {
                 let frame = crate::outbound::command_frame(&cmd, false);
@@ -574,7 +611,7 @@ impl Session {
                     );
                 }
                 self.shared.metrics.commands_sent.inc();
-                send_frame(&self.shared, ws, self.codec, &frame).await
+                Ok(vec![frame])
             }
             Outbound::Close(close) => {
                 let (code, reason) = *close;
@@ -582,8 +619,17 @@ impl Session {
             }
             Outbound::Delta(delta) => {
                 let (version, state) = *delta;
-                let frame = crate::outbound::delta_frame(&self.device, version, state);
-                send_frame(&self.shared, ws, self.codec, &frame).await
+                Ok(vec![crate::outbound::delta_frame(
+                    &self.device,
+                    version,
+                    state,
+                )])
+            }
+            // Broker messages are for the MQTT holder of a device; a WebSocket session that
+            // took the device over does not answer them.
+            Outbound::Mqtt(_) => {
+                self.shared.metrics.messages_rejected.inc();
+                Ok(Vec::new())
             }
         }
     }
@@ -646,7 +692,7 @@ impl Session {
     }
 
     /// Handles one decoded frame, returning the frames to write back.
-    async fn on_frame(&mut self, frame: Frame) -> Result<Vec<Frame>, Close> {
+    pub(crate) async fn on_frame(&mut self, frame: Frame) -> Result<Vec<Frame>, Close> {
         match frame {
             Frame::Message(env) => {
                 let timed = (env.qos != Qos::AtMostOnce).then(std::time::Instant::now);

@@ -299,7 +299,13 @@ async fn serve(settings: Settings, run_gateway: bool, run_admin: bool) -> anyhow
             Some((config, acl)) => {
                 info!(message = "MQTT bridge", broker = %config.broker.host, port = config.broker.port);
                 let bridge = fleetgate_mqtt::Bridge::start(config, mqtt_stop.clone());
-                gw.with_mqtt(fleetgate_gateway::MqttAccess { bridge, acl }, &mut registry)
+                let device_idle = std::time::Duration::from_millis(settings.mqtt.device_idle_ms);
+                let access = fleetgate_gateway::MqttAccess {
+                    bridge,
+                    acl,
+                    device_idle,
+                };
+                gw.with_mqtt(access, &mut registry)
             }
             None => gw,
         };

@@ -722,6 +722,8 @@ pub struct MqttSettings {
     pub subscribe_acl: Vec<String>,
     /// Topics `/v1/mqtt` clients may publish on (same syntax).
     pub publish_acl: Vec<String>,
+    /// How long a node holds an MQTT device that publishes nothing; it then reads as offline.
+    pub device_idle_ms: u64,
 }
 
 impl Default for MqttSettings {
@@ -734,6 +736,7 @@ impl Default for MqttSettings {
             client_id_prefix: "fleetgate-".into(),
             subscribe_acl: owned(fleetgate_mqtt::DEFAULT_SUBSCRIBE_ACL),
             publish_acl: owned(fleetgate_mqtt::DEFAULT_PUBLISH_ACL),
+            device_idle_ms: 300_000,
         }
     }
 }
@@ -759,6 +762,9 @@ pub struct MqttOverrides {
     /// Comma-separated topics /v1/mqtt clients may publish on.
     #[arg(long, env = "FLEETGATE_MQTT_PUBLISH_ACL", value_delimiter = ',')]
     pub mqtt_publish_acl: Option<Vec<String>>,
+    /// Milliseconds an MQTT device may publish nothing before it reads as offline.
+    #[arg(long, env = "FLEETGATE_MQTT_DEVICE_IDLE_MS")]
+    pub mqtt_device_idle_ms: Option<u64>,
 }
 
 impl MqttSettings {
@@ -788,6 +794,9 @@ impl MqttSettings {
         if let Some(v) = &o.mqtt_publish_acl {
             self.publish_acl = list(v);
         }
+        if let Some(ms) = o.mqtt_device_idle_ms {
+            self.device_idle_ms = ms;
+        }
     }
 
     fn acl(&self) -> anyhow::Result<fleetgate_mqtt::TopicAcl> {
@@ -802,6 +811,9 @@ impl MqttSettings {
         }
         if self.password_file.is_some() && self.username.is_none() {
             bail!("mqtt password_file needs mqtt username");
+        }
+        if self.device_idle_ms == 0 {
+            bail!("mqtt device_idle_ms must be > 0");
         }
         Ok(())
     }

@@ -10,6 +10,7 @@ use serde_json::{Map, Value, json};
 use crate::{
     BusError, BusResult, Command, CommandOutcome, DeliveryState, DeviceRecord, FailReason, JobExec,
     JobExecState, NodeInfo, NodeMessage, Presence, QueuedCommand, Shadow, TelemetryRecord,
+    Transport,
 };
 
 fn corrupt(what: &str, detail: impl std::fmt::Display) -> BusError {
@@ -124,6 +125,7 @@ pub(super) fn encode_device(d: &DeviceRecord) -> String {
         "secret_sha256": hex(&d.secret_sha256),
         "created_ms": d.created_ms,
         "revoked": d.revoked,
+        "transport": d.transport.as_str(),
     })
     .to_string()
 }
@@ -149,6 +151,11 @@ pub(super) fn decode_device(text: &str) -> BusResult<DeviceRecord> {
         secret_sha256: unhex32(WHAT, f.str("secret_sha256")?)?,
         created_ms: f.i64("created_ms")?,
         revoked: f.bool("revoked")?,
+        // Records written before transports existed are WebSocket devices.
+        transport: match m.get("transport").and_then(Value::as_str) {
+            None => Transport::Websocket,
+            Some(t) => Transport::parse(t).ok_or_else(|| corrupt(WHAT, "unknown transport"))?,
+        },
     })
 }
 
@@ -291,6 +298,11 @@ pub(super) fn encode_node_message(m: &NodeMessage) -> String {
             version,
             delta,
         } => json!({"t": "delta", "device": device, "version": version, "delta": delta}),
+        NodeMessage::MqttInbound {
+            device,
+            kind,
+            payload,
+        } => json!({"t": "mqtt", "device": device, "kind": kind, "payload": payload}),
         NodeMessage::Resync => json!({"t": "resync"}),
     };
     v.to_string()
@@ -362,6 +374,11 @@ pub(super) fn decode_node_message(bytes: &[u8]) -> BusResult<NodeMessage> {
             device: f.str("device")?.to_owned(),
             version: f.u64("version")?,
             delta: f.object("delta")?,
+        },
+        "mqtt" => NodeMessage::MqttInbound {
+            device: f.str("device")?.to_owned(),
+            kind: f.str("kind")?.to_owned(),
+            payload: f.str("payload")?.to_owned(),
         },
         "resync" => NodeMessage::Resync,
         other => return Err(corrupt(WHAT, format!("unknown message type {other:?}"))),
@@ -497,6 +514,33 @@ mod tests {
         assert!(decode_job_exec("d", "queued 1").is_err());
         assert!(decode_job_exec("d", "lost 1 m").is_err());
         assert!(decode_job_exec("d", "queued x m").is_err());
+    }
+
+    #[test]
+    fn mqtt_inbound_and_transports_roundtrip() {
+        let m = NodeMessage::MqttInbound {
+            device: "d-1".into(),
+            kind: "status".into(),
+            payload: r#"{"temp":"21\u00b0"}"#.into(),
+        };
+        assert_eq!(
+            decode_node_message(encode_node_message(&m).as_bytes()).unwrap(),
+            m
+        );
+        let mut d = DeviceRecord {
+            id: "d-1".into(),
+            groups: vec![],
+            secret_sha256: [1; 32],
+            created_ms: 5,
+            revoked: false,
+            transport: Transport::Mqtt,
+        };
+        assert_eq!(decode_device(&encode_device(&d)).unwrap(), d);
+        let old = encode_device(&d).replace(r#","transport":"mqtt""#, "");
+        d.transport = Transport::Websocket;
+        assert_eq!(decode_device(&old).unwrap(), d, "records before transports");
+        let bad = encode_device(&d).replace("websocket", "carrier-pigeon");
+        assert!(matches!(decode_device(&bad), Err(BusError::Corrupt(_))));
     }
 
     #[test]

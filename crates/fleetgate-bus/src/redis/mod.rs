@@ -1129,7 +1129,8 @@ impl Bus for RedisBus {
             NodeMessage::Deliver { device }
             | NodeMessage::Close { device, .. }
             | NodeMessage::CommandResult { device, .. }
-            | NodeMessage::Delta { device, .. } => self.shard_for(device),
+            | NodeMessage::Delta { device, .. }
+            | NodeMessage::MqttInbound { device, .. } => self.shard_for(device),
             NodeMessage::Command(c) => self.shard_for(&c.device),
             NodeMessage::Resync => 0,
         };

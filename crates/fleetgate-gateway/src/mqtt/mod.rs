@@ -5,6 +5,7 @@
 //! Principals, authentication and per-principal connection slots are `/v1/app`'s (the same
 //! helpers); what a principal may do is decided by the topic ACLs alone.
 
+pub(crate) mod device;
 mod session;
 
 use std::sync::Arc;
@@ -26,6 +27,9 @@ pub struct MqttAccess {
     pub bridge: Bridge,
     /// Who may publish and subscribe to what.
     pub acl: TopicAcl,
+    /// How long a node holds an MQTT device that publishes nothing (it then reads as
+    /// offline until its next message).
+    pub device_idle: std::time::Duration,
 }
 
 /// The 503 when no broker is configured, in the error shape of every HTTP answer.

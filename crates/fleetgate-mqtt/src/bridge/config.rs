@@ -105,6 +105,8 @@ pub struct Stats {
     pub connects: u64,
     /// Filters held by at least one subscriber now.
     pub filters: u64,
+    /// Of those, the ones the broker confirmed (SUBACK) on the current connection.
+    pub filters_confirmed: u64,
     /// Subscribers registered now.
     pub subscribers: u64,
     /// Filters sent to the broker in SUBSCRIBE packets (resubscribes included).

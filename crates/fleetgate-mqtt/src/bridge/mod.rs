@@ -203,14 +203,20 @@ impl Bridge {
     /// Counts for metrics.
     pub fn stats(&self) -> Stats {
         let c = &self.inner.counters;
-        let (filters, subscribers) = {
+        let (filters, filters_confirmed, subscribers) = {
             let t = lock(&self.inner.table);
-            (t.filters.len() as u64, t.subscribers.len() as u64)
+            let confirmed = t.filters.values().filter(|f| f.confirmed).count();
+            (
+                t.filters.len() as u64,
+                confirmed as u64,
+                t.subscribers.len() as u64,
+            )
         };
         Stats {
             connected: self.is_connected(),
             connects: c.connects.load(Ordering::Relaxed),
             filters,
+            filters_confirmed,
             subscribers,
             broker_subscribes: c.broker_subscribes.load(Ordering::Relaxed),
             broker_subacks: c.broker_subacks.load(Ordering::Relaxed),
