@@ -369,3 +369,32 @@ async fn when_the_holder_drains_the_other_node_takes_the_device_over() {
     survivor.signal("TERM");
     assert!(survivor.wait_exit().await.success());
 }
+
+/// A status the broker retained is replayed to a node that subscribes: old state, not a new
+/// message, so it is not ingested.
+#[tokio::test]
+async fn a_retained_status_replayed_on_subscribe_is_not_ingested() {
+    let broker = MosquittoServer::start();
+    let status = tokio::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &broker.port().to_string()])
+        .args([
+            "-t",
+            "devices/old-1/status",
+            "-r",
+            "-q",
+            "1",
+            "-m",
+            r#"{"level":1}"#,
+        ])
+        .status()
+        .await
+        .expect("mosquitto_pub");
+    assert!(status.success());
+    let node = bridged(&broker, &[]).await;
+    crate::support::eventually("the retained message arrives", || async {
+        (outcome(&node, "retained").await == 1).then_some(())
+    })
+    .await;
+    assert_eq!(outcome(&node, "unknown_device").await, 0);
+    assert_eq!(outcome(&node, "claimed").await, 0);
+}

@@ -280,6 +280,12 @@ impl Router {
             count(&self.shared, "bad_topic");
             return;
         };
+        if msg.retain {
+            // A retained message replayed because this node subscribed is old state, not a
+            // new message: ingesting it would report it again on every node start.
+            count(&self.shared, "retained");
+            return;
+        }
         let inbound = Inbound {
             topic,
             payload: msg.payload.clone(),
