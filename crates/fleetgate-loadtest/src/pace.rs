@@ -32,6 +32,17 @@ impl Pacer {
         self.interval.map(|i| start + i.mul_f64(k as f64))
     }
 
+    /// Takes the next slot if its time has come (always when unpaced): lets a caller that
+    /// is behind its schedule start several at once.
+    pub fn take_due(&self) -> bool {
+        let k = self.next.load(Ordering::Relaxed);
+        let due = self.slot(k).is_none_or(|at| at <= Instant::now());
+        due && self
+            .next
+            .compare_exchange(k, k + 1, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    }
+
     /// Takes the next slot and waits for its time.
     pub async fn wait(&self) {
         let k = self.next.fetch_add(1, Ordering::Relaxed);
@@ -52,6 +63,18 @@ mod tests {
         assert_eq!(p.slot(4).unwrap() - s0, Duration::from_secs(1));
         assert_eq!(p.slot(1).unwrap() - s0, Duration::from_millis(250));
         assert!(Pacer::new(0.0).slot(10).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_slots_whose_time_has_come_are_taken_at_once() {
+        let p = Pacer::new(10.0);
+        p.wait().await;
+        assert!(!p.take_due(), "slot 1 is 100 ms away");
+        tokio::time::advance(Duration::from_millis(250)).await;
+        assert!(p.take_due() && p.take_due(), "slots 1 and 2 are due");
+        assert!(!p.take_due(), "slot 3 is not");
+        let unpaced = Pacer::new(0.0);
+        assert!((0..100).all(|_| unpaced.take_due()));
     }
 
     #[tokio::test(start_paused = true)]

@@ -531,35 +531,54 @@ async fn telemetry(ctx: &Ctx, client: &DeviceClient) -> (u64, Duration) {
     local.mark("load", now_ms());
     let mut seq = 0u64;
     let mut stopping = ctx.phase.clone();
+    let mut tick = Box::pin(pacer.wait());
     loop {
-        // Keep the window full; then wait for one answer, the pacer, or the end of the run.
-        while inflight.len() < window && !ctx.at_least(Phase::Settle) {
-            pacer.wait().await;
-            seq += 1;
-            // Fanout subscribers measure delivery latency from the send time.
-            let payload = if spec.scenario == Kind::Fanout {
-                json!({ "seq": seq, "temp": 21.5, "sentUs": fanout::now_us(), "pad": pad })
-            } else {
-                json!({ "seq": seq, "temp": 21.5, "pad": pad })
-            };
-            let t0 = Instant::now();
-            let send = client.send_status(payload, qos);
-            inflight.push(async move { (send.await, t0.elapsed()) });
-            ctx.live.messages_sent.fetch_add(1, Ordering::Relaxed);
-        }
-        if inflight.is_empty() {
+        let room = inflight.len() < window && !ctx.at_least(Phase::Settle);
+        if !room && inflight.is_empty() {
             break;
         }
+        // One select over answers, the pacer and the end of the run: a send future is
+        // written when first polled, and `FuturesUnordered` polls a new one only after
+        // handing out the answers ready before it. Taking answers as they come keeps that
+        // queue empty, so each message goes out when it is made, not a window of answers
+        // later (which added (window - 1) / rate to every latency measured from it).
         tokio::select! {
-            Some((res, rtt)) = inflight.next() => match res {
+            biased;
+            Some((res, rtt)) = inflight.next(), if !inflight.is_empty() => match res {
                 Ok(_) => {
                     local.add("messages_acked", 1);
                     if qos != Qos::AtMostOnce {
                         local.latency("ack", rtt);
                     }
                 }
-                Err(e) => local.add(&format!("send_failed:{}", reason_of(&e.to_string())), 1),
+                Err(e) => {
+                    let e: fleetgate_device::DeviceError = e;
+                    local.add(&format!("send_failed:{}", reason_of(&e.to_string())), 1);
+                }
             },
+            () = &mut tick, if room => {
+                // Every slot that is due goes out now (unpaced, or behind schedule): sends
+                // made together are written together, as a device with a backlog does.
+                loop {
+                    seq += 1;
+                    // Fanout subscribers measure delivery latency from the send time.
+                    let payload = if spec.scenario == Kind::Fanout {
+                        json!({ "seq": seq, "temp": 21.5, "sentUs": fanout::now_us(), "pad": pad })
+                    } else {
+                        json!({ "seq": seq, "temp": 21.5, "pad": pad })
+                    };
+                    let t0 = Instant::now();
+                    let send = client.send_status(payload, qos);
+                    inflight.push(async move { (send.await, t0.elapsed()) });
+                    ctx.live.messages_sent.fetch_add(1, Ordering::Relaxed);
+                    if inflight.len() >= window || ctx.at_least(Phase::Settle) || !pacer.take_due() {
+                        break;
+                    }
+                }
+                // The next slot is taken now: a window that stays full delays sends, and the
+                // pacer's schedule (open loop) catches up when it frees.
+                tick = Box::pin(pacer.wait());
+            }
             _ = stopping.wait_for(|p| *p >= Phase::Settle), if !ctx.at_least(Phase::Settle) => {}
         }
     }
