@@ -1,8 +1,8 @@
 //! The MQTT side of a fleetgate node: topic names and filters ([`topic`]), per-principal
 //! topic ACLs ([`acl`]), and [`Bridge`], the node's one shared MQTT client.
 //!
-//! Every consumer of broker messages on a node (each `/v1/mqtt` WebSocket session, and later
-//! the ingest of MQTT devices) is a [`Subscriber`] of the same bridge: filters are reference
+//! Every consumer of broker messages on a node (each `/v1/mqtt` WebSocket session, and the
+//! router of MQTT devices) is a [`Subscriber`] of the same bridge: filters are reference
 //! counted across them, so the broker sees one SUBSCRIBE per filter per node however many
 //! sessions share it, and incoming PUBLISHes are routed locally. This crate knows nothing of
 //! the gateway or of WebSockets.
