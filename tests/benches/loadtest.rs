@@ -2,8 +2,9 @@
 //! `loadtest/suite.toml` and every run, it starts the system afresh (one node on the memory
 //! bus, the reference sink, or redis-server + N nodes behind nginx), runs the release
 //! `fleetgate-loadtest` with the entry's scenario file and overrides, keeps the result in
-//! `loadtest/results/<entry>/run<k>.json` (and goose's HTML reports beside it), and at the end
-//! regenerates the table in BENCHMARKS.md.
+//! `loadtest/results/<entry>/run<k>.json` (goose's HTML reports go to
+//! `target/loadtest-reports/<entry>/`, out of git), and at the end regenerates the table in
+//! BENCHMARKS.md.
 //!
 //! ```text
 //! cargo build --release -p fleetgate -p fleetgate-loadtest
@@ -249,8 +250,11 @@ async fn run_one(
         .arg(target.metrics.join(","))
         .arg("--results")
         .arg(dir.join(format!("run{k}.json")))
+        // Relative to the repository (the current directory below), so the results name the
+        // reports without a machine's path.
         .arg("--report-dir")
-        .arg(&dir)
+        .arg(Path::new("target/loadtest-reports").join(&entry.name))
+        .current_dir(root)
         .arg("--label")
         .arg(format!("run{k}"))
         .env("FLEETGATE_API_KEY", API_KEY)
