@@ -2052,6 +2052,52 @@ pub async fn pubsub_retained(bus: &dyn Bus) {
     );
 }
 
+/// One frame to several channels: each watched one delivers it with its own next offset and
+/// history, the retained value is kept only where asked, an unwatched one costs nothing.
+pub async fn pubsub_publish_many(bus: &dyn Bus) {
+    let device = Channel::Device(unique_id("pmany"));
+    let group = Channel::Group(unique_id("pmany-g"));
+    let unwatched = Channel::Group(unique_id("pmany-u"));
+    let mut on_device = bus.subscribe(&device).await.expect("subscribe");
+    let mut on_group = bus.subscribe(&group).await.expect("subscribe");
+    bus.publish(&group, Bytes::from_static(b"zero"), false)
+        .await
+        .expect("publish");
+    assert_eq!(recv_published(&mut on_group, "first").await.offset, 1);
+    let channels = [
+        (device.clone(), true),
+        (group.clone(), false),
+        (unwatched.clone(), false),
+    ];
+    bus.publish_many(&channels, Bytes::from_static(b"one"))
+        .await
+        .expect("publish_many");
+    let d = recv_published(&mut on_device, "device channel").await;
+    let g = recv_published(&mut on_group, "group channel").await;
+    assert_eq!((d.offset, d.frame.as_ref()), (1, &b"one"[..]));
+    assert_eq!(
+        (g.offset, g.frame.as_ref()),
+        (2, &b"one"[..]),
+        "offsets are per channel"
+    );
+    assert_eq!(
+        bus.retained(&device).await.expect("retained"),
+        Some(Bytes::from_static(b"one"))
+    );
+    assert_eq!(bus.retained(&group).await.expect("retained"), None);
+    let h = bus.history(&group, Some(1), 10).await.expect("history");
+    let kept: Vec<(u64, &[u8])> = h
+        .frames
+        .iter()
+        .map(|p| (p.offset, p.frame.as_ref()))
+        .collect();
+    assert_eq!(kept, [(2, &b"one"[..])]);
+    assert_eq!(bus.retained(&unwatched).await.expect("retained"), None);
+    bus.publish_many(&[], Bytes::from_static(b"none"))
+        .await
+        .expect("publishing to no channel is nothing");
+}
+
 /// A subscriber that never reads does not block publishing (frames are dropped for it, not
 /// buffered without bound), and the channel keeps working for others.
 pub async fn pubsub_slow_subscriber_does_not_block(bus: &dyn Bus) {
@@ -2135,6 +2181,7 @@ macro_rules! bus_conformance_tests {
             pubsub_fan_out,
             pubsub_unsubscribe_on_drop,
             pubsub_retained,
+            pubsub_publish_many,
             pubsub_slow_subscriber_does_not_block,
             fanout_offsets_and_history,
             fanout_unwatched_channel_keeps_nothing,

@@ -268,6 +268,16 @@ pub trait Bus: Send + Sync + 'static {
     /// that recently) gives the frame an offset, keeps it in its history and delivers it;
     /// on any other channel a publish costs no more than the retained write.
     async fn publish(&self, channel: &Channel, frame: Bytes, retain: bool) -> BusResult<()>;
+    /// [`Bus::publish`] of one frame to several channels, `retain` per channel: what an
+    /// accepted message does (its device's channel, its groups'). A backend may do it in
+    /// fewer round trips (Redis: one script call per shard); an error may leave some of the
+    /// channels published.
+    async fn publish_many(&self, channels: &[(Channel, bool)], frame: Bytes) -> BusResult<()> {
+        for (channel, retain) in channels {
+            self.publish(channel, frame.clone(), *retain).await?;
+        }
+        Ok(())
+    }
     /// Subscribes to a channel, which is watched from then on; dropping the
     /// [`Subscription`] unsubscribes. Frames published after this returns are delivered, in
     /// offset order; the retained value is not replayed (see [`Bus::retained`]). When the

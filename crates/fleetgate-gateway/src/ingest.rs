@@ -239,24 +239,21 @@ impl Session {
     /// Fans an accepted message out to `device:<id>`, its groups and, for events with a
     /// `severity`, `alerts`. Subscribers always get JSON.
     async fn publish(&self, frame: Bytes, retain: bool, alert: bool) {
+        // Only the device's own channel keeps a retained value.
         let mut channels = Vec::with_capacity(2 + self.groups.len());
-        channels.push(Channel::Device(self.device.clone()));
-        channels.extend(self.groups.iter().map(|g| Channel::Group(g.clone())));
+        channels.push((Channel::Device(self.device.clone()), retain));
+        channels.extend(
+            self.groups
+                .iter()
+                .map(|g| (Channel::Group(g.clone()), false)),
+        );
         if alert {
-            channels.push(Channel::Alerts);
+            channels.push((Channel::Alerts, false));
         }
-        // All channels at once: on Redis each publish is a round trip (a script that gives
-        // watched channels their offset), and they do not depend on one another.
-        let publishes = channels.iter().enumerate().map(|(i, channel)| {
-            // Only the device's own channel keeps a retained value.
-            let retain = retain && i == 0;
-            self.shared.bus.publish(channel, frame.clone(), retain)
-        });
-        for result in futures_util::future::join_all(publishes).await {
-            if let Err(error) = result {
-                self.shared.metrics.bus_errors.inc();
-                warn!(message = "publish failed", %error);
-            }
+        // One call for every channel: on Redis one script per shard, not one per channel.
+        if let Err(error) = self.shared.bus.publish_many(&channels, frame).await {
+            self.shared.metrics.bus_errors.inc();
+            warn!(message = "publish failed", %error);
         }
     }
 

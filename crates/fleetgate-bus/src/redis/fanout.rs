@@ -51,31 +51,40 @@ impl RedisBus {
         self.key("pos:", &channel.name())
     }
 
+    /// Publishes `frame` to `channels`: one script call per shard, the shards at once.
     pub(super) async fn fanout_publish(
         &self,
-        channel: &Channel,
+        channels: &[(Channel, bool)],
         frame: Bytes,
-        retain: bool,
     ) -> BusResult<()> {
-        let name = channel.name();
-        self.eval(
-            self.channel_shard(channel),
-            &self.inner.scripts.fanout_publish,
-            vec![
+        let mut by_shard: BTreeMap<usize, (Vec<String>, Vec<Value>)> = BTreeMap::new();
+        for (channel, retain) in channels {
+            let name = channel.name();
+            let (keys, args) = by_shard.entry(self.channel_shard(channel)).or_default();
+            keys.extend([
                 self.key("pos:", &name),
                 self.key("hist:", &name),
                 self.key("ret:", &name),
-            ],
-            vec![
+            ]);
+            args.extend([
                 v(self.channel_name(channel)),
-                Value::Bytes(frame),
-                v(if retain { "1" } else { "0" }),
-                Value::Integer(now_ms()),
+                v(if *retain { "1" } else { "0" }),
+            ]);
+        }
+        let now = now_ms();
+        let calls = by_shard.into_iter().map(|(shard, (keys, per_channel))| {
+            let mut args = vec![
+                Value::Bytes(frame.clone()),
+                Value::Integer(now),
                 Value::Integer(self.inner.config.history.size as i64),
                 Value::Integer(self.ttl_ms() as i64),
-            ],
-        )
-        .await?;
+            ];
+            args.extend(per_channel);
+            self.eval(shard, &self.inner.scripts.fanout_publish, keys, args)
+        });
+        for result in futures_util::future::join_all(calls).await {
+            result?;
+        }
         Ok(())
     }
 

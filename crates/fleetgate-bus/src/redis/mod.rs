@@ -1477,7 +1477,12 @@ impl Bus for RedisBus {
     }
 
     async fn publish(&self, channel: &Channel, frame: Bytes, retain: bool) -> BusResult<()> {
-        self.fanout_publish(channel, frame, retain).await
+        self.fanout_publish(&[(channel.clone(), retain)], frame)
+            .await
+    }
+
+    async fn publish_many(&self, channels: &[(Channel, bool)], frame: Bytes) -> BusResult<()> {
+        self.fanout_publish(channels, frame).await
     }
 
     async fn subscribe(&self, channel: &Channel) -> BusResult<Subscription> {

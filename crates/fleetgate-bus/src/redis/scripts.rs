@@ -244,29 +244,33 @@ redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[4])
 return redis.call('PUBLISH', ARGV[1], ARGV[3])
 ";
 
-/// Fan-out publish. `KEYS` = position hash, history stream, retained key; `ARGV` = Redis
-/// channel, frame, retain (`1`/`0`), now (ms), history size, history TTL (ms). Sets the
+/// Fan-out publish of one frame to one shard's channels. `KEYS` = per channel: position
+/// hash, history stream, retained key; `ARGV` = frame, now (ms), history size, history TTL
+/// (ms), then per channel: Redis channel, retain (`1`/`0`). For each channel: sets the
 /// retained value if asked; on a watched channel (its position hash exists) also assigns the
 /// next offset, keeps the frame in the history and publishes `<offset> <frame>`. Returns the
-/// offset, 0 when unwatched.
+/// number of channels.
 pub(super) const FANOUT_PUBLISH: &str = r"
-if ARGV[3] == '1' then
-  redis.call('SET', KEYS[3], ARGV[2])
-end
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  return 0
-end
-local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
-local size = tonumber(ARGV[5])
-if size > 0 then
-  if n == 1 then
-    redis.call('DEL', KEYS[2])
+local frame, size = ARGV[1], tonumber(ARGV[3])
+local channels = #KEYS / 3
+for c = 0, channels - 1 do
+  local pos, hist = KEYS[3 * c + 1], KEYS[3 * c + 2]
+  if ARGV[6 + 2 * c] == '1' then
+    redis.call('SET', KEYS[3 * c + 3], frame)
   end
-  redis.call('XADD', KEYS[2], 'MAXLEN', size, n .. '-0', 't', ARGV[4], 'f', ARGV[2])
-  redis.call('PEXPIRE', KEYS[2], ARGV[6])
+  if redis.call('EXISTS', pos) == 1 then
+    local n = redis.call('HINCRBY', pos, 'n', 1)
+    if size > 0 then
+      if n == 1 then
+        redis.call('DEL', hist)
+      end
+      redis.call('XADD', hist, 'MAXLEN', size, n .. '-0', 't', ARGV[2], 'f', frame)
+      redis.call('PEXPIRE', hist, ARGV[4])
+    end
+    redis.call('PUBLISH', ARGV[5 + 2 * c], n .. ' ' .. frame)
+  end
 end
-redis.call('PUBLISH', ARGV[1], n .. ' ' .. ARGV[2])
-return n
+return channels
 ";
 
 /// Fan-out watch. `KEYS` = position hashes (one shard's); `ARGV` = TTL (ms), epoch prefix.
