@@ -100,7 +100,14 @@ async fn send_in_span(
             cfg.max_wait.as_millis()
         )));
     }
-    let presence = state.bus.presence_get(&id).await?;
+    // Presence is read only where it decides something: QoS 0 goes to the device's node, and
+    // a device with no record exists only while connected. A queued command's push tells the
+    // owning node itself, so a provisioned device's QoS 1/2 path skips this round trip.
+    let presence = if qos == Qos::AtMostOnce || device.record.is_none() {
+        state.bus.presence_get(&id).await?
+    } else {
+        None
+    };
     if presence.is_none() && device.record.is_none() {
         return Err(AppError::not_found(format!("no device {id}")));
     }

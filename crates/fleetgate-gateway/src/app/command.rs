@@ -240,10 +240,15 @@ async fn send(
             ),
         ));
     }
-    let presence = bus
-        .presence_get(&frame.device)
-        .await
-        .map_err(|e| Refused::bus(&e))?;
+    // As over REST: presence only where it decides something (QoS 0, or a device with no
+    // record); a queued command's push tells the owning node itself.
+    let presence = if qos == Qos::AtMostOnce || record.is_none() {
+        bus.presence_get(&frame.device)
+            .await
+            .map_err(|e| Refused::bus(&e))?
+    } else {
+        None
+    };
     if presence.is_none() && record.is_none() {
         return Err(Refused::new(
             404,
