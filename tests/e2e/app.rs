@@ -333,10 +333,14 @@ async fn a_slow_app_is_closed_with_4008_while_a_fast_one_gets_every_frame() {
             .send(status(
                 "slow-src",
                 &format!("s{i}"),
-                0,
+                1,
                 json!({"n": i, "blob": blob}),
             ))
             .await;
+        // QoS 1, each ack awaited: an unpaced QoS 0 sender outran the fast client's reader
+        // on a loaded CI machine and had it dropped too.
+        let ack = device.recv().await;
+        assert_eq!(ack["type"], "ack", "{ack}");
     }
     let fast = reader.await.expect("the fast client got every frame");
     drop(fast);
