@@ -57,13 +57,13 @@ impl<T> Outbox<T> {
         Ok(())
     }
 
-    /// Closes the outbox: pushes fail and `recv` returns `None` at once (a closed session has
-    /// no use for what is left).
     /// What is still queued, once closed: a session that ends hands on what it will not read.
     pub(crate) fn take_rest(&self) -> Vec<T> {
         self.lock().drain(..).collect()
     }
 
+    /// Closes the outbox: pushes fail and `recv` returns `None` at once (a closed session has
+    /// no use for what is left).
     pub(crate) fn close(&self) {
         self.closed.store(true, Ordering::Release);
         self.notify.notify_one();

@@ -476,7 +476,7 @@ impl Holder {
     ) {
         let id = device.id.clone();
         self.shared.metrics.auth_success.inc();
-        let session = match Box::pin(register_claimed(
+        let mut session = match Box::pin(register_claimed(
             &self.shared,
             device,
             conn_id,
@@ -494,7 +494,6 @@ impl Holder {
             }
         };
         self.shared.metrics.mqtt_devices_held.inc();
-        let mut session = session;
         let close = self.serve(&mut session, &outbox).await;
         debug!(message = "no longer holding an MQTT device", code = close.code.as_u16(), reason = %close.reason);
         outbox.close();
@@ -522,7 +521,7 @@ impl Holder {
         // A device that appears gets what a connecting one gets: its delta, then its queue.
         let mut frames: Vec<Frame> = session.pending_delta().await.into_iter().collect();
         frames.extend(session.outgoing.fill(&self.shared, &session.device).await);
-        self.send(&session.device, &frames).await;
+        reply(&self.access, &session.device, &frames).await;
         let mut last_message = Instant::now();
         loop {
             let mut wake = last_message + idle;
@@ -538,7 +537,7 @@ impl Holder {
                         return Close::new(CloseCode::HeartbeatTimeout, "no message within device_idle");
                     }
                     let frames = session.outgoing.on_timer(&self.shared, &session.device, now).await;
-                    self.send(&session.device, &frames).await;
+                    reply(&self.access, &session.device, &frames).await;
                     continue;
                 }
             };
@@ -553,12 +552,8 @@ impl Holder {
                     Err(close) => return close,
                 },
             };
-            self.send(&session.device, &frames).await;
+            reply(&self.access, &session.device, &frames).await;
         }
-    }
-
-    async fn send(&self, device: &str, frames: &[Frame]) {
-        reply(&self.access, device, frames).await;
     }
 }
 
