@@ -89,6 +89,7 @@ struct Target {
     _sink: Option<Child>,
     nginx: Option<NginxServer>,
     redis: Option<RedisServer>,
+    redis_url: Option<String>,
 }
 
 impl Drop for Target {
@@ -116,6 +117,7 @@ async fn start(entry: &Entry, loadtest: &Path) -> anyhow::Result<Target> {
                 _sink: None,
                 nginx: None,
                 redis: None,
+                redis_url: None,
             })
         }
         System::Sink => {
@@ -154,6 +156,7 @@ async fn start(entry: &Entry, loadtest: &Path) -> anyhow::Result<Target> {
                 _sink: Some(child),
                 nginx: None,
                 redis: None,
+                redis_url: None,
             })
         }
         System::Cluster => {
@@ -218,6 +221,7 @@ async fn start(entry: &Entry, loadtest: &Path) -> anyhow::Result<Target> {
                 _nodes: nodes,
                 _sink: None,
                 nginx,
+                redis_url: Some(redis.url()),
                 redis: Some(redis),
             })
         }
@@ -261,6 +265,9 @@ async fn run_one(
         .kill_on_drop(true);
     if let Some(admin) = &target.admin {
         cmd.arg("--admin-url").arg(admin);
+    }
+    if let Some(url) = &target.redis_url {
+        cmd.arg("--redis-url").arg(url);
     }
     if !target.app_urls.is_empty() {
         cmd.arg("--app-url").arg(target.app_urls.join(","));

@@ -36,9 +36,11 @@ use serde_json::{Map, Value, json};
 
 mod admin;
 mod fanout;
+mod ingest;
 
 pub use admin::*;
 pub use fanout::*;
+pub use ingest::*;
 
 use crate::{
     Bus, BusError, Channel, Command, CommandOutcome, DeliveryState, DeviceRecord, FailReason,
@@ -2178,6 +2180,8 @@ macro_rules! bus_conformance_tests {
             shadow_reported_merge,
             shadow_noop_merge_keeps_version,
             shadow_desired_delta,
+            accept_stores_merges_and_publishes,
+            accept_concurrent_sessions_stay_apart,
             pubsub_fan_out,
             pubsub_unsubscribe_on_drop,
             pubsub_retained,

@@ -212,6 +212,13 @@ pub trait Bus: Send + Sync + 'static {
     /// returns `Ok`, the records are as durable as the backend makes them (QoS 1 acks wait
     /// for it).
     async fn telemetry_append(&self, records: &[TelemetryRecord]) -> BusResult<()>;
+    /// What accepted messages do, in order: their records are appended (which decides the
+    /// result: `Ok` means every record is as durable as [`Bus::telemetry_append`] makes it),
+    /// then each status's shadow patch is merged and each frame published on its channels,
+    /// as [`Bus::shadow_merge_reported`] and [`Bus::publish_many`] would. Those later steps
+    /// failing does not fail the call; the report counts them. A backend may do it all in
+    /// one round trip and batch the calls of many sessions (Redis does both).
+    async fn accept(&self, messages: &[Accepted], now_ms: i64) -> BusResult<AcceptReport>;
     /// Reads a partition after `after` (exclusive; `None` = from the start), at most `limit`.
     async fn telemetry_read(
         &self,

@@ -229,6 +229,29 @@ pub struct TelemetryRecord {
     pub payload: Value,
 }
 
+/// An accepted device message and what it does on the bus: its telemetry record, the
+/// reported-state patch it carries (statuses), and the frame its channels get.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Accepted {
+    /// The record to store.
+    pub record: TelemetryRecord,
+    /// Top-level keys to merge into the device's reported state (`null` deletes).
+    pub shadow: Option<Map<String, Value>>,
+    /// Channels to publish on, with whether each keeps the frame as its retained value.
+    pub channels: Vec<(Channel, bool)>,
+    /// The encoded frame subscribers get.
+    pub frame: bytes::Bytes,
+}
+
+/// What [`crate::Bus::accept`] could not do after the records were stored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AcceptReport {
+    /// Shadow merges that failed.
+    pub shadow_failed: usize,
+    /// Channel publishes that failed.
+    pub publish_failed: usize,
+}
+
 /// Position of a record in a telemetry stream (a Redis stream ID such as `1700000000000-0`).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct StreamId(pub String);

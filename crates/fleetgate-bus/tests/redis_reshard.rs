@@ -274,7 +274,7 @@ async fn a_key_the_destination_already_has_is_reported_not_overwritten() {
     let patch = json!({ "v": 1 }).as_object().cloned().unwrap();
     one.shadow_merge_reported(&moving, &patch, 1).await.unwrap();
     // Something else wrote the same key on the new shard already.
-    let shadow_key = format!("{prefix}sh:{moving}");
+    let shadow_key = format!("{prefix}shd:{moving}");
     let client =
         fred::types::Builder::from_config(fred::types::config::Config::from_url(&b.url()).unwrap())
             .build()

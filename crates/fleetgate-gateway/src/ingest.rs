@@ -4,7 +4,7 @@
 use std::borrow::Cow;
 
 use bytes::Bytes;
-use fleetgate_bus::{Channel, TelemetryRecord};
+use fleetgate_bus::{Accepted, Channel, TelemetryRecord};
 use fleetgate_protocol::{
     Envelope, ErrorCode, Frame, Handshake, HandshakeKind, MessageKind, MsgId, Qos, batch_items,
     check_from_device, json,
@@ -171,9 +171,10 @@ impl Session {
         )
     }
 
-    /// Makes accepted messages durable (telemetry), then merges shadows and publishes. Only
-    /// the telemetry append decides success: it is what QoS 1/2 answers promise. Payloads
-    /// move into the records rather than being copied; the fan-out frames are encoded first.
+    /// Makes accepted messages durable (telemetry), merges shadows and publishes, in one bus
+    /// call ([`fleetgate_bus::Bus::accept`]). Only the telemetry append decides success: it is
+    /// what QoS 1/2 answers promise. Payloads move into the records rather than being copied;
+    /// the fan-out frames are encoded first.
     async fn accept(
         &mut self,
         messages: Vec<Envelope>,
@@ -182,23 +183,41 @@ impl Session {
         if messages.is_empty() {
             return Ok(());
         }
-        let fanout: Vec<(MessageKind, bool, Bytes)> = messages
-            .iter()
-            .map(|m| (m.kind, m.retain, Bytes::from(json::encode_envelope(m))))
-            .collect();
-        let records: Vec<TelemetryRecord> = messages
+        let accepted: Vec<Accepted> = messages
             .into_iter()
-            .map(|m| TelemetryRecord {
-                device: self.device.clone(),
-                msgid: m.msgid.into_string(),
-                kind: m.kind,
-                timestamp: m.timestamp,
-                received_ms: now,
-                payload: m.payload,
+            .map(|m| {
+                let frame = Bytes::from(json::encode_envelope(&m));
+                let alert = m.kind == MessageKind::Event && m.payload.get("severity").is_some();
+                let shadow = (m.kind == MessageKind::Status)
+                    .then(|| shadow_patch(&m.payload).map(Cow::into_owned))
+                    .flatten();
+                Accepted {
+                    channels: self.channels(m.retain, alert),
+                    shadow,
+                    frame,
+                    record: TelemetryRecord {
+                        device: self.device.clone(),
+                        msgid: m.msgid.into_string(),
+                        kind: m.kind,
+                        timestamp: m.timestamp,
+                        received_ms: now,
+                        payload: m.payload,
+                    },
+                }
             })
             .collect();
-        self.shared.bus.telemetry_append(&records).await?;
-        for (record, (kind, retain, frame)) in records.iter().zip(fanout) {
+        let report = self.shared.bus.accept(&accepted, now).await?;
+        let failed = report.shadow_failed + report.publish_failed;
+        if failed > 0 {
+            self.shared.metrics.bus_errors.inc_by(failed as u64);
+            warn!(
+                message = "shadow merge or publish failed after storing",
+                shadow_failed = report.shadow_failed,
+                publish_failed = report.publish_failed
+            );
+        }
+        for m in &accepted {
+            let kind = m.record.kind;
             self.shared
                 .metrics
                 .messages_received
@@ -206,29 +225,14 @@ impl Session {
                     kind: kind.as_str(),
                 })
                 .inc();
-            let patch = (kind == MessageKind::Status)
-                .then(|| shadow_patch(&record.payload))
-                .flatten();
-            if let Some(patch) = patch
-                && let Err(error) = self
-                    .shared
-                    .bus
-                    .shadow_merge_reported(&self.device, &patch, now)
-                    .await
-            {
-                self.shared.metrics.bus_errors.inc();
-                warn!(message = "shadow merge failed", %error);
-            }
-            let alert = kind == MessageKind::Event && record.payload.get("severity").is_some();
-            self.publish(frame, retain, alert).await;
             if kind == MessageKind::Status {
                 crate::alerts::DeviceAlerts::on_status(
                     &mut self.alerts,
                     &self.shared,
                     &self.device,
                     &self.groups,
-                    &record.payload,
-                    record.timestamp,
+                    &m.record.payload,
+                    m.record.timestamp,
                 )
                 .await;
             }
@@ -236,10 +240,9 @@ impl Session {
         Ok(())
     }
 
-    /// Fans an accepted message out to `device:<id>`, its groups and, for events with a
-    /// `severity`, `alerts`. Subscribers always get JSON.
-    async fn publish(&self, frame: Bytes, retain: bool, alert: bool) {
-        // Only the device's own channel keeps a retained value.
+    /// The channels an accepted message goes to: `device:<id>`, its groups and, for events
+    /// with a `severity`, `alerts`. Only the device's own channel keeps a retained value.
+    fn channels(&self, retain: bool, alert: bool) -> Vec<(Channel, bool)> {
         let mut channels = Vec::with_capacity(2 + self.groups.len());
         channels.push((Channel::Device(self.device.clone()), retain));
         channels.extend(
@@ -250,11 +253,7 @@ impl Session {
         if alert {
             channels.push((Channel::Alerts, false));
         }
-        // One call for every channel: on Redis one script per shard, not one per channel.
-        if let Err(error) = self.shared.bus.publish_many(&channels, frame).await {
-            self.shared.metrics.bus_errors.inc();
-            warn!(message = "publish failed", %error);
-        }
+        channels
     }
 
     /// Handles ack / rec / comp (answers to our commands) and rel (QoS 2 from the device).

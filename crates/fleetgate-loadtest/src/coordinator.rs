@@ -227,14 +227,14 @@ pub async fn run(spec: Spec, out: &Output) -> anyhow::Result<RunResult> {
     let run_for = Duration::from_secs_f64(spec.duration);
     let watcher = watch_nodes(http.clone(), spec.metrics_urls.clone());
     fleet.phase(Phase::Run).await?;
-    m.run_start = Some((now_ms(), scrape::sample(&http, &spec.metrics_urls).await));
+    m.run_start = Some((now_ms(), sample_run(&http, &spec).await));
     if let Some(trigger) = spec.trigger.clone() {
         fleet.pass(Duration::from_secs_f64(spec.warmup)).await?;
         m.trigger_ms = Some(now_ms());
         run_trigger(&trigger).await?;
     }
     fleet.pass(run_for).await?;
-    let end = scrape::sample(&http, &spec.metrics_urls).await;
+    let end = sample_run(&http, &spec).await;
     m.run_end = Some((now_ms(), end));
     if spec.scenario == Scenario::Connect {
         m.held = Some(end);
@@ -313,6 +313,15 @@ async fn run_trigger(cmd: &str) -> anyhow::Result<()> {
         bail!("trigger {cmd:?} failed: {status}");
     }
     Ok(())
+}
+
+/// The nodes' figures and, with `--redis-url`, redis-server's CPU.
+async fn sample_run(http: &reqwest::Client, spec: &Spec) -> scrape::Sample {
+    let mut s = scrape::sample(http, &spec.metrics_urls).await;
+    if let Some(url) = &spec.redis_url {
+        s.redis_cpu = scrape::redis_cpu(url).await.unwrap_or(0.0);
+    }
+    s
 }
 
 /// Writes `value` as pretty JSON, creating the folder.

@@ -82,6 +82,9 @@ pub struct Params {
     /// `/metrics` URL(s) of the nodes under test: server memory, CPU and message counts.
     #[arg(long, value_delimiter = ',')]
     pub metrics_url: Option<Vec<String>>,
+    /// redis-server behind the nodes (`redis://host:port`): its CPU is measured too.
+    #[arg(long)]
+    pub redis_url: Option<String>,
     /// How devices get credentials.
     #[arg(long, value_enum)]
     pub auth: Option<AuthKind>,
@@ -314,6 +317,7 @@ impl Params {
             admin_url,
             api_key: self.api_key,
             metrics_urls: self.metrics_url.unwrap_or_default(),
+            redis_url: self.redis_url,
             auth,
             jwt_secret: self.jwt_secret,
             jwt_kid: self.jwt_kid,
@@ -352,6 +356,7 @@ pub struct Spec {
     pub admin_url: String,
     pub api_key: Option<String>,
     pub metrics_urls: Vec<String>,
+    pub redis_url: Option<String>,
     pub auth: AuthKind,
     pub jwt_secret: Option<String>,
     pub jwt_kid: Option<String>,

@@ -28,6 +28,8 @@ pub struct Sample {
     pub sessions: f64,
     /// Nodes that answered.
     pub nodes: usize,
+    /// CPU seconds redis-server used so far (`INFO cpu`), when `--redis-url` is given.
+    pub redis_cpu: f64,
     /// Cumulative counts of `fleetgate_app_delivery_latency_seconds` per bucket of
     /// [`DELIVERY_BUCKETS_S`] (the last is `+Inf`).
     pub delivery: [f64; DELIVERY_BUCKETS_S.len() + 1],
@@ -128,8 +130,47 @@ pub fn parse(text: &str) -> Sample {
             .filter_map(|n| metric_sum(text, n))
             .sum(),
         nodes: 1,
+        redis_cpu: 0.0,
         delivery: delivery_buckets(text),
     }
+}
+
+/// Upper bound for one `INFO cpu` exchange.
+const REDIS_DEADLINE: Duration = Duration::from_secs(5);
+
+/// `used_cpu_user + used_cpu_sys` of the redis-server at `url` (`redis://host:port`), seconds;
+/// `None` when it cannot be read. One inline command on a fresh connection: no client library
+/// is needed to read one bulk reply.
+pub async fn redis_cpu(url: &str) -> Option<f64> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let addr = url.strip_prefix("redis://").unwrap_or(url);
+    let addr = addr
+        .rsplit_once('@')
+        .map_or(addr, |(_, a)| a)
+        .trim_end_matches('/');
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        s.write_all(b"INFO cpu\r\n").await.ok()?;
+        let mut r = BufReader::new(s);
+        let mut header = String::new();
+        r.read_line(&mut header).await.ok()?;
+        let len: usize = header.trim_end().strip_prefix('$')?.parse().ok()?;
+        let mut body = vec![0u8; len];
+        r.read_exact(&mut body).await.ok()?;
+        Some(String::from_utf8_lossy(&body).into_owned())
+    };
+    let text = tokio::time::timeout(REDIS_DEADLINE, exchange)
+        .await
+        .ok()??;
+    Some(redis_cpu_of(&text))
+}
+
+fn redis_cpu_of(info: &str) -> f64 {
+    info.lines()
+        .filter_map(|l| l.trim().split_once(':'))
+        .filter(|(k, _)| matches!(*k, "used_cpu_user" | "used_cpu_sys"))
+        .filter_map(|(_, v)| v.parse::<f64>().ok())
+        .sum()
 }
 
 /// Scrapes every URL; a node that does not answer is left out of the sum (and of `nodes`).
@@ -181,6 +222,12 @@ process_cpu_seconds_total 3.5
 fleetgate_messages_received_total{type=\"status\"} 100
 fleetgate_messages_received_total{type=\"event\",x=\"a}b\"} 5
 ";
+
+    #[test]
+    fn redis_cpu_is_user_plus_system() {
+        let info = "# CPU\r\nused_cpu_sys:1.25\r\nused_cpu_user:2.5\r\nused_cpu_sys_children:9\r\n";
+        assert!((redis_cpu_of(info) - 3.75).abs() < 1e-9);
+    }
 
     #[test]
     fn sums_every_series_of_exactly_that_name() {

@@ -138,6 +138,27 @@ pub fn summarize(
     {
         put("server_cpu_per_s", (s1.cpu - s0.cpu) / run_secs);
     }
+    // The run's CPU per unit of work (message, command): nodes and redis-server apart.
+    let per_unit = |put: &mut dyn FnMut(&str, f64), what: &str, units: f64| {
+        let (Some((_, s0)), Some((_, s1))) = (m.run_start, m.run_end) else {
+            return;
+        };
+        if units <= 0.0 {
+            return;
+        }
+        if s1.nodes > 0 && s1.nodes == s0.nodes && s1.cpu > s0.cpu {
+            put(
+                &format!("server_cpu_per_{what}_us"),
+                (s1.cpu - s0.cpu) * 1e6 / units,
+            );
+        }
+        if s1.redis_cpu > s0.redis_cpu && s0.redis_cpu > 0.0 {
+            put(
+                &format!("redis_cpu_per_{what}_us"),
+                (s1.redis_cpu - s0.redis_cpu) * 1e6 / units,
+            );
+        }
+    };
 
     match spec.scenario {
         Scenario::Connect => {}
@@ -155,6 +176,7 @@ pub fn summarize(
                 let secs = b.saturating_sub(a) as f64 / 1000.0;
                 if s1.nodes > 0 && secs > 0.0 && s1.ingested > s0.ingested {
                     put("server_msg_per_s", (s1.ingested - s0.ingested) / secs);
+                    per_unit(&mut put, "msg", s1.ingested - s0.ingested);
                 }
             }
             if let Some(h) = t.latencies_of("ack") {
@@ -240,6 +262,9 @@ pub fn summarize(
             );
             if let Some(s) = t.span("commands").filter(|s| s.secs() > 0.0) {
                 put("commands_ok_per_s", ok / s.secs());
+            }
+            if spec.scenario == Scenario::Commands {
+                per_unit(&mut put, "command", ok);
             }
             if spec.wait_ms > 0 {
                 put("offered_per_s", spec.rate);
@@ -410,5 +435,26 @@ mod tests {
         let r = summarize(&spec(Scenario::Telemetry), &t, &m, None, vec![]);
         assert_eq!(r.figure("client_msg_per_s"), Some(500.0));
         assert_eq!(r.figure("server_msg_per_s"), Some(400.0));
+        assert_eq!(r.figure("redis_cpu_per_msg_us"), None, "no redis sampled");
+    }
+
+    #[test]
+    fn cpu_per_message_splits_nodes_and_redis() {
+        let mut t = Tally::default();
+        t.mark("load", 0);
+        t.mark("load", 2_000);
+        let at = |cpu: f64, redis_cpu: f64, ingested: f64| Sample {
+            redis_cpu,
+            ..sample(0.0, cpu, ingested)
+        };
+        let m = Moments {
+            run_start: Some((0, at(1.0, 5.0, 0.0))),
+            run_end: Some((2_000, at(1.5, 5.1, 10_000.0))),
+            ..Moments::default()
+        };
+        let r = summarize(&spec(Scenario::Telemetry), &t, &m, None, vec![]);
+        let near = |k: &str, v: f64| (r.figure(k).unwrap() - v).abs() < 1e-6;
+        assert!(near("server_cpu_per_msg_us", 50.0));
+        assert!(near("redis_cpu_per_msg_us", 10.0));
     }
 }

@@ -31,10 +31,10 @@ use crate::node_tx::NodeTx;
 use tokio::time::Instant;
 
 use crate::{
-    AlertRecord, AuditRecord, Bus, BusError, BusResult, Channel, Command, CommandOutcome,
-    DeliveryState, DeviceQuery, DeviceRecord, Doc, DocExpect, DocKind, DocWrite, History,
-    JobCounts, JobExec, JobExecState, JobPush, NodeInfo, NodeMessage, Presence, QueuedCommand,
-    Shadow, StreamId, Subscription, TelemetryRecord, merge_patch, partition_for,
+    AcceptReport, Accepted, AlertRecord, AuditRecord, Bus, BusError, BusResult, Channel, Command,
+    CommandOutcome, DeliveryState, DeviceQuery, DeviceRecord, Doc, DocExpect, DocKind, DocWrite,
+    History, JobCounts, JobExec, JobExecState, JobPush, NodeInfo, NodeMessage, Presence,
+    QueuedCommand, Shadow, StreamId, Subscription, TelemetryRecord, merge_patch, partition_for,
 };
 use crate::{DesiredGuard, DesiredMerge};
 
@@ -126,6 +126,22 @@ impl std::fmt::Debug for MemoryBus {
 }
 
 impl MemoryBus {
+    /// Appends records to their partitions, trimming each to its maximum length.
+    fn append_records<'a>(&self, records: impl Iterator<Item = &'a TelemetryRecord>) {
+        let partitions = self.inner.config.telemetry_partitions;
+        let max_len = self.inner.config.telemetry_max_len;
+        let now = u64::try_from(wall_ms()).unwrap_or(0);
+        for record in records {
+            let p = partition_for(&record.device, partitions) as usize;
+            let mut partition = lock(&self.inner.telemetry[p]);
+            let id = partition.next_id(now);
+            partition.records.push_back((id, record.clone()));
+            while partition.records.len() > max_len {
+                partition.records.pop_front();
+            }
+        }
+    }
+
     /// A bus sized by `config` (zero sizes are raised to 1).
     pub fn new(config: MemoryBusConfig) -> Self {
         Self {
@@ -829,19 +845,32 @@ impl Bus for MemoryBus {
     }
 
     async fn telemetry_append(&self, records: &[TelemetryRecord]) -> BusResult<()> {
-        let partitions = self.inner.config.telemetry_partitions;
-        let max_len = self.inner.config.telemetry_max_len;
-        let now = u64::try_from(wall_ms()).unwrap_or(0);
-        for record in records {
-            let p = partition_for(&record.device, partitions) as usize;
-            let mut partition = lock(&self.inner.telemetry[p]);
-            let id = partition.next_id(now);
-            partition.records.push_back((id, record.clone()));
-            while partition.records.len() > max_len {
-                partition.records.pop_front();
+        self.append_records(records.iter());
+        Ok(())
+    }
+
+    async fn accept(&self, messages: &[Accepted], now_ms: i64) -> BusResult<AcceptReport> {
+        self.append_records(messages.iter().map(|m| &m.record));
+        let mut report = AcceptReport::default();
+        for m in messages {
+            if let Some(patch) = &m.shadow
+                && self
+                    .shadow_merge_reported(&m.record.device, patch, now_ms)
+                    .await
+                    .is_err()
+            {
+                report.shadow_failed += 1;
+            }
+            if !m.channels.is_empty()
+                && self
+                    .publish_many(&m.channels, m.frame.clone())
+                    .await
+                    .is_err()
+            {
+                report.publish_failed += m.channels.len();
             }
         }
-        Ok(())
+        Ok(report)
     }
 
     /// A partition outside `0..telemetry_partitions()` reads as empty; a malformed `after`

@@ -254,6 +254,7 @@ impl RedisBus {
                 self.key("qh:", id),
                 self.key("qexp", ""),
                 self.key("sh:", id),
+                self.key("shd:", id),
             ],
             vec![v(id)],
         )

@@ -76,12 +76,12 @@ return 1
 );
 
 /// Device delete, the device's own shard. `KEYS` = order zset, state hash, expiry zset,
-/// shadow; `ARGV[1]` = device. Drops the queue with its expiry index entries, and the shadow.
+/// old-format shadow, shadow; `ARGV[1]` = device. Drops the queue with its expiry index entries, and the shadow.
 pub(super) const DEVICE_PURGE: &str = r"
 for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   redis.call('ZREM', KEYS[3], m .. ' ' .. ARGV[1])
 end
-return redis.call('DEL', KEYS[1], KEYS[2], KEYS[4])
+return redis.call('DEL', KEYS[1], KEYS[2], KEYS[4], KEYS[5])
 ";
 
 /// Index ranges. `KEYS` = lex-ordered zsets (score 0); `ARGV` = `ZRANGEBYLEX` start, limit.

@@ -438,16 +438,6 @@ pub(super) fn decode_telemetry(fields: &[(String, String)]) -> BusResult<Telemet
 
 // --- shadows -------------------------------------------------------------------------------
 
-pub(super) fn encode_shadow(s: &Shadow) -> String {
-    json!({
-        "reported": s.reported,
-        "desired": s.desired,
-        "version": s.version,
-        "updated_ms": s.updated_ms,
-    })
-    .to_string()
-}
-
 /// Decodes a shadow; its delta is recomputed, not stored.
 pub(super) fn decode_shadow(text: &str) -> BusResult<Shadow> {
     const WHAT: &str = "shadow";

@@ -44,7 +44,8 @@
 //! | `P qseq` | counter | every | push sequence |
 //! | `P q2:<device>:<msgid>` | string, `SET NX PX` | device's | QoS 2 receive marks |
 //! | `P tm:<partition>` | stream, `MAXLEN ~` | ring(`telemetry:<p>`) | telemetry records |
-//! | `P sh:<device>` | string (JSON) | device's | shadow (reported, desired, version, updated_ms) |
+//! | `P shd:<device>` | hash `v`,`t`,`d`,`r:<key>` | device's | shadow: version, updated_ms, desired (JSON), one field per reported key (JSON text); see `shadow.rs` |
+//! | `P sh:<device>` | string (JSON) | device's | an earlier version's shadow, moved into `shd:` when first read or written |
 //! | `P ret:<channel>` | string | channel's | retained frame |
 //! | `P pos:<channel>` | hash `e`,`n`, `PEXPIRE` history TTL | channel's | epoch and last offset; exists only while the channel is watched (see `fanout.rs`) |
 //! | `P hist:<channel>` | stream, IDs `<offset>-0`, `MAXLEN` history size, `PEXPIRE` TTL | channel's | the channel's last frames (`t` ms, `f` frame) |
@@ -97,9 +98,11 @@ mod admin_scripts;
 mod alerts;
 mod codec;
 mod fanout;
+mod ingest;
 mod pubsub;
 mod reshard;
 mod scripts;
+mod shadow;
 
 pub use reshard::{ReshardReport, reshard};
 
@@ -123,10 +126,10 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::{
-    AlertRecord, AuditRecord, Bus, BusError, BusResult, Channel, Command, CommandOutcome,
-    DeviceQuery, DeviceRecord, Doc, DocExpect, DocKind, DocWrite, History, JobCounts, JobExec,
-    JobExecState, JobPush, NodeInfo, NodeMessage, Presence, QueuedCommand, Shadow, StreamId,
-    Subscription, TelemetryRecord, merge_patch, partition_for,
+    AcceptReport, Accepted, AlertRecord, AuditRecord, Bus, BusError, BusResult, Channel, Command,
+    CommandOutcome, DeviceQuery, DeviceRecord, Doc, DocExpect, DocKind, DocWrite, History,
+    JobCounts, JobExec, JobExecState, JobPush, NodeInfo, NodeMessage, Presence, QueuedCommand,
+    Shadow, StreamId, Subscription, TelemetryRecord, partition_for,
 };
 use crate::{DesiredGuard, DesiredMerge};
 
@@ -139,8 +142,6 @@ const SWEEP_BATCH: usize = 1000;
 const PRESENCE_READ_BATCH: usize = 1000;
 /// Records per telemetry append script call.
 const TELEMETRY_BATCH: usize = 500;
-/// Attempts of an optimistic shadow merge before giving up.
-const SHADOW_RETRIES: usize = 64;
 
 /// Configuration of a [`RedisBus`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -276,7 +277,9 @@ struct Scripts {
     queue_remove: Script,
     queue_take_expired: Script,
     telemetry_append: Script,
-    shadow_cas: Script,
+    shadow_merge: Script,
+    shadow_set_desired: Script,
+    shadow_migrate: Script,
     fanout_publish: Script,
     fanout_watch: Script,
     fanout_history: Script,
@@ -299,8 +302,18 @@ impl Scripts {
             queue_remove: Script::from_lua(scripts::QUEUE_REMOVE),
             queue_take_expired: Script::from_lua(scripts::QUEUE_TAKE_EXPIRED),
             telemetry_append: Script::from_lua(scripts::TELEMETRY_APPEND),
-            shadow_cas: Script::from_lua(scripts::SHADOW_CAS),
-            fanout_publish: Script::from_lua(scripts::FANOUT_PUBLISH),
+            shadow_merge: Script::from_lua(format!(
+                "{}{}",
+                shadow::MERGE_REPORTED_FN,
+                shadow::SHADOW_MERGE
+            )),
+            shadow_set_desired: Script::from_lua(shadow::SHADOW_SET_DESIRED),
+            shadow_migrate: Script::from_lua(shadow::SHADOW_MIGRATE),
+            fanout_publish: Script::from_lua(format!(
+                "{}{}",
+                scripts::PUBLISH_ONE_FN,
+                scripts::FANOUT_PUBLISH
+            )),
             fanout_watch: Script::from_lua(scripts::FANOUT_WATCH),
             fanout_history: Script::from_lua(scripts::FANOUT_HISTORY),
             result_send: Script::from_lua(scripts::RESULT_SEND),
@@ -323,6 +336,8 @@ struct Inner {
     ring: Ring,
     scripts: Scripts,
     router: Arc<pubsub::Router>,
+    /// One ingest writer per shard (see `ingest.rs`).
+    writers: Vec<ingest::Writer>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -598,6 +613,20 @@ impl RedisBus {
             )));
         }
 
+        let ingest_script = ingest::script();
+        let header = [
+            Value::Integer(config.telemetry_max_len as i64),
+            Value::Integer(config.history.size as i64),
+            Value::Integer(config.history.ttl.as_millis().max(1000) as i64),
+        ];
+        let mut writers = Vec::with_capacity(shards.len());
+        for shard in &shards {
+            let (writer, task) =
+                ingest::spawn_writer(shard.client.clone(), ingest_script.clone(), header.clone());
+            writers.push(writer);
+            tasks.push(task);
+        }
+
         let ttl = config.history.ttl.max(Duration::from_secs(1));
         let period = ttl / 3;
         let rewatch = router.rewatch.clone();
@@ -614,6 +643,7 @@ impl RedisBus {
                     ring,
                     scripts: Scripts::new(),
                     router,
+                    writers,
                     tasks,
                 }
             }),
@@ -656,7 +686,7 @@ impl RedisBus {
             self.key("p:", device),
             self.key("q:", device),
             self.key("qh:", device),
-            self.key("sh:", device),
+            self.key("shd:", device),
         ]
     }
 
@@ -892,50 +922,6 @@ impl RedisBus {
             )
             .await?;
         queued("queue remove", reply)
-    }
-
-    /// Reads, merges and compare-and-sets `device`'s shadow; `None` when there is none and
-    /// the patch added nothing.
-    /// Reads `device`'s shadow, lets `step` compute the next one, and writes that only if
-    /// nobody wrote in between (retrying otherwise). `step` answers `Ok(None)` to change
-    /// nothing (the current shadow is returned) or `Err` to refuse.
-    async fn shadow_update(
-        &self,
-        device: &str,
-        step: impl Fn(Option<&Shadow>) -> Result<Option<Shadow>, DesiredMerge>,
-    ) -> BusResult<Result<Option<Shadow>, DesiredMerge>> {
-        let shard = self.shard_for(device);
-        let key = self.key("sh:", device);
-        for _ in 0..SHADOW_RETRIES {
-            let current: Option<String> = self
-                .client(shard)
-                .get::<Option<String>, _>(&key)
-                .await
-                .map_err(fred_err)?;
-            let shadow = current.as_deref().map(codec::decode_shadow).transpose()?;
-            let next = match step(shadow.as_ref()) {
-                Err(refused) => return Ok(Err(refused)),
-                Ok(None) => return Ok(Ok(shadow)),
-                Ok(Some(next)) => next,
-            };
-            let swapped = self
-                .eval(
-                    shard,
-                    &self.inner.scripts.shadow_cas,
-                    vec![key.clone()],
-                    vec![
-                        v(current.unwrap_or_default()),
-                        v(codec::encode_shadow(&next)),
-                    ],
-                )
-                .await?;
-            if int("shadow cas", swapped)? == 1 {
-                return Ok(Ok(Some(next)));
-            }
-        }
-        Err(BusError::Unavailable(format!(
-            "shadow of {device} changed concurrently {SHADOW_RETRIES} times"
-        )))
     }
 }
 
@@ -1395,6 +1381,10 @@ impl Bus for RedisBus {
 
     /// A partition outside `0..telemetry_partitions()` reads as empty; a malformed `after`
     /// is [`BusError::Corrupt`].
+    async fn accept(&self, messages: &[Accepted], now_ms: i64) -> BusResult<AcceptReport> {
+        self.ingest(messages, now_ms).await
+    }
+
     async fn telemetry_read(
         &self,
         partition: u32,
@@ -1427,27 +1417,14 @@ impl Bus for RedisBus {
     }
 
     /// A merge that changes nothing leaves the version (and `updated_ms`) as they were and
-    /// creates no shadow. Merges are optimistic: read, merge, compare-and-set by script.
+    /// creates no shadow; one script call (see `shadow.rs`).
     async fn shadow_merge_reported(
         &self,
         device: &str,
         patch: &Map<String, serde_json::Value>,
         now_ms: i64,
     ) -> BusResult<u64> {
-        let step = |current: Option<&Shadow>| {
-            let mut next = current.cloned().unwrap_or_default();
-            if !merge_patch(&mut next.reported, patch) {
-                return Ok(None);
-            }
-            next.version += 1;
-            next.updated_ms = now_ms;
-            next.recompute_delta();
-            Ok(Some(next))
-        };
-        Ok(match self.shadow_update(device, step).await? {
-            Ok(shadow) => shadow.map_or(0, |s| s.version),
-            Err(_) => 0,
-        })
+        self.shadow_merge(device, patch, now_ms).await
     }
 
     /// A merge that changes nothing leaves the version (and `updated_ms`) as they were and
@@ -1459,21 +1436,11 @@ impl Bus for RedisBus {
         guard: &DesiredGuard,
         now_ms: i64,
     ) -> BusResult<DesiredMerge> {
-        let step =
-            |current: Option<&Shadow>| crate::types::apply_desired(current, patch, guard, now_ms);
-        Ok(match self.shadow_update(device, step).await? {
-            Ok(shadow) => DesiredMerge::Merged(shadow.unwrap_or_default()),
-            Err(refused) => refused,
-        })
+        self.shadow_desired(device, patch, guard, now_ms).await
     }
 
     async fn shadow_get(&self, device: &str) -> BusResult<Option<Shadow>> {
-        let text: Option<String> = self
-            .client(self.shard_for(device))
-            .get(self.key("sh:", device))
-            .await
-            .map_err(fred_err)?;
-        text.as_deref().map(codec::decode_shadow).transpose()
+        self.shadow_load(device).await
     }
 
     async fn publish(&self, channel: &Channel, frame: Bytes, retain: bool) -> BusResult<()> {

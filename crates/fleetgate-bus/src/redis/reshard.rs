@@ -100,7 +100,7 @@ fn owner(rest: &str) -> Owner<'_> {
         "dev" | "grp" | "doc" | "docs" | "audit" => Owner::Registry,
         "jx" | "jxi" | "jc" | "jq" => Owner::Job,
         "node" | "pn" => Owner::Transient,
-        "p" | "q" | "qh" | "sh" => Owner::Device(id),
+        "p" | "q" | "qh" | "sh" | "shd" => Owner::Device(id),
         "q2" | "res" => id
             .rsplit_once(':')
             .map_or(Owner::Unknown, |(device, _)| Owner::Device(device)),

@@ -229,14 +229,6 @@ end
 return #KEYS
 ";
 
-/// Shadow compare-and-set. `KEYS[1]` = shadow; `ARGV` = expected ('' = absent), new value.
-pub(super) const SHADOW_CAS: &str = r"
-local cur = redis.call('GET', KEYS[1])
-if (cur or '') ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[2])
-return 1
-";
-
 /// Result send. `KEYS[1]` = result key; `ARGV` = node channel, encoded outcome, encoded
 /// message, TTL in ms. Stores before publishing, so a waiter that hears nothing can read it.
 pub(super) const RESULT_SEND: &str = r"
@@ -251,12 +243,21 @@ return redis.call('PUBLISH', ARGV[1], ARGV[3])
 /// next offset, keeps the frame in the history and publishes `<offset> <frame>`. Returns the
 /// number of channels.
 pub(super) const FANOUT_PUBLISH: &str = r"
-local frame, size = ARGV[1], tonumber(ARGV[3])
+local size = tonumber(ARGV[3])
 local channels = #KEYS / 3
 for c = 0, channels - 1 do
-  local pos, hist = KEYS[3 * c + 1], KEYS[3 * c + 2]
-  if ARGV[6 + 2 * c] == '1' then
-    redis.call('SET', KEYS[3 * c + 3], frame)
+  publish_one(KEYS[3 * c + 1], KEYS[3 * c + 2], KEYS[3 * c + 3], ARGV[5 + 2 * c],
+    ARGV[6 + 2 * c] == '1', ARGV[1], ARGV[2], size, ARGV[4])
+end
+return channels
+";
+
+/// The Lua function behind [`FANOUT_PUBLISH`] and the ingest script: one frame to one
+/// channel (position hash, history stream, retained key, Redis channel).
+pub(super) const PUBLISH_ONE_FN: &str = r"
+local function publish_one(pos, hist, ret, channel, retain, frame, now, size, ttl)
+  if retain then
+    redis.call('SET', ret, frame)
   end
   if redis.call('EXISTS', pos) == 1 then
     local n = redis.call('HINCRBY', pos, 'n', 1)
@@ -264,13 +265,12 @@ for c = 0, channels - 1 do
       if n == 1 then
         redis.call('DEL', hist)
       end
-      redis.call('XADD', hist, 'MAXLEN', size, n .. '-0', 't', ARGV[2], 'f', frame)
-      redis.call('PEXPIRE', hist, ARGV[4])
+      redis.call('XADD', hist, 'MAXLEN', size, n .. '-0', 't', now, 'f', frame)
+      redis.call('PEXPIRE', hist, ttl)
     end
-    redis.call('PUBLISH', ARGV[5 + 2 * c], n .. ' ' .. frame)
+    redis.call('PUBLISH', channel, n .. ' ' .. frame)
   end
 end
-return channels
 ";
 
 /// Fan-out watch. `KEYS` = position hashes (one shard's); `ARGV` = TTL (ms), epoch prefix.
