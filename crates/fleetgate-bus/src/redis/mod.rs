@@ -564,6 +564,10 @@ impl RedisBus {
                 .with_connection_config(|c| {
                     c.connection_timeout = config.connect_timeout;
                     c.internal_command_timeout = config.command_timeout;
+                    // Requests are written as soon as they are ready (a batch is one write);
+                    // with Nagle a request written while an earlier one is unacknowledged
+                    // waits for that ACK, which Redis may delay.
+                    c.tcp.nodelay = Some(true);
                 })
                 .with_performance_config(|p| {
                     p.default_command_timeout = config.command_timeout;
