@@ -51,6 +51,16 @@ impl RedisBus {
         self.key("pos:", &channel.name())
     }
 
+    /// The keys a publish to `channel` touches: position hash, history stream, retained value.
+    pub(super) fn publish_keys(&self, channel: &Channel) -> [String; 3] {
+        let name = channel.name();
+        [
+            self.key("pos:", &name),
+            self.key("hist:", &name),
+            self.key("ret:", &name),
+        ]
+    }
+
     /// Publishes `frame` to `channels`: one script call per shard, the shards at once.
     pub(super) async fn fanout_publish(
         &self,
@@ -59,13 +69,8 @@ impl RedisBus {
     ) -> BusResult<()> {
         let mut by_shard: BTreeMap<usize, (Vec<String>, Vec<Value>)> = BTreeMap::new();
         for (channel, retain) in channels {
-            let name = channel.name();
             let (keys, args) = by_shard.entry(self.channel_shard(channel)).or_default();
-            keys.extend([
-                self.key("pos:", &name),
-                self.key("hist:", &name),
-                self.key("ret:", &name),
-            ]);
+            keys.extend(self.publish_keys(channel));
             args.extend([
                 v(self.channel_name(channel)),
                 v(if *retain { "1" } else { "0" }),

@@ -212,12 +212,7 @@ impl RedisBus {
                 ops.args.extend([v("F"), Value::Bytes(m.frame.clone())]);
                 framed = true;
             }
-            let name = channel.name();
-            ops.keys.extend([
-                self.key("pos:", &name),
-                self.key("hist:", &name),
-                self.key("ret:", &name),
-            ]);
+            ops.keys.extend(self.publish_keys(channel));
             ops.args.extend([
                 v("P"),
                 v(self.channel_name(channel)),
