@@ -12,6 +12,8 @@ use tokio::time::Instant;
 #[derive(Debug)]
 pub struct Pacer {
     interval: Option<Duration>,
+    /// How long after the first caller slot 0 is.
+    phase: Duration,
     start: OnceLock<Instant>,
     next: AtomicU64,
 }
@@ -21,14 +23,27 @@ impl Pacer {
     pub fn new(rate: f64) -> Self {
         Pacer {
             interval: (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate)),
+            phase: Duration::ZERO,
             start: OnceLock::new(),
             next: AtomicU64::new(0),
         }
     }
 
+    /// Like [`Pacer::new`], with slot 0 at a random point of the first interval: many
+    /// devices that start together then send spread out, as a real fleet does, instead of
+    /// all at the same instant once per interval (bursts that measure the burst, not the
+    /// rate).
+    pub fn with_random_phase(rate: f64) -> Self {
+        let mut p = Pacer::new(rate);
+        if let Some(i) = p.interval {
+            p.phase = i.mul_f64(rand::random::<f64>());
+        }
+        p
+    }
+
     /// When slot `k` may start, `None` when unpaced.
     pub fn slot(&self, k: u64) -> Option<Instant> {
-        let start = *self.start.get_or_init(Instant::now);
+        let start = *self.start.get_or_init(|| Instant::now() + self.phase);
         self.interval.map(|i| start + i.mul_f64(k as f64))
     }
 
@@ -63,6 +78,18 @@ mod tests {
         assert_eq!(p.slot(4).unwrap() - s0, Duration::from_secs(1));
         assert_eq!(p.slot(1).unwrap() - s0, Duration::from_millis(250));
         assert!(Pacer::new(0.0).slot(10).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_random_phase_stays_within_the_first_interval() {
+        let t0 = Instant::now();
+        for _ in 0..50 {
+            let p = Pacer::with_random_phase(10.0);
+            let s0 = p.slot(0).unwrap();
+            assert!(s0 >= t0 && s0 < t0 + Duration::from_millis(100));
+            assert_eq!(p.slot(1).unwrap() - s0, Duration::from_millis(100));
+        }
+        assert!(Pacer::with_random_phase(0.0).slot(0).is_none());
     }
 
     #[tokio::test(start_paused = true)]

@@ -519,7 +519,7 @@ async fn telemetry(ctx: &Ctx, client: &DeviceClient) -> (u64, Duration) {
         Qos::AtLeastOnce
     };
     let pad = "x".repeat(spec.payload_bytes);
-    let pacer = Pacer::new(spec.rate);
+    let pacer = Pacer::with_random_phase(spec.rate);
     let window = if qos == Qos::AtMostOnce {
         1
     } else {
