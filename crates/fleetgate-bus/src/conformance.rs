@@ -2182,6 +2182,7 @@ macro_rules! bus_conformance_tests {
             shadow_desired_delta,
             accept_stores_merges_and_publishes,
             accept_concurrent_sessions_stay_apart,
+            accept_merges_long_patches,
             pubsub_fan_out,
             pubsub_unsubscribe_on_drop,
             pubsub_retained,

@@ -146,3 +146,48 @@ pub async fn accept_concurrent_sessions_stay_apart(bus: &dyn Bus) {
         );
     }
 }
+
+/// A status reporting many keys (more than a backend handles in one command) merges whole;
+/// deleting many of them and changing one is one version; the same status again is none.
+pub async fn accept_merges_long_patches(bus: &dyn Bus) {
+    const KEYS: usize = 1_500;
+    let dev = unique_id("ldev");
+    let all: serde_json::Map<String, serde_json::Value> =
+        (0..KEYS).map(|i| (format!("k{i}"), json!(i))).collect();
+    let first = accepted(&dev, "l1", 1, Some(all.clone().into()), vec![]);
+    bus.accept(&[first], 10).await.expect("accept");
+    let mut second: serde_json::Map<String, serde_json::Value> = (0..KEYS)
+        .filter(|i| i % 2 == 1)
+        .map(|i| (format!("k{i}"), serde_json::Value::Null))
+        .collect();
+    second.insert("k0".into(), json!("changed"));
+    second.insert("k2".into(), json!(2));
+    let patch: serde_json::Value = second.into();
+    let again = accepted(&dev, "l2", 2, Some(patch.clone()), vec![]);
+    bus.accept(&[again], 20).await.expect("accept");
+    let repeat = accepted(&dev, "l3", 3, Some(patch), vec![]);
+    bus.accept(&[repeat], 30).await.expect("accept");
+
+    let shadow = bus
+        .shadow_get(&dev)
+        .await
+        .expect("shadow_get")
+        .expect("shadow");
+    let mut want: serde_json::Map<String, serde_json::Value> = (0..KEYS)
+        .filter(|i| i % 2 == 0)
+        .map(|i| (format!("k{i}"), json!(i)))
+        .collect();
+    want.insert("k0".into(), json!("changed"));
+    assert_eq!(
+        shadow.reported, want,
+        "odd keys gone, k0 changed, rest kept"
+    );
+    assert_eq!(
+        shadow.version, 2,
+        "one version per status that changed something"
+    );
+    assert_eq!(
+        shadow.updated_ms, 20,
+        "the unchanged repeat did not touch it"
+    );
+}

@@ -26,26 +26,51 @@ const SHADOW_RETRIES: usize = 64;
 /// script. `patch[first..=last]` holds `key, json text` pairs, `''` deleting the key. Answers
 /// the version (unchanged when nothing changed; 0 and no hash created when there was none),
 /// or -1 when the shadow is still in the old format at `old` (the caller migrates it first).
+///
+/// One `HMGET` reads the version and every patched field, one `HSET` writes the changed
+/// fields with the new version and time (plus an `HDEL` only when keys are removed): each
+/// `redis.call` costs more than the hash work it does, so a status costs two calls however
+/// many keys it reports. Long patches go in chunks, as Lua's `unpack` is bounded.
 pub(super) const MERGE_REPORTED_FN: &str = r"
-local function merge_reported(k, old, now, patch, first, last)
-  if redis.call('EXISTS', k) == 0 and redis.call('EXISTS', old) == 1 then
-    return -1
-  end
-  local changed = false
-  for i = first, last, 2 do
-    local f, val = 'r:' .. patch[i], patch[i + 1]
-    if val == '' then
-      if redis.call('HDEL', k, f) == 1 then changed = true end
-    elseif redis.call('HGET', k, f) ~= val then
-      redis.call('HSET', k, f, val)
-      changed = true
+local function chunked(cmd, k, list)
+  local out = {}
+  for i = 1, #list, 512 do
+    local r = redis.call(cmd, k, unpack(list, i, math.min(i + 511, #list)))
+    if type(r) == 'table' then
+      for j = 1, #r do out[#out + 1] = r[j] end
     end
   end
-  if changed then
-    redis.call('HSET', k, 't', now)
-    return redis.call('HINCRBY', k, 'v', 1)
+  return out
+end
+local function merge_reported(k, old, now, patch, first, last)
+  local fields = {'v'}
+  for i = first, last, 2 do fields[#fields + 1] = 'r:' .. patch[i] end
+  local cur = chunked('HMGET', k, fields)
+  if not cur[1] and redis.call('EXISTS', old) == 1 then
+    return -1
   end
-  return tonumber(redis.call('HGET', k, 'v') or '0')
+  local set, del = {}, {}
+  for j = 2, #fields do
+    local val = patch[first + 2 * (j - 2) + 1]
+    if val == '' then
+      if cur[j] then del[#del + 1] = fields[j] end
+    elseif cur[j] ~= val then
+      set[#set + 1] = fields[j]
+      set[#set + 1] = val
+    end
+  end
+  local version = tonumber(cur[1] or '0')
+  if #set == 0 and #del == 0 then
+    return version
+  end
+  version = version + 1
+  if #del > 0 then chunked('HDEL', k, del) end
+  set[#set + 1] = 't'
+  set[#set + 1] = now
+  set[#set + 1] = 'v'
+  set[#set + 1] = version
+  chunked('HSET', k, set)
+  return version
 end
 ";
 
