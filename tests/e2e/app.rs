@@ -4,7 +4,7 @@
 use fleetgate_test_support::RedisServer;
 use serde_json::{Value, json};
 
-use crate::support::{API_KEY, Node, Raw, status};
+use crate::support::{API_KEY, Node, Raw, eventually, status};
 
 const PASSWORD: &str = "correct horse battery staple";
 
@@ -328,23 +328,38 @@ async fn a_slow_app_is_closed_with_4008_while_a_fast_one_gets_every_frame() {
         }
         fast
     });
-    for i in 0..N {
-        device
-            .send(status(
-                "slow-src",
-                &format!("s{i}"),
-                1,
-                json!({"n": i, "blob": blob}),
-            ))
-            .await;
-        // QoS 1, each ack awaited: an unpaced QoS 0 sender outran the fast client's reader
-        // on a loaded CI machine and had it dropped too.
-        let ack = device.recv().await;
-        assert_eq!(ack["type"], "ack", "{ack}");
-    }
+    let send_all = async {
+        for i in 0..N {
+            device
+                .send(status(
+                    "slow-src",
+                    &format!("s{i}"),
+                    1,
+                    json!({"n": i, "blob": blob}),
+                ))
+                .await;
+            // QoS 1, each ack awaited: an unpaced QoS 0 sender outran the fast client's reader
+            // on a loaded CI machine and had it dropped too.
+            let ack = device.recv().await;
+            assert_eq!(ack["type"], "ack", "{ack}");
+        }
+    };
+    // Once dropped, the slow client reads again: its close frame waits behind what its
+    // socket still holds, and the node keeps it only a few seconds (a client that never
+    // reads again sees the connection end without one).
+    let dropped_then_read = async {
+        eventually("the slow client's overflow", || async {
+            let (_, metrics) = node.internal_get("/metrics").await;
+            metrics
+                .contains("fleetgate_app_overflows_total 1")
+                .then_some(())
+        })
+        .await;
+        slow.closed().await
+    };
+    let ((), closed) = tokio::join!(send_all, dropped_then_read);
     let fast = reader.await.expect("the fast client got every frame");
     drop(fast);
-    let closed = slow.closed().await;
     assert_eq!(closed.code, 4008, "{closed:?}");
     let (_, metrics) = node.internal_get("/metrics").await;
     assert!(
@@ -386,7 +401,7 @@ async fn limits_on_subscriptions_and_connections_per_principal() {
     );
     // A closed connection frees its slot.
     drop(one);
-    crate::support::eventually("a slot is free again", || async {
+    eventually("a slot is free again", || async {
         Raw::try_connect(
             &app_url(&node),
             &[("Authorization", &format!("Bearer {API_KEY}"))],
