@@ -54,6 +54,17 @@ pub enum AuthKind {
     None,
 }
 
+/// Where devices present their credentials.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthMode {
+    /// `Authorization: Bearer` on the upgrade request.
+    #[default]
+    Header,
+    /// An `auth` frame after the upgrade.
+    FirstFrame,
+}
+
 /// Every tunable of a run. All optional, so that a file and the flags can each give some;
 /// [`Params::resolve`] fills in the defaults.
 #[derive(Debug, Clone, Default, Args, Serialize, Deserialize)]
@@ -88,6 +99,9 @@ pub struct Params {
     /// How devices get credentials.
     #[arg(long, value_enum)]
     pub auth: Option<AuthKind>,
+    /// Where devices present their credentials (default: header).
+    #[arg(long, value_enum)]
+    pub auth_mode: Option<AuthMode>,
     /// HS256 secret for `--auth jwt`.
     #[arg(long, env = "FLEETGATE_LOADTEST_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
@@ -319,6 +333,7 @@ impl Params {
             metrics_urls: self.metrics_url.unwrap_or_default(),
             redis_url: self.redis_url,
             auth,
+            auth_mode: self.auth_mode.unwrap_or_default(),
             jwt_secret: self.jwt_secret,
             jwt_kid: self.jwt_kid,
             device_prefix: self
@@ -358,6 +373,7 @@ pub struct Spec {
     pub metrics_urls: Vec<String>,
     pub redis_url: Option<String>,
     pub auth: AuthKind,
+    pub auth_mode: AuthMode,
     pub jwt_secret: Option<String>,
     pub jwt_kid: Option<String>,
     pub device_prefix: String,

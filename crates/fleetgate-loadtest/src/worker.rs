@@ -21,7 +21,7 @@ mod fanout;
 
 use crate::pace::Pacer;
 use crate::params::Scenario as Kind;
-use crate::params::{AuthKind, Spec};
+use crate::params::{AuthKind, AuthMode, Spec};
 use crate::tally::{Tally, now_ms};
 use crate::wire::{Init, Phase, Progress, Report};
 
@@ -359,6 +359,10 @@ async fn connect(ctx: Arc<Ctx>, user: &mut GooseUser) -> TransactionResult {
     let spec = &ctx.spec;
     let mut opts = DeviceOptions::new(spec.ws_url(index), spec.device_id(index), &slot.token);
     opts.bind_addr = spec.source_ip(index);
+    opts.auth = match spec.auth_mode {
+        AuthMode::Header => fleetgate_device::AuthMode::Header,
+        AuthMode::FirstFrame => fleetgate_device::AuthMode::FirstFrame,
+    };
     opts.connect_timeout = Duration::from_secs(30);
     opts.read_buffer_bytes = 1024;
     opts.max_inflight = spec.window.max(1);
