@@ -35,10 +35,12 @@ use fleetgate_protocol::{CloseCode, MessageKind, MsgId, Qos};
 use serde_json::{Map, Value, json};
 
 mod admin;
+mod commands;
 mod fanout;
 mod ingest;
 
 pub use admin::*;
+pub use commands::*;
 pub use fanout::*;
 pub use ingest::*;
 
@@ -2168,6 +2170,7 @@ macro_rules! bus_conformance_tests {
             queue_attempt_counting,
             queue_release_keeps_result,
             queue_ack_removes,
+            queue_ack_next_acks_reports_and_refills,
             queue_fail_removes,
             queue_duplicate_push_idempotent,
             queue_pending_excludes_expired,

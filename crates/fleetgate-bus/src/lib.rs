@@ -189,6 +189,28 @@ pub trait Bus: Send + Sync + 'static {
     ) -> BusResult<Option<QueuedCommand>>;
     /// Removes an acknowledged command; returns it if it was queued.
     async fn queue_ack(&self, device: &str, msgid: &str) -> BusResult<Option<QueuedCommand>>;
+    /// Removes an acknowledged command and reads the next ones to send, in one step where the
+    /// bus can: [`Bus::queue_ack`]; then, if the command was still queued and `result` names
+    /// the node waiting for it (node ID, outcome, TTL in ms), [`Bus::result_send`]; then
+    /// [`Bus::queue_next`] with `after`, `skip` and `limit`. Returns the removed command and
+    /// the next ones.
+    async fn queue_ack_next(
+        &self,
+        device: &str,
+        msgid: &str,
+        result: Option<(&str, &CommandOutcome, u64)>,
+        after: Option<&str>,
+        skip: &[&str],
+        limit: usize,
+    ) -> BusResult<(Option<QueuedCommand>, Vec<QueuedCommand>)> {
+        let removed = self.queue_ack(device, msgid).await?;
+        if let (Some(_), Some((node, outcome, ttl_ms))) = (&removed, result) {
+            self.result_send(node, device, msgid, outcome, ttl_ms)
+                .await?;
+        }
+        let next = self.queue_next(device, after, skip, limit).await?;
+        Ok((removed, next))
+    }
     /// Removes a command that failed (attempts exhausted); returns it if it was queued.
     async fn queue_fail(&self, device: &str, msgid: &str) -> BusResult<Option<QueuedCommand>>;
     /// Atomically removes and returns up to `limit` commands, of any device, whose TTL ended

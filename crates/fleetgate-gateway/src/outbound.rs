@@ -128,12 +128,9 @@ impl Outgoing {
         self.inflight.iter().map(|f| f.deadline).min()
     }
 
-    /// Writes queued commands not yet in flight, oldest first, up to the window.
-    pub(crate) async fn fill(&mut self, shared: &Shared, device: &str) -> Vec<Frame> {
-        let window = shared.config.inflight_window;
-        if self.inflight.len() >= window {
-            return Vec::new();
-        }
+    /// Where the next queue read starts: the newest in-order command in flight (`after`),
+    /// every msgid in flight (`skip`) and the room left in the window.
+    fn cursor(&self, window: usize) -> (Option<String>, Vec<String>, usize) {
         // What `fill` sent is the head of the queue (commands leave it when answered): read
         // only what comes after it.
         let after = self
@@ -145,27 +142,45 @@ impl Outgoing {
         // Nothing in flight is sent again or counted, whatever the cursor finds: a `rec` for a
         // command sent on an earlier connection puts one in flight out of order, and a cursor
         // command that left the queue (expired) makes the read start from the head.
-        let skip: Vec<&str> = self
+        let skip = self
             .inflight
             .iter()
-            .map(|f| f.queued.command.msgid.as_str())
+            .map(|f| f.queued.command.msgid.as_str().to_owned())
             .collect();
-        let room = window - self.inflight.len();
+        (after, skip, window.saturating_sub(self.inflight.len()))
+    }
+
+    /// Writes queued commands not yet in flight, oldest first, up to the window.
+    pub(crate) async fn fill(&mut self, shared: &Shared, device: &str) -> Vec<Frame> {
+        let (after, skip, room) = self.cursor(shared.config.inflight_window);
+        if room == 0 {
+            return Vec::new();
+        }
+        let skip: Vec<&str> = skip.iter().map(String::as_str).collect();
         let next = shared
             .bus
             .queue_next(device, after.as_deref(), &skip, room)
             .await;
-        let pending = match next {
-            Ok(p) => p,
+        match next {
+            Ok(pending) => self.send(shared, device, pending).await,
             Err(error) => {
                 shared.metrics.bus_errors.inc();
                 warn!(message = "could not read the command queue", %error);
-                return Vec::new();
+                Vec::new()
             }
-        };
+        }
+    }
+
+    /// Puts commands read from the queue (their attempt counted) in flight: their frames.
+    async fn send(
+        &mut self,
+        shared: &Shared,
+        device: &str,
+        pending: Vec<QueuedCommand>,
+    ) -> Vec<Frame> {
         let mut frames = Vec::new();
         for q in pending {
-            // Counted by `queue_next`.
+            // Counted by the read.
             let attempts = q.attempts;
             // A command sent before (on an earlier connection) goes out marked as a duplicate.
             frames.push(frame_for(&q, attempts > 1));
@@ -310,63 +325,130 @@ impl Outgoing {
                     }
                 }
             }
-            HandshakeKind::Ack | HandshakeKind::Comp => {
-                if let Some(i) = pos {
-                    self.inflight.remove(i);
-                }
-                match shared.bus.queue_ack(device, msgid).await {
-                    Ok(Some(q)) => {
-                        let expected = match q.command.qos {
-                            Qos::ExactlyOnce => HandshakeKind::Comp,
-                            _ => HandshakeKind::Ack,
-                        };
-                        if expected != h.kind {
-                            warn!(
-                                message = "command answered with the wrong handshake",
-                                msgid,
-                                kind = h.kind.as_str()
-                            );
-                        }
-                        // A QoS 2 result may have ridden on the rec; the comp's wins if both have one.
-                        let outcome = outcome_of(h.payload.as_ref(), q.result.as_ref());
-                        if q.command.traceparent.is_some() {
-                            trace_point(
-                                info_span!("command.ack", device, msgid, attempts = q.attempts),
-                                &q.command,
-                            );
-                        }
-                        shared
-                            .metrics
-                            .commands_finished
-                            .get_or_create(&OutcomeLabel { outcome: "acked" })
-                            .inc();
-                        let state = match outcome {
-                            CommandOutcome::Error(_) => JobExecState::Failed,
-                            _ => JobExecState::Succeeded,
-                        };
-                        record_job(shared, &q.command, state).await;
-                        if let Some(node) = &q.command.reply_to {
-                            let sent = shared
-                                .bus
-                                .result_send(node, device, msgid, &outcome, RESULT_TTL_MS)
-                                .await;
-                            if let Err(error) = sent {
-                                shared.metrics.bus_errors.inc();
-                                warn!(message = "could not report a command result", %error);
-                            }
-                        }
-                    }
-                    Ok(None) => {}
-                    Err(error) => {
-                        shared.metrics.bus_errors.inc();
-                        warn!(message = "could not acknowledge a command", %error);
-                    }
-                }
-                self.fill(shared, device).await
-            }
+            HandshakeKind::Ack | HandshakeKind::Comp => match pos {
+                Some(i) => self.on_answer(shared, device, h, i).await,
+                None => self.on_stray_answer(shared, device, h).await,
+            },
             HandshakeKind::Rel => Vec::new(),
         }
     }
+}
+
+impl Outgoing {
+    /// The ack / comp of command `i` in flight: the session knows the command (who waits,
+    /// any result kept from its `rec`), so removing it, reporting its result and reading the
+    /// next commands is one bus step.
+    async fn on_answer(
+        &mut self,
+        shared: &Shared,
+        device: &str,
+        h: Handshake,
+        i: usize,
+    ) -> Vec<Frame> {
+        let f = self.inflight.remove(i);
+        let outcome = outcome_of(h.payload.as_ref(), f.queued.result.as_ref());
+        let (after, skip, room) = self.cursor(shared.config.inflight_window);
+        let skip: Vec<&str> = skip.iter().map(String::as_str).collect();
+        let reply = f
+            .queued
+            .command
+            .reply_to
+            .as_deref()
+            .map(|node| (node, &outcome, RESULT_TTL_MS));
+        let step = shared
+            .bus
+            .queue_ack_next(
+                device,
+                h.msgid.as_str(),
+                reply,
+                after.as_deref(),
+                &skip,
+                room,
+            )
+            .await;
+        match step {
+            Ok((removed, next)) => {
+                if let Some(q) = removed {
+                    finished(shared, device, h.kind, &q, &outcome).await;
+                }
+                self.send(shared, device, next).await
+            }
+            Err(error) => {
+                // Still queued: a later read (the next answer, a `Deliver`, the node's
+                // periodic check) sends it again.
+                shared.metrics.bus_errors.inc();
+                warn!(message = "could not acknowledge a command", %error);
+                Vec::new()
+            }
+        }
+    }
+
+    /// An ack / comp for a command not in flight here (sent on an earlier connection): what
+    /// it carried is read back from the queue as it is removed.
+    async fn on_stray_answer(&mut self, shared: &Shared, device: &str, h: Handshake) -> Vec<Frame> {
+        let msgid = h.msgid.as_str();
+        match shared.bus.queue_ack(device, msgid).await {
+            Ok(Some(q)) => {
+                let outcome = outcome_of(h.payload.as_ref(), q.result.as_ref());
+                finished(shared, device, h.kind, &q, &outcome).await;
+                if let Some(node) = &q.command.reply_to {
+                    let sent = shared
+                        .bus
+                        .result_send(node, device, msgid, &outcome, RESULT_TTL_MS)
+                        .await;
+                    if let Err(error) = sent {
+                        shared.metrics.bus_errors.inc();
+                        warn!(message = "could not report a command result", %error);
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(error) => {
+                shared.metrics.bus_errors.inc();
+                warn!(message = "could not acknowledge a command", %error);
+            }
+        }
+        self.fill(shared, device).await
+    }
+}
+
+/// The bookkeeping of a command the device answered: a warning for the wrong handshake,
+/// its trace point, the metric and its job's execution state.
+async fn finished(
+    shared: &Shared,
+    device: &str,
+    kind: HandshakeKind,
+    q: &QueuedCommand,
+    outcome: &CommandOutcome,
+) {
+    let msgid = q.command.msgid.as_str();
+    let expected = match q.command.qos {
+        Qos::ExactlyOnce => HandshakeKind::Comp,
+        _ => HandshakeKind::Ack,
+    };
+    if expected != kind {
+        warn!(
+            message = "command answered with the wrong handshake",
+            msgid,
+            kind = kind.as_str()
+        );
+    }
+    if q.command.traceparent.is_some() {
+        trace_point(
+            info_span!("command.ack", device, msgid, attempts = q.attempts),
+            &q.command,
+        );
+    }
+    shared
+        .metrics
+        .commands_finished
+        .get_or_create(&OutcomeLabel { outcome: "acked" })
+        .inc();
+    let state = match outcome {
+        CommandOutcome::Error(_) => JobExecState::Failed,
+        _ => JobExecState::Succeeded,
+    };
+    record_job(shared, &q.command, state).await;
 }
 
 #[cfg(test)]

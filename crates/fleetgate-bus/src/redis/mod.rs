@@ -100,6 +100,7 @@ mod codec;
 mod fanout;
 mod ingest;
 mod pubsub;
+mod queue;
 mod reshard;
 mod scripts;
 mod shadow;
@@ -275,6 +276,7 @@ struct Scripts {
     queue_attempt: Script,
     queue_release: Script,
     queue_remove: Script,
+    queue_ack_next: Script,
     queue_take_expired: Script,
     telemetry_append: Script,
     shadow_merge: Script,
@@ -296,10 +298,24 @@ impl Scripts {
             presence_sweep: Script::from_lua(scripts::PRESENCE_SWEEP),
             nodes_list: Script::from_lua(scripts::NODES_LIST),
             queue_push: Script::from_lua(scripts::QUEUE_PUSH),
-            queue_pending: Script::from_lua(scripts::QUEUE_PENDING),
+            queue_pending: Script::from_lua(format!(
+                "{}{}",
+                scripts::QUEUE_PENDING_FN,
+                scripts::QUEUE_PENDING
+            )),
             queue_attempt: Script::from_lua(scripts::QUEUE_ATTEMPT),
             queue_release: Script::from_lua(scripts::QUEUE_RELEASE),
-            queue_remove: Script::from_lua(scripts::QUEUE_REMOVE),
+            queue_remove: Script::from_lua(format!(
+                "{}{}",
+                scripts::QUEUE_REMOVE_FN,
+                scripts::QUEUE_REMOVE
+            )),
+            queue_ack_next: Script::from_lua(format!(
+                "{}{}{}",
+                scripts::QUEUE_REMOVE_FN,
+                scripts::QUEUE_PENDING_FN,
+                scripts::QUEUE_ACK_NEXT
+            )),
             queue_take_expired: Script::from_lua(scripts::QUEUE_TAKE_EXPIRED),
             telemetry_append: Script::from_lua(scripts::TELEMETRY_APPEND),
             shadow_merge: Script::from_lua(format!(
@@ -1288,6 +1304,19 @@ impl Bus for RedisBus {
 
     async fn queue_fail(&self, device: &str, msgid: &str) -> BusResult<Option<QueuedCommand>> {
         self.queue_remove(device, msgid).await
+    }
+
+    async fn queue_ack_next(
+        &self,
+        device: &str,
+        msgid: &str,
+        result: Option<(&str, &CommandOutcome, u64)>,
+        after: Option<&str>,
+        skip: &[&str],
+        limit: usize,
+    ) -> BusResult<(Option<QueuedCommand>, Vec<QueuedCommand>)> {
+        self.ack_next(device, msgid, result, after, skip, limit)
+            .await
     }
 
     async fn queue_take_expired(&self, now_ms: i64, limit: usize) -> BusResult<Vec<QueuedCommand>> {

@@ -123,42 +123,53 @@ return queue_push(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5],
 "
 );
 
-/// Pending commands. `KEYS` = order zset, state hash; `ARGV` = now_ms, limit, after (a msgid
-/// or ''), count ('1' to count a delivery attempt for each returned command), then msgids to
-/// skip. Up to `limit` unexpired commands in push order, starting after `after` if it is
-/// queued (so a caller with commands in flight reads only the new ones), each
-/// `{command, attempts, release mark}`.
-pub(super) const QUEUE_PENDING: &str = r"
-local now = tonumber(ARGV[1])
-local limit = tonumber(ARGV[2])
-local count = ARGV[4] == '1'
-local skip = {}
-for i = 5, #ARGV do skip[ARGV[i]] = true end
-local out = {}
-local start = 0
-if ARGV[3] ~= '' then
-  local rank = redis.call('ZRANK', KEYS[1], ARGV[3])
-  if rank then start = rank + 1 end
-end
-while #out < limit do
-  local ids = redis.call('ZRANGE', KEYS[1], start, start + 99)
-  if #ids == 0 then break end
-  for _, m in ipairs(ids) do
-    if not skip[m] then
-      local f = redis.call('HMGET', KEYS[2], 'c:' .. m, 'e:' .. m, 'a:' .. m, 'r:' .. m)
-      if f[1] and tonumber(f[2]) > now then
-        local attempts = f[3] or '0'
-        if count then
-          attempts = tostring(redis.call('HINCRBY', KEYS[2], 'a:' .. m, 1))
+/// The queue read as a Lua function, shared by [`QUEUE_PENDING`] and [`QUEUE_ACK_NEXT`].
+/// `queue_pending(q, qh, now, limit, after, count, skip)` takes the order zset and state
+/// hash, and returns up to `limit` unexpired commands in push order, starting after `after`
+/// if it is queued (so a caller with commands in flight reads only the new ones), minus the
+/// msgids that are keys of `skip`, each `{command, attempts, release mark}`; with `count`
+/// it counts a delivery attempt for each returned command.
+pub(super) const QUEUE_PENDING_FN: &str = r"
+local function queue_pending(q, qh, now, limit, after, count, skip)
+  local out = {}
+  local start = 0
+  if after ~= '' then
+    local rank = redis.call('ZRANK', q, after)
+    if rank then start = rank + 1 end
+  end
+  while #out < limit do
+    local ids = redis.call('ZRANGE', q, start, start + 99)
+    if #ids == 0 then break end
+    for _, m in ipairs(ids) do
+      if not skip[m] then
+        local f = redis.call('HMGET', qh, 'c:' .. m, 'e:' .. m, 'a:' .. m, 'r:' .. m)
+        if f[1] and tonumber(f[2]) > now then
+          local attempts = f[3] or '0'
+          if count then
+            attempts = tostring(redis.call('HINCRBY', qh, 'a:' .. m, 1))
+          end
+          table.insert(out, {f[1], attempts, f[4]})
+          if #out >= limit then break end
         end
-        table.insert(out, {f[1], attempts, f[4]})
-        if #out >= limit then break end
       end
     end
+    start = start + 100
   end
-  start = start + 100
+  return out
 end
-return out
+local function skip_set(first)
+  local skip = {}
+  for i = first, #ARGV do skip[ARGV[i]] = true end
+  return skip
+end
+";
+
+/// Pending commands. `KEYS` = order zset, state hash; `ARGV` = now_ms, limit, after (a msgid
+/// or ''), count ('1' to count a delivery attempt for each returned command), then msgids to
+/// skip. Replies as `queue_pending` in [`QUEUE_PENDING_FN`].
+pub(super) const QUEUE_PENDING: &str = r"
+return queue_pending(KEYS[1], KEYS[2], tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3],
+  ARGV[4] == '1', skip_set(5))
 ";
 
 /// Attempt count. `KEYS[1]` = state hash; `ARGV[1]` = msgid. The new count or nil.
@@ -181,16 +192,41 @@ local f = redis.call('HMGET', KEYS[1], 'a:' .. ARGV[1], 'r:' .. ARGV[1])
 return {c, f[1] or '0', f[2]}
 ";
 
+/// Ack / fail as a Lua function, shared by [`QUEUE_REMOVE`] and [`QUEUE_ACK_NEXT`].
+/// `queue_remove(q, qh, qexp, msgid, device)` removes the command from every structure and
+/// returns it as `{command, attempts, release mark}`, or false when it was not queued.
+pub(super) const QUEUE_REMOVE_FN: &str = r"
+local function queue_remove(q, qh, qexp, m, dev)
+  local f = redis.call('HMGET', qh, 'c:' .. m, 'a:' .. m, 'r:' .. m)
+  if not f[1] then return false end
+  redis.call('HDEL', qh, 'c:' .. m, 'e:' .. m, 'a:' .. m, 'r:' .. m)
+  redis.call('ZREM', q, m)
+  redis.call('ZREM', qexp, m .. ' ' .. dev)
+  return {f[1], f[2] or '0', f[3]}
+end
+";
+
 /// Ack / fail. `KEYS` = order zset, state hash, expiry zset; `ARGV` = msgid, device.
 /// Returns the removed `{command, attempts, release mark}` or nil.
 pub(super) const QUEUE_REMOVE: &str = r"
-local m = ARGV[1]
-local f = redis.call('HMGET', KEYS[2], 'c:' .. m, 'a:' .. m, 'r:' .. m)
-if not f[1] then return false end
-redis.call('HDEL', KEYS[2], 'c:' .. m, 'e:' .. m, 'a:' .. m, 'r:' .. m)
-redis.call('ZREM', KEYS[1], m)
-redis.call('ZREM', KEYS[3], m .. ' ' .. ARGV[2])
-return {f[1], f[2] or '0', f[3]}
+return queue_remove(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2])
+";
+
+/// Ack, result and refill in one step. `KEYS` = order zset, state hash, expiry zset, result
+/// key; `ARGV` = msgid, device, now_ms, limit, after (a msgid or ''), node channel ('' when
+/// nobody waits), encoded outcome, encoded result message, result TTL (ms), then msgids to
+/// skip. Removes the command; if it was queued and someone waits, stores its outcome and
+/// publishes it (as [`RESULT_SEND`]); then reads the next commands counting an attempt each
+/// (as [`QUEUE_PENDING`] with count). Returns `{removed or nil, next}`.
+pub(super) const QUEUE_ACK_NEXT: &str = r"
+local removed = queue_remove(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2])
+if removed and ARGV[6] ~= '' then
+  redis.call('SET', KEYS[4], ARGV[7], 'PX', ARGV[9])
+  redis.call('PUBLISH', ARGV[6], ARGV[8])
+end
+local next = queue_pending(KEYS[1], KEYS[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5],
+  true, skip_set(10))
+return {removed, next}
 ";
 
 /// Take expired. `KEYS[1]` = expiry zset; `ARGV` = prefix, now_ms, limit. Removes up to
