@@ -130,7 +130,7 @@ impl Outgoing {
 
     /// Where the next queue read starts: the newest in-order command in flight (`after`),
     /// every msgid in flight (`skip`) and the room left in the window.
-    fn cursor(&self, window: usize) -> (Option<String>, Vec<String>, usize) {
+    fn cursor(&self, window: usize) -> (Option<&str>, Vec<&str>, usize) {
         // What `fill` sent is the head of the queue (commands leave it when answered): read
         // only what comes after it.
         let after = self
@@ -138,14 +138,14 @@ impl Outgoing {
             .iter()
             .rev()
             .find(|f| f.in_order)
-            .map(|f| f.queued.command.msgid.as_str().to_owned());
+            .map(|f| f.queued.command.msgid.as_str());
         // Nothing in flight is sent again or counted, whatever the cursor finds: a `rec` for a
         // command sent on an earlier connection puts one in flight out of order, and a cursor
         // command that left the queue (expired) makes the read start from the head.
         let skip = self
             .inflight
             .iter()
-            .map(|f| f.queued.command.msgid.as_str().to_owned())
+            .map(|f| f.queued.command.msgid.as_str())
             .collect();
         (after, skip, window.saturating_sub(self.inflight.len()))
     }
@@ -156,11 +156,7 @@ impl Outgoing {
         if room == 0 {
             return Vec::new();
         }
-        let skip: Vec<&str> = skip.iter().map(String::as_str).collect();
-        let next = shared
-            .bus
-            .queue_next(device, after.as_deref(), &skip, room)
-            .await;
+        let next = shared.bus.queue_next(device, after, &skip, room).await;
         match next {
             Ok(pending) => self.send(shared, device, pending).await,
             Err(error) => {
@@ -348,7 +344,6 @@ impl Outgoing {
         let f = self.inflight.remove(i);
         let outcome = outcome_of(h.payload.as_ref(), f.queued.result.as_ref());
         let (after, skip, room) = self.cursor(shared.config.inflight_window);
-        let skip: Vec<&str> = skip.iter().map(String::as_str).collect();
         let reply = f
             .queued
             .command
@@ -357,14 +352,7 @@ impl Outgoing {
             .map(|node| (node, &outcome, RESULT_TTL_MS));
         let step = shared
             .bus
-            .queue_ack_next(
-                device,
-                h.msgid.as_str(),
-                reply,
-                after.as_deref(),
-                &skip,
-                room,
-            )
+            .queue_ack_next(device, h.msgid.as_str(), reply, after, &skip, room)
             .await;
         match step {
             Ok((removed, next)) => {

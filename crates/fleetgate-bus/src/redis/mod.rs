@@ -477,6 +477,14 @@ fn queued(what: &str, v: Value) -> BusResult<Option<QueuedCommand>> {
     codec::decode_queued(&command, &attempts, release.as_deref()).map(Some)
 }
 
+/// A list of `{command, attempts, release mark}` replies, none of them nil.
+fn queued_list(what: &str, v: Value) -> BusResult<Vec<QueuedCommand>> {
+    array(what, v)?
+        .into_iter()
+        .map(|q| queued(what, q)?.ok_or_else(|| BusError::Corrupt(format!("{what}: nil entry"))))
+        .collect()
+}
+
 /// `{node, conn, since}` from a presence script, or nil.
 fn presence_reply(what: &str, v: Value) -> BusResult<Option<Presence>> {
     if v.is_null() {
@@ -835,13 +843,7 @@ impl RedisBus {
                 args,
             )
             .await?;
-        array("queue_pending", reply)?
-            .into_iter()
-            .map(|q| {
-                queued("queue_pending", q)?
-                    .ok_or_else(|| BusError::Corrupt("queue_pending: nil entry".into()))
-            })
-            .collect()
+        queued_list("queue_pending", reply)
     }
 
     async fn custom(&self, shard: usize, cmd: &'static str, args: Vec<Value>) -> BusResult<Value> {
@@ -1168,21 +1170,12 @@ impl Bus for RedisBus {
         outcome: &CommandOutcome,
         ttl_ms: u64,
     ) -> BusResult<()> {
-        let message = NodeMessage::CommandResult {
-            device: device.to_owned(),
-            msgid: msgid.to_owned(),
-            outcome: outcome.clone(),
-        };
         self.eval(
             self.shard_for(device),
             &self.inner.scripts.result_send,
-            vec![self.key("res:", &format!("{device}:{msgid}"))],
-            vec![
-                v(self.node_channel(node_id)),
-                v(codec::encode_outcome(outcome)),
-                v(codec::encode_node_message(&message)),
-                Value::from(i64::try_from(ttl_ms.max(1)).unwrap_or(i64::MAX)),
-            ],
+            vec![self.result_key(device, msgid)],
+            self.result_args(node_id, device, msgid, outcome, ttl_ms)
+                .into(),
         )
         .await?;
         Ok(())
@@ -1191,7 +1184,7 @@ impl Bus for RedisBus {
     async fn result_get(&self, device: &str, msgid: &str) -> BusResult<Option<CommandOutcome>> {
         let reply: Value = self
             .client(self.shard_for(device))
-            .get(self.key("res:", &format!("{device}:{msgid}")))
+            .get(self.result_key(device, msgid))
             .await
             .map_err(fred_err)?;
         match reply.into_bytes() {
