@@ -3,6 +3,7 @@
 
 mod audit_cli;
 mod bus_metrics;
+mod heap_trim;
 mod process_metrics;
 mod settings;
 mod telemetry;
@@ -229,6 +230,7 @@ async fn serve(settings: Settings, run_gateway: bool, run_admin: bool) -> anyhow
     registry.register_collector(Box::new(ProcessMetrics::new()));
     let shutdown = CancellationToken::new();
     tokio::spawn(shutdown_signal(shutdown.clone()));
+    tokio::spawn(heap_trim::run(shutdown.clone()));
     // Stops the MQTT bridge once the gateway has drained its sessions.
     let mqtt_stop = CancellationToken::new();
 
