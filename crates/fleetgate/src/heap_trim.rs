@@ -23,8 +23,8 @@ const TRIM_ABOVE: usize = 8 << 20;
 /// Growth of the live heap between two checks that still counts as settled.
 const SETTLED: usize = 1 << 20;
 
-/// Runs until `stop`: checks the arenas every [`CHECK_EVERY`] and trims them past
-/// [`TRIM_ABOVE`] free bytes.
+/// Runs until `stop`: checks the arenas every [`CHECK_EVERY`] and trims them as
+/// [`trim_if_settled`] decides.
 pub async fn run(stop: CancellationToken) {
     let mut tick = tokio::time::interval(CHECK_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
