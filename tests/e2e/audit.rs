@@ -26,7 +26,7 @@ fn scratch(name: &str) -> std::path::PathBuf {
 
 async fn node_on(redis: &RedisServer, checkpoint_ms: &str) -> Node {
     let key = scratch("signing.pem");
-    std::fs::write(&key, SIGNING_KEY).unwrap();
+    crate::support::write_secret(&key, SIGNING_KEY);
     Node::start(&[
         ("FLEETGATE_REDIS_URLS", &redis.url()),
         ("FLEETGATE_AUDIT_SIGNING_KEY", key.to_str().unwrap()),

@@ -131,7 +131,7 @@ mod jwt {
         let keys = format!(
             "[[keys]]\nkid = \"a\"\nalgorithm = \"HS256\"\nsecret = \"{SECRET_A}\"\n\n[[keys]]\nkid = \"b\"\nalgorithm = \"HS256\"\nsecret = \"{SECRET_B}\"\n"
         );
-        std::fs::write(&path, keys).unwrap();
+        crate::support::write_secret(&path, keys);
         Node::start(&[("FLEETGATE_JWT_KEYS", path.to_str().unwrap())]).await
     }
 

@@ -29,11 +29,10 @@ async fn three_nodes() -> Vec<Node> {
         std::process::id(),
         now_ms()
     ));
-    std::fs::write(
+    crate::support::write_secret(
         &path,
         format!("[[keys]]\nkid = \"k\"\nalgorithm = \"HS256\"\nsecret = \"{SECRET}\"\n"),
-    )
-    .unwrap();
+    );
     let mut nodes = Vec::new();
     for i in 0..3 {
         let id = format!("node-{i}");

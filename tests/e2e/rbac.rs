@@ -587,11 +587,10 @@ async fn setup() -> Matrix {
     ));
     std::fs::create_dir_all(&dir).unwrap();
     let keys = dir.join("token-keys.toml");
-    std::fs::write(
+    crate::support::write_secret(
         &keys,
         format!("[[keys]]\nkid = \"t1\"\nsecret = \"{TOKEN_SECRET}\"\n"),
-    )
-    .unwrap();
+    );
     let node = Node::start(&[
         ("FLEETGATE_ADMIN_TOKEN_KEYS", keys.to_str().unwrap()),
         ("FLEETGATE_AUDIT_CHECKPOINT_INTERVAL_MS", "3600000"),

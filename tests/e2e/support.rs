@@ -411,3 +411,10 @@ pub fn answering(mut raw: Raw, fail: bool, seen: Seen) -> JoinHandle<Closed> {
         }
     })
 }
+
+/// Writes a file only its owner may read: the node refuses world-readable secret files.
+pub fn write_secret(path: &std::path::Path, contents: impl AsRef<[u8]>) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, contents).expect("write secret file");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod 600");
+}

@@ -11,7 +11,6 @@
 //! Handlers add what only they know (a created resource's ID, a command's msgid) through a
 //! [`Note`] in the response's extensions; errors add their code as the reason themselves.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
@@ -197,8 +196,8 @@ pub(crate) async fn pipeline(
         actor: "anonymous".to_owned(),
         source: req
             .extensions()
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0.to_string()),
+            .get::<ConnectInfo<fleetgate_tls::Peer>>()
+            .map(|c| c.0.addr.to_string()),
         request_id: Some(rid.clone()),
         action: action(&method, &matched),
         target: target(&matched, req.uri().path()),

@@ -57,6 +57,11 @@ pub struct GatewayConfig {
     pub alert_rules_refresh: Duration,
     /// Most devices at once whose offline rules this node times after they disconnected.
     pub alert_offline_watch: usize,
+    /// Where a verified client certificate names its device (mTLS).
+    pub cert_identity: fleetgate_tls::IdentitySource,
+    /// How long a session may outlive its credentials' expiry (a JWT's `exp`) before it is
+    /// closed with 4403, unless the device sent a fresh token.
+    pub expiry_grace: Duration,
 }
 
 /// Limits of `/v1/app` sessions (dashboards and apps).
@@ -116,6 +121,8 @@ impl Default for GatewayConfig {
             app: AppConfig::default(),
             alert_rules_refresh: Duration::from_millis(5_000),
             alert_offline_watch: 100_000,
+            cert_identity: fleetgate_tls::IdentitySource::default(),
+            expiry_grace: Duration::ZERO,
         }
     }
 }

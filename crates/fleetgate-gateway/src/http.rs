@@ -6,11 +6,12 @@ use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use fleetgate_protocol::{Codec, SUBPROTOCOL_JSON, SUBPROTOCOL_PROTO};
+use fleetgate_tls::Peer;
 use prometheus_client::registry::Registry;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
@@ -78,6 +79,7 @@ pub(crate) fn upgradable(
 
 async fn device_upgrade(
     State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
     headers: HeaderMap,
     query: Result<Query<DeviceQuery>, axum::extract::rejection::QueryRejection>,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
@@ -116,23 +118,39 @@ async fn device_upgrade(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    if bearer.is_some() && !shared.bus.connected() {
+    let cert = peer.client_cert.as_deref();
+    if (bearer.is_some() || cert.is_some()) && !shared.bus.connected() {
         shared.metrics.bus_errors.inc();
         return unavailable("bus_unavailable", "cannot verify credentials now", 1);
     }
-    let admission = match bearer {
-        Some(token) => match shared.auth.authenticate(routed_id.as_deref(), token).await {
-            Ok(device) => Admission::Authenticated(device),
-            Err(AuthError::Unavailable(error)) => {
-                shared.metrics.bus_errors.inc();
-                warn!(message = "auth lookup failed", %error);
-                return unavailable("bus_unavailable", "cannot verify credentials now", 1);
-            }
-            Err(error) => {
-                shared.metrics.auth_failures.inc();
-                return json_error(StatusCode::UNAUTHORIZED, "auth_failed", &error.to_string());
-            }
-        },
+    let authenticated = match (cert, bearer) {
+        // The certificate is the stronger credential and the TLS layer checked it already.
+        (Some(cert), _) => Some(
+            shared
+                .auth
+                .authenticate_certificate(cert, &shared.config.cert_identity, routed_id.as_deref())
+                .await,
+        ),
+        (None, Some(token)) => Some(shared.auth.authenticate(routed_id.as_deref(), token).await),
+        (None, None) => None,
+    };
+    let admission = match authenticated {
+        Some(Ok(device)) => Admission::Authenticated(device),
+        Some(Err(AuthError::Unavailable(error))) => {
+            shared.metrics.bus_errors.inc();
+            warn!(message = "auth lookup failed", %error);
+            return unavailable("bus_unavailable", "cannot verify credentials now", 1);
+        }
+        // A certificate's failure is told over the WebSocket (auth_response, then 4403): the
+        // device has no other credential to retry with at the HTTP level.
+        Some(Err(error)) if cert.is_some() => {
+            shared.metrics.auth_failures.inc();
+            Admission::Refused(error)
+        }
+        Some(Err(error)) => {
+            shared.metrics.auth_failures.inc();
+            return json_error(StatusCode::UNAUTHORIZED, "auth_failed", &error.to_string());
+        }
         None => Admission::AwaitAuthFrame { routed_id },
     };
     let max = shared.config.limits.max_frame_bytes;

@@ -152,7 +152,7 @@ impl Session {
     ) -> Result<Vec<Frame>, Close> {
         self.shared.metrics.messages_rejected.inc();
         match error.close_code() {
-            Some(code) => Err(Close::new(code, error.to_string())),
+            Some(code) => Err(Close::new(code, error.close_reason())),
             None => Ok(vec![Session::error_frame(
                 msgid.cloned(),
                 error.error_code(),

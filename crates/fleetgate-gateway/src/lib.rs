@@ -25,16 +25,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::serve::ListenerExt;
 use fleetgate_bus::Bus;
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use app::{AppAccess, AppCommands, CommandLimits};
-pub use auth::{AuthError, Authenticator, JwtKeySpec, JwtKeys, secret_digest};
+pub use auth::{
+    AuthError, Authenticator, JwtKeySpec, JwtKeys, JwtPolicy, TokenError, secret_digest,
+};
 pub use config::GatewayConfig;
 pub use metrics::Metrics;
 pub use mqtt::MqttAccess;
@@ -162,7 +162,7 @@ impl Gateway {
     /// When the bus refuses this node's subscription at start, or the listener fails.
     pub async fn run(
         self,
-        listener: TcpListener,
+        listener: fleetgate_tls::Acceptor,
         shutdown: CancellationToken,
     ) -> Result<(), std::io::Error> {
         let shared = self.shared.clone();
@@ -173,15 +173,10 @@ impl Gateway {
         let stop_accepting = CancellationToken::new();
         let server = {
             let stop = stop_accepting.clone();
-            let app = self.router();
-            // axum leaves Nagle on. A session writing a second small frame (the ack of a
-            // device's next message) while the first is unacknowledged would wait for the
-            // device's delayed ACK, ~40 ms: the bimodal QoS 1 ack p99 on the Redis bus.
-            let listener = listener.tap_io(|tcp| {
-                if let Err(error) = tcp.set_nodelay(true) {
-                    tracing::debug!(message = "TCP_NODELAY refused", %error);
-                }
-            });
+            // The peer (its address, its client certificate) reaches the upgrade handlers.
+            let app = self
+                .router()
+                .into_make_service_with_connect_info::<fleetgate_tls::Peer>();
             tokio::spawn(async move {
                 axum::serve(listener, app)
                     .with_graceful_shutdown(async move { stop.cancelled().await })

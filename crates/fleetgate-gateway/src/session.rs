@@ -24,6 +24,8 @@ pub(crate) enum Admission {
     Authenticated(AuthedDevice),
     /// Must send an auth frame first; `routed_id` is the `Device-ID` header or query.
     AwaitAuthFrame { routed_id: Option<String> },
+    /// Its client certificate was refused: told so in an `auth_response`, then closed.
+    Refused(AuthError),
 }
 
 /// Why a session ends.
@@ -34,10 +36,11 @@ pub(crate) struct Close {
 }
 
 impl Close {
-    pub(crate) fn new(code: CloseCode, reason: impl Into<String>) -> Self {
+    /// A close with `reason` cut to what a close frame can carry.
+    pub(crate) fn new(code: CloseCode, reason: impl AsRef<str>) -> Self {
         Self {
             code,
-            reason: reason.into(),
+            reason: fleetgate_protocol::close_reason(reason.as_ref()),
         }
     }
 
@@ -53,7 +56,7 @@ impl Close {
     fn protocol(error: &ProtocolError) -> Self {
         Self::new(
             error.close_code().unwrap_or(CloseCode::ProtocolError),
-            error.to_string(),
+            error.close_reason(),
         )
     }
 }
@@ -135,6 +138,11 @@ async fn run_boxed(
 ) {
     let device = match admission {
         Admission::Authenticated(device) => device,
+        Admission::Refused(error) => {
+            let close = refuse(&shared, &mut ws, codec, &error).await;
+            Box::pin(finish(&shared, &mut ws, close)).await;
+            return;
+        }
         Admission::AwaitAuthFrame { routed_id } => {
             match Box::pin(auth_frame(&shared, &mut ws, codec, routed_id)).await {
                 Ok(device) => device,
@@ -274,10 +282,6 @@ async fn auth_frame(
     if !shared.bus.connected() {
         return Err(bus_unavailable(shared));
     }
-    let refuse = |reason: String| AuthResponse::Error {
-        timestamp: now_ms(),
-        reason,
-    };
     let result = if routed_id.as_deref().is_some_and(|id| id != auth.device_id) {
         Err(AuthError::Mismatch)
     } else {
@@ -285,36 +289,35 @@ async fn auth_frame(
             .auth
             .authenticate(Some(&auth.device_id), &auth.token)
             .await
+            .and_then(|device| {
+                if device.id == auth.device_id {
+                    Ok(device)
+                } else {
+                    Err(AuthError::Mismatch)
+                }
+            })
     };
     match result {
-        Ok(device) if device.id == auth.device_id => Ok(device),
-        Ok(_) => {
-            shared.metrics.auth_failures.inc();
-            let _ = send_frame(
-                shared,
-                ws,
-                codec,
-                &Frame::AuthResponse(refuse(AuthError::Mismatch.to_string())),
-            )
-            .await;
-            Err(Close::new(
-                CloseCode::AuthFailed,
-                AuthError::Mismatch.to_string(),
-            ))
-        }
+        Ok(device) => Ok(device),
         Err(AuthError::Unavailable(_)) => Err(bus_unavailable(shared)),
         Err(error) => {
             shared.metrics.auth_failures.inc();
-            let _ = send_frame(
-                shared,
-                ws,
-                codec,
-                &Frame::AuthResponse(refuse(error.to_string())),
-            )
-            .await;
-            Err(Close::new(CloseCode::AuthFailed, error.to_string()))
+            Err(refuse(shared, ws, codec, &error).await)
         }
     }
+}
+
+/// Tells the device why its credentials were refused and returns the close (4403) that
+/// follows. The reason is the error's fixed message, never what the device sent.
+async fn refuse(shared: &Shared, ws: &mut WebSocket, codec: Codec, error: &AuthError) -> Close {
+    debug!(message = "authentication refused", kind = error.kind());
+    let reason = error.to_string();
+    let response = AuthResponse::Error {
+        timestamp: now_ms(),
+        reason: reason.clone(),
+    };
+    let _ = send_frame(shared, ws, codec, &Frame::AuthResponse(response)).await;
+    Close::new(CloseCode::AuthFailed, reason)
 }
 
 fn codec_decode(codec: Codec, bytes: &[u8]) -> Result<Frame, ProtocolError> {

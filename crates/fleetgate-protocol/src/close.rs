@@ -71,17 +71,29 @@ impl CloseCode {
     }
 }
 
-/// Formats a close reason that asks the client to wait `retry_after_ms` before reconnecting.
-///
-/// Close reasons are limited to 123 bytes on the wire, so `text` is truncated to fit.
-pub fn retry_after_reason(text: &str, retry_after_ms: u64) -> String {
-    let suffix = format!("; retry-after={retry_after_ms}");
-    let room = 123usize.saturating_sub(suffix.len());
-    let mut end = text.len().min(room);
+/// Most bytes a close reason may have: a close frame's payload is at most 125 bytes, two of
+/// them the code. A longer reason cannot be sent at all, and the peer would see 1006.
+pub const MAX_CLOSE_REASON: usize = 123;
+
+/// `text` cut to [`MAX_CLOSE_REASON`] bytes at a character boundary.
+pub fn close_reason(text: &str) -> String {
+    truncated(text, MAX_CLOSE_REASON).to_owned()
+}
+
+fn truncated(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
     while !text.is_char_boundary(end) {
         end -= 1;
     }
-    format!("{}{}", &text[..end], suffix)
+    &text[..end]
+}
+
+/// Formats a close reason that asks the client to wait `retry_after_ms` before reconnecting,
+/// truncating `text` so that the whole fits [`MAX_CLOSE_REASON`].
+pub fn retry_after_reason(text: &str, retry_after_ms: u64) -> String {
+    let suffix = format!("; retry-after={retry_after_ms}");
+    let room = MAX_CLOSE_REASON.saturating_sub(suffix.len());
+    format!("{}{}", truncated(text, room), suffix)
 }
 
 /// Extracts `retry-after=<ms>` from a close reason, if present.
@@ -129,5 +141,13 @@ mod tests {
         assert!(long.len() <= 123);
         assert_eq!(parse_retry_after(&long), Some(5));
         assert_eq!(parse_retry_after("bye"), None);
+    }
+
+    #[test]
+    fn close_reasons_fit_a_close_frame() {
+        assert_eq!(close_reason("bye"), "bye");
+        let long = close_reason(&"é".repeat(100));
+        assert!(long.len() <= MAX_CLOSE_REASON && long.len() >= MAX_CLOSE_REASON - 1);
+        assert!(long.chars().all(|c| c == 'é'));
     }
 }

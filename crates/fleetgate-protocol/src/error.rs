@@ -59,6 +59,17 @@ impl ProtocolError {
         }
     }
 
+    /// A short reason for a close frame: never the peer's input (a parser's message quotes
+    /// it) and never longer than [`crate::MAX_CLOSE_REASON`].
+    pub fn close_reason(&self) -> String {
+        match self {
+            Self::Malformed(_) => "malformed frame".to_owned(),
+            Self::UnknownType(_) => "unknown frame type".to_owned(),
+            Self::BadBatch(_) => "bad batch".to_owned(),
+            other => crate::close_reason(&other.to_string()),
+        }
+    }
+
     /// The code for an `error` frame.
     pub fn error_code(&self) -> ErrorCode {
         match self {
@@ -67,5 +78,28 @@ impl ProtocolError {
             Self::UnexpectedType(_) | Self::UnknownType(_) => ErrorCode::UnsupportedType,
             _ => ErrorCode::Malformed,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_reasons_never_quote_the_input() {
+        let input = "x".repeat(500);
+        for error in [
+            ProtocolError::Malformed(format!("expected value at `{input}`")),
+            ProtocolError::UnknownType(input.clone()),
+            ProtocolError::BadBatch(input.clone()),
+        ] {
+            let reason = error.close_reason();
+            assert!(!reason.contains("xx"), "{reason}");
+            assert!(reason.len() <= crate::MAX_CLOSE_REASON);
+        }
+        assert_eq!(
+            ProtocolError::MissingField("msgid").close_reason(),
+            "missing field `msgid`"
+        );
     }
 }

@@ -13,7 +13,7 @@ pub mod mqtt;
 pub mod proto;
 mod validate;
 
-pub use close::{CloseCode, parse_retry_after, retry_after_reason};
+pub use close::{CloseCode, MAX_CLOSE_REASON, close_reason, parse_retry_after, retry_after_reason};
 pub use error::ProtocolError;
 pub use frame::{
     Auth, AuthResponse, Compact, CompactItem, Envelope, ErrorCode, ErrorFrame, Frame, Handshake,

@@ -4,12 +4,14 @@
 mod audit_cli;
 mod bus_metrics;
 mod heap_trim;
+mod listeners;
 mod process_metrics;
+mod reload;
+mod secret_files;
 mod settings;
 mod telemetry;
 
 use std::io::Write;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
@@ -18,16 +20,15 @@ use fleetgate_admin::Admin;
 use fleetgate_bus::Bus;
 use fleetgate_bus::memory::MemoryBus;
 use fleetgate_bus::redis::RedisBus;
-use fleetgate_gateway::{Gateway, JwtKeySpec, JwtKeys};
+use fleetgate_gateway::Gateway;
 use prometheus_client::registry::Registry;
-use serde::Deserialize;
-use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use bus_metrics::BusMetrics;
+use listeners::Listeners;
 use process_metrics::ProcessMetrics;
-use settings::{Overrides, Settings};
+use settings::{Listener, Overrides, Settings};
 
 #[derive(Parser)]
 #[command(
@@ -138,41 +139,6 @@ fn raise_open_file_limit() {
     }
 }
 
-/// Binds with a deep accept backlog: a connect storm overflows tokio's default queue and
-/// refused clients only retry after a second.
-fn bind(addr: &str) -> anyhow::Result<TcpListener> {
-    let addr: SocketAddr = addr
-        .parse()
-        .with_context(|| format!("listen address {addr}"))?;
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket
-        .bind(addr)
-        .with_context(|| format!("binding {addr}"))?;
-    Ok(socket.listen(8192)?)
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct KeyFile {
-    keys: Vec<JwtKeySpec>,
-}
-
-fn load_jwt_keys(settings: &Settings) -> anyhow::Result<JwtKeys> {
-    let Some(path) = &settings.jwt_keys else {
-        return Ok(JwtKeys::default());
-    };
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let file: KeyFile =
-        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-    Ok(JwtKeys::from_specs(&file.keys)?)
-}
-
 /// `fleetgate_ready`: 1 while `/readyz` answers 200, so flapping readiness shows in metrics
 /// (kubelet's probe results are not scraped by most setups).
 struct ReadyMetric(Arc<dyn Fn() -> bool + Send + Sync>);
@@ -235,18 +201,21 @@ async fn serve(settings: Settings, run_gateway: bool, run_admin: bool) -> anyhow
     let mqtt_stop = CancellationToken::new();
 
     let mut addrs = serde_json::Map::new();
+    let mut listeners = Listeners::new(&mut registry);
     let admin = if run_admin {
-        let listener = bind(&settings.admin_listen)?;
-        addrs.insert("admin".into(), listener.local_addr()?.to_string().into());
+        let (listener, local) =
+            listeners.bind(&settings, Listener::Admin, &settings.admin_listen)?;
+        addrs.insert("admin".into(), local.to_string().into());
         let admin = Admin::start(settings.admin_config()?, bus.clone()).await?;
         registry.register_collector(Box::new(bus_metrics::AdminMetrics(admin.clone())));
         Some((admin, listener))
     } else {
         None
     };
+    let (jwt_files, jwt_keys) = reload::JwtFiles::load(&settings)?;
     let gateway = if run_gateway {
-        let listener = bind(&settings.listen)?;
-        addrs.insert("gateway".into(), listener.local_addr()?.to_string().into());
+        let (listener, local) = listeners.bind(&settings, Listener::Public, &settings.listen)?;
+        addrs.insert("gateway".into(), local.to_string().into());
         // `/v1/app` accepts the admin API's principals and audits its commands on the same
         // chain: in one process with the admin API's own authenticator (its token key may be
         // ephemeral) and writer; alone with one holding the same keys, and an appending-only
@@ -290,7 +259,7 @@ async fn serve(settings: Settings, run_gateway: bool, run_admin: bool) -> anyhow
         let gw = Gateway::new(
             settings.gateway_config(),
             bus.clone(),
-            load_jwt_keys(&settings)?,
+            jwt_keys.clone(),
             app,
             &mut registry,
         );
@@ -315,8 +284,16 @@ async fn serve(settings: Settings, run_gateway: bool, run_admin: bool) -> anyhow
     } else {
         None
     };
-    let internal = bind(&settings.internal_listen)?;
-    addrs.insert("internal".into(), internal.local_addr()?.to_string().into());
+    let (internal, local) =
+        listeners.bind(&settings, Listener::Internal, &settings.internal_listen)?;
+    addrs.insert("internal".into(), local.to_string().into());
+    let reload_every = std::time::Duration::from_millis(settings.tls.reload_interval_ms);
+    listeners.watch(reload_every, &shutdown);
+    if run_gateway && jwt_files.any() {
+        reload::every("device JWT keys", reload_every, &shutdown, move || {
+            jwt_files.reload_if_changed(&jwt_keys)
+        });
+    }
 
     let ready_gw = gateway.as_ref().map(|(g, _)| g.clone());
     // Ready while the gateway (if any) accepts devices and the bus's links, pub/sub included,
@@ -335,7 +312,7 @@ async fn serve(settings: Settings, run_gateway: bool, run_admin: bool) -> anyhow
             // The peer address is the audit log's `source`.
             let app = admin
                 .router()
-                .into_make_service_with_connect_info::<SocketAddr>();
+                .into_make_service_with_connect_info::<fleetgate_tls::Peer>();
             axum::serve(listener, app)
                 .with_graceful_shutdown(async move { stop.cancelled().await })
                 .await

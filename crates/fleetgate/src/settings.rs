@@ -13,6 +13,14 @@ use fleetgate_bus::redis::RedisBusConfig;
 use fleetgate_gateway::GatewayConfig;
 use serde::{Deserialize, Serialize};
 
+mod jwt;
+mod mqtt;
+mod tls;
+
+pub use jwt::{JwtOverrides, JwtSettings};
+pub use mqtt::{MqttOverrides, MqttSettings};
+pub use tls::{Listener, TlsOverrides, TlsSettings};
+
 /// Everything configurable, with units in the names.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -43,6 +51,10 @@ pub struct Settings {
     pub bus: BusSettings,
     /// The MQTT bridge (`/v1/mqtt`).
     pub mqtt: MqttSettings,
+    /// Listener certificates and client-certificate identity.
+    pub tls: TlsSettings,
+    /// Device JWT keys (beside `jwt_keys`) and token rules.
+    pub jwt: JwtSettings,
 }
 
 /// `[gateway]`.
@@ -158,6 +170,14 @@ pub struct BusSettings {
     pub alerts_max_len: usize,
 }
 
+/// A list from the environment with its items trimmed and empty ones dropped.
+fn trimmed(v: &[String]) -> Vec<String> {
+    v.iter()
+        .map(|p| p.trim().to_owned())
+        .filter(|p| !p.is_empty())
+        .collect()
+}
+
 fn ms(d: Duration) -> u64 {
     d.as_millis() as u64
 }
@@ -178,6 +198,8 @@ impl Default for Settings {
             admin: AdminSettings::default(),
             bus: BusSettings::default(),
             mqtt: MqttSettings::default(),
+            tls: TlsSettings::default(),
+            jwt: JwtSettings::default(),
         }
     }
 }
@@ -262,6 +284,12 @@ pub struct Overrides {
     /// The MQTT bridge's options.
     #[command(flatten)]
     pub mqtt: MqttOverrides,
+    /// The listeners' TLS options.
+    #[command(flatten)]
+    pub tls: TlsOverrides,
+    /// Device JWT options.
+    #[command(flatten)]
+    pub jwt: JwtOverrides,
     /// Public WebSocket listener (port 0 = any free port).
     #[arg(long, env = "FLEETGATE_LISTEN")]
     pub listen: Option<String>,
@@ -400,7 +428,12 @@ impl Settings {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("reading {}", path.display()))?;
-                toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
+                let s: Settings =
+                    toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+                if !s.api_key.is_empty() {
+                    crate::secret_files::refuse_world_readable(path)?;
+                }
+                s
             }
             None => Settings::default(),
         };
@@ -459,6 +492,8 @@ impl Settings {
             s.otlp_endpoint = o.otlp_endpoint.clone();
         }
         s.mqtt.apply(&o.mqtt);
+        s.tls.apply(&o.tls);
+        s.jwt.apply(&o.jwt);
         if s.node_id.is_empty() {
             let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .map(|h| h.trim().to_owned())
@@ -471,6 +506,8 @@ impl Settings {
 
     fn validate(&self) -> anyhow::Result<()> {
         self.mqtt.validate()?;
+        self.tls.validate()?;
+        self.jwt.validate()?;
         let g = &self.gateway;
         if g.heartbeat_ms == 0 || g.idle_timeout_ms <= g.heartbeat_ms {
             bail!(
@@ -569,6 +606,8 @@ impl Settings {
                 queue_bytes: g.app_queue_bytes,
             },
             alert_rules_refresh: d(g.alert_rules_refresh_ms),
+            cert_identity: self.tls.identity_source().unwrap_or_default(),
+            expiry_grace: self.jwt.expiry_grace(),
             ..GatewayConfig::default()
         };
         c.limits.max_frame_bytes = g.max_frame_bytes;
@@ -595,8 +634,7 @@ impl Settings {
         let Some(path) = &self.admin.token_keys else {
             return Ok(Vec::new());
         };
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text = crate::secret_files::read_secret(path)?;
         let file: TokenKeyFile =
             toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         if file.keys.is_empty() {
@@ -623,7 +661,11 @@ impl Settings {
             max_wait: Duration::from_millis(a.max_wait_ms),
             token_ttl: Duration::from_millis(a.token_ttl_ms),
             token_keys,
-            audit_signing_key_pem: a.audit_signing_key.as_ref().map(read).transpose()?,
+            audit_signing_key_pem: a
+                .audit_signing_key
+                .as_deref()
+                .map(crate::secret_files::read_secret)
+                .transpose()?,
             audit_verify_keys_pem: a
                 .audit_verify_keys
                 .iter()
@@ -704,146 +746,6 @@ fn auto_max_connections(pending: usize) -> usize {
         })
         .map_or(usize::MAX, |n| n.saturating_sub(200 + pending).max(100));
     by_mem.min(by_files)
-}
-
-/// `[mqtt]`: the MQTT bridge for web clients (`/v1/mqtt`) and its topic ACLs.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct MqttSettings {
-    /// Broker URL, `mqtt://host:port`; unset = `/v1/mqtt` answers 503.
-    pub url: Option<String>,
-    /// Username for the broker.
-    pub username: Option<String>,
-    /// File holding the broker password (with `username`).
-    pub password_file: Option<PathBuf>,
-    /// The node's MQTT client ID is this followed by the node ID.
-    pub client_id_prefix: String,
-    /// Filters `/v1/mqtt` clients may subscribe to (`${principal}`, `${group}`; `!` denies).
-    pub subscribe_acl: Vec<String>,
-    /// Topics `/v1/mqtt` clients may publish on (same syntax).
-    pub publish_acl: Vec<String>,
-    /// How long a node holds an MQTT device that publishes nothing; it then reads as offline.
-    pub device_idle_ms: u64,
-}
-
-impl Default for MqttSettings {
-    fn default() -> Self {
-        let owned = |list: &[&str]| list.iter().map(|p| (*p).to_owned()).collect();
-        Self {
-            url: None,
-            username: None,
-            password_file: None,
-            client_id_prefix: "fleetgate-".into(),
-            subscribe_acl: owned(fleetgate_mqtt::DEFAULT_SUBSCRIBE_ACL),
-            publish_acl: owned(fleetgate_mqtt::DEFAULT_PUBLISH_ACL),
-            device_idle_ms: 300_000,
-        }
-    }
-}
-
-/// The `[mqtt]` options as environment variables and flags.
-#[derive(Debug, Clone, Args)]
-pub struct MqttOverrides {
-    /// MQTT broker for /v1/mqtt (`mqtt://host:port`); empty or unset = /v1/mqtt answers 503.
-    #[arg(long, env = "FLEETGATE_MQTT_URL")]
-    pub mqtt_url: Option<String>,
-    /// Username for the MQTT broker.
-    #[arg(long, env = "FLEETGATE_MQTT_USERNAME")]
-    pub mqtt_username: Option<String>,
-    /// File holding the MQTT broker password.
-    #[arg(long, env = "FLEETGATE_MQTT_PASSWORD_FILE")]
-    pub mqtt_password_file: Option<PathBuf>,
-    /// MQTT client ID prefix (the node ID follows).
-    #[arg(long, env = "FLEETGATE_MQTT_CLIENT_ID_PREFIX")]
-    pub mqtt_client_id_prefix: Option<String>,
-    /// Comma-separated filters /v1/mqtt clients may subscribe to.
-    #[arg(long, env = "FLEETGATE_MQTT_SUBSCRIBE_ACL", value_delimiter = ',')]
-    pub mqtt_subscribe_acl: Option<Vec<String>>,
-    /// Comma-separated topics /v1/mqtt clients may publish on.
-    #[arg(long, env = "FLEETGATE_MQTT_PUBLISH_ACL", value_delimiter = ',')]
-    pub mqtt_publish_acl: Option<Vec<String>>,
-    /// Milliseconds an MQTT device may publish nothing before it reads as offline.
-    #[arg(long, env = "FLEETGATE_MQTT_DEVICE_IDLE_MS")]
-    pub mqtt_device_idle_ms: Option<u64>,
-}
-
-impl MqttSettings {
-    /// Layers the env and flags on top: an empty URL unsets it, empty ACL items are skipped.
-    fn apply(&mut self, o: &MqttOverrides) {
-        if let Some(url) = &o.mqtt_url {
-            self.url = Some(url.trim().to_owned()).filter(|u| !u.is_empty());
-        }
-        if o.mqtt_username.is_some() {
-            self.username = o.mqtt_username.clone();
-        }
-        if o.mqtt_password_file.is_some() {
-            self.password_file = o.mqtt_password_file.clone();
-        }
-        if let Some(prefix) = &o.mqtt_client_id_prefix {
-            self.client_id_prefix = prefix.clone();
-        }
-        let list = |v: &[String]| -> Vec<String> {
-            v.iter()
-                .map(|p| p.trim().to_owned())
-                .filter(|p| !p.is_empty())
-                .collect()
-        };
-        if let Some(v) = &o.mqtt_subscribe_acl {
-            self.subscribe_acl = list(v);
-        }
-        if let Some(v) = &o.mqtt_publish_acl {
-            self.publish_acl = list(v);
-        }
-        if let Some(ms) = o.mqtt_device_idle_ms {
-            self.device_idle_ms = ms;
-        }
-    }
-
-    fn acl(&self) -> anyhow::Result<fleetgate_mqtt::TopicAcl> {
-        fleetgate_mqtt::TopicAcl::parse(&self.subscribe_acl, &self.publish_acl)
-            .context("mqtt subscribe_acl / publish_acl")
-    }
-
-    fn validate(&self) -> anyhow::Result<()> {
-        self.acl()?;
-        if let Some(url) = &self.url {
-            fleetgate_mqtt::BrokerAddr::parse(url).context("mqtt url")?;
-        }
-        if self.password_file.is_some() && self.username.is_none() {
-            bail!("mqtt password_file needs mqtt username");
-        }
-        if self.device_idle_ms == 0 {
-            bail!("mqtt device_idle_ms must be > 0");
-        }
-        Ok(())
-    }
-
-    /// The bridge's config and the ACLs, with the password file read; `None` when no broker
-    /// is configured.
-    ///
-    /// # Errors
-    /// A bad URL or ACL pattern, or an unreadable password file.
-    pub fn bridge(
-        &self,
-        node_id: &str,
-        max_frame_bytes: usize,
-    ) -> anyhow::Result<Option<(fleetgate_mqtt::BridgeConfig, fleetgate_mqtt::TopicAcl)>> {
-        let acl = self.acl()?;
-        let Some(url) = &self.url else {
-            return Ok(None);
-        };
-        let broker = fleetgate_mqtt::BrokerAddr::parse(url).context("mqtt url")?;
-        let client_id = format!("{}{node_id}", self.client_id_prefix);
-        let mut config = fleetgate_mqtt::BridgeConfig::new(broker, client_id);
-        config.username = self.username.clone();
-        if let Some(path) = &self.password_file {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            config.password = Some(text.trim_end_matches(['\r', '\n']).to_owned());
-        }
-        config.max_packet_bytes = max_frame_bytes;
-        Ok(Some((config, acl)))
-    }
 }
 
 #[cfg(test)]

@@ -38,10 +38,11 @@ pub(crate) struct Close {
 }
 
 impl Close {
-    pub(crate) fn new(code: CloseCode, reason: impl Into<String>) -> Self {
+    /// A close with `reason` cut to what a close frame can carry.
+    pub(crate) fn new(code: CloseCode, reason: impl AsRef<str>) -> Self {
         Self {
             code,
-            reason: reason.into(),
+            reason: fleetgate_protocol::close_reason(reason.as_ref()),
         }
     }
 }

@@ -445,6 +445,7 @@ impl Router {
         let device = AuthedDevice {
             id: device.to_owned(),
             groups: groups.as_ref().clone(),
+            expires_at_ms: None,
         };
         let span = info_span!("mqtt_device", device_id = %device.id, conn_id, node_id = %shared.config.node_id);
         let holder = Holder {
