@@ -24,4 +24,5 @@ mod rbac;
 mod sdk;
 mod shadow;
 mod support;
+mod tokens;
 mod tracing;

@@ -45,6 +45,8 @@ pub struct Metrics {
     pub auth_success: Counter,
     /// Failed authentications.
     pub auth_failures: Counter,
+    /// Fresh credentials accepted on a live session (`auth` frame after authentication).
+    pub auth_refreshes: Counter,
     /// Device messages accepted, by type.
     pub messages_received: Family<KindLabel, Counter>,
     /// Device messages refused (error frame or close).
@@ -105,6 +107,7 @@ impl Default for Metrics {
             closes: Family::default(),
             auth_success: Counter::default(),
             auth_failures: Counter::default(),
+            auth_refreshes: Counter::default(),
             messages_received: Family::default(),
             messages_rejected: Counter::default(),
             commands_sent: Counter::default(),
@@ -178,6 +181,11 @@ impl Metrics {
             "auth_failures",
             "Failed device authentications",
             self.auth_failures.clone(),
+        );
+        r.register(
+            "auth_refreshes",
+            "Fresh device credentials accepted on live sessions",
+            self.auth_refreshes.clone(),
         );
         r.register(
             "messages_received",

@@ -4,7 +4,7 @@
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use fleetgate_bus::Presence;
 use fleetgate_protocol::{
-    AuthResponse, CloseCode, Codec, ErrorCode, ErrorFrame, Frame, MsgId, ProtocolError, Qos,
+    Auth, AuthResponse, CloseCode, Codec, ErrorCode, ErrorFrame, Frame, MsgId, ProtocolError, Qos,
     ReplayWindow, retry_after_reason,
 };
 use std::sync::Arc;
@@ -110,6 +110,9 @@ pub(crate) struct Session {
     pub(crate) alerts: Option<Box<crate::alerts::DeviceAlerts>>,
     last_activity: Instant,
     next_ping: Instant,
+    /// When the credentials it authenticated with expire (plus the configured grace): the
+    /// session closes with 4403 then, unless an `auth` frame brought a fresh token.
+    expires_at: Option<Instant>,
     /// Held while the session lives: one of `max_connections`.
     _session_permit: tokio::sync::OwnedSemaphorePermit,
 }
@@ -443,8 +446,17 @@ pub(crate) async fn register_claimed(
         alerts,
         last_activity: now,
         next_ping: now + shared.config.heartbeat,
+        expires_at: expiry_instant(device.expires_at_ms, shared.config.expiry_grace),
         _session_permit: session_permit,
     }))
+}
+
+/// The instant `expires_at_ms` (wall clock) plus `grace` falls on, on the monotonic clock.
+fn expiry_instant(expires_at_ms: Option<i64>, grace: std::time::Duration) -> Option<Instant> {
+    let left = u64::try_from(expires_at_ms? - now_ms()).unwrap_or(0);
+    // Far-future expiries (a ten-year certificate) stay far future without overflowing.
+    let left = std::time::Duration::from_millis(left.min(10 * 365 * 86_400_000));
+    Some(Instant::now() + left + grace)
 }
 
 impl Session {
@@ -513,6 +525,9 @@ impl Session {
     fn next_wake(&self) -> Instant {
         let idle = self.last_activity + self.shared.config.idle_timeout;
         let mut at = self.next_ping.min(idle);
+        if let Some(expiry) = self.expires_at {
+            at = at.min(expiry);
+        }
         if let Some(retry) = self.outgoing.next_deadline() {
             at = at.min(retry);
         }
@@ -647,6 +662,9 @@ impl Session {
         if now >= self.last_activity + self.shared.config.idle_timeout {
             return Err(Close::new(CloseCode::HeartbeatTimeout, "heartbeat timeout"));
         }
+        if self.expires_at.is_some_and(|at| now >= at) {
+            return Err(Close::new(CloseCode::AuthFailed, "credentials expired"));
+        }
         if now >= self.next_ping {
             self.next_ping = now + self.shared.config.heartbeat;
             let ping = tokio::time::timeout(
@@ -714,15 +732,48 @@ impl Session {
                 self.ingest(compact.into_envelope(msgid, now_ms())).await
             }
             Frame::Handshake(h) => self.on_handshake(h).await,
-            Frame::Auth(_) => Err(Close::new(
-                CloseCode::ProtocolError,
-                "already authenticated",
-            )),
+            Frame::Auth(auth) => self.refresh(auth).await,
             Frame::AuthResponse(_) | Frame::Error(_) => Err(Close::new(
                 CloseCode::ProtocolError,
                 "frame type not accepted from devices",
             )),
         }
+    }
+
+    /// An `auth` frame on an authenticated session: fresh credentials for the same device
+    /// move its expiry. A refused refresh is answered and leaves the session as it was (its
+    /// old credentials still hold until they expire).
+    async fn refresh(&mut self, auth: Auth) -> Result<Vec<Frame>, Close> {
+        self.charge(1)?;
+        let result = if auth.device_id == self.device {
+            self.shared
+                .auth
+                .authenticate(Some(&self.device), &auth.token)
+                .await
+        } else {
+            Err(AuthError::Mismatch)
+        };
+        let response = match result {
+            Ok(device) => {
+                self.expires_at =
+                    expiry_instant(device.expires_at_ms, self.shared.config.expiry_grace);
+                self.shared.metrics.auth_refreshes.inc();
+                AuthResponse::Success {
+                    timestamp: now_ms(),
+                    session_id: format!("{:016x}", self.conn_id),
+                    heartbeat_ms: self.shared.config.heartbeat.as_millis() as u64,
+                }
+            }
+            Err(error) => {
+                self.shared.metrics.auth_failures.inc();
+                debug!(message = "refresh refused", kind = error.kind());
+                AuthResponse::Error {
+                    timestamp: now_ms(),
+                    reason: error.to_string(),
+                }
+            }
+        };
+        Ok(vec![Frame::AuthResponse(response)])
     }
 
     /// Rate-limit check for `n` messages; past the burst the session ends with 4429.

@@ -131,16 +131,26 @@ impl std::fmt::Debug for JwtKeys {
     }
 }
 
-/// The claims a device token carries.
+/// The claims of a device token, as the signature vouched for them.
 #[derive(Deserialize)]
-pub(crate) struct DeviceClaims {
-    pub(crate) sub: String,
+struct RawClaims {
     #[serde(default)]
-    pub(crate) groups: Vec<String>,
-    /// Seconds since the epoch; required (the validation refuses a token without it).
-    pub(crate) exp: i64,
+    sub: Option<String>,
+    #[serde(default)]
+    groups: Vec<String>,
+    // Optional here so that a token without them is refused as such, not as unparsable.
+    #[serde(default)]
+    exp: Option<i64>,
     #[serde(default)]
     iat: Option<i64>,
+}
+
+/// The claims a device token carries.
+pub(crate) struct DeviceClaims {
+    pub(crate) sub: String,
+    pub(crate) groups: Vec<String>,
+    /// Seconds since the epoch.
+    pub(crate) exp: i64,
 }
 
 /// Most groups a device token may name.
@@ -345,9 +355,12 @@ impl JwtKeys {
         if !self.policy.issuer.is_empty() {
             validation.set_issuer(&self.policy.issuer);
         }
-        let data = jsonwebtoken::decode::<DeviceClaims>(token, &key.key, &validation)
+        let data = jsonwebtoken::decode::<RawClaims>(token, &key.key, &validation)
             .map_err(|e| token_error(e.kind()))?;
         let claims = data.claims;
+        let (Some(sub), Some(exp)) = (claims.sub, claims.exp) else {
+            return Err(TokenError::Claims);
+        };
         let leeway = i64::try_from(self.policy.leeway_s).unwrap_or(i64::MAX);
         if claims
             .iat
@@ -359,7 +372,11 @@ impl JwtKeys {
         if claims.groups.len() > MAX_GROUPS {
             return Err(TokenError::TooManyGroups);
         }
-        Ok(claims)
+        Ok(DeviceClaims {
+            sub,
+            groups: claims.groups,
+            exp,
+        })
     }
 }
 
