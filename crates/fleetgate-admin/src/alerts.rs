@@ -73,7 +73,7 @@ async fn find(
 }
 
 /// Parses and validates a rule body; `id` (from the path) must match when the body has one.
-fn parse_rule(mut body: Value, id: &str) -> Result<Rule, AppError> {
+pub(crate) fn parse_rule(mut body: Value, id: &str) -> Result<Rule, AppError> {
     if let Some(obj) = body.as_object_mut() {
         match obj.get("id") {
             None => {

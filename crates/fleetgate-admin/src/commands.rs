@@ -18,7 +18,7 @@ use utoipa::ToSchema;
 
 use crate::auth::{ScopedDevice, need};
 use crate::pipeline::{Note, noted};
-use crate::{AdminState, AppError, Body, ErrorBody, Res};
+use crate::{AdminConfig, AdminState, AppError, Body, ErrorBody, Res};
 
 /// `POST /v1/devices/{id}/commands` body.
 #[derive(Deserialize, ToSchema)]
@@ -42,15 +42,29 @@ pub(crate) struct SendCommand {
     wait_ms: Option<u64>,
 }
 
+impl SendCommand {
+    /// QoS, TTL and wait, checked against the limits.
+    pub(crate) fn check(&self, cfg: &AdminConfig) -> Result<(Qos, Duration, Duration), AppError> {
+        let (qos, ttl) = check_delivery(cfg, self.qos, self.ttl_ms)?;
+        let wait = Duration::from_millis(self.wait_ms.unwrap_or(0));
+        if wait > cfg.max_wait {
+            return Err(AppError::bad_request(format!(
+                "waitMs must be at most {}",
+                cfg.max_wait.as_millis()
+            )));
+        }
+        Ok((qos, ttl, wait))
+    }
+}
+
 /// Checks QoS and TTL as every command path (single, job) does.
 pub(crate) fn check_delivery(
-    state: &AdminState,
+    cfg: &AdminConfig,
     qos: Option<u8>,
     ttl_ms: Option<u64>,
 ) -> Result<(Qos, Duration), AppError> {
     let qos = Qos::from_u8(u64::from(qos.unwrap_or(1)))
         .map_err(|_| AppError::bad_request("qos must be 0, 1 or 2"))?;
-    let cfg = &state.config;
     let ttl = ttl_ms.map_or(cfg.default_ttl, Duration::from_millis);
     if ttl.is_zero() || ttl > cfg.max_ttl {
         return Err(AppError::bad_request(format!(
@@ -91,15 +105,7 @@ async fn send_in_span(
     req: SendCommand,
 ) -> Res {
     let id = device.id;
-    let (qos, ttl) = check_delivery(&state, req.qos, req.ttl_ms)?;
-    let cfg = &state.config;
-    let wait = Duration::from_millis(req.wait_ms.unwrap_or(0));
-    if wait > cfg.max_wait {
-        return Err(AppError::bad_request(format!(
-            "waitMs must be at most {}",
-            cfg.max_wait.as_millis()
-        )));
-    }
+    let (qos, ttl, wait) = req.check(&state.config)?;
     // Presence is read only where it decides something: QoS 0 goes to the device's node, and
     // a device with no record exists only while connected. A queued command's push tells the
     // owning node itself, so a provisioned device's QoS 1/2 path skips this round trip.
@@ -122,7 +128,7 @@ async fn send_in_span(
     let dispatched = dispatch(
         &*state.bus,
         &state.waiters,
-        &cfg.node_id,
+        &state.config.node_id,
         presence.as_ref(),
         request,
     )

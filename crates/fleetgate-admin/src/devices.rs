@@ -20,7 +20,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::{Auth, ScopedDevice, need};
 use crate::pipeline::{Note, noted};
-use crate::rbac::Scope;
+use crate::rbac::{Principal, Scope};
 use crate::{AdminState, AppError, Body, ErrorBody, Res, now_ms};
 
 /// Most groups a device may belong to (the gateway bounds JWT claims the same way).
@@ -151,6 +151,20 @@ pub(crate) struct Provisioned {
     secret: String,
 }
 
+impl CreateDevice {
+    /// Checks the ID and groups, which a scoped caller must hold.
+    pub(crate) fn check(&self, principal: &Principal) -> Result<(), AppError> {
+        check_device_id(&self.id)?;
+        check_groups(&self.groups)?;
+        if !principal.scope.covers_groups(&self.groups) {
+            return Err(AppError::forbidden(
+                "a scoped caller can only provision devices in its own groups",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Provisions a device and shows its secret once. A scoped caller must put it in its groups.
 #[utoipa::path(post, path = "/v1/devices", tag = "devices", request_body = CreateDevice,
     responses((status = 201, body = Provisioned), (status = 400, body = ErrorBody),
@@ -162,13 +176,7 @@ pub(crate) async fn create_device(
     auth: Auth<need::DeviceWrite>,
     Body(req): Body<CreateDevice>,
 ) -> Res {
-    check_device_id(&req.id)?;
-    check_groups(&req.groups)?;
-    if !auth.principal.scope.covers_groups(&req.groups) {
-        return Err(AppError::forbidden(
-            "a scoped caller can only provision devices in its own groups",
-        ));
-    }
+    req.check(&auth.principal)?;
     let (secret, secret_sha256) = new_secret();
     let record = DeviceRecord {
         id: req.id.clone(),
@@ -316,6 +324,13 @@ pub(crate) struct UpdateDevice {
     groups: Vec<String>,
 }
 
+impl UpdateDevice {
+    /// Checks the groups (the caller's scope is checked once the device is loaded).
+    pub(crate) fn check(&self) -> Result<(), AppError> {
+        check_groups(&self.groups)
+    }
+}
+
 /// Replaces a device's groups. A live session keeps the groups it authenticated with (its
 /// fan-out channels) until it reconnects.
 #[utoipa::path(patch, path = "/v1/devices/{id}", tag = "devices", request_body = UpdateDevice,
@@ -329,7 +344,7 @@ pub(crate) async fn update_device(
     device: ScopedDevice<need::DeviceWrite>,
     Body(req): Body<UpdateDevice>,
 ) -> Res {
-    check_groups(&req.groups)?;
+    req.check()?;
     let Some(mut record) = device.record else {
         return Err(AppError::not_found(format!("no device {}", device.id)));
     };
@@ -493,7 +508,7 @@ pub(crate) async fn get_shadow(
 pub(crate) struct SetDesired {
     /// Keys to set; `null` removes a key.
     #[schema(value_type = Object)]
-    state: serde_json::Map<String, Value>,
+    pub(crate) state: serde_json::Map<String, Value>,
     /// The version read; a shadow at another version answers 409 (`If-Match` works too).
     #[serde(default, deserialize_with = "crate::num::opt_unsigned")]
     #[schema(minimum = 0)]

@@ -22,7 +22,7 @@ use utoipa::{IntoParams, ToSchema};
 use crate::auth::{Auth, need};
 use crate::pipeline::{Note, noted};
 use crate::rbac::{Principal, Scope};
-use crate::{AdminState, AppError, Body, ErrorBody, Res, now_ms};
+use crate::{AdminConfig, AdminState, AppError, Body, ErrorBody, Res, now_ms};
 
 /// Most explicit device IDs in one step.
 pub(crate) const MAX_EXPLICIT: usize = 10_000;
@@ -181,7 +181,7 @@ pub(crate) async fn save(
 
 /// Checks steps against the caller's scope and the limits.
 pub(crate) fn check_steps(
-    state: &AdminState,
+    cfg: &AdminConfig,
     principal: &Principal,
     steps: &[Step],
 ) -> Result<(), AppError> {
@@ -210,7 +210,7 @@ pub(crate) fn check_steps(
                 return Err(AppError::forbidden("the group is outside your scope"));
             }
         }
-        let (qos, _) = crate::commands::check_delivery(state, step.qos, step.ttl_ms)?;
+        let (qos, _) = crate::commands::check_delivery(cfg, step.qos, step.ttl_ms)?;
         if qos == fleetgate_protocol::Qos::AtMostOnce {
             return Err(AppError::bad_request("jobs are queued: qos must be 1 or 2"));
         }
@@ -295,6 +295,32 @@ pub(crate) struct CreateJob {
     abort_failed_percent: Option<u8>,
 }
 
+impl CreateJob {
+    /// Checks the job against the limits and `principal`'s scope; its one step.
+    pub(crate) fn check(
+        self,
+        cfg: &AdminConfig,
+        principal: &Principal,
+    ) -> Result<Vec<Step>, AppError> {
+        if !self.rate.is_none_or(|r| (1..=100_000).contains(&r))
+            || self.abort_failed_percent.is_some_and(|p| p > 100)
+        {
+            return Err(AppError::bad_request(
+                "rate must be 1-100000 and abortFailedPercent 0-100",
+            ));
+        }
+        let steps = vec![Step {
+            group: self.group,
+            devices: self.devices,
+            payload: self.payload,
+            qos: self.qos,
+            ttl_ms: self.ttl_ms,
+        }];
+        check_steps(cfg, principal, &steps)?;
+        Ok(steps)
+    }
+}
+
 /// Queues a command for a set of devices; answers at once with the job's ID.
 #[utoipa::path(post, path = "/v1/jobs", tag = "jobs", request_body = CreateJob,
     responses((status = 202, body = Object), (status = 400, body = ErrorBody),
@@ -305,27 +331,14 @@ pub(crate) async fn create_job(
     auth: Auth<need::JobWrite>,
     Body(req): Body<CreateJob>,
 ) -> Res {
-    if !req.rate.is_none_or(|r| (1..=100_000).contains(&r))
-        || req.abort_failed_percent.is_some_and(|p| p > 100)
-    {
-        return Err(AppError::bad_request(
-            "rate must be 1-100000 and abortFailedPercent 0-100",
-        ));
-    }
-    let steps = vec![Step {
-        group: req.group,
-        devices: req.devices,
-        payload: req.payload,
-        qos: req.qos,
-        ttl_ms: req.ttl_ms,
-    }];
-    check_steps(&state, &auth.principal, &steps)?;
+    let (rate, abort_failed_percent) = (req.rate, req.abort_failed_percent);
+    let steps = req.check(&state.config, &auth.principal)?;
     let id = create(
         &state,
         &auth.principal,
         steps,
-        req.rate,
-        req.abort_failed_percent,
+        rate,
+        abort_failed_percent,
         None,
     )
     .await?;

@@ -14,6 +14,8 @@ mod auth;
 mod commands;
 mod devices;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod job_runner;
 mod jobs;
 mod num;
@@ -176,13 +178,18 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<
                 };
                 AppError::new(status, code, rejection.body_text())
             })?;
-        if !value.is_object() {
-            return Err(AppError::bad_request("the body must be a JSON object"));
-        }
-        serde_json::from_value(value)
-            .map(Body)
-            .map_err(|e| AppError::bad_request(format!("invalid body: {e}")))
+        body_from_value(value).map(Body)
     }
+}
+
+/// What [`Body`] makes of a parsed JSON body: an object of `T`'s shape, else 400.
+pub(crate) fn body_from_value<T: serde::de::DeserializeOwned>(
+    value: serde_json::Value,
+) -> Result<T, AppError> {
+    if !value.is_object() {
+        return Err(AppError::bad_request("the body must be a JSON object"));
+    }
+    serde_json::from_value(value).map_err(|e| AppError::bad_request(format!("invalid body: {e}")))
 }
 
 impl Admin {

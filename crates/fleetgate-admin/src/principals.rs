@@ -177,6 +177,15 @@ pub(crate) struct CreateUser {
     groups: Vec<String>,
 }
 
+impl CreateUser {
+    /// Checks name, password and a grant `granter` may give.
+    pub(crate) fn check(&self, granter: &Principal) -> Result<(), AppError> {
+        check_username(&self.username)?;
+        check_password(&self.password)?;
+        check_grant(granter, &self.groups).map(drop)
+    }
+}
+
 /// Creates a user with one grant (role + groups).
 #[utoipa::path(post, path = "/v1/users", tag = "principals", request_body = CreateUser,
     responses((status = 201, body = UserView), (status = 400, body = ErrorBody),
@@ -188,9 +197,7 @@ pub(crate) async fn create_user(
     auth: Auth<need::PrincipalAdmin>,
     Body(req): Body<CreateUser>,
 ) -> Res {
-    check_username(&req.username)?;
-    check_password(&req.password)?;
-    check_grant(&auth.principal, &req.groups)?;
+    req.check(&auth.principal)?;
     let now = now_ms();
     let user = UserDoc {
         username: req.username.clone(),
@@ -252,6 +259,16 @@ pub(crate) struct UpdateUser {
     groups: Option<Vec<String>>,
 }
 
+impl UpdateUser {
+    /// Checks the new grant, which `granter` must hold, and the new password.
+    pub(crate) fn check(&self, granter: &Principal) -> Result<(), AppError> {
+        if let Some(groups) = &self.groups {
+            check_grant(granter, groups)?;
+        }
+        self.password.as_deref().map_or(Ok(()), check_password)
+    }
+}
+
 /// Changes a user's password or grant. Tokens issued before stop working.
 #[utoipa::path(patch, path = "/v1/users/{name}", tag = "principals", request_body = UpdateUser,
     params(("name" = String, Path, description = "username")),
@@ -271,15 +288,14 @@ pub(crate) async fn update_user(
     if !manages(&auth.principal, &user.groups) {
         return Err(out_of_scope("user", &name));
     }
+    req.check(&auth.principal)?;
     if let Some(groups) = &req.groups {
-        check_grant(&auth.principal, groups)?;
         user.groups.clone_from(groups);
     }
     if let Some(role) = req.role {
         user.role = role;
     }
     if let Some(password) = req.password {
-        check_password(&password)?;
         user.password_hash = hash_password(password).await?;
     }
     user.tokens_after_ms = now_ms();
@@ -439,6 +455,20 @@ pub(crate) struct CreateKey {
     expires_at: Option<i64>,
 }
 
+impl CreateKey {
+    /// Checks name, a grant `granter` may give, and an expiry after `now_ms`.
+    pub(crate) fn check(&self, granter: &Principal, now_ms: i64) -> Result<(), AppError> {
+        if self.name.is_empty() || self.name.len() > 128 {
+            return Err(AppError::bad_request("name must be 1-128 characters"));
+        }
+        check_grant(granter, &self.groups)?;
+        if self.expires_at.is_some_and(|e| e <= now_ms) {
+            return Err(AppError::bad_request("expiresAt must be in the future"));
+        }
+        Ok(())
+    }
+}
+
 /// An API key as listed (never the key).
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -484,14 +514,8 @@ pub(crate) async fn create_key(
     auth: Auth<need::PrincipalAdmin>,
     Body(req): Body<CreateKey>,
 ) -> Res {
-    if req.name.is_empty() || req.name.len() > 128 {
-        return Err(AppError::bad_request("name must be 1-128 characters"));
-    }
-    check_grant(&auth.principal, &req.groups)?;
     let now = now_ms();
-    if req.expires_at.is_some_and(|e| e <= now) {
-        return Err(AppError::bad_request("expiresAt must be in the future"));
-    }
+    req.check(&auth.principal, now)?;
     let id = hex::encode(rand::random::<[u8; 8]>());
     let key = format!(
         "{KEY_PREFIX}{id}_{}",

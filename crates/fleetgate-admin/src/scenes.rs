@@ -16,7 +16,7 @@ use crate::auth::{Auth, need};
 use crate::jobs::{Step, check_steps};
 use crate::pipeline::{Note, noted};
 use crate::rbac::{Principal, Scope};
-use crate::{AdminState, AppError, Body, ErrorBody, Res, now_ms, put_versioned};
+use crate::{AdminConfig, AdminState, AppError, Body, ErrorBody, Res, now_ms, put_versioned};
 
 /// A scene as stored.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -37,6 +37,19 @@ pub(crate) struct PutScene {
     /// 1-100 (target, command) pairs.
     #[schema(min_items = 1, max_items = 100)]
     actions: Vec<Step>,
+}
+
+impl PutScene {
+    /// Checks the scene's name and actions against the limits and `principal`'s scope.
+    pub(crate) fn check(
+        &self,
+        name: &str,
+        cfg: &AdminConfig,
+        principal: &Principal,
+    ) -> Result<(), AppError> {
+        check_name(name)?;
+        check_steps(cfg, principal, &self.actions)
+    }
 }
 
 fn check_name(name: &str) -> Result<(), AppError> {
@@ -81,8 +94,7 @@ pub(crate) async fn put_scene(
     Path(name): Path<String>,
     Body(req): Body<PutScene>,
 ) -> Res {
-    check_name(&name)?;
-    check_steps(&state, &auth.principal, &req.actions)?;
+    req.check(&name, &state.config, &auth.principal)?;
     let existing = state.bus.doc_get(DocKind::Scene, &name).await?;
     if existing.is_some() {
         // Replacing needs the scene to be visible (a scene of another scope is a 404).
