@@ -24,5 +24,6 @@ mod rbac;
 mod sdk;
 mod shadow;
 mod support;
+mod tls;
 mod tokens;
 mod tracing;

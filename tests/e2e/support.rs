@@ -8,13 +8,14 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::process::Child;
 use tokio::task::JoinHandle;
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 /// The API key every test node starts with.
 pub const API_KEY: &str = "test-api-key-0123456789";
@@ -235,9 +236,13 @@ pub fn now_ms() -> i64 {
         .as_millis() as i64
 }
 
+/// Any byte stream a test socket runs over: TCP, or TLS over TCP.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
 /// A raw WebSocket to the gateway, for tests that craft frames by hand.
 pub struct Raw {
-    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    ws: WebSocketStream<Box<dyn Stream>>,
 }
 
 /// What a raw socket saw when it closed.
@@ -265,19 +270,43 @@ impl Raw {
 
     /// Opens a socket; `Err(http status)` if the upgrade is refused.
     pub async fn try_connect(url: &str, headers: &[(&str, &str)]) -> Result<Raw, u16> {
+        let authority = url
+            .into_client_request()
+            .expect("request")
+            .uri()
+            .authority()
+            .expect("host:port in the URL")
+            .to_string();
+        let tcp = tokio::time::timeout(DEADLINE, TcpStream::connect(&authority))
+            .await
+            .expect("connect in time")
+            .expect("connect");
+        match Self::try_connect_over(Box::new(tcp), url, headers).await {
+            Err(0) => panic!("upgrade of {url} failed without an HTTP answer"),
+            other => other,
+        }
+    }
+
+    /// Upgrades an open `stream` (TCP, or TLS for `wss://`) to a WebSocket at `url`;
+    /// `Err(http status)` if the upgrade is refused, `Err(0)` if the connection failed first.
+    pub async fn try_connect_over(
+        stream: Box<dyn Stream>,
+        url: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Raw, u16> {
         let mut req = url.into_client_request().expect("request");
         for (k, v) in headers {
             let name = HeaderName::from_bytes(k.as_bytes()).expect("header name");
             req.headers_mut()
                 .insert(name, HeaderValue::from_str(v).expect("header"));
         }
-        match tokio::time::timeout(DEADLINE, tokio_tungstenite::connect_async(req))
+        match tokio::time::timeout(DEADLINE, tokio_tungstenite::client_async(req, stream))
             .await
-            .expect("connect in time")
+            .expect("upgrade in time")
         {
             Ok((ws, _)) => Ok(Raw { ws }),
             Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
-            Err(e) => panic!("connect: {e}"),
+            Err(_) => Err(0),
         }
     }
 
