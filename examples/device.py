@@ -3,12 +3,18 @@ answers every command with a result, and applies desired state (`delta` frames) 
 it back. Needs `pip install websockets`.
 
 usage: python3 examples/device.py DEVICE_ID SECRET [ws://127.0.0.1:8080/v1/device]
+
+Over wss://, DEVICE_CA names the CA bundle to trust (scripts/dev-certs writes ca.pem), and
+DEVICE_CERT + DEVICE_KEY a client certificate: with mTLS the certificate authenticates the
+device and SECRET is `-` (no auth frame is sent).
 """
 import asyncio
 import itertools
 import json
+import os
 import random
 import secrets
+import ssl
 import sys
 import time
 
@@ -36,9 +42,20 @@ async def report(ws):
         await asyncio.sleep(5)
 
 
+def tls_context():
+    if not URL.startswith("wss://"):
+        return None
+    ctx = ssl.create_default_context(cafile=os.environ.get("DEVICE_CA"))
+    if os.environ.get("DEVICE_CERT"):
+        ctx.load_cert_chain(os.environ["DEVICE_CERT"], os.environ.get("DEVICE_KEY"))
+    return ctx
+
+
 async def main():
-    async with websockets.connect(URL, additional_headers={"Device-ID": DEVICE}) as ws:
-        await ws.send(json.dumps({"type": "auth", "deviceId": DEVICE, "token": SECRET}))
+    async with websockets.connect(URL, additional_headers={"Device-ID": DEVICE},
+                                  ssl=tls_context()) as ws:
+        if SECRET != "-":
+            await ws.send(json.dumps({"type": "auth", "deviceId": DEVICE, "token": SECRET}))
         print("<-", await ws.recv())
         reporter = asyncio.create_task(report(ws))
         async for raw in ws:

@@ -364,3 +364,49 @@ async fn close_reasons_never_echo_input_and_always_carry_their_code() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_sdk_refreshes_short_lived_tokens_and_its_session_outlives_them() {
+    use fleetgate_device::{Device, DeviceEvent, DeviceOptions, Qos, TokenSource};
+    let dir = scratch("sdk");
+    let jwks = dir.join("jwks.json");
+    write_jwks(&jwks, &[hs_jwk("h1")]);
+    let node = node_with_jwks(&jwks, &[("FLEETGATE_JWT_LEEWAY_MS", "0")]).await;
+    // Every token lives 3 s: without refreshes the session would end within 3 s.
+    let source = TokenSource::new(|| hs_token("h1", &claims("tok-sdk", 3)));
+    let opts = DeviceOptions::new(node.device_url(), "tok-sdk", "").with_token_source(source);
+    let (client, mut events) = Device::connect(opts).unwrap();
+    let first = tokio::time::timeout(DEADLINE, events.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(first, DeviceEvent::Connected { .. }), "{first:?}");
+    let started = std::time::Instant::now();
+    eventually("three refreshes accepted", || async {
+        let (_, m) = node.internal_get("/metrics").await;
+        m.lines()
+            .find_map(|l| l.strip_prefix("fleetgate_auth_refreshes_total "))
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|n| *n >= 3)
+            .map(|_| ())
+    })
+    .await;
+    assert!(
+        started.elapsed() > Duration::from_secs(3),
+        "outlived the first token"
+    );
+    client
+        .send_status(json!({"t": 1}), Qos::AtLeastOnce)
+        .await
+        .expect("acked on the same session");
+    // One session all along: no disconnect, no reconnect.
+    while let Ok(event) = events.try_recv() {
+        assert!(
+            !matches!(
+                event,
+                DeviceEvent::Disconnected { .. } | DeviceEvent::Connected { .. }
+            ),
+            "{event:?}"
+        );
+    }
+}

@@ -142,6 +142,9 @@ impl EventLoop {
                 break;
             }
             self.shared.state.send_replace(LinkState::Connecting);
+            if let Some(source) = &self.opts.token_source {
+                self.opts.token = source.token();
+            }
             // Boxed: the handshake future is large and only lives while connecting.
             let attempt = Box::pin(Connection::connect(&self.opts));
             // Boxed too: moving a 400-byte connection through select and match would
@@ -275,11 +278,16 @@ impl EventLoop {
         }
         let keepalive = self.opts.keepalive;
         let mut next_ping = (!keepalive.is_zero()).then(|| Instant::now() + keepalive);
+        let mut next_refresh = self.next_refresh();
         loop {
             if let Err(e) = self.flush(conn).await {
                 return self.ended(conn, e);
             }
-            let deadline = self.next_deadline(next_ping);
+            let deadline = self
+                .next_deadline(next_ping)
+                .into_iter()
+                .chain(next_refresh)
+                .min();
             let room = self.requests_open && self.inflight.len() < self.opts.max_inflight;
             // Handlers are synchronous and queue what they send in `outbox`, so the one
             // `flush` above is the only write future this (per-device) state machine holds.
@@ -311,12 +319,35 @@ impl EventLoop {
                         return SessionEnd::Stop;
                     }
                 },
-                () = sleep_opt(deadline) => self.on_timer(conn.last_activity(), &mut next_ping),
+                () = sleep_opt(deadline) => {
+                    if next_refresh.is_some_and(|at| at <= Instant::now()) {
+                        next_refresh = self.refresh();
+                    }
+                    self.on_timer(conn.last_activity(), &mut next_ping)
+                }
             };
             if let Err(e) = step {
                 return self.ended(conn, e);
             }
         }
+    }
+
+    /// When the current token needs replacing: only with a token source and a JWT.
+    fn next_refresh(&self) -> Option<Instant> {
+        self.opts.token_source.as_ref()?;
+        crate::refresh::refresh_at(&self.opts.token, Instant::now())
+    }
+
+    /// Sends a fresh token on the live session and returns when to send the next one.
+    fn refresh(&mut self) -> Option<Instant> {
+        let source = self.opts.token_source.clone()?;
+        self.opts.token = source.token();
+        let auth = fleetgate_protocol::Auth {
+            device_id: self.opts.device_id.clone(),
+            token: self.opts.token.clone(),
+        };
+        self.send(&Frame::Auth(auth));
+        self.next_refresh()
     }
 
     /// Writes everything queued; QoS 0 senders learn the outcome of their write.
@@ -478,6 +509,11 @@ impl EventLoop {
             Frame::Message(env) if env.kind == MessageKind::Command => self.on_command(env),
             Frame::Message(env) if env.kind == MessageKind::Delta => self.on_delta(env),
             Frame::Error(err) => self.on_error(err),
+            // The answer to a refresh. A refused one leaves the old token in force; the next
+            // refresh (or the close at expiry) follows.
+            Frame::AuthResponse(fleetgate_protocol::AuthResponse::Error { reason, .. }) => {
+                warn!(%reason, "token refresh refused");
+            }
             other => debug!(
                 kind = frame_name(&other),
                 "unexpected frame from gateway ignored"

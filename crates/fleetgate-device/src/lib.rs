@@ -44,6 +44,7 @@ mod error;
 mod eventloop;
 mod msgid;
 mod options;
+mod refresh;
 
 pub use app::{AppClient, AppError, AppEvent, Positions};
 pub use backoff::should_reconnect;
@@ -53,6 +54,7 @@ pub use error::DeviceError;
 pub use eventloop::EventLoop;
 pub use msgid::MsgIdGen;
 pub use options::{AuthMode, DeviceOptions};
+pub use refresh::TokenSource;
 
 pub use fleetgate_protocol::{Codec, ErrorCode, ErrorFrame, Frame, MessageKind, MsgId, Qos};
 /// The raw WebSocket message type of [`Connection::send_message`].

@@ -33,6 +33,10 @@ pub struct DeviceOptions {
     pub device_id: String,
     /// A JWT or the provisioned device secret.
     pub token: String,
+    /// Where fresh JWTs come from: asked at every connect and, on a live session, before the
+    /// current token's `exp` (the gateway closes a session whose token expired). Unset = the
+    /// fixed `token`.
+    pub token_source: Option<crate::TokenSource>,
     /// Where the token travels.
     pub auth: AuthMode,
     /// Wire encoding, offered as the WebSocket subprotocol.
@@ -83,6 +87,7 @@ impl DeviceOptions {
             url: url.into(),
             device_id: device_id.into(),
             token: token.into(),
+            token_source: None,
             auth: AuthMode::Header,
             codec: Codec::Json,
             ack_timeout: Duration::from_secs(5),
@@ -105,6 +110,13 @@ impl DeviceOptions {
     /// Sets the auth mode.
     pub fn with_auth(mut self, auth: AuthMode) -> Self {
         self.auth = auth;
+        self
+    }
+
+    /// Takes tokens from `source` (and refreshes them on live sessions).
+    pub fn with_token_source(mut self, source: crate::TokenSource) -> Self {
+        self.token = source.token();
+        self.token_source = Some(source);
         self
     }
 
