@@ -153,6 +153,75 @@ limits:
 
 {{- define "fleetgate.secretsDir" -}}/etc/fleetgate/secrets{{- end -}}
 
+{{- define "fleetgate.tlsDir" -}}/etc/fleetgate/tls{{- end -}}
+
+{{/*
+The TLS Secrets a role's pods mount and the variables naming the files in them, as JSON:
+{"volumes": [{name, secretName, dir, items}], "env": [{name, value}]}. (dict "root" $ "role" r).
+Only the listeners the role serves: the binary checks every key file it is told of at start,
+so a path must not reach a pod that does not mount it. That is also why the paths are
+variables of each Deployment rather than lines of the TOML file every pod shares (an empty
+variable does not unset a path the file sets).
+*/}}
+{{- define "fleetgate.tls" -}}
+{{- $t := .root.Values.tls -}}
+{{- $dir := include "fleetgate.tlsDir" .root -}}
+{{- $volumes := list -}}
+{{- $env := list -}}
+{{- $listeners := list -}}
+{{- if ne .role "admin" }}{{ $listeners = append $listeners (list "public" $t.public.secretName "TLS") }}{{ end -}}
+{{- if ne .role "gateway" }}{{ $listeners = append $listeners (list "admin" $t.admin.secretName "ADMIN_TLS") }}{{ end -}}
+{{- $listeners = append $listeners (list "internal" $t.internal.secretName "INTERNAL_TLS") -}}
+{{- range $l := $listeners }}
+{{- $name := index $l 0 }}{{ $secret := index $l 1 }}{{ $var := index $l 2 }}
+{{- if $secret }}
+{{- $items := list "tls.crt" "tls.key" }}
+{{- $env = append $env (dict "name" (printf "FLEETGATE_%s_CERT" $var) "value" (printf "%s/%s/tls.crt" $dir $name)) }}
+{{- $env = append $env (dict "name" (printf "FLEETGATE_%s_KEY" $var) "value" (printf "%s/%s/tls.key" $dir $name)) }}
+{{- if and (eq $name "public") $t.public.clientCa }}
+{{- $items = append $items "ca.crt" }}
+{{- $env = append $env (dict "name" "FLEETGATE_TLS_CLIENT_CA" "value" (printf "%s/public/ca.crt" $dir)) }}
+{{- end }}
+{{- $volumes = append $volumes (dict "name" (printf "tls-%s" $name) "secretName" $secret "dir" (printf "%s/%s" $dir $name) "items" $items) }}
+{{- if eq $name "public" }}
+{{- with $t.public.clientCaSecret }}
+{{- $volumes = append $volumes (dict "name" "tls-client-ca" "secretName" . "dir" (printf "%s/client-ca" $dir) "items" (list "ca.crt")) }}
+{{- $env = append $env (dict "name" "FLEETGATE_TLS_CLIENT_CA" "value" (printf "%s/client-ca/ca.crt" $dir)) }}
+{{- end }}
+{{- with $t.crlSecret }}
+{{- $volumes = append $volumes (dict "name" "tls-crl" "secretName" . "dir" (printf "%s/crl" $dir) "items" (list "crl.pem")) }}
+{{- $env = append $env (dict "name" "FLEETGATE_TLS_CRL" "value" (printf "%s/crl/crl.pem" $dir)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end -}}
+{{- toJson (dict "volumes" $volumes "env" $env) -}}
+{{- end -}}
+
+{{/*
+TLS combinations the chart cannot render correctly: refused with the reason, rather than pods
+that fail their handshakes.
+*/}}
+{{- define "fleetgate.tlsChecks" -}}
+{{- $p := .Values.tls.public -}}
+{{- $clientCa := or $p.clientCa $p.clientCaSecret -}}
+{{- if and $p.clientCa $p.clientCaSecret -}}
+{{- fail "tls.public: set clientCa (ca.crt of secretName) or clientCaSecret, not both" -}}
+{{- end -}}
+{{- if and $clientCa (not $p.secretName) -}}
+{{- fail "tls.public: a client CA (mTLS) needs the public listener's certificate: set tls.public.secretName" -}}
+{{- end -}}
+{{- if and .Values.tls.crlSecret (not $clientCa) -}}
+{{- fail "tls.crlSecret: a CRL is checked against device certificates: set tls.public.clientCa or clientCaSecret" -}}
+{{- end -}}
+{{- if and $clientCa (or .Values.proxy.enabled .Values.ingress.enabled .Values.gatewayApi.enabled) -}}
+{{- fail "tls.public with a client CA (mTLS): the device's TLS session must end at the gateway, and the proxy, ingress or Gateway API route in front would end it and cannot pass the device certificate on. Turn proxy, ingress and gatewayApi off and let devices reach gateway.service (type LoadBalancer) directly" -}}
+{{- end -}}
+{{- if and $p.secretName .Values.gatewayApi.enabled -}}
+{{- fail "tls.public with gatewayApi: an HTTPRoute sends plain HTTP to the gateways unless a BackendTLSPolicy (CA and hostname) says otherwise, which this chart does not write. Terminate TLS at the Gateway and leave tls.public.secretName empty" -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Whether an optional secret file is present: inline content or declared in existingSecret. */}}
 {{- define "fleetgate.hasSecretFile" -}}
 {{- $s := .root.Values.secrets -}}
@@ -183,6 +252,10 @@ setting does not roll (and drain) the gateways; every pod mounts the whole file.
 {{- if include "fleetgate.hasSecretFile" (dict "root" . "key" "jwtKeys") -}}
 {{- $_ := set $c "jwt_keys" (printf "%s/%s" $dir $k.jwtKeys) -}}
 {{- end -}}
+{{- $jwt := default dict $c.jwt -}}
+{{- if include "fleetgate.hasSecretFile" (dict "root" . "key" "jwks") -}}
+{{- $_ := set $jwt "jwks" (printf "%s/%s" $dir $k.jwks) -}}
+{{- end -}}
 {{- if include "fleetgate.hasSecretFile" (dict "root" . "key" "adminTokenKeys") -}}
 {{- $_ := set $admin "token_keys" (printf "%s/%s" $dir $k.adminTokenKeys) -}}
 {{- end -}}
@@ -203,8 +276,8 @@ setting does not roll (and drain) the gateways; every pod mounts the whole file.
 {{- end -}}
 # Rendered by the fleetgate chart from `config` and the chart's own settings.
 {{- include "fleetgate.tomlTable" $c }}
-{{- $tables := dict "gateway" $gateway "admin" $admin "bus" (default dict $c.bus) "mqtt" $mqtt }}
-{{- range $section := without (list "gateway" "admin" "bus" "mqtt") $omit }}
+{{- $tables := dict "gateway" $gateway "admin" $admin "bus" (default dict $c.bus) "mqtt" $mqtt "tls" (default dict $c.tls) "jwt" $jwt }}
+{{- range $section := without (list "gateway" "admin" "bus" "mqtt" "tls" "jwt") $omit }}
 {{- with index $tables $section }}
 [{{ $section }}]
 {{- include "fleetgate.tomlTable" . }}
@@ -216,13 +289,14 @@ setting does not roll (and drain) the gateways; every pod mounts the whole file.
 {{/*
 Pod-level checksums: pods roll when the config or the secrets they read change. Gateway pods
 read only the JWT keys, the user token keys and the MQTT password, so an admin API key or audit key rotation
-does not drain every device:
+does not drain every device. The JWKS file and the TLS Secrets are re-read while running, so
+no pod sums them: a key or certificate renewal must not drain the devices.
 (dict "root" $ "role" "gateway").
 */}}
 {{- define "fleetgate.checksums" -}}
 {{- $s := .root.Values.secrets -}}
 {{- $gw := dict "existingSecret" $s.existingSecret "jwtKeys" $s.jwtKeys "has" $s.existingSecretHas.jwtKeys "key" $s.keys.jwtKeys "adminTokenKeys" $s.adminTokenKeys "hasTokens" $s.existingSecretHas.adminTokenKeys "mqttPassword" $s.mqttPassword "hasMqtt" $s.existingSecretHas.mqttPassword -}}
-{{- $read := ternary $gw $s (eq .role "gateway") -}}
+{{- $read := ternary $gw (omit $s "jwks") (eq .role "gateway") -}}
 checksum/config: {{ include "fleetgate.configTomlFor" . | sha256sum }}
 checksum/secrets: {{ toJson $read | sha256sum }}
 {{- end -}}
