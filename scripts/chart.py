@@ -34,10 +34,23 @@ RELEASE, NAMESPACE = "fleetgate", "fleetgate"
 KUBE_VERSIONS = ["1.27.0", "1.37.0"]
 # Kinds from CRDs: no OpenAPI schema ships for them, so their shape is checked here.
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "HTTPRoute", "BackendTrafficPolicy"}
-# Settings the chart writes itself (listeners, identity, secrets, Redis, key files).
+# Settings the chart writes itself (listeners, identity, secrets, Redis, key files, the files
+# of the TLS Secrets it mounts).
+TLS_PATHS = {
+    "tls.cert", "tls.key", "tls.client_ca", "tls.crl", "tls.admin_cert", "tls.admin_key",
+    "tls.internal_cert", "tls.internal_key",
+}
 CHART_OWNED = {
     "listen", "admin_listen", "internal_listen", "node_id", "api_key", "redis_urls",
-    "jwt_keys", "admin.token_keys", "admin.audit_signing_key", "mqtt.password_file",
+    "jwt_keys", "admin.token_keys", "admin.audit_signing_key", "mqtt.password_file", "jwt.jwks",
+} | TLS_PATHS
+# Where the chart mounts files; a path below it must be inside one of the pod's volumes.
+MOUNTED = "/etc/fleetgate/"
+# The variables that name each listener's TLS files, and the roles that serve the listener.
+TLS_ENV = {
+    "public": (("gateway", "all"), ["FLEETGATE_TLS_CERT", "FLEETGATE_TLS_KEY"]),
+    "admin": (("admin", "all"), ["FLEETGATE_ADMIN_TLS_CERT", "FLEETGATE_ADMIN_TLS_KEY"]),
+    "internal": (("gateway", "admin", "all"), ["FLEETGATE_INTERNAL_TLS_CERT", "FLEETGATE_INTERNAL_TLS_KEY"]),
 }
 # Marks the Secret value the chart generates at random, so renders can be compared.
 GENERATED = "<generated at install>"
@@ -273,10 +286,10 @@ def check_fleetgate_pods(c: Checks, scenario: str, objs: list[dict], values: dic
             # Least privilege: a gateway sees the JWT keys, the user token keys (/v1/app and
             # /v1/mqtt verify users) and the MQTT broker password, never the API key or the
             # audit signing key.
-            vols = [v for v in spec["volumes"] if "secret" in v]
+            vols = [v for v in spec["volumes"] if v["name"] == "secrets"]
             env = {e["name"] for e in ctr.get("env", [])}
             c.ok("FLEETGATE_API_KEY" not in env, f"{scenario}: {name}: gateway pods get the admin API key")
-            c.ok(all(v["secret"].get("items") and {i["key"] for i in v["secret"]["items"]} <= {"jwt-keys.toml", "admin-token-keys.toml", "mqtt-password"} for v in vols), f"{scenario}: {name}: gateway pods mount more of the Secret than the JWT and user token keys and the MQTT password")
+            c.ok(all(v["secret"].get("items") and {i["key"] for i in v["secret"]["items"]} <= {"jwt-keys.toml", "jwks.json", "admin-token-keys.toml", "mqtt-password"} for v in vols), f"{scenario}: {name}: gateway pods mount more of the Secret than the JWT keys, the user token keys and the MQTT password")
             s = values.get("secrets", {})
             if s.get("mqttPassword") or s.get("existingSecretHas", {}).get("mqttPassword"):
                 mounted = {i["key"] for v in vols for i in v["secret"].get("items", [])}
@@ -304,13 +317,96 @@ def check_services(c: Checks, scenario: str, objs: list[dict], values: dict) -> 
          f"{scenario}: the headless gateway Service lists not-ready pods or is missing")
 
 
+def pod_env(ctr: dict) -> dict[str, str]:
+    """The container's variables that have a plain value (not from a Secret or a field)."""
+    return {e["name"]: e["value"] for e in ctr.get("env", []) if "value" in e}
+
+
+def mounted_file(spec: dict, ctr: dict, path: str) -> tuple[dict | None, str]:
+    """The volume a file of the container lies in, and why not when it does not."""
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    for m in ctr.get("volumeMounts", []):
+        base = m["mountPath"].rstrip("/") + "/"
+        if not path.startswith(base):
+            continue
+        v = volumes.get(m["name"], {})
+        if m.get("subPath"):
+            return None, f"{path} is under a subPath mount (never updated in place)"
+        rel = path[len(base):]
+        items = v.get("secret", {}).get("items")
+        if items is not None and rel not in {i["path"] for i in items}:
+            return None, f"{path}: {m['name']} does not mount {rel}"
+        return v, ""
+    return None, f"{path} is in no volume of the pod"
+
+
+def check_tls(c: Checks, scenario: str, objs: list[dict], values: dict) -> None:
+    """Each pod is told of the TLS files of exactly the listeners it serves, finds them (and the
+    JWT key files) in read-only Secret volumes of mode 0440 that the kubelet updates in place,
+    probes and is scraped with the scheme its internal listener speaks, and no checksum covers
+    a TLS Secret (a renewal must not roll the gateways)."""
+    tls = values.get("tls", {})
+    secret_of = {
+        "public": tls.get("public", {}).get("secretName"),
+        "admin": tls.get("admin", {}).get("secretName"),
+        "internal": tls.get("internal", {}).get("secretName"),
+    }
+    _, config = config_toml(objs)
+    c.ok(not set(config.get("tls", {})) & {p.split(".", 1)[1] for p in TLS_PATHS},
+         f"{scenario}: the shared config file names TLS files, which pods of other roles do not mount")
+    for d in by_kind(objs, "Deployment"):
+        if d["metadata"]["labels"]["app.kubernetes.io/component"] == "proxy":
+            continue
+        name = d["metadata"]["name"]
+        spec = d["spec"]["template"]["spec"]
+        ctr = spec["containers"][0]
+        role = ctr["args"][0]
+        env = pod_env(ctr)
+        for listener, (roles, names) in TLS_ENV.items():
+            want = role in roles and bool(secret_of[listener])
+            c.ok(all((n in env) == want for n in names), f"{scenario}: {name}: {listener} TLS files {'missing' if want else 'given'} (serves it: {role in roles}, Secret: {secret_of[listener]!r})")
+        public = role in TLS_ENV["public"][0] and bool(secret_of["public"])
+        ca = public and bool(tls.get("public", {}).get("clientCa") or tls.get("public", {}).get("clientCaSecret"))
+        c.ok(("FLEETGATE_TLS_CLIENT_CA" in env) == ca, f"{scenario}: {name}: client CA {'missing' if ca else 'given'}")
+        crl = public and bool(tls.get("crlSecret"))
+        c.ok(("FLEETGATE_TLS_CRL" in env) == crl, f"{scenario}: {name}: CRL {'missing' if crl else 'given'}")
+        files = [v for k, v in env.items() if "TLS" in k and v.startswith(MOUNTED)]
+        files += [v for v in (config.get("jwt_keys"), config.get("jwt", {}).get("jwks")) if v]
+        for path in files:
+            v, why = mounted_file(spec, ctr, path)
+            if c.ok(v is not None, f"{scenario}: {name}: {why}"):
+                c.ok(v.get("secret", {}).get("defaultMode") == 0o440 and all("mode" not in i for i in v["secret"].get("items", [])),
+                     f"{scenario}: {name}: {path} is not mounted with mode 0440")
+        for m in ctr["volumeMounts"]:
+            if m["mountPath"].startswith(MOUNTED + "tls") or m["name"] == "secrets":
+                c.ok(m.get("readOnly") is True, f"{scenario}: {name}: {m['name']} is mounted writable")
+        tls_vols = {v["name"] for v in spec["volumes"] if v["name"].startswith("tls-")}
+        used = {m["name"] for m in ctr["volumeMounts"] if m["mountPath"].startswith(MOUNTED + "tls")}
+        c.ok(tls_vols == used, f"{scenario}: {name}: TLS volumes {sorted(tls_vols)} but mounts {sorted(used)}")
+        annotations = d["spec"]["template"]["metadata"].get("annotations", {})
+        c.ok(not any("tls" in k for k in annotations), f"{scenario}: {name}: a checksum covers the TLS Secrets (every renewal would roll the pods)")
+        scheme = "HTTPS" if secret_of["internal"] else "HTTP"
+        hooks = [ctr[p]["httpGet"] for p in ("startupProbe", "readinessProbe", "livenessProbe")]
+        hooks += [h for h in [ctr.get("lifecycle", {}).get("preStop", {}).get("httpGet")] if h]
+        c.ok(all(h.get("scheme", "HTTP") == scheme for h in hooks), f"{scenario}: {name}: probes or preStop not over {scheme}")
+    for sm in by_kind(objs, "ServiceMonitor"):
+        ep = sm["spec"]["endpoints"][0]
+        if secret_of["internal"]:
+            c.ok(ep.get("scheme") == "https" and bool(ep.get("tlsConfig")), f"{scenario}: the ServiceMonitor scrapes a TLS listener without https and a tlsConfig")
+        else:
+            c.ok("scheme" not in ep and "tlsConfig" not in ep, f"{scenario}: the ServiceMonitor scrapes a plain listener with TLS")
+
+
 def check_routing(c: Checks, scenario: str, objs: list[dict], values: dict) -> None:
     ingress = by_kind(objs, "Ingress")
+    public_tls = bool(values.get("tls", {}).get("public", {}).get("secretName"))
     if values.get("ingress", {}).get("enabled"):
         ann = ingress[0]["metadata"].get("annotations", {}) if ingress else {}
         key = ann.get("nginx.ingress.kubernetes.io/upstream-hash-by", "")
         c.ok("$http_device_id" in key and "$arg_device_id" in key, f"{scenario}: ingress does not hash on the device ID: {key!r}")
         c.ok(int(ann.get("nginx.ingress.kubernetes.io/proxy-read-timeout", "0")) >= 3600, f"{scenario}: ingress read timeout too short for WebSockets")
+        backend = "HTTPS" if public_tls else "HTTP"
+        c.ok(ann.get("nginx.ingress.kubernetes.io/backend-protocol", "HTTP") == backend, f"{scenario}: ingress does not speak {backend} to the gateways")
     else:
         c.ok(not ingress, f"{scenario}: an Ingress although ingress.enabled is false")
     proxy_cm = named(objs, "ConfigMap", "-proxy")
@@ -320,7 +416,10 @@ def check_routing(c: Checks, scenario: str, objs: list[dict], values: dict) -> N
         c.ok("hash $fleetgate_hash_key consistent;" in conf and "default $fleetgate_device_id;" in conf, f"{scenario}: proxy does not hash on the device ID")
         c.ok("@" not in re.sub(r"#.*", "", conf), f"{scenario}: proxy config has an unfilled placeholder")
         c.ok(re.search(r"server \S+-gateway-pods\.fleetgate\.svc\.cluster\.local:\d+ resolve", conf) is not None, f"{scenario}: proxy does not resolve the gateway pods")
-        # Same config as nginx/ apart from the placeholders.
+        # Same config as nginx/ apart from the placeholders (and the upstream's scheme).
+        if public_tls:
+            template = template.replace("proxy_pass http://", "proxy_pass https://")
+        c.ok(("proxy_pass https://" in conf) == public_tls, f"{scenario}: proxy does not speak {'TLS' if public_tls else 'plain HTTP'} to the gateways")
         fixed = [l for l in template.splitlines() if "@" not in l]
         c.ok(all(l in conf.splitlines() for l in fixed), f"{scenario}: proxy config differs from nginx/fleetgate.conf.template")
         check_nginx_accepts(c, scenario, conf)
@@ -370,16 +469,41 @@ def check_network_policies(c: Checks, scenario: str, objs: list[dict], values: d
                 c.ok(sources is not None, f"{scenario}: {n['metadata']['name']}: devices reach the gateway around the proxy")
 
 
+def stand_in_files(root: Path, paths: list[str]) -> None:
+    """Empty files at the paths the chart mounts, as the kubelet leaves them (mode 0440)."""
+    for path in paths:
+        f = root / path[len(MOUNTED):]
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.touch()
+        f.chmod(0o440)
+
+
 def check_config_accepted(c: Checks, scenario: str, objs: list[dict], binary: str | None) -> None:
-    """The rendered TOML is what the binary accepts (unknown keys and bad values are refused)."""
+    """Each pod's config (the TOML file and its TLS variables) is what the binary accepts:
+    unknown keys and bad values are refused, and so are TLS files that are incomplete,
+    missing or world-readable. The pod's mounted files are stood in for under a temporary
+    directory; the TLS listeners `fleetgate config` then reports are the ones the pod serves."""
     text, _ = config_toml(objs)
     if not binary:
         return
-    with tempfile.NamedTemporaryFile("w", suffix=".toml") as f:
-        f.write(text)
-        f.flush()
-        p = subprocess.run([binary, "config", "--config", f.name], capture_output=True, text=True, env={"PATH": os.environ.get("PATH", "")})
-        c.ok(p.returncode == 0, f"{scenario}: `fleetgate config` refuses the chart's config: {p.stderr.strip()[-300:]}")
+    for d in by_kind(objs, "Deployment"):
+        if d["metadata"]["labels"]["app.kubernetes.io/component"] == "proxy":
+            continue
+        ctr = containers(d)[0]
+        env = {k: v for k, v in pod_env(ctr).items() if k.startswith("FLEETGATE_")}
+        with tempfile.TemporaryDirectory() as root:
+            at = lambda s: s.replace(MOUNTED, root + "/")  # noqa: E731
+            stand_in_files(Path(root), [v for v in env.values() if v.startswith(MOUNTED)] + re.findall(r'"(/etc/fleetgate/[^"]+)"', text))
+            conf = Path(root) / "config.toml"
+            conf.write_text(at(text))
+            run_env = {"PATH": os.environ.get("PATH", "")} | {k: at(v) for k, v in env.items()}
+            p = subprocess.run([binary, "config", "--config", str(conf)], capture_output=True, text=True, env=run_env)
+            what = f"{scenario}: {d['metadata']['name']}"
+            if not c.ok(p.returncode == 0, f"{what}: `fleetgate config` refuses the pod's config: {p.stderr.strip()[-300:]}"):
+                continue
+            served = tomllib.loads(p.stdout).get("tls", {})
+            for key, var in (("cert", "FLEETGATE_TLS_CERT"), ("admin_cert", "FLEETGATE_ADMIN_TLS_CERT"), ("internal_cert", "FLEETGATE_INTERNAL_TLS_CERT")):
+                c.ok((key in served) == (var in env), f"{what}: the binary's tls.{key} is {served.get(key)!r}, the pod sets {env.get(var)!r}")
 
 
 def check_monitoring(c: Checks, scenario: str, objs: list[dict]) -> None:
@@ -391,12 +515,15 @@ def check_monitoring(c: Checks, scenario: str, objs: list[dict]) -> None:
     alerts = [r for g in rules[0]["spec"]["groups"] for r in g["rules"]]
     wanted = {"FleetgateReadinessFlapping", "FleetgateRedisLinkDown", "FleetgatePubSubResubscribeFailing",
               "FleetgateCommandRetransmitsHigh", "FleetgateCommandsFailing", "FleetgateOutboxDrops",
-              "FleetgateConnectionsNearCap", "FleetgateAuditAppendFailures"}
+              "FleetgateConnectionsNearCap", "FleetgateAuditAppendFailures", "FleetgateCertificateExpiring",
+              "FleetgateCertificateExpiryImminent", "FleetgateCertificateReloadFailing"}
     names = {a["alert"] for a in alerts}
     c.ok(wanted <= names, f"{scenario}: PrometheusRule lacks {sorted(wanted - names)}")
     for a in alerts:
         c.ok(a["alert"].lower() in headings, f"{scenario}: alert {a['alert']} has no runbook entry in docs/operations.md")
         c.ok(a["annotations"]["runbook"].endswith("#" + a["alert"].lower()), f"{scenario}: alert {a['alert']}: runbook link")
+    expiry = {a["alert"]: a["expr"] for a in alerts if a["alert"].startswith("FleetgateCertificateExpir")}
+    c.ok(all(e.startswith("fleetgate_tls_certificate_expiry_timestamp_seconds{") and "- time() <" in e for e in expiry.values()), f"{scenario}: certificate expiry alerts do not compare notAfter with time(): {expiry}")
     sm = by_kind(objs, "ServiceMonitor")
     c.ok(bool(sm) and sm[0]["spec"]["endpoints"][0]["port"] == "internal", f"{scenario}: ServiceMonitor does not scrape the internal port")
     dash = named(objs, "ConfigMap", "-dashboard")
@@ -418,9 +545,19 @@ def check_settings_reachable(c: Checks, binary: str | None) -> None:
         "FLEETGATE_JWT_KEYS": "/k", "FLEETGATE_OTLP_ENDPOINT": "http://c:4318",
         "FLEETGATE_ADMIN_TOKEN_KEYS": "/k", "FLEETGATE_AUDIT_SIGNING_KEY": "/k",
         "FLEETGATE_MQTT_URL": "mqtt://b:1883", "FLEETGATE_MQTT_USERNAME": "u",
-        "FLEETGATE_MQTT_PASSWORD_FILE": "/k",
+        "FLEETGATE_MQTT_PASSWORD_FILE": "/k", "FLEETGATE_JWT_JWKS": "/k",
     }
-    p = subprocess.run([binary, "config"], capture_output=True, text=True, env=env, check=True)
+    with tempfile.TemporaryDirectory() as d:
+        # TLS paths are checked at start (a key must exist and not be world-readable).
+        tls_env = {
+            "FLEETGATE_TLS_CERT": "public/tls.crt", "FLEETGATE_TLS_KEY": "public/tls.key",
+            "FLEETGATE_TLS_CLIENT_CA": "ca/ca.crt", "FLEETGATE_TLS_CRL": "crl/crl.pem",
+            "FLEETGATE_ADMIN_TLS_CERT": "admin/tls.crt", "FLEETGATE_ADMIN_TLS_KEY": "admin/tls.key",
+            "FLEETGATE_INTERNAL_TLS_CERT": "internal/tls.crt", "FLEETGATE_INTERNAL_TLS_KEY": "internal/tls.key",
+        }
+        stand_in_files(Path(d), [MOUNTED + v for v in tls_env.values()])
+        env |= {k: f"{d}/{v}" for k, v in tls_env.items()}
+        p = subprocess.run([binary, "config"], capture_output=True, text=True, env=env, check=True)
     printed = set()
     for k, v in tomllib.loads(p.stdout).items():
         if isinstance(v, dict):
@@ -447,6 +584,14 @@ def check_schema_refuses(c: Checks) -> None:
         {"config": {"gateway": {"drain_period_ms": "30s"}}},
         {"mode": "both"},
         {"redis": {"urls": ["localhost:6379"]}},
+        # The chart mounts the TLS and JWKS files and sets their paths itself.
+        {"config": {"tls": {"cert": "/etc/ssl/tls.crt"}}},
+        {"config": {"jwt": {"jwks": "/etc/jwks.json"}}},
+        {"config": {"tls": {"client_auth": "request"}}},
+        {"config": {"tls": {"client_id_from": "subject"}}},
+        {"config": {"tls": {"max_handshakes": 0}}},
+        {"config": {"jwt": {"leeway_ms": 600000}}},
+        {"tls": {"public": {"secret": "x"}}},
     ]
     for values in bad:
         try:
@@ -458,6 +603,12 @@ def check_schema_refuses(c: Checks) -> None:
         ({"mode": "split", "devRedis": {"enabled": False}}, "mode: split"),
         ({"mode": "all", "devRedis": {"enabled": False}, "all": {"replicaCount": 2}}, "memory bus"),
         ({"secrets": {"apiKey": "short"}}, "16 characters"),
+        ({"tls": {"public": {"secretName": "t", "clientCa": True}}}, "must end at the gateway"),
+        ({"tls": {"public": {"secretName": "t", "clientCa": True}}, "proxy": {"enabled": False}, "ingress": {"enabled": True}}, "must end at the gateway"),
+        ({"tls": {"public": {"clientCaSecret": "ca"}}, "proxy": {"enabled": False}}, "set tls.public.secretName"),
+        ({"tls": {"public": {"secretName": "t", "clientCa": True, "clientCaSecret": "ca"}}, "proxy": {"enabled": False}}, "not both"),
+        ({"tls": {"public": {"secretName": "t"}, "crlSecret": "crl"}}, "a CRL is checked against device certificates"),
+        ({"tls": {"public": {"secretName": "t"}}, "proxy": {"enabled": False}, "gatewayApi": {"enabled": True, "parentRefs": [{"name": "g"}]}}, "BackendTLSPolicy"),
     ]:
         try:
             render(values)
@@ -490,6 +641,23 @@ def check_checksum_rolls(c: Checks) -> None:
     c.ok(mounted and [i["key"] for i in mounted[0]["secret"]["items"]] == ["admin-token-keys.toml"], "gateway pods do not mount the user token keys")
     j = objects(render({"secrets": {"jwtKeys": "[[keys]]"}}))
     c.ok(secret_sum(a, "-gateway") != secret_sum(j, "-gateway"), "a JWT key change does not roll the gateway pods")
+    # The JWKS file is re-read while running: a new key must not drain the gateways.
+    w1, w2 = (objects(render({"secrets": {"jwks": body}})) for body in ('{"keys": []}', '{"keys": [{}]}'))
+    for suffix in ("-gateway", "-admin"):
+        c.ok(secret_sum(w1, suffix) == secret_sum(w2, suffix) and config_sum(w1, suffix) == config_sum(w2, suffix), f"a JWKS change rolls the {suffix[1:]} pods")
+
+
+def check_tls_fronts(c: Checks) -> None:
+    """What forwards to a TLS public listener re-encrypts: the proxy (and nginx accepts it) and
+    ingress-nginx. The ci values cover mTLS, which has nothing in front."""
+    fronts = [
+        ("public TLS behind the proxy", {"tls": {"public": {"secretName": "t"}}}),
+        ("public TLS behind ingress-nginx", {"tls": {"public": {"secretName": "t"}}, "proxy": {"enabled": False}, "ingress": {"enabled": True}}),
+    ]
+    for scenario, values in fronts:
+        objs = normalise(objects(render(values)))
+        check_routing(c, scenario, objs, values)
+        check_tls(c, scenario, objs, values)
 
 
 def yamllint(c: Checks, what: str, text: str) -> None:
@@ -562,6 +730,7 @@ def check() -> int:
         check_selectors(c, scenario, objs)
         check_fleetgate_pods(c, scenario, objs, values)
         check_services(c, scenario, objs, values)
+        check_tls(c, scenario, objs, values)
         check_routing(c, scenario, objs, values)
         check_network_policies(c, scenario, objs, values)
         check_config_accepted(c, scenario, objs, binary)
@@ -569,6 +738,7 @@ def check() -> int:
     check_settings_reachable(c, binary)
     check_schema_refuses(c)
     check_checksum_rolls(c)
+    check_tls_fronts(c)
     check_k8s(c)
     check_dockerfile(c)
     for f in c.failures:
