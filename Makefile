@@ -3,7 +3,7 @@ DEV_API_KEY ?= dev-api-key-change-me-0123
 SHELL := bash
 .SHELLFLAGS := -eo pipefail -c
 
-.PHONY: test deps lint build run cluster bench bench-detail fmt chart
+.PHONY: test deps lint build run cluster bench bench-detail fmt chart fuzz
 
 # The tests run the debug build; the release build (`make build`, the image's
 # scripts/build-release) is left out of the test run to keep CI within its time budget.
@@ -11,6 +11,7 @@ test: deps lint
 	cargo build --workspace --bins
 	timeout 1500 cargo test --workspace 2>&1 | tee target/test-output.log
 	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "%d passed, %d failed\n", p, f }' target/test-output.log
+	scripts/fuzz
 
 deps:
 	scripts/test-deps
@@ -41,6 +42,10 @@ bench-detail:
 
 fmt:
 	cargo fmt --all
+
+# Every fuzz target for FUZZ_SECONDS (20) each; `scripts/fuzz 600 json_frame` for a long run.
+fuzz:
+	scripts/fuzz
 
 # Regenerates k8s/base (and the chart's copy of nginx/'s config) after a chart change.
 chart:

@@ -1,0 +1,9 @@
+//! A device's JSON text frame (`fleetgate.v1.json`, and the seed's compact frames), decoded
+//! and handled as a gateway session does.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    fleetgate_fuzz::device_frame(fleetgate_protocol::Codec::Json, data);
+});
