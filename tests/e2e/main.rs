@@ -1,6 +1,7 @@
 //! End-to-end tests: each starts the real `fleetgate` binary on port 0 and drives it over
 //! real sockets.
 
+mod abuse;
 mod admin;
 mod alerts;
 mod app;

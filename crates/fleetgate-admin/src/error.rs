@@ -20,6 +20,7 @@ pub struct AppError {
     msgid: Option<String>,
     current_version: Option<u64>,
     reason: Option<&'static str>,
+    retry_after: Option<std::time::Duration>,
 }
 
 /// The error body (the OpenAPI document's shared error shape).
@@ -55,7 +56,14 @@ impl AppError {
             msgid: None,
             current_version: None,
             reason: None,
+            retry_after: None,
         }
+    }
+
+    /// Sends `Retry-After` (whole seconds, rounded up).
+    pub fn with_retry_after(mut self, wait: std::time::Duration) -> Self {
+        self.retry_after = Some(wait);
+        self
     }
 
     /// Names the command the error is about, so the caller can follow it up.
@@ -144,6 +152,12 @@ impl IntoResponse for AppError {
             },
         };
         let mut response = (self.status, Json(body)).into_response();
+        if let Some(wait) = self.retry_after {
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
         response.extensions_mut().insert(Note {
             reason: Some(self.reason.unwrap_or(self.code)),
             msgid: self.msgid,

@@ -78,6 +78,9 @@ pub struct AdminConfig {
     pub job_batch_size: usize,
     /// How often each admin process looks for jobs to send or settle.
     pub job_poll_interval: Duration,
+    /// Failed logins allowed per username and per source address before logins are refused
+    /// unexamined (429).
+    pub login_throttle: fleetgate_authz::throttle::ThrottleConfig,
 }
 
 impl Default for AdminConfig {
@@ -98,6 +101,7 @@ impl Default for AdminConfig {
             job_lease: Duration::from_secs(10),
             job_batch_size: 500,
             job_poll_interval: Duration::from_secs(1),
+            login_throttle: fleetgate_authz::throttle::ThrottleConfig::default(),
         }
     }
 }
@@ -133,6 +137,8 @@ pub(crate) struct AdminState {
     pub(crate) jobs_wake: Arc<tokio::sync::Notify>,
     /// The OpenAPI document, with this process's limits.
     pub(crate) openapi: serde_json::Value,
+    /// Failed logins by username and by source address.
+    pub(crate) login_failures: fleetgate_authz::throttle::FailureThrottle,
 }
 
 /// A running admin API.
@@ -237,7 +243,6 @@ impl Admin {
         let generated = serde_json::to_value(api_router().split_for_parts().1).unwrap_or_default();
         let openapi = openapi::complete(generated, &config);
         let state = Arc::new(AdminState {
-            config,
             bus,
             waiters,
             authn,
@@ -245,6 +250,8 @@ impl Admin {
             audit_keys,
             audit_failures: AtomicU64::new(0),
             jobs_wake: Arc::default(),
+            login_failures: fleetgate_authz::throttle::FailureThrottle::new(config.login_throttle),
+            config,
             openapi,
         });
         job_runner::start(Arc::downgrade(&state), poll);

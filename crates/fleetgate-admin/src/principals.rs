@@ -371,13 +371,39 @@ fn token_for(state: &AdminState, user: &UserDoc) -> Response {
 #[utoipa::path(post, path = "/v1/auth/login", tag = "principals", request_body = Login,
     security(()),
     responses((status = 200, body = TokenView), (status = 400, body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub(crate) async fn login(State(state): State<Arc<AdminState>>, Body(req): Body<Login>) -> Res {
+        (status = 401, body = ErrorBody), (status = 429, body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
+pub(crate) async fn login(
+    State(state): State<Arc<AdminState>>,
+    source: SourceAddr,
+    Body(req): Body<Login>,
+) -> Res {
     let note = Note {
         actor: Some(format!("user:{}", req.username)),
         target: Some(format!("user:{}", req.username)),
         ..Note::default()
     };
+    // Refused before the password hash is computed: a guessing client costs a lookup, not
+    // an argon2 run per attempt.
+    let keys = [
+        Some(format!("user:{}", req.username)),
+        source
+            .0
+            .map(|addr| fleetgate_authz::throttle::source_key(addr.ip())),
+    ];
+    let keys = keys.iter().flatten();
+    if let Some(wait) = keys
+        .clone()
+        .find_map(|k| state.login_failures.check(k).err())
+    {
+        let refused = AppError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_failures",
+            "too many failed logins; retry later",
+        )
+        .with_retry_after(wait);
+        return Ok(noted(refused.into_response(), note));
+    }
     let user = if req.username.len() <= 64 && req.password.len() <= MAX_PASSWORD {
         load_user(&*state.bus, &req.username).await?
     } else {
@@ -386,8 +412,16 @@ pub(crate) async fn login(State(state): State<Arc<AdminState>>, Body(req): Body<
     let hash = user.as_ref().map(|(u, _)| u.password_hash.clone());
     let ok = verify_password(req.password, hash).await;
     match user {
-        Some((user, _)) if ok => Ok(noted(token_for(&state, &user), note)),
+        Some((user, _)) if ok => {
+            state
+                .login_failures
+                .succeeded(&format!("user:{}", user.username));
+            Ok(noted(token_for(&state, &user), note))
+        }
         _ => {
+            for k in keys {
+                state.login_failures.failed(k);
+            }
             let refused = AppError::new(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
@@ -396,6 +430,26 @@ pub(crate) async fn login(State(state): State<Arc<AdminState>>, Body(req): Body<
             .with_reason("bad_credentials");
             Ok(noted(refused.into_response(), note))
         }
+    }
+}
+
+/// The client's address, when the listener records it (the admin router is served with
+/// `ConnectInfo<Peer>`); absent in-process, which no extractor should fail for.
+pub(crate) struct SourceAddr(Option<std::net::SocketAddr>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for SourceAddr {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Self(
+            parts
+                .extensions
+                .get::<axum::extract::ConnectInfo<fleetgate_tls::Peer>>()
+                .map(|c| c.0.addr),
+        ))
     }
 }
 

@@ -5,6 +5,7 @@
 
 mod authn;
 mod policy;
+pub mod throttle;
 
 pub use authn::{
     AUDIENCE, ApiKeyDoc, Authenticator, AuthnError, KEY_PREFIX, TokenKey, UserDoc, key_digest,

@@ -59,6 +59,18 @@ pub struct GatewayConfig {
     pub alert_offline_watch: usize,
     /// Where a verified client certificate names its device (mTLS).
     pub cert_identity: fleetgate_tls::IdentitySource,
+    /// Proxies whose `X-Forwarded-For` and client certificate header are believed.
+    pub trusted_proxies: crate::TrustedProxies,
+    /// Header a trusted ingress forwards the verified client certificate in (URL-encoded
+    /// PEM); `None` = no forwarded certificates.
+    pub client_cert_header: Option<String>,
+    /// Sockets one source address may have waiting for their auth frame (0 = no limit).
+    pub max_pending_auth_per_source: usize,
+    /// Failed authentications allowed per source address (generous: a site behind one NAT
+    /// address may hold many devices).
+    pub source_auth_throttle: fleetgate_authz::throttle::ThrottleConfig,
+    /// Failed authentications allowed per device ID and source address.
+    pub device_auth_throttle: fleetgate_authz::throttle::ThrottleConfig,
     /// How long a session may outlive its credentials' expiry (a JWT's `exp`) before it is
     /// closed with 4403, unless the device sent a fresh token.
     pub expiry_grace: Duration,
@@ -123,6 +135,15 @@ impl Default for GatewayConfig {
             alert_offline_watch: 100_000,
             cert_identity: fleetgate_tls::IdentitySource::default(),
             expiry_grace: Duration::ZERO,
+            trusted_proxies: crate::TrustedProxies::default(),
+            client_cert_header: None,
+            max_pending_auth_per_source: 128,
+            source_auth_throttle: fleetgate_authz::throttle::ThrottleConfig {
+                burst: 100,
+                refill: Duration::from_millis(100),
+                ..Default::default()
+            },
+            device_auth_throttle: fleetgate_authz::throttle::ThrottleConfig::default(),
         }
     }
 }

@@ -12,6 +12,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use fleetgate_protocol::{Codec, SUBPROTOCOL_JSON, SUBPROTOCOL_PROTO};
 use fleetgate_tls::Peer;
+
+use crate::source::{ForwardedCertError, Source, forwarded_cert};
 use prometheus_client::registry::Registry;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
@@ -113,45 +115,9 @@ async fn device_upgrade(
             "device ID longer than 128 bytes",
         );
     }
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let cert = peer.client_cert.as_deref();
-    if (bearer.is_some() || cert.is_some()) && !shared.bus.connected() {
-        shared.metrics.bus_errors.inc();
-        return unavailable("bus_unavailable", "cannot verify credentials now", 1);
-    }
-    let authenticated = match (cert, bearer) {
-        // The certificate is the stronger credential and the TLS layer checked it already.
-        (Some(cert), _) => Some(
-            shared
-                .auth
-                .authenticate_certificate(cert, &shared.config.cert_identity, routed_id.as_deref())
-                .await,
-        ),
-        (None, Some(token)) => Some(shared.auth.authenticate(routed_id.as_deref(), token).await),
-        (None, None) => None,
-    };
-    let admission = match authenticated {
-        Some(Ok(device)) => Admission::Authenticated(device),
-        Some(Err(AuthError::Unavailable(error))) => {
-            shared.metrics.bus_errors.inc();
-            warn!(message = "auth lookup failed", %error);
-            return unavailable("bus_unavailable", "cannot verify credentials now", 1);
-        }
-        // A certificate's failure is told over the WebSocket (auth_response, then 4403): the
-        // device has no other credential to retry with at the HTTP level.
-        Some(Err(error)) if cert.is_some() => {
-            shared.metrics.auth_failures.inc();
-            Admission::Refused(error)
-        }
-        Some(Err(error)) => {
-            shared.metrics.auth_failures.inc();
-            return json_error(StatusCode::UNAUTHORIZED, "auth_failed", &error.to_string());
-        }
-        None => Admission::AwaitAuthFrame { routed_id },
+    let admission = match admit(&shared, &peer, &headers, routed_id).await {
+        Ok(admission) => admission,
+        Err(refused) => return *refused,
     };
     let max = shared.config.limits.max_frame_bytes;
     let ws = ws
@@ -181,6 +147,148 @@ async fn device_upgrade(
             }
             .instrument(span)
         })
+}
+
+/// The device key of the failure throttle: the device ID as tried from one source. Not the
+/// ID alone: anyone who knows a device's ID could then keep it locked out by failing for it,
+/// while guessing a 256-bit secret or forging a signature is hopeless anyway. What this
+/// stops is one client retrying bad credentials for a device in a loop.
+pub(crate) fn device_key(id: &str, source_key: &str) -> String {
+    format!("dev:{id}@{source_key}")
+}
+
+/// `429` with `Retry-After`: this source or device failed too often; nothing was checked.
+fn throttled(retry_after: std::time::Duration) -> Response {
+    let mut resp = json_error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "too_many_failures",
+        "too many failed authentications; retry later",
+    );
+    let secs = u32::try_from(retry_after.as_secs().saturating_add(1)).unwrap_or(u32::MAX);
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    resp
+}
+
+/// Decides how a device upgrade proceeds, before any frame: refused outright (throttled
+/// source or device, an untrusted or unreadable forwarded certificate, a bad header token),
+/// authenticated by its certificate or header token, or waiting for its auth frame.
+async fn admit(
+    shared: &Arc<Shared>,
+    peer: &Peer,
+    headers: &HeaderMap,
+    routed_id: Option<String>,
+) -> Result<Admission, Box<Response>> {
+    let source = Source::of(peer, headers, &shared.config.trusted_proxies);
+    let source_key = source.key();
+    // The cheap refusal: a source or device that used up its failures costs a map lookup.
+    let throttled_key = shared.source_throttle.check(&source_key).err().or_else(|| {
+        let id = routed_id.as_deref()?;
+        shared
+            .device_throttle
+            .check(&device_key(id, &source_key))
+            .err()
+    });
+    if let Some(wait) = throttled_key {
+        shared.metrics.auth_throttled.inc();
+        return Err(Box::new(throttled(wait)));
+    }
+    let forwarded = forwarded_cert(
+        &source,
+        headers,
+        shared.config.client_cert_header.as_deref(),
+    )
+    .map_err(|error| {
+        shared.metrics.auth_failures.inc();
+        Box::new(match error {
+            ForwardedCertError::Untrusted => json_error(
+                StatusCode::FORBIDDEN,
+                "untrusted_proxy",
+                "client certificate header from a peer that is not a trusted proxy",
+            ),
+            ForwardedCertError::Unreadable => json_error(
+                StatusCode::BAD_REQUEST,
+                "bad_client_certificate",
+                "the forwarded client certificate is not a PEM certificate",
+            ),
+        })
+    })?;
+    let cert = peer.client_cert.as_deref().or(forwarded.as_ref());
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    if (bearer.is_some() || cert.is_some()) && !shared.bus.connected() {
+        shared.metrics.bus_errors.inc();
+        return Err(Box::new(unavailable(
+            "bus_unavailable",
+            "cannot verify credentials now",
+            1,
+        )));
+    }
+    let authenticated = match (cert, bearer) {
+        // The certificate is the stronger credential and TLS (ours or the ingress's) checked
+        // it already.
+        (Some(cert), _) => {
+            shared
+                .auth
+                .authenticate_certificate(cert, &shared.config.cert_identity, routed_id.as_deref())
+                .await
+        }
+        (None, Some(token)) => shared.auth.authenticate(routed_id.as_deref(), token).await,
+        (None, None) => {
+            let max = shared.config.max_pending_auth_per_source;
+            let Some(slot) = shared.pending.acquire(source.ip, max) else {
+                shared.metrics.connections_rejected.inc();
+                return Err(Box::new(json_error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_pending",
+                    "too many connections from this address are waiting to authenticate",
+                )));
+            };
+            return Ok(Admission::AwaitAuthFrame {
+                routed_id,
+                source_key,
+                slot,
+            });
+        }
+    };
+    match authenticated {
+        Ok(device) => {
+            shared
+                .device_throttle
+                .succeeded(&device_key(&device.id, &source_key));
+            Ok(Admission::Authenticated(device))
+        }
+        Err(AuthError::Unavailable(error)) => {
+            shared.metrics.bus_errors.inc();
+            warn!(message = "auth lookup failed", %error);
+            Err(Box::new(unavailable(
+                "bus_unavailable",
+                "cannot verify credentials now",
+                1,
+            )))
+        }
+        Err(error) => {
+            shared.metrics.auth_failures.inc();
+            shared.source_throttle.failed(&source_key);
+            if let Some(id) = &routed_id {
+                shared.device_throttle.failed(&device_key(id, &source_key));
+            }
+            // A certificate's failure is told over the WebSocket (auth_response, then
+            // 4403): the device has no other credential to retry with at the HTTP level.
+            if cert.is_some() {
+                Ok(Admission::Refused(error))
+            } else {
+                Err(Box::new(json_error(
+                    StatusCode::UNAUTHORIZED,
+                    "auth_failed",
+                    &error.to_string(),
+                )))
+            }
+        }
+    }
 }
 
 pub(crate) fn internal_router(

@@ -20,6 +20,7 @@ mod outbound;
 mod outbox;
 mod registry;
 mod session;
+mod source;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -38,6 +39,7 @@ pub use auth::{
 pub use config::GatewayConfig;
 pub use metrics::Metrics;
 pub use mqtt::MqttAccess;
+pub use source::TrustedProxies;
 
 /// [`fleetgate_bus::RESULT_TTL`] in the bus's unit.
 pub(crate) const RESULT_TTL_MS: u64 = fleetgate_bus::RESULT_TTL.as_millis() as u64;
@@ -75,6 +77,12 @@ pub(crate) struct Shared {
     pub(crate) app: app::AppState,
     /// Alert rules, their evaluation counters and the offline watch.
     pub(crate) alerts: alerts::Alerts,
+    /// Failed authentications by source address.
+    pub(crate) source_throttle: fleetgate_authz::throttle::FailureThrottle,
+    /// Failed authentications by device ID.
+    pub(crate) device_throttle: fleetgate_authz::throttle::FailureThrottle,
+    /// Sockets waiting for their auth frame, by source address.
+    pub(crate) pending: Arc<source::PendingPerSource>,
     /// `/v1/mqtt`: set by [`Gateway::with_mqtt`]; unset answers 503.
     pub(crate) mqtt: OnceLock<mqtt::MqttAccess>,
     /// Messages of MQTT devices other nodes passed on, for this node's router.
@@ -112,6 +120,13 @@ impl Gateway {
                     .saturating_add(config.max_pending_auth),
             )),
             auth: Authenticator::new(bus.clone(), jwt),
+            source_throttle: fleetgate_authz::throttle::FailureThrottle::new(
+                config.source_auth_throttle,
+            ),
+            device_throttle: fleetgate_authz::throttle::FailureThrottle::new(
+                config.device_auth_throttle,
+            ),
+            pending: Arc::default(),
             sessions: registry::Sessions::default(),
             parked_windows: registry::ParkedWindows::default(),
             stale_presence: registry::StalePresence::default(),

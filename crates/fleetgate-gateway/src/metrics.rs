@@ -45,6 +45,8 @@ pub struct Metrics {
     pub auth_success: Counter,
     /// Failed authentications.
     pub auth_failures: Counter,
+    /// Authentication attempts refused unexamined: their source or device ID failed too often.
+    pub auth_throttled: Counter,
     /// Fresh credentials accepted on a live session (`auth` frame after authentication).
     pub auth_refreshes: Counter,
     /// Device messages accepted, by type.
@@ -108,6 +110,7 @@ impl Default for Metrics {
             auth_success: Counter::default(),
             auth_failures: Counter::default(),
             auth_refreshes: Counter::default(),
+            auth_throttled: Counter::default(),
             messages_received: Family::default(),
             messages_rejected: Counter::default(),
             commands_sent: Counter::default(),
@@ -181,6 +184,11 @@ impl Metrics {
             "auth_failures",
             "Failed device authentications",
             self.auth_failures.clone(),
+        );
+        r.register(
+            "auth_throttled",
+            "Device authentications refused unexamined after too many failures from their source or for their device ID",
+            self.auth_throttled.clone(),
         );
         r.register(
             "auth_refreshes",

@@ -23,7 +23,13 @@ pub(crate) enum Admission {
     /// Authenticated by the `Authorization` header before the upgrade.
     Authenticated(AuthedDevice),
     /// Must send an auth frame first; `routed_id` is the `Device-ID` header or query.
-    AwaitAuthFrame { routed_id: Option<String> },
+    AwaitAuthFrame {
+        routed_id: Option<String>,
+        /// The source's throttle key, charged when the auth frame fails.
+        source_key: String,
+        /// Its place among the source's pending sockets, held until auth ends.
+        slot: crate::source::PendingSlot,
+    },
     /// Its client certificate was refused: told so in an `auth_response`, then closed.
     Refused(AuthError),
 }
@@ -146,8 +152,15 @@ async fn run_boxed(
             Box::pin(finish(&shared, &mut ws, close)).await;
             return;
         }
-        Admission::AwaitAuthFrame { routed_id } => {
-            match Box::pin(auth_frame(&shared, &mut ws, codec, routed_id)).await {
+        Admission::AwaitAuthFrame {
+            routed_id,
+            source_key,
+            slot,
+        } => {
+            let authed =
+                Box::pin(auth_frame(&shared, &mut ws, codec, routed_id, &source_key)).await;
+            drop(slot);
+            match authed {
                 Ok(device) => device,
                 Err(close) => {
                     Box::pin(finish(&shared, &mut ws, close)).await;
@@ -250,6 +263,7 @@ async fn auth_frame(
     ws: &mut WebSocket,
     codec: Codec,
     routed_id: Option<String>,
+    source_key: &str,
 ) -> Result<AuthedDevice, Close> {
     let first = loop {
         let msg = match tokio::time::timeout(shared.config.auth_timeout, ws.recv()).await {
@@ -285,6 +299,15 @@ async fn auth_frame(
     if !shared.bus.connected() {
         return Err(bus_unavailable(shared));
     }
+    let device_key = crate::http::device_key(&auth.device_id, source_key);
+    if let Err(wait) = shared.device_throttle.check(&device_key) {
+        shared.metrics.auth_throttled.inc();
+        let reason = retry_after_reason(
+            "too many failed authentications",
+            u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+        );
+        return Err(Close::new(CloseCode::RateLimited, reason));
+    }
     let result = if routed_id.as_deref().is_some_and(|id| id != auth.device_id) {
         Err(AuthError::Mismatch)
     } else {
@@ -301,10 +324,15 @@ async fn auth_frame(
             })
     };
     match result {
-        Ok(device) => Ok(device),
+        Ok(device) => {
+            shared.device_throttle.succeeded(&device_key);
+            Ok(device)
+        }
         Err(AuthError::Unavailable(_)) => Err(bus_unavailable(shared)),
         Err(error) => {
             shared.metrics.auth_failures.inc();
+            shared.source_throttle.failed(source_key);
+            shared.device_throttle.failed(&device_key);
             Err(refuse(shared, ws, codec, &error).await)
         }
     }

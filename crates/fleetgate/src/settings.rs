@@ -13,10 +13,12 @@ use fleetgate_bus::redis::RedisBusConfig;
 use fleetgate_gateway::GatewayConfig;
 use serde::{Deserialize, Serialize};
 
+mod access;
 mod jwt;
 mod mqtt;
 mod tls;
 
+pub use access::{AccessOverrides, AccessSettings};
 pub use jwt::{JwtOverrides, JwtSettings};
 pub use mqtt::{MqttOverrides, MqttSettings};
 pub use tls::{Listener, TlsOverrides, TlsSettings};
@@ -55,6 +57,8 @@ pub struct Settings {
     pub tls: TlsSettings,
     /// Device JWT keys (beside `jwt_keys`) and token rules.
     pub jwt: JwtSettings,
+    /// Trusted proxies and failed-authentication limits.
+    pub access: AccessSettings,
 }
 
 /// `[gateway]`.
@@ -200,6 +204,7 @@ impl Default for Settings {
             mqtt: MqttSettings::default(),
             tls: TlsSettings::default(),
             jwt: JwtSettings::default(),
+            access: AccessSettings::default(),
         }
     }
 }
@@ -290,6 +295,9 @@ pub struct Overrides {
     /// Device JWT options.
     #[command(flatten)]
     pub jwt: JwtOverrides,
+    /// Proxy trust and failed-authentication limits.
+    #[command(flatten)]
+    pub access: AccessOverrides,
     /// Public WebSocket listener (port 0 = any free port).
     #[arg(long, env = "FLEETGATE_LISTEN")]
     pub listen: Option<String>,
@@ -494,6 +502,7 @@ impl Settings {
         s.mqtt.apply(&o.mqtt);
         s.tls.apply(&o.tls);
         s.jwt.apply(&o.jwt);
+        s.access.apply(&o.access);
         if s.node_id.is_empty() {
             let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .map(|h| h.trim().to_owned())
@@ -508,6 +517,7 @@ impl Settings {
         self.mqtt.validate()?;
         self.tls.validate()?;
         self.jwt.validate()?;
+        self.access.validate()?;
         let g = &self.gateway;
         if g.heartbeat_ms == 0 || g.idle_timeout_ms <= g.heartbeat_ms {
             bail!(
@@ -617,6 +627,7 @@ impl Settings {
         if c.max_connections == 0 {
             c.max_connections = auto_max_connections(c.max_pending_auth);
         }
+        self.access.configure_gateway(&mut c);
         c
     }
 
@@ -677,6 +688,7 @@ impl Settings {
             job_lease: Duration::from_millis(a.job_lease_ms),
             job_batch_size: a.job_batch_size,
             job_poll_interval: Duration::from_millis(a.job_poll_interval_ms),
+            login_throttle: self.access.login_throttle(),
         })
     }
 

@@ -262,6 +262,9 @@ pub fn quiet_env(max_connections: usize) -> Vec<(&'static str, String)> {
             "FLEETGATE_APP_MAX_CONNECTIONS_PER_PRINCIPAL",
             "1000000".into(),
         ),
+        // The whole fleet comes from one host (or through one nginx): a real fleet's connect
+        // storm comes from many addresses, so the per-source pre-auth cap is off here.
+        ("FLEETGATE_MAX_PENDING_AUTH_PER_SOURCE", "0".into()),
     ]
 }
 
