@@ -35,5 +35,5 @@ fn the_chart_renders_validates_and_keeps_its_promises() {
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
     assert!(passed >= 500, "{summary}");
-    assert!(summary.contains("6 value sets"), "{summary}");
+    assert!(summary.contains("7 value sets"), "{summary}");
 }

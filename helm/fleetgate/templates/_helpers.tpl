@@ -276,8 +276,8 @@ setting does not roll (and drain) the gateways; every pod mounts the whole file.
 {{- end -}}
 # Rendered by the fleetgate chart from `config` and the chart's own settings.
 {{- include "fleetgate.tomlTable" $c }}
-{{- $tables := dict "gateway" $gateway "admin" $admin "bus" (default dict $c.bus) "mqtt" $mqtt "tls" (default dict $c.tls) "jwt" $jwt }}
-{{- range $section := without (list "gateway" "admin" "bus" "mqtt" "tls" "jwt") $omit }}
+{{- $tables := dict "gateway" $gateway "admin" $admin "bus" (default dict $c.bus) "mqtt" $mqtt "tls" (default dict $c.tls) "jwt" $jwt "access" (default dict $c.access) }}
+{{- range $section := without (list "gateway" "admin" "bus" "mqtt" "tls" "jwt" "access") $omit }}
 {{- with index $tables $section }}
 [{{ $section }}]
 {{- include "fleetgate.tomlTable" . }}

@@ -61,8 +61,8 @@ impl Default for TlsSettings {
     }
 }
 
-/// The `[tls]` options as environment variables and flags. An empty path unsets one (the
-/// chart sets every variable).
+/// The `[tls]` options as environment variables and flags. (An empty path in the TOML file
+/// counts as unset; clap refuses an empty one in the environment.)
 #[derive(Debug, Clone, Args)]
 pub struct TlsOverrides {
     /// PEM certificate chain of the public listener (wss://).
