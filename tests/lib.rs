@@ -59,7 +59,28 @@ pub struct Addrs {
 /// # Errors
 /// When the binary is missing, fails to start, or prints no address line within `deadline`.
 pub async fn spawn_all(env: &[(&str, &str)], deadline: Duration) -> anyhow::Result<(Child, Addrs)> {
-    let (child, mut listeners) = spawn_role("all", env, deadline).await?;
+    let (child, listeners) = spawn_role("all", env, deadline).await?;
+    addrs_of(child, listeners)
+}
+
+/// [`spawn_all`] with the node's stderr (its log) written to `log`.
+///
+/// # Errors
+/// As [`spawn_all`].
+pub async fn spawn_all_logged(
+    env: &[(&str, &str)],
+    deadline: Duration,
+    log: std::fs::File,
+) -> anyhow::Result<(Child, Addrs)> {
+    let (child, listeners) =
+        spawn_with(&fleetgate_binary()?, "all", env, deadline, Stdio::from(log)).await?;
+    addrs_of(child, listeners)
+}
+
+fn addrs_of(
+    child: Child,
+    mut listeners: BTreeMap<String, String>,
+) -> anyhow::Result<(Child, Addrs)> {
     let mut take = |k: &str| {
         listeners
             .remove(k)
@@ -96,10 +117,20 @@ pub async fn spawn_binary(
     env: &[(&str, &str)],
     deadline: Duration,
 ) -> anyhow::Result<(Child, BTreeMap<String, String>)> {
+    spawn_with(bin, role, env, deadline, Stdio::inherit()).await
+}
+
+async fn spawn_with(
+    bin: &std::path::Path,
+    role: &str,
+    env: &[(&str, &str)],
+    deadline: Duration,
+    stderr: Stdio,
+) -> anyhow::Result<(Child, BTreeMap<String, String>)> {
     let mut cmd = Command::new(bin);
     cmd.arg(role)
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(stderr)
         .stdin(Stdio::null())
         .kill_on_drop(true);
     for (k, v) in env {

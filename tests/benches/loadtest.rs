@@ -59,6 +59,10 @@ struct Entry {
     #[serde(default)]
     set: toml::Table,
     trigger: Option<String>,
+    /// `node` only: the public listener serves TLS (a throwaway CA from scripts/dev-certs);
+    /// devices connect to `wss://` and trust that CA.
+    #[serde(default)]
+    tls: bool,
 }
 
 fn one() -> usize {
@@ -90,6 +94,7 @@ struct Target {
     nginx: Option<NginxServer>,
     redis: Option<RedisServer>,
     redis_url: Option<String>,
+    tls_ca: Option<PathBuf>,
 }
 
 impl Drop for Target {
@@ -106,9 +111,21 @@ const NODE_MAX_CONNECTIONS: usize = 19_500;
 async fn start(entry: &Entry, loadtest: &Path) -> anyhow::Result<Target> {
     match entry.system {
         System::Node => {
-            let node = Node::start(&quiet_env(NODE_MAX_CONNECTIONS)).await?;
+            let mut env = quiet_env(NODE_MAX_CONNECTIONS);
+            let tls_ca = if entry.tls {
+                let dir = bench_certs()?;
+                let path = |f: &str| dir.join(f).to_string_lossy().into_owned();
+                env.push(("FLEETGATE_TLS_CERT", path("server.pem")));
+                env.push(("FLEETGATE_TLS_KEY", path("server.key")));
+                Some(dir.join("ca.pem"))
+            } else {
+                None
+            };
+            let node = Node::start(&env).await?;
+            let scheme = if entry.tls { "wss" } else { "ws" };
             Ok(Target {
-                ws_urls: vec![format!("ws://{}/v1/device", node.gateway)],
+                tls_ca,
+                ws_urls: vec![format!("{scheme}://{}/v1/device", node.gateway)],
                 app_urls: Vec::new(),
                 admin: Some(format!("http://{}", node.admin)),
                 metrics: vec![format!("http://{}/metrics", node.internal)],
@@ -157,6 +174,7 @@ async fn start(entry: &Entry, loadtest: &Path) -> anyhow::Result<Target> {
                 nginx: None,
                 redis: None,
                 redis_url: None,
+                tls_ca: None,
             })
         }
         System::Cluster => {
@@ -223,9 +241,28 @@ async fn start(entry: &Entry, loadtest: &Path) -> anyhow::Result<Target> {
                 nginx,
                 redis_url: Some(redis.url()),
                 redis: Some(redis),
+                tls_ca: None,
             })
         }
     }
+}
+
+/// A throwaway CA and server certificate for `tls` entries, made once per suite run by
+/// scripts/dev-certs under target/.
+fn bench_certs() -> anyhow::Result<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = root.join("target").join("bench-certs");
+    if !dir.join("server.pem").exists() {
+        let status = std::process::Command::new(root.join("scripts").join("dev-certs"))
+            .arg("-o")
+            .arg(&dir)
+            .status()
+            .context("running scripts/dev-certs")?;
+        if !status.success() {
+            bail!("scripts/dev-certs failed: {status}");
+        }
+    }
+    Ok(dir)
 }
 
 fn flag_value(v: &toml::Value) -> String {
@@ -268,6 +305,9 @@ async fn run_one(
     }
     if let Some(url) = &target.redis_url {
         cmd.arg("--redis-url").arg(url);
+    }
+    if let Some(ca) = &target.tls_ca {
+        cmd.arg("--tls-ca").arg(ca);
     }
     if !target.app_urls.is_empty() {
         cmd.arg("--app-url").arg(target.app_urls.join(","));

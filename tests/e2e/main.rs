@@ -23,6 +23,7 @@ mod mqtt_devices;
 mod openapi;
 mod rbac;
 mod sdk;
+mod secrets;
 mod shadow;
 mod support;
 mod tls;

@@ -24,7 +24,8 @@ async fn next_event(events: &mut mpsc::Receiver<DeviceEvent>) -> DeviceEvent {
         .expect("event loop alive")
 }
 
-async fn connected(events: &mut mpsc::Receiver<DeviceEvent>) -> u32 {
+/// Waits for the next `Connected` event (past failed attempts) and returns its reconnects.
+pub(crate) async fn connected(events: &mut mpsc::Receiver<DeviceEvent>) -> u32 {
     loop {
         match next_event(events).await {
             DeviceEvent::Connected { reconnects, .. } => return reconnects,

@@ -54,12 +54,19 @@ fn test_env() -> Vec<(&'static str, String)> {
 impl Node {
     /// Starts a node with the test defaults plus `overrides`.
     pub async fn start(overrides: &[(&str, &str)]) -> Node {
+        Self::start_logged(overrides, None).await
+    }
+
+    /// As [`Node::start`], with the node's log (stderr) written to `log` when given.
+    pub async fn start_logged(overrides: &[(&str, &str)], log: Option<std::fs::File>) -> Node {
         let defaults = test_env();
         let mut env: Vec<(&str, &str)> = defaults.iter().map(|(k, v)| (*k, v.as_str())).collect();
         env.extend_from_slice(overrides);
-        let (child, addrs) = fleetgate_e2e::spawn_all(&env, DEADLINE)
-            .await
-            .expect("start fleetgate");
+        let started = match log {
+            Some(log) => fleetgate_e2e::spawn_all_logged(&env, DEADLINE, log).await,
+            None => fleetgate_e2e::spawn_all(&env, DEADLINE).await,
+        };
+        let (child, addrs) = started.expect("start fleetgate");
         Node {
             gateway: addrs.gateway,
             admin: addrs.admin,

@@ -433,3 +433,27 @@ async fn a_world_readable_key_file_is_refused_at_start() {
     assert!(!out.status.success(), "started with a world-readable key");
     assert!(stderr.contains("world-readable"), "{stderr}");
 }
+
+#[tokio::test]
+async fn the_sdk_connects_over_wss_from_a_chosen_address_trusting_a_given_ca() {
+    use fleetgate_device::{Device, DeviceOptions, Qos, tls_client_config};
+    let dir = scratch("sdk");
+    let ca = Ca::new("sdk CA");
+    let (cert, key) = install(&dir, "server", &ca.issue("localhost", false, 1, VALID));
+    let node = Node::start(&[
+        ("FLEETGATE_TLS_CERT", cert.to_str().unwrap()),
+        ("FLEETGATE_TLS_KEY", key.to_str().unwrap()),
+    ])
+    .await;
+    let secret = node.provision("sdk-tls").await;
+    let url = format!("wss://{}/v1/device", node.gateway);
+    let mut opts = DeviceOptions::new(url, "sdk-tls", secret);
+    opts.bind_addr = Some("127.0.0.2".parse().unwrap());
+    opts.tls = Some(tls_client_config(ca.pem.as_bytes(), None).unwrap());
+    let (client, mut events) = Device::connect(opts).unwrap();
+    assert_eq!(crate::sdk::connected(&mut events).await, 0);
+    client
+        .send_status(json!({"t": 1}), Qos::AtLeastOnce)
+        .await
+        .expect("acked over wss");
+}

@@ -12,10 +12,10 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsClos
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use tokio_tungstenite::{
-    MaybeTlsStream, WebSocketStream, client_async_with_config, connect_async_with_config,
+    Connector, MaybeTlsStream, WebSocketStream, client_async_tls_with_config,
+    connect_async_tls_with_config,
 };
 
-use crate::options::BIND_NEEDS_WS;
 use crate::{AuthMode, DeviceError, DeviceOptions};
 
 /// How long to wait for our close reply to be written before giving up on the socket.
@@ -74,11 +74,12 @@ impl Connection {
     /// [`DeviceError::AuthFailed`] for HTTP 401/403, [`DeviceError::UpgradeRefused`] for
     /// other statuses, or a transport error.
     pub async fn open(opts: &DeviceOptions) -> Result<Self, DeviceError> {
-        Self::open_request_from(
+        Self::open_request_tls(
             opts.request()?,
             opts.codec,
             opts.websocket_config(),
             opts.bind_addr,
+            opts.tls.clone(),
         )
         .await
     }
@@ -107,12 +108,32 @@ impl Connection {
         config: WebSocketConfig,
         bind: Option<IpAddr>,
     ) -> Result<Self, DeviceError> {
+        Self::open_request_tls(req, codec, config, bind, None).await
+    }
+
+    /// As [`Connection::open_request_from`], with `tls` for a `wss://` URL (unset = the
+    /// system's roots).
+    ///
+    /// # Errors
+    /// As [`Connection::open`].
+    pub async fn open_request_tls(
+        req: Request<()>,
+        codec: Codec,
+        config: WebSocketConfig,
+        bind: Option<IpAddr>,
+        tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    ) -> Result<Self, DeviceError> {
+        let connector = tls.map(Connector::Rustls);
         let ws = match bind {
             // `true` disables Nagle: frames are small and latency-bound.
-            None => connect_async_with_config(req, Some(config), true).await?.0,
+            None => {
+                connect_async_tls_with_config(req, Some(config), true, connector)
+                    .await?
+                    .0
+            }
             Some(ip) => {
                 let tcp = connect_from(&req, ip).await?;
-                client_async_with_config(req, MaybeTlsStream::Plain(tcp), Some(config))
+                client_async_tls_with_config(req, tcp, Some(config), connector)
                     .await?
                     .0
             }
@@ -297,12 +318,9 @@ impl Connection {
 /// host's addresses of `ip`'s family in turn.
 async fn connect_from(req: &Request<()>, ip: IpAddr) -> Result<TcpStream, DeviceError> {
     let uri = req.uri();
-    if !uri
+    let tls = uri
         .scheme_str()
-        .is_some_and(|s| s.eq_ignore_ascii_case("ws"))
-    {
-        return Err(DeviceError::InvalidOptions(BIND_NEEDS_WS.into()));
-    }
+        .is_some_and(|s| s.eq_ignore_ascii_case("wss"));
     let host = uri
         .host()
         .ok_or_else(|| DeviceError::InvalidOptions("url has no host".into()))?;
@@ -311,7 +329,7 @@ async fn connect_from(req: &Request<()>, ip: IpAddr) -> Result<TcpStream, Device
         .strip_prefix('[')
         .and_then(|h| h.strip_suffix(']'))
         .unwrap_or(host);
-    let port = uri.port_u16().unwrap_or(80);
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
     let mut last_err = None;
     for addr in tokio::net::lookup_host((host, port)).await.map_err(io)? {
         if addr.is_ipv4() != ip.is_ipv4() {

@@ -45,6 +45,7 @@ mod eventloop;
 mod msgid;
 mod options;
 mod refresh;
+mod tls;
 
 pub use app::{AppClient, AppError, AppEvent, Positions};
 pub use backoff::should_reconnect;
@@ -55,6 +56,9 @@ pub use eventloop::EventLoop;
 pub use msgid::MsgIdGen;
 pub use options::{AuthMode, DeviceOptions};
 pub use refresh::TokenSource;
+/// The TLS library of [`DeviceOptions::tls`], for building a config by hand.
+pub use rustls;
+pub use tls::tls_client_config;
 
 pub use fleetgate_protocol::{Codec, ErrorCode, ErrorFrame, Frame, MessageKind, MsgId, Qos};
 /// The raw WebSocket message type of [`Connection::send_message`].

@@ -71,8 +71,11 @@ pub struct DeviceOptions {
     /// Initial WebSocket read buffer; small because load tests hold ~19k devices per process.
     pub read_buffer_bytes: usize,
     /// The local address to connect from; load tests spread sockets over 127.0.0.x to get
-    /// past the per-source ephemeral port range. Needs a `ws://` URL.
+    /// past the per-source ephemeral port range.
     pub bind_addr: Option<IpAddr>,
+    /// TLS for `wss://` URLs: trusted roots and an optional client certificate (see
+    /// [`crate::tls_client_config`]). Unset = the system's roots, no client certificate.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl DeviceOptions {
@@ -104,6 +107,7 @@ impl DeviceOptions {
             max_frame_bytes: 1024 * 1024,
             read_buffer_bytes: 4096,
             bind_addr: None,
+            tls: None,
         }
     }
 
@@ -176,20 +180,8 @@ impl DeviceOptions {
         if self.request_capacity == 0 || self.event_capacity == 0 || self.max_inflight == 0 {
             return bad("channel capacities and max_inflight must be positive");
         }
-        if self.bind_addr.is_some() && !has_ws_scheme(&self.url) {
-            return bad(BIND_NEEDS_WS);
-        }
         Ok(())
     }
-}
-
-/// Refusal of `bind_addr` with any other scheme: the SDK has no TLS to put over a socket it
-/// connects itself.
-pub(crate) const BIND_NEEDS_WS: &str = "bind_addr needs a ws:// url";
-
-fn has_ws_scheme(url: &str) -> bool {
-    url.get(..5)
-        .is_some_and(|s| s.eq_ignore_ascii_case("ws://"))
 }
 
 fn header_value(what: &str, v: &str) -> Result<HeaderValue, DeviceError> {

@@ -712,23 +712,6 @@ async fn a_session_works_over_a_bound_socket() {
     assert_eq!(env.payload, json!({"temp": 21.5}));
 }
 
-#[tokio::test]
-async fn bind_addr_needs_a_ws_url() {
-    let mut o = DeviceOptions::new("wss://127.0.0.1:1/v1/device", DEVICE, TOKEN);
-    o.bind_addr = Some(IpAddr::from([127, 0, 0, 2]));
-    match Device::connect(o.clone()) {
-        Err(DeviceError::InvalidOptions(why)) => assert!(why.contains("ws://"), "{why}"),
-        other => panic!("expected InvalidOptions, got {:?}", other.map(|_| ())),
-    }
-    let req = o.request().unwrap();
-    let opened =
-        Connection::open_request_from(req, o.codec, o.websocket_config(), o.bind_addr).await;
-    assert!(
-        matches!(opened, Err(DeviceError::InvalidOptions(_))),
-        "{opened:?}"
-    );
-}
-
 fn fleetgate_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

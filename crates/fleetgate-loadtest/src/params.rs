@@ -162,6 +162,9 @@ pub struct Params {
     /// Seconds allowed for provisioning and for connecting, each.
     #[arg(long)]
     pub setup_timeout: Option<f64>,
+    /// PEM CA bundle the devices trust for `wss://` URLs (the system's roots otherwise).
+    #[arg(long)]
+    pub tls_ca: Option<std::path::PathBuf>,
 }
 
 /// Bad parameters, said in words an operator can act on.
@@ -357,6 +360,7 @@ impl Params {
             settle_timeout: secs(self.settle_timeout, 30.0, "settle-timeout")?,
             workers,
             source_ips,
+            tls_ca: self.tls_ca,
             setup_timeout: secs(self.setup_timeout, 120.0, "setup-timeout")?,
         })
     }
@@ -396,6 +400,7 @@ pub struct Spec {
     pub workers: usize,
     pub source_ips: Vec<IpAddr>,
     pub setup_timeout: f64,
+    pub tls_ca: Option<std::path::PathBuf>,
 }
 
 impl Spec {

@@ -46,6 +46,8 @@ struct Ctx {
     provision_slots: Semaphore,
     connect_pacer: Pacer,
     command_pacer: Pacer,
+    /// For `wss://`: the roots of `--tls-ca`, one config shared by every device.
+    tls: Option<Arc<fleetgate_device::rustls::ClientConfig>>,
 }
 
 /// Counters read by the progress ticker.
@@ -152,7 +154,16 @@ async fn attack(init: Init, phase: watch::Receiver<Phase>) -> anyhow::Result<Tal
     let operators = spec.operators_in(init.index);
     let apps = spec.share_apps(init.index);
     let workers = spec.workers as f64;
+    let tls = match &spec.tls_ca {
+        Some(path) => {
+            let pem = std::fs::read(path)
+                .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+            Some(fleetgate_device::tls_client_config(&pem, None)?)
+        }
+        None => None,
+    };
     let ctx = Arc::new(Ctx {
+        tls,
         first: share.start,
         len: share.len(),
         apps,
@@ -359,6 +370,7 @@ async fn connect(ctx: Arc<Ctx>, user: &mut GooseUser) -> TransactionResult {
     let spec = &ctx.spec;
     let mut opts = DeviceOptions::new(spec.ws_url(index), spec.device_id(index), &slot.token);
     opts.bind_addr = spec.source_ip(index);
+    opts.tls = ctx.tls.clone();
     opts.auth = match spec.auth_mode {
         AuthMode::Header => fleetgate_device::AuthMode::Header,
         AuthMode::FirstFrame => fleetgate_device::AuthMode::FirstFrame,
