@@ -12,6 +12,9 @@
 //! per flood attempt is measured too. Medians of `--runs` (default 3).
 //! Results: loadtest/auth-flood/results.json.
 
+// A benchmark reports on stdout.
+#![allow(clippy::print_stdout)]
+
 mod support;
 
 use std::net::SocketAddr;
