@@ -143,6 +143,8 @@ struct RawClaims {
     exp: Option<i64>,
     #[serde(default)]
     iat: Option<i64>,
+    #[serde(default)]
+    nbf: Option<i64>,
 }
 
 /// The claims a device token carries.
@@ -325,6 +327,15 @@ impl JwtKeys {
         self.len() == 0
     }
 
+    /// Verifies `token` as a device JWT at `now_s` (seconds since the epoch), exactly as a
+    /// session does; the device ID it names. Public for tools and the fuzz target.
+    ///
+    /// # Errors
+    /// The [`TokenError`] that refused it.
+    pub fn verify_device(&self, token: &str, now_s: i64) -> Result<String, TokenError> {
+        self.verify(token, now_s).map(|claims| claims.sub)
+    }
+
     /// Verifies `token` at `now_s` (seconds since the epoch) and returns its claims.
     ///
     /// # Errors
@@ -346,8 +357,10 @@ impl JwtKeys {
         }
         let mut validation = Validation::new(key.algorithm);
         validation.set_required_spec_claims(&["exp", "sub"]);
-        validation.leeway = self.policy.leeway_s;
-        validation.validate_nbf = true;
+        // Time is checked below against `now_s`, not by the library against the system clock:
+        // one clock for every rule, and one a test can set.
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
         validation.validate_aud = !self.policy.audience.is_empty();
         if validation.validate_aud {
             validation.set_audience(&self.policy.audience);
@@ -362,9 +375,18 @@ impl JwtKeys {
             return Err(TokenError::Claims);
         };
         let leeway = i64::try_from(self.policy.leeway_s).unwrap_or(i64::MAX);
+        if exp.saturating_add(leeway) < now_s {
+            return Err(TokenError::Expired);
+        }
+        if claims
+            .nbf
+            .is_some_and(|nbf| nbf.saturating_sub(leeway) > now_s)
+        {
+            return Err(TokenError::NotYetValid);
+        }
         if claims
             .iat
-            .is_some_and(|iat| iat > now_s.saturating_add(leeway))
+            .is_some_and(|iat| iat.saturating_sub(leeway) > now_s)
         {
             return Err(TokenError::IssuedInFuture);
         }
@@ -390,5 +412,60 @@ fn token_error(kind: &ErrorKind) -> TokenError {
         ErrorKind::InvalidIssuer => TokenError::Issuer,
         ErrorKind::MissingRequiredClaim(_) | ErrorKind::InvalidClaimFormat(_) => TokenError::Claims,
         _ => TokenError::Malformed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "unit-test-secret-0123456789abcdefghijk";
+    const NOW: i64 = 1_800_000_000;
+
+    fn keys() -> JwtKeys {
+        let spec = JwtKeySpec {
+            kid: "k".into(),
+            algorithm: "HS256".into(),
+            secret: Some(SECRET.into()),
+            public_key_pem: None,
+        };
+        let policy = JwtPolicy {
+            leeway_s: 10,
+            ..JwtPolicy::default()
+        };
+        JwtKeys::load(&[spec], None, policy).unwrap()
+    }
+
+    fn token(claims: serde_json::Value) -> String {
+        let mut header = jsonwebtoken::Header::new(Algorithm::HS256);
+        header.kid = Some("k".into());
+        let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes());
+        jsonwebtoken::encode(&header, &claims, &key).unwrap()
+    }
+
+    #[test]
+    fn time_rules_use_the_given_clock_with_the_leeway() {
+        let k = keys();
+        let at = |claims| k.verify_device(&token(claims), NOW);
+        use serde_json::json;
+        assert_eq!(
+            at(json!({"sub":"d","exp":NOW - 5})),
+            Ok("d".into()),
+            "within leeway"
+        );
+        assert_eq!(
+            at(json!({"sub":"d","exp":NOW - 11})),
+            Err(TokenError::Expired)
+        );
+        assert_eq!(
+            at(json!({"sub":"d","exp":NOW + 60,"nbf":NOW + 11})),
+            Err(TokenError::NotYetValid)
+        );
+        assert_eq!(
+            at(json!({"sub":"d","exp":NOW + 60,"iat":NOW + 11})),
+            Err(TokenError::IssuedInFuture)
+        );
+        assert_eq!(at(json!({"sub":"d"})), Err(TokenError::Claims));
+        assert_eq!(k.verify_device("a.b.c", NOW), Err(TokenError::Malformed));
     }
 }
