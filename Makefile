@@ -11,7 +11,7 @@ test: deps lint
 	cargo build --workspace --bins
 	timeout 1500 cargo test --workspace 2>&1 | tee target/test-output.log
 	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "%d passed, %d failed\n", p, f }' target/test-output.log
-	scripts/fuzz
+	FUZZ_SECONDS=10 scripts/fuzz
 
 deps:
 	scripts/test-deps
