@@ -46,14 +46,15 @@ async fn a_failing_source_is_refused_unexamined_and_other_sources_are_not() {
         .await;
         assert_eq!(status, 401, "failure {i}");
     }
-    // The sixth attempt is refused before its (good) credentials are looked at.
+    // The sixth attempt is refused before its (good) credentials are looked at: the
+    // connection is closed right after accept, with no HTTP answer (status 0 here).
     let (status, _) = upgrade_from(
         &node,
         "127.0.0.3",
         &[("Device-ID", "abuse-good"), ("Authorization", &good)],
     )
     .await;
-    assert_eq!(status, 429);
+    assert_eq!(status, 0);
     let (status, raw) = upgrade_from(
         &node,
         "127.0.0.4",
@@ -188,4 +189,38 @@ async fn a_client_certificate_header_is_believed_only_from_a_trusted_proxy() {
     let (status, raw) = upgrade_from(&node, "127.0.0.9", &headers).await;
     assert_eq!(status, 101);
     assert_eq!(raw.unwrap().recv().await["status"], "success");
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_the_forwarded_address_is_throttled_with_429() {
+    let node = Node::start(&[
+        ("FLEETGATE_TRUSTED_PROXIES", "127.0.0.11"),
+        ("FLEETGATE_AUTH_FAILURE_BURST_PER_SOURCE", "3"),
+        ("FLEETGATE_AUTH_FAILURE_REFILL_PER_SOURCE_MS", "60000"),
+    ])
+    .await;
+    let attempt = |client: &'static str| {
+        let node = &node;
+        async move {
+            let headers = [
+                ("X-Forwarded-For", client),
+                ("Device-ID", "proxied"),
+                ("Authorization", "Bearer wrong"),
+            ];
+            upgrade_from(node, "127.0.0.11", &headers).await.0
+        }
+    };
+    for _ in 0..3 {
+        assert_eq!(attempt("198.51.100.1").await, 401);
+    }
+    assert_eq!(
+        attempt("198.51.100.1").await,
+        429,
+        "the client behind the proxy"
+    );
+    assert_eq!(
+        attempt("198.51.100.2").await,
+        401,
+        "another client of the same proxy"
+    );
 }

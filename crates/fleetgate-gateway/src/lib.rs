@@ -181,6 +181,7 @@ impl Gateway {
         shutdown: CancellationToken,
     ) -> Result<(), std::io::Error> {
         let shared = self.shared.clone();
+        listener.set_gate(source::accept_gate(&shared));
         let background = CancellationToken::new();
         let node_tasks = node::start(shared.clone(), background.clone())
             .await

@@ -94,6 +94,30 @@ impl Source {
     }
 }
 
+/// The public listener's accept gate: an address that is over its failed-authentication
+/// budget is disconnected right after accept, before HTTP is parsed or a TLS handshake
+/// computed; a flood from it then costs an accept and a close. Trusted proxies are never
+/// gated here: their clients are told apart only once the request's headers are read.
+pub(crate) fn accept_gate(shared: &std::sync::Arc<crate::Shared>) -> fleetgate_tls::Gate {
+    let shared = std::sync::Arc::downgrade(shared);
+    std::sync::Arc::new(move |ip: IpAddr| {
+        let Some(shared) = shared.upgrade() else {
+            return true;
+        };
+        if shared.config.trusted_proxies.contains(ip) {
+            return true;
+        }
+        let refused = shared
+            .source_throttle
+            .check(&source_key(canonical(ip)))
+            .is_err();
+        if refused {
+            shared.metrics.auth_throttled.inc();
+        }
+        !refused
+    })
+}
+
 /// Why a forwarded client certificate was not taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ForwardedCertError {

@@ -11,5 +11,5 @@ mod metrics;
 
 pub use cert::{ClientCert, IdentitySource};
 pub use config::{ClientAuth, ServerTls, TlsError, TlsFiles};
-pub use listener::{Acceptor, HandshakeLimits, Io, Peer};
+pub use listener::{Acceptor, Gate, HandshakeLimits, Io, Peer};
 pub use metrics::TlsMetrics;

@@ -1,8 +1,8 @@
 //! The listener axum serves: plain TCP, or TLS with handshakes done off the accept loop.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -111,11 +111,20 @@ enum Inner {
     },
 }
 
+/// Decides at accept whether a peer address gets any further: `false` closes the
+/// connection at once, before HTTP or a TLS handshake.
+pub type Gate = Arc<dyn Fn(IpAddr) -> bool + Send + Sync>;
+
 /// A listening socket for `axum::serve`: sets `TCP_NODELAY` on every connection and, for
 /// TLS, hands over connections whose handshake completed.
 pub struct Acceptor {
     local: SocketAddr,
     inner: Inner,
+    gate: Arc<OnceLock<Gate>>,
+}
+
+fn admitted(gate: &OnceLock<Gate>, addr: SocketAddr) -> bool {
+    gate.get().is_none_or(|gate| gate(addr.ip()))
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -143,7 +152,14 @@ impl Acceptor {
         Ok(Self {
             local: listener.local_addr()?,
             inner: Inner::Plain(listener),
+            gate: Arc::default(),
         })
+    }
+
+    /// Closes connections from addresses `gate` refuses, right after accept (a later call
+    /// is ignored).
+    pub fn set_gate(&self, gate: Gate) {
+        let _ = self.gate.set(gate);
     }
 
     /// TLS with `tls`'s current config at each handshake. Must be called inside a Tokio
@@ -160,13 +176,22 @@ impl Acceptor {
         let local = listener.local_addr()?;
         // Completed handshakes wait here for axum's accept; small, as axum accepts promptly.
         let (tx, done) = mpsc::channel(64);
-        let accepting = tokio::spawn(accept_loop(listener, tls, limits, metrics, tx));
+        let gate: Arc<OnceLock<Gate>> = Arc::default();
+        let accepting = tokio::spawn(accept_loop(
+            listener,
+            tls,
+            limits,
+            metrics,
+            tx,
+            gate.clone(),
+        ));
         Ok(Self {
             local,
             inner: Inner::Tls {
                 done,
                 _accepting: AbortOnDrop(accepting),
             },
+            gate,
         })
     }
 }
@@ -177,6 +202,7 @@ async fn accept_loop(
     limits: HandshakeLimits,
     metrics: TlsMetrics,
     tx: mpsc::Sender<(Io, Peer)>,
+    gate: Arc<OnceLock<Gate>>,
 ) {
     let in_progress = Arc::new(Semaphore::new(limits.max_in_progress));
     loop {
@@ -187,6 +213,9 @@ async fn accept_loop(
                 continue;
             }
         };
+        if !admitted(&gate, addr) {
+            continue;
+        }
         let Ok(permit) = in_progress.clone().try_acquire_owned() else {
             metrics.handshake_failed(tls.name(), "busy");
             continue;
@@ -244,6 +273,7 @@ impl Listener for Acceptor {
         match &mut self.inner {
             Inner::Plain(listener) => loop {
                 match TcpListener::accept(listener).await {
+                    Ok((_, addr)) if !admitted(&self.gate, addr) => continue,
                     Ok((tcp, addr)) => {
                         no_delay(&tcp);
                         let peer = Peer {
