@@ -237,6 +237,7 @@ async fn a_protobuf_session_speaks_binary_frames() {
         qos: Qos::AtLeastOnce,
         retain: false,
         dup: false,
+        sig: None,
     });
     raw.send_binary(Codec::Protobuf.encode(&status).to_vec())
         .await;

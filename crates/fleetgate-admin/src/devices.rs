@@ -95,6 +95,8 @@ fn device_json(record: Option<&DeviceRecord>, id: &str, presence: Option<&Presen
         "createdMs": record.map(|r| r.created_ms),
         "revoked": record.is_some_and(|r| r.revoked),
         "transport": record.map(|r| r.transport.as_str()),
+        "signed": record.is_some_and(|r| r.mac_key.is_some()),
+        "revokedCertificates": record.map(|r| r.revoked_certs.iter().map(hex::encode).collect::<Vec<_>>()).unwrap_or_default(),
         "online": presence.is_some(),
         "node": presence.map(|p| p.node.clone()),
         "connectedSinceMs": presence.map(|p| p.since_ms),
@@ -185,6 +187,8 @@ pub(crate) async fn create_device(
         created_ms: now_ms(),
         revoked: false,
         transport: req.transport.into(),
+        mac_key: None,
+        revoked_certs: Vec::new(),
     };
     let note = Note::target(format!("device:{}", req.id));
     // IDs are global: a scoped caller provisioning an ID in use learns that it exists. It is

@@ -12,6 +12,7 @@ mod alerts;
 mod audit_api;
 mod auth;
 mod commands;
+mod device_keys;
 mod devices;
 mod error;
 #[doc(hidden)]
@@ -345,6 +346,11 @@ fn api_router() -> OpenApiRouter<Arc<AdminState>> {
         .routes(routes!(devices::rotate))
         .routes(routes!(devices::disconnect))
         .routes(routes!(devices::revoke))
+        .routes(routes!(
+            device_keys::issue_mac_key,
+            device_keys::drop_mac_key
+        ))
+        .routes(routes!(device_keys::revoke_certificate))
         .routes(routes!(devices::get_shadow))
         .routes(routes!(devices::set_desired))
         .routes(routes!(commands::send_command))

@@ -203,6 +203,8 @@ mod tests {
             created_ms: 0,
             revoked: false,
             transport: Default::default(),
+            mac_key: None,
+            revoked_certs: Vec::new(),
         }
     }
 

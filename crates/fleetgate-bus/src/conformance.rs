@@ -125,6 +125,8 @@ fn device_record(id: &str, groups: &[&str]) -> DeviceRecord {
         created_ms: 1_700_000_000_000,
         revoked: false,
         transport: Default::default(),
+        mac_key: None,
+        revoked_certs: Vec::new(),
     }
 }
 
@@ -278,6 +280,8 @@ pub async fn registry_create_get_update(bus: &dyn Bus) {
     updated.groups = vec!["farm-a".into(), "farm-c".into()];
     updated.secret_sha256 = [9; 32];
     updated.transport = crate::Transport::Mqtt;
+    updated.mac_key = Some([4; 32]);
+    updated.revoked_certs = vec![[5; 32], [6; 32]];
     assert!(
         bus.device_update(&updated).await.expect("device_update"),
         "update of an existing device"

@@ -20,6 +20,10 @@ pub struct DeviceRecord {
     pub revoked: bool,
     /// How it reaches fleetgate, which decides where its commands go.
     pub transport: Transport,
+    /// Its message-signing key: when set, every message it sends must carry a valid `sig`.
+    pub mac_key: Option<[u8; 32]>,
+    /// SHA-256 fingerprints of client certificates no longer accepted for it.
+    pub revoked_certs: Vec<[u8; 32]>,
 }
 
 /// How a device connects.

@@ -448,6 +448,8 @@ async fn device_delete_and_job_cancel_keep_the_expiry_index_in_step() {
             created_ms: 0,
             revoked: false,
             transport: Default::default(),
+            mac_key: None,
+            revoked_certs: Vec::new(),
         };
         assert!(bus.device_create(&record).await.unwrap());
         for m in ["a", "b"] {

@@ -342,6 +342,8 @@ async fn unreadable_records_can_be_replaced_and_deleted() {
         created_ms: 1,
         revoked: false,
         transport: Default::default(),
+        mac_key: None,
+        revoked_certs: Vec::new(),
     };
     let redis = raw(&support::shared().url()).await;
     for id in ["replaced", "deleted"] {
@@ -620,6 +622,8 @@ mod sharding {
                 created_ms: 1,
                 revoked: false,
                 transport: Default::default(),
+                mac_key: None,
+                revoked_certs: Vec::new(),
             };
             assert!(bus.device_create(&record).await.unwrap());
         }

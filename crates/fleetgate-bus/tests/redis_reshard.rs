@@ -58,6 +58,8 @@ async fn adding_a_shard_moves_what_it_owns_and_keeps_everything_readable() {
             created_ms: 1,
             revoked: false,
             transport: Default::default(),
+            mac_key: None,
+            revoked_certs: Vec::new(),
         };
         assert!(one.device_create(&record).await.unwrap());
         for i in 0..COMMANDS {

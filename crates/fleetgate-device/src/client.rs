@@ -399,6 +399,7 @@ impl DeviceClient {
             qos,
             retain,
             dup: false,
+            sig: None,
         }
     }
 

@@ -376,6 +376,27 @@ pub(crate) fn encode(codec: Codec, frame: &Frame) -> Result<Message, DeviceError
     })
 }
 
+/// [`encode`], signing a message frame first when the device has a MAC key: each
+/// transmission, retransmissions included, gets its own nonce (the gateway refuses a nonce
+/// twice).
+pub(crate) fn encode_signed(
+    codec: Codec,
+    frame: &Frame,
+    key: Option<&fleetgate_protocol::MacKey>,
+) -> Result<Message, DeviceError> {
+    match (frame, key) {
+        (Frame::Message(env), Some(key)) => {
+            let nonce = hex::encode(rand::random::<[u8; 12]>());
+            let mut signed = env.clone();
+            signed.sig = Some(Box::new(fleetgate_protocol::Signature::sign(
+                env, nonce, key,
+            )));
+            encode(codec, &Frame::Message(signed))
+        }
+        _ => encode(codec, frame),
+    }
+}
+
 /// A short name of the frame's kind, for errors and logs.
 pub(crate) fn frame_name(frame: &Frame) -> &'static str {
     match frame {

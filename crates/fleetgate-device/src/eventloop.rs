@@ -20,7 +20,7 @@ use tracing::{debug, warn};
 
 use crate::backoff::{Backoff, should_reconnect};
 use crate::client::{Answer, IncomingCommand, LinkState, Outgoing, Request, Shared};
-use crate::connection::{encode, frame_name};
+use crate::connection::{encode, encode_signed, frame_name};
 use crate::dedupe::{CmdState, DedupeCache};
 use crate::{Connection, DeviceError, DeviceEvent, DeviceOptions};
 
@@ -387,7 +387,7 @@ impl EventLoop {
     }
 
     fn send(&mut self, frame: &Frame) {
-        match encode(self.opts.codec, frame) {
+        match encode_signed(self.opts.codec, frame, self.opts.mac_key.as_ref()) {
             Ok(msg) => self.outbox.push_back((msg, None)),
             Err(e) => warn!(error = %e, "frame not encodable; dropped"),
         }
@@ -446,7 +446,7 @@ impl EventLoop {
         let encoded = match entry.step {
             Step::Fire => {
                 let entry = self.inflight.remove(i).unwrap_or_else(|| unreachable!());
-                match encode(codec, &entry.frame) {
+                match encode_signed(codec, &entry.frame, self.opts.mac_key.as_ref()) {
                     Ok(msg) => self
                         .outbox
                         .push_back((msg, Some((entry.msgid, entry.done)))),
@@ -458,7 +458,7 @@ impl EventLoop {
                 if let Frame::Message(env) = &mut entry.frame {
                     env.dup = entry.attempts > 0;
                 }
-                encode(codec, &entry.frame)
+                encode_signed(codec, &entry.frame, self.opts.mac_key.as_ref())
             }
             Step::AwaitComp => encode(
                 codec,

@@ -76,6 +76,9 @@ pub struct DeviceOptions {
     /// TLS for `wss://` URLs: trusted roots and an optional client certificate (see
     /// [`crate::tls_client_config`]). Unset = the system's roots, no client certificate.
     pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    /// The MAC key the admin API issued (`POST /v1/devices/{id}/mac-key`): every message is
+    /// then signed (`sig` and `nonce`). Unset = unsigned messages.
+    pub mac_key: Option<fleetgate_protocol::MacKey>,
 }
 
 impl DeviceOptions {
@@ -108,6 +111,7 @@ impl DeviceOptions {
             read_buffer_bytes: 4096,
             bind_addr: None,
             tls: None,
+            mac_key: None,
         }
     }
 
@@ -121,6 +125,12 @@ impl DeviceOptions {
     pub fn with_token_source(mut self, source: crate::TokenSource) -> Self {
         self.token = source.token();
         self.token_source = Some(source);
+        self
+    }
+
+    /// Signs every message with `key` (see [`DeviceOptions::mac_key`]).
+    pub fn with_mac_key(mut self, key: fleetgate_protocol::MacKey) -> Self {
+        self.mac_key = Some(key);
         self
     }
 

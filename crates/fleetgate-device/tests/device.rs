@@ -61,6 +61,7 @@ fn command(msgid: &str, qos: Qos, dup: bool) -> Frame {
         qos,
         retain: false,
         dup,
+        sig: None,
     })
 }
 
@@ -650,6 +651,7 @@ async fn connection_drives_raw_frames_and_reports_close_code() {
             qos: Qos::AtLeastOnce,
             retain: false,
             dup: false,
+            sig: None,
         };
         conn.send_frame(&Frame::Message(msg)).await.unwrap();
         match within(conn.recv_frame()).await.unwrap() {

@@ -6,13 +6,13 @@ use std::borrow::Cow;
 use bytes::Bytes;
 use fleetgate_bus::{Accepted, Channel, TelemetryRecord};
 use fleetgate_protocol::{
-    Envelope, ErrorCode, Frame, Handshake, HandshakeKind, MessageKind, MsgId, Qos, batch_items,
-    check_from_device, json,
+    Envelope, ErrorCode, Frame, Handshake, HandshakeKind, MacError, MessageKind, MsgId, Qos,
+    batch_items, check_from_device, json,
 };
 use serde_json::{Map, Value};
 use tracing::warn;
 
-use crate::metrics::KindLabel;
+use crate::metrics::{KindLabel, ReasonLabel};
 use crate::now_ms;
 use crate::session::{Close, Session};
 
@@ -68,8 +68,24 @@ impl Session {
             Vec::new()
         };
         self.charge(items.len().max(1) as u32)?;
+        if let Some(key) = self.mac_key.as_deref() {
+            let checked = match env.sig.as_deref() {
+                Some(sig) => sig.verify(&env, key),
+                None => Err(MacError::Missing),
+            };
+            if let Err(error) = checked {
+                return Ok(vec![self.signature_refused(Some(&env.msgid), error)]);
+            }
+        }
         if let Err(error) = check_from_device(&env, &self.device, now, limits) {
             return self.reject(Some(&env.msgid), &error);
+        }
+        // Recorded only once the MAC and the timestamp passed: nobody else can spend the
+        // device's nonces, and a stale frame is refused for its timestamp anyway.
+        if let (Some(_), Some(sig)) = (&self.mac_key, env.sig.as_deref())
+            && let Err(error) = self.replay.check_nonce(&sig.nonce, now, limits)
+        {
+            return Ok(vec![self.signature_refused(Some(&env.msgid), error)]);
         }
         let fresh = match self.replay.check(&env.msgid, env.dup, now, limits) {
             Ok(fresh) => fresh,
@@ -159,6 +175,20 @@ impl Session {
                 error.to_string(),
             )]),
         }
+    }
+
+    /// The answer to a message refused for its signature: an error frame, counted by reason;
+    /// the session goes on (a bad frame is not processed, the next one may be fine).
+    pub(crate) fn signature_refused(&self, msgid: Option<&MsgId>, error: MacError) -> Frame {
+        self.shared.metrics.messages_rejected.inc();
+        self.shared
+            .metrics
+            .signature_failures
+            .get_or_create(&ReasonLabel {
+                reason: error.as_str(),
+            })
+            .inc();
+        Session::error_frame(msgid.cloned(), ErrorCode::BadSignature, error.to_string())
     }
 
     fn unavailable(&self, msgid: &MsgId, error: &fleetgate_bus::BusError) -> Frame {

@@ -28,6 +28,13 @@ pub struct OutcomeLabel {
     pub outcome: &'static str,
 }
 
+/// Label for refusals by reason.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// Why, as a fixed word.
+    pub reason: &'static str,
+}
+
 /// The node's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -53,6 +60,8 @@ pub struct Metrics {
     pub messages_received: Family<KindLabel, Counter>,
     /// Device messages refused (error frame or close).
     pub messages_rejected: Counter,
+    /// Messages of signing devices refused for their signature, by reason.
+    pub signature_failures: Family<ReasonLabel, Counter>,
     /// Commands written to devices (first sends).
     pub commands_sent: Counter,
     /// Command retransmissions.
@@ -113,6 +122,7 @@ impl Default for Metrics {
             auth_throttled: Counter::default(),
             messages_received: Family::default(),
             messages_rejected: Counter::default(),
+            signature_failures: Family::default(),
             commands_sent: Counter::default(),
             commands_retransmitted: Counter::default(),
             commands_finished: Family::default(),
@@ -204,6 +214,11 @@ impl Metrics {
             "messages_rejected",
             "Device messages refused",
             self.messages_rejected.clone(),
+        );
+        r.register(
+            "signature_failures",
+            "Messages of signing devices refused for their signature, by reason",
+            self.signature_failures.clone(),
         );
         r.register(
             "commands_sent",

@@ -48,6 +48,7 @@ pub(crate) fn command_frame(cmd: &Command, dup: bool) -> Frame {
         qos: cmd.qos,
         retain: false,
         dup,
+        sig: None,
     })
 }
 
@@ -65,6 +66,7 @@ pub(crate) fn delta_frame(device: &str, version: u64, state: Map<String, Value>)
         qos: Qos::AtMostOnce,
         retain: false,
         dup: false,
+        sig: None,
     })
 }
 

@@ -4,8 +4,8 @@
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use fleetgate_bus::Presence;
 use fleetgate_protocol::{
-    AuthResponse, CloseCode, Codec, ErrorCode, ErrorFrame, Frame, MsgId, ProtocolError, Qos,
-    ReplayWindow, retry_after_reason,
+    AuthResponse, CloseCode, Codec, ErrorCode, ErrorFrame, Frame, MacError, MsgId, ProtocolError,
+    Qos, ReplayWindow, retry_after_reason,
 };
 use std::sync::Arc;
 use tokio::time::Instant;
@@ -114,6 +114,8 @@ pub(crate) struct Session {
     pub(crate) conn_id: u64,
     pub(crate) codec: Codec,
     pub(crate) replay: ReplayWindow,
+    /// The device's MAC key: set when its messages must be signed.
+    pub(crate) mac_key: Option<Box<fleetgate_protocol::MacKey>>,
     pub(crate) rate: RateLimit,
     pub(crate) outgoing: Outgoing,
     /// Alert rules and states, once any rule exists (see `alerts`).
@@ -379,6 +381,7 @@ pub(crate) async fn register_claimed(
         conn_id,
         codec,
         replay,
+        mac_key: device.mac_key.map(Box::new),
         rate: RateLimit::new(shared.config.rate_limit_burst),
         outgoing: Outgoing::default(),
         alerts,
@@ -655,6 +658,9 @@ impl Session {
                         .observe(start.elapsed().as_secs_f64());
                 }
                 answered
+            }
+            Frame::Compact(_) if self.mac_key.is_some() => {
+                Ok(vec![self.signature_refused(None, MacError::Unsignable)])
             }
             Frame::Compact(compact) => {
                 let msgid = MsgId::new(format!("c{:x}", rand::random::<u64>()))

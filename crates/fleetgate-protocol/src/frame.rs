@@ -161,6 +161,8 @@ pub struct Envelope {
     pub retain: bool,
     /// Set on retransmissions.
     pub dup: bool,
+    /// `nonce` and `sig` of a signed message ([`crate::mac`]); boxed, as most are unsigned.
+    pub sig: Option<Box<crate::Signature>>,
 }
 
 /// A QoS handshake frame; it reuses the msgid of the message it answers.
@@ -215,6 +217,8 @@ pub enum ErrorCode {
     Replay,
     /// The message type is not accepted in this direction.
     UnsupportedType,
+    /// The message's signature is missing, malformed or wrong, or its nonce was used before.
+    BadSignature,
     /// The bus could not store the message; retry it.
     Unavailable,
     /// Anything else the server could not do.
@@ -229,6 +233,7 @@ impl ErrorCode {
             Self::ClockSkew => "clock_skew",
             Self::Replay => "replay",
             Self::UnsupportedType => "unsupported_type",
+            Self::BadSignature => "bad_signature",
             Self::Unavailable => "unavailable",
             Self::Internal => "internal",
         }
@@ -241,6 +246,7 @@ impl ErrorCode {
             "clock_skew" => Self::ClockSkew,
             "replay" => Self::Replay,
             "unsupported_type" => Self::UnsupportedType,
+            "bad_signature" => Self::BadSignature,
             "unavailable" => Self::Unavailable,
             _ => Self::Internal,
         }
@@ -329,6 +335,7 @@ impl Compact {
             qos: Qos::AtMostOnce,
             retain: false,
             dup: false,
+            sig: None,
         }
     }
 }
@@ -388,6 +395,7 @@ mod tests {
                 qos: Qos::AtMostOnce,
                 retain: false,
                 dup: false,
+                sig: None,
             }
         );
         let e = Compact::Event(item("d", None, json!("x"))).into_envelope(id, 99);

@@ -17,7 +17,7 @@ use serde_json::{Map, Value};
 
 use crate::{
     Auth, AuthResponse, Compact, CompactItem, Envelope, ErrorCode, ErrorFrame, Frame, Handshake,
-    HandshakeKind, MessageKind, MsgId, PROTOCOL_VERSION, ProtocolError, Qos,
+    HandshakeKind, MessageKind, MsgId, PROTOCOL_VERSION, ProtocolError, Qos, Signature,
 };
 
 /// `to` when a frame leaves it out.
@@ -43,7 +43,11 @@ pub fn decode(bytes: &[u8]) -> Result<Frame, ProtocolError> {
             "a frame must be a JSON object".into(),
         ));
     }
-    let wire: Wire<'_> = serde_json::from_slice(bytes).map_err(malformed)?;
+    let mut wire: Wire<'_> = serde_json::from_slice(bytes).map_err(malformed)?;
+    if wire.sig.is_some() {
+        let raw: RawPayload<'_> = serde_json::from_slice(bytes).map_err(malformed)?;
+        wire.raw_payload = raw.payload.map(|p| p.get().as_bytes());
+    }
     let ty = frame_type(wire.ty.as_ref())?;
     match ty {
         FrameType::Message(kind @ (MessageKind::Status | MessageKind::Event))
@@ -296,6 +300,24 @@ pub(crate) struct Wire<'a> {
     pub values: Option<Value>,
     /// Compact IIoT frames only (JSON only).
     pub quality: Option<Value>,
+    /// Signed messages: the single-use value under the MAC.
+    #[serde(borrow)]
+    pub nonce: Option<Scalar<'a>>,
+    /// Signed messages: hex HMAC-SHA256 of the canonical form ([`crate::mac`]).
+    #[serde(borrow)]
+    pub sig: Option<Scalar<'a>>,
+    /// The payload's bytes as they were on the wire; filled only for signed frames, which is
+    /// what their MAC covers.
+    #[serde(skip)]
+    pub raw_payload: Option<&'a [u8]>,
+}
+
+/// The payload of a frame, unparsed: read in a second pass, and only for signed frames, so
+/// unsigned traffic pays nothing for it.
+#[derive(Deserialize)]
+struct RawPayload<'a> {
+    #[serde(borrow)]
+    payload: Option<&'a serde_json::value::RawValue>,
 }
 
 /// One item of a compact batch.
@@ -389,6 +411,14 @@ fn envelope(
         (from, _) => req_string("from", from)?,
     };
     let payload = w.payload.ok_or(ProtocolError::MissingField("payload"))?;
+    let sig = match (w.sig, w.raw_payload) {
+        (Some(sig), Some(raw)) => Some(Box::new(Signature::received(
+            opt_string("nonce", w.nonce)?.unwrap_or_default(),
+            req_string("sig", Some(sig))?,
+            raw.to_vec(),
+        ))),
+        _ => None,
+    };
     let ver = match w.ver {
         None => PROTOCOL_VERSION.to_owned(),
         Some(Scalar::Str(v)) if is_v1(&v) => v.into_owned(),
@@ -417,6 +447,7 @@ fn envelope(
         qos,
         retain: opt_bool("retain", w.retain)?,
         dup: opt_bool("dup", w.dup)?,
+        sig,
     })
 }
 
@@ -652,6 +683,10 @@ struct EnvelopeOut<'a> {
     retain: bool,
     #[serde(skip_serializing_if = "is_false")]
     dup: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nonce: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sig: Option<&'a str>,
 }
 
 impl<'a> EnvelopeOut<'a> {
@@ -667,6 +702,8 @@ impl<'a> EnvelopeOut<'a> {
             qos: env.qos.as_u8(),
             retain: env.retain,
             dup: env.dup,
+            nonce: env.sig.as_deref().map(|s| s.nonce.as_str()),
+            sig: env.sig.as_deref().map(|s| s.sig.as_str()),
         }
     }
 }
@@ -761,6 +798,7 @@ mod tests {
             qos: Qos::AtLeastOnce,
             retain: false,
             dup: false,
+            sig: None,
         }
     }
 

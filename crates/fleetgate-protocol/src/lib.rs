@@ -9,6 +9,7 @@ mod close;
 mod error;
 mod frame;
 pub mod json;
+pub mod mac;
 pub mod mqtt;
 pub mod proto;
 mod validate;
@@ -19,6 +20,7 @@ pub use frame::{
     Auth, AuthResponse, Compact, CompactItem, Envelope, ErrorCode, ErrorFrame, Frame, Handshake,
     HandshakeKind, MessageKind, MsgId, PROTOCOL_VERSION, Qos,
 };
+pub use mac::{MacError, MacKey, Signature};
 pub use validate::{Limits, ReplayWindow, batch_items, check_from_device};
 
 /// WebSocket subprotocol for JSON text frames (the default).

@@ -66,6 +66,9 @@ pub fn decode(bytes: &[u8]) -> Result<Frame, ProtocolError> {
         data: None,
         values: None,
         quality: None,
+        nonce: text(&env.nonce),
+        sig: text(&env.sig),
+        raw_payload: env.payload.as_deref(),
     };
     json::build(ty, wire)
 }
@@ -114,6 +117,8 @@ pub fn encode(frame: &Frame) -> Vec<u8> {
             e.qos = u32::from(env.qos.as_u8());
             e.retain = env.retain;
             e.dup = env.dup;
+            e.nonce = env.sig.as_ref().map(|s| s.nonce.clone());
+            e.sig = env.sig.as_ref().map(|s| s.sig.clone());
         }
         Frame::Handshake(h) => {
             e.set_type(handshake_type(h.kind));
@@ -214,6 +219,7 @@ mod tests {
             qos: Qos::ExactlyOnce,
             retain: true,
             dup: true,
+            sig: None,
         }
     }
 

@@ -106,14 +106,48 @@ pub fn batch_items(
 /// n²/2⁶⁵ for n remembered msgids), and only the device chooses its msgids.
 #[derive(Debug, Default)]
 pub struct ReplayWindow {
-    seen: HashSet<u64>,
+    msgids: Seen,
+    /// Nonces of signed messages ([`crate::mac`]); allocated at the first one.
+    nonces: Option<Box<Seen>>,
+}
+
+/// Fingerprints seen recently, in arrival order, so the oldest expire first.
+#[derive(Debug, Default)]
+struct Seen {
+    set: HashSet<u64>,
     order: VecDeque<(i64, u64)>,
 }
 
-fn fingerprint(msgid: &MsgId) -> u64 {
+impl Seen {
+    fn expire(&mut self, now_ms: i64, window_ms: i64, capacity: usize) {
+        while let Some((at, _)) = self.order.front() {
+            if now_ms - at > window_ms || self.order.len() >= capacity {
+                let (_, old) = self.order.pop_front().expect("front exists");
+                self.set.remove(&old);
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// Records `fp`; `false` if it was already there.
+    fn insert(&mut self, fp: u64, now_ms: i64, window_ms: i64, capacity: usize) -> bool {
+        self.expire(now_ms, window_ms, capacity);
+        if self.set.contains(&fp) {
+            return false;
+        }
+        if capacity > 0 {
+            self.set.insert(fp);
+            self.order.push_back((now_ms, fp));
+        }
+        true
+    }
+}
+
+fn fingerprint(text: &str) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::hash::DefaultHasher::new();
-    msgid.as_str().hash(&mut h);
+    text.hash(&mut h);
     h.finish()
 }
 
@@ -131,46 +165,60 @@ impl ReplayWindow {
         now_ms: i64,
         limits: &Limits,
     ) -> Result<bool, ProtocolError> {
-        while let Some((at, _)) = self.order.front() {
-            if now_ms - at > limits.replay_window_ms || self.order.len() >= limits.replay_capacity {
-                let (_, old) = self.order.pop_front().expect("front exists");
-                self.seen.remove(&old);
-            } else {
-                break;
-            }
+        let fp = fingerprint(msgid.as_str());
+        if self
+            .msgids
+            .insert(fp, now_ms, limits.replay_window_ms, limits.replay_capacity)
+        {
+            Ok(true)
+        } else if dup {
+            Ok(false)
+        } else {
+            Err(ProtocolError::Replay)
         }
-        let fp = fingerprint(msgid);
-        if self.seen.contains(&fp) {
-            return if dup {
-                Ok(false)
-            } else {
-                Err(ProtocolError::Replay)
-            };
+    }
+
+    /// Records the nonce of a verified signed message and refuses one seen inside the window.
+    /// Unlike msgids there is no `dup` exception: a retransmission is signed with a new nonce.
+    /// Nonces are kept for at least twice the clock skew allowed, so a frame replayed after
+    /// its nonce expired is already refused for its timestamp (up to `replay_capacity`).
+    ///
+    /// # Errors
+    /// [`MacError::NonceReused`] for a nonce seen before.
+    pub fn check_nonce(
+        &mut self,
+        nonce: &str,
+        now_ms: i64,
+        limits: &Limits,
+    ) -> Result<(), crate::MacError> {
+        let nonces = self.nonces.get_or_insert_with(Box::default);
+        let window = limits
+            .replay_window_ms
+            .max(limits.max_skew_ms.saturating_mul(2));
+        if nonces.insert(fingerprint(nonce), now_ms, window, limits.replay_capacity) {
+            Ok(())
+        } else {
+            Err(crate::MacError::NonceReused)
         }
-        if limits.replay_capacity > 0 {
-            self.seen.insert(fp);
-            self.order.push_back((now_ms, fp));
-        }
-        Ok(true)
     }
 
     /// Forgets `msgid`, so that its next arrival counts as new: for a message that was
     /// checked but then could not be stored, whose retransmission must be processed.
     pub fn forget(&mut self, msgid: &MsgId) {
-        let fp = fingerprint(msgid);
-        if self.seen.remove(&fp) {
-            self.order.retain(|(_, id)| *id != fp);
+        let fp = fingerprint(msgid.as_str());
+        if self.msgids.set.remove(&fp) {
+            self.msgids.order.retain(|(_, id)| *id != fp);
         }
     }
 
     /// Number of msgids remembered.
     pub fn len(&self) -> usize {
-        self.order.len()
+        self.msgids.order.len()
     }
 
     /// Whether nothing is remembered.
     pub fn is_empty(&self) -> bool {
-        self.order.is_empty()
+        self.msgids.order.is_empty()
     }
 }
 
@@ -192,6 +240,7 @@ mod tests {
             qos: Qos::AtMostOnce,
             retain: false,
             dup: false,
+            sig: None,
         }
     }
 

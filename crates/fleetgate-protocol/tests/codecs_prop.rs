@@ -87,6 +87,7 @@ fn envelope() -> impl Strategy<Value = Envelope> {
                 qos,
                 retain,
                 dup,
+                sig: None,
             },
         )
 }

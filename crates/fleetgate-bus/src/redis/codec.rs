@@ -126,6 +126,8 @@ pub(super) fn encode_device(d: &DeviceRecord) -> String {
         "created_ms": d.created_ms,
         "revoked": d.revoked,
         "transport": d.transport.as_str(),
+        "mac_key": d.mac_key.as_ref().map(|k| hex(k)),
+        "revoked_certs": d.revoked_certs.iter().map(|c| hex(c)).collect::<Vec<_>>(),
     })
     .to_string()
 }
@@ -156,6 +158,8 @@ pub(super) fn decode_device(text: &str) -> BusResult<DeviceRecord> {
             None => Transport::Websocket,
             Some(t) => Transport::parse(t).ok_or_else(|| corrupt(WHAT, "unknown transport"))?,
         },
+        mac_key: None,
+        revoked_certs: Vec::new(),
     })
 }
 
@@ -535,6 +539,8 @@ mod tests {
             created_ms: 5,
             revoked: false,
             transport: Transport::Mqtt,
+            mac_key: None,
+            revoked_certs: Vec::new(),
         };
         assert_eq!(decode_device(&encode_device(&d)).unwrap(), d);
         let old = encode_device(&d).replace(r#","transport":"mqtt""#, "");

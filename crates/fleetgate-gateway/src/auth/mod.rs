@@ -70,6 +70,8 @@ pub struct AuthedDevice {
     /// When its credentials stop being valid (a JWT's `exp`), ms since the epoch; the
     /// session ends then unless the device presents a fresh token.
     pub expires_at_ms: Option<i64>,
+    /// Its registry MAC key: when set, its messages must be signed.
+    pub mac_key: Option<[u8; 32]>,
 }
 
 /// SHA-256 of a device secret: what the registry stores.
@@ -124,6 +126,7 @@ impl Authenticator {
             id: record.id,
             groups: record.groups,
             expires_at_ms: None,
+            mac_key: record.mac_key,
         })
     }
 
@@ -138,11 +141,12 @@ impl Authenticator {
         }
         let mut groups = claims.groups;
         // A JWT device need not be provisioned, but a registry entry can still revoke it.
-        self.merge_registry(&claims.sub, &mut groups).await?;
+        let mac_key = self.merge_registry(&claims.sub, &mut groups, None).await?;
         Ok(AuthedDevice {
             id: claims.sub,
             groups,
             expires_at_ms: Some(claims.exp.saturating_mul(1000)),
+            mac_key,
         })
     }
 
@@ -165,27 +169,37 @@ impl Authenticator {
             return Err(AuthError::Mismatch);
         }
         let mut groups = Vec::new();
-        self.merge_registry(id, &mut groups).await?;
+        let mac_key = self
+            .merge_registry(id, &mut groups, Some(&cert.fingerprint))
+            .await?;
         Ok(AuthedDevice {
             id: id.to_owned(),
             groups,
             expires_at_ms: Some(cert.not_after.saturating_mul(1000)),
+            mac_key,
         })
     }
 
-    /// Refuses a revoked registry entry of `id` and adds its groups to `groups`.
-    async fn merge_registry(&self, id: &str, groups: &mut Vec<String>) -> Result<(), AuthError> {
-        if let Some(record) = self.bus.device_get(id).await? {
-            if record.revoked {
-                return Err(AuthError::Revoked);
-            }
-            for g in record.groups {
-                if !groups.contains(&g) {
-                    groups.push(g);
-                }
+    /// Refuses a revoked registry entry of `id` (or a revoked `certificate` of it), adds its
+    /// groups to `groups` and returns its MAC key.
+    async fn merge_registry(
+        &self,
+        id: &str,
+        groups: &mut Vec<String>,
+        certificate: Option<&[u8; 32]>,
+    ) -> Result<Option<[u8; 32]>, AuthError> {
+        let Some(record) = self.bus.device_get(id).await? else {
+            return Ok(None);
+        };
+        if record.revoked || certificate.is_some_and(|c| record.revoked_certs.contains(c)) {
+            return Err(AuthError::Revoked);
+        }
+        for g in record.groups {
+            if !groups.contains(&g) {
+                groups.push(g);
             }
         }
-        Ok(())
+        Ok(record.mac_key)
     }
 }
 

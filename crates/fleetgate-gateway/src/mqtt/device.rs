@@ -446,6 +446,7 @@ impl Router {
             id: device.to_owned(),
             groups: groups.as_ref().clone(),
             expires_at_ms: None,
+            mac_key: None,
         };
         let span = info_span!("mqtt_device", device_id = %device.id, conn_id, node_id = %shared.config.node_id);
         let holder = Holder {
