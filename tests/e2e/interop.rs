@@ -45,3 +45,19 @@ async fn python_websockets_dashboard_subscribes_and_recovers() {
     let base = format!("ws://{}", node.gateway);
     run_script("app.py", &[&base, API_KEY, "py-app-dev", &secret]).await;
 }
+
+#[tokio::test]
+async fn python_device_signs_messages_with_the_documented_canonical_form() {
+    let node = Node::start(&[]).await;
+    let secret = node.provision("py-signer").await;
+    let (code, body) = node
+        .admin("POST", "/v1/devices/py-signer/mac-key", None)
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let key = body["macKey"].as_str().expect("macKey");
+    run_script(
+        "signed.py",
+        &[&node.device_url(), "py-signer", &secret, key],
+    )
+    .await;
+}

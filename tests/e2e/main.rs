@@ -25,6 +25,7 @@ mod rbac;
 mod sdk;
 mod secrets;
 mod shadow;
+mod signing;
 mod support;
 mod tls;
 mod tokens;

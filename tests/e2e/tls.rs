@@ -1,6 +1,7 @@
 //! TLS on the listeners: versions and suites (Python's ssl), certificate rotation on disk under
 //! live sessions, and device identity by client certificate (mTLS): wrong CN, expired, revoked
-//! by CRL, revoked in the registry, signed by another CA.
+//! by CRL, revoked in the registry (the device, or one certificate by fingerprint), signed
+//! by another CA.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -338,6 +339,68 @@ async fn client_certificates_identify_devices_and_bad_ones_are_refused() {
         .expect("TLS accepts it");
     assert_eq!(raw.recv().await["reason"], "credentials revoked");
     assert_eq!(raw.closed().await.code, 4403);
+}
+
+#[tokio::test]
+async fn one_revoked_certificate_is_refused_and_its_session_closed_while_others_work() {
+    use sha2::Digest;
+    let dir = scratch("fingerprint");
+    let ca = Ca::new("device CA");
+    let node = mtls_node(&dir, &ca, "required").await;
+    let with = |issued: &Issued| client_config(&ca.pem, Some(issued));
+    node.provision("cert-dev-7").await;
+    let (old, new) = (
+        ca.issue("cert-dev-7", true, 20, VALID),
+        ca.issue("cert-dev-7", true, 21, VALID),
+    );
+    let mut live = wss(&node, with(&old), &[]).await.expect("old certificate");
+    assert_eq!(live.recv().await["status"], "success");
+
+    // As `openssl x509 -fingerprint -sha256` prints it: upper case, colons.
+    let print = sha2::Sha256::digest(der(&old.cert));
+    let openssl_style: Vec<String> = print.iter().map(|b| format!("{b:02X}")).collect();
+    let path = "/v1/devices/cert-dev-7/certificates/revoke";
+    let (code, body) = node
+        .admin(
+            "POST",
+            path,
+            Some(json!({"sha256": openssl_style.join(":")})),
+        )
+        .await;
+    assert_eq!(code, 204, "{body}");
+    let closed = live.closed().await;
+    assert_eq!(
+        (closed.code, closed.reason.as_str()),
+        (4410, "certificate revoked")
+    );
+
+    let mut again = wss(&node, with(&old), &[]).await.expect("TLS accepts it");
+    assert_eq!(again.recv().await["reason"], "credentials revoked");
+    assert_eq!(again.closed().await.code, 4403);
+    let mut other = wss(&node, with(&new), &[]).await.expect("new certificate");
+    assert_eq!(other.recv().await["status"], "success");
+
+    let (_, device) = node.admin("GET", "/v1/devices/cert-dev-7", None).await;
+    assert_eq!(
+        device["revokedCertificates"],
+        json!([hex::encode(print)]),
+        "{device}"
+    );
+    let (code, body) = node
+        .admin("POST", path, Some(json!({"sha256": "not-hex"})))
+        .await;
+    assert_eq!(
+        (code, body["error"]["message"].as_str()),
+        (400, Some("sha256 must be 64 hex digits"))
+    );
+    let (code, _) = node
+        .admin(
+            "POST",
+            "/v1/devices/nobody/certificates/revoke",
+            Some(json!({"sha256": hex::encode(print)})),
+        )
+        .await;
+    assert_eq!(code, 404);
 }
 
 #[tokio::test]

@@ -35,6 +35,7 @@ pub(crate) struct MacKeyIssued {
 pub(crate) struct RevokeCertificate {
     /// SHA-256 of the certificate's DER, 64 hex digits (`openssl x509 -noout -fingerprint
     /// -sha256`, colons allowed).
+    #[schema(pattern = "^([0-9A-Fa-f]{2}:?){31}[0-9A-Fa-f]{2}$")]
     sha256: String,
 }
 
@@ -75,7 +76,8 @@ pub(crate) async fn issue_mac_key(
     .into_response())
 }
 
-/// Drops the device's MAC key: its messages need no signature from its next connection.
+/// Drops the device's MAC key, if it has one: its messages need no signature from its next
+/// connection.
 #[utoipa::path(delete, path = "/v1/devices/{id}/mac-key", tag = "devices",
     params(("id" = String, Path, description = "device ID")),
     responses((status = 204), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
@@ -86,23 +88,31 @@ pub(crate) async fn drop_mac_key(
     device: ScopedDevice<need::DeviceWrite>,
 ) -> Res {
     let mut record = provisioned(device)?;
-    if record.mac_key.take().is_none() {
-        return Err(AppError::not_found(format!(
-            "device {} has no MAC key",
-            record.id
-        )));
+    if record.mac_key.take().is_some() {
+        store(&state, &record).await?;
     }
-    store(&state, &record).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-/// Parses a SHA-256 fingerprint: 64 hex digits, optionally in colon-separated pairs.
+/// Parses a SHA-256 fingerprint: 32 pairs of hex digits, each but the last optionally
+/// followed by a colon (the schema's pattern, exactly).
 fn fingerprint(text: &str) -> Result<[u8; 32], AppError> {
-    let digits: String = text.chars().filter(|c| *c != ':').collect();
+    let bad = || AppError::bad_request("sha256 must be 64 hex digits");
     let mut out = [0u8; 32];
-    hex::decode_to_slice(&digits, &mut out)
-        .map_err(|_| AppError::bad_request("sha256 must be 64 hex digits"))?;
-    Ok(out)
+    let mut rest = text.as_bytes();
+    for (i, byte) in out.iter_mut().enumerate() {
+        let (pair, tail) = rest.split_at_checked(2).ok_or_else(bad)?;
+        let pair = std::str::from_utf8(pair).map_err(|_| bad())?;
+        if !pair.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(bad());
+        }
+        *byte = u8::from_str_radix(pair, 16).map_err(|_| bad())?;
+        rest = match tail {
+            [b':', after @ ..] if i < 31 => after,
+            _ => tail,
+        };
+    }
+    if rest.is_empty() { Ok(out) } else { Err(bad()) }
 }
 
 /// Refuses one client certificate of the device from now on, by its SHA-256 fingerprint,
@@ -154,6 +164,10 @@ mod tests {
         assert_eq!(fingerprint(&plain).unwrap(), [0xab; 32]);
         assert_eq!(fingerprint(&colons).unwrap(), [0xab; 32]);
         assert!(fingerprint("abc").is_err());
+        assert!(fingerprint(&format!(":{plain}")).is_err());
+        assert!(fingerprint(&format!("{plain}:")).is_err());
+        assert!(fingerprint(&format!("{plain}ab")).is_err());
+        assert!(fingerprint(&format!("+b{}", &plain[2..])).is_err());
         assert!(fingerprint(&"zz".repeat(32)).is_err());
     }
 }
