@@ -7,8 +7,13 @@ usage: python3 examples/device.py DEVICE_ID SECRET [ws://127.0.0.1:8080/v1/devic
 Over wss://, DEVICE_CA names the CA bundle to trust (scripts/dev-certs writes ca.pem), and
 DEVICE_CERT + DEVICE_KEY a client certificate: with mTLS the certificate authenticates the
 device and SECRET is `-` (no auth frame is sent).
+
+MAC_KEY (the `macKey` of `POST /v1/devices/{id}/mac-key`) makes it sign every message
+(docs/PROTOCOL.md, "Message signatures").
 """
 import asyncio
+import hashlib
+import hmac
 import itertools
 import json
 import os
@@ -25,6 +30,7 @@ URL = sys.argv[3] if len(sys.argv) > 3 else "ws://127.0.0.1:8080/v1/device"
 # msgids must not repeat within the replay window, across restarts too: a random prefix each run.
 PREFIX = secrets.token_hex(6)
 ids = itertools.count(1)
+MAC_KEY = bytes.fromhex(os.environ["MAC_KEY"]) if os.environ.get("MAC_KEY") else None
 
 
 def envelope(kind, payload, qos):
@@ -33,12 +39,25 @@ def envelope(kind, payload, qos):
             "type": kind, "payload": payload, "qos": qos}
 
 
+def encode(env):
+    """The frame's text; signed when there is a MAC key. json.dumps writes a nested value
+    exactly as it writes it alone, so the payload bytes signed are the ones sent."""
+    if MAC_KEY:
+        env["nonce"] = secrets.token_hex(12)
+        lines = [env["ver"], env["type"], env["msgid"], str(env["timestamp"]), env["from"],
+                 env["to"], str(env["qos"]), "0", "0", env["nonce"]]
+        canonical = ("fleetgate-mac-v1\n" + "".join(f"{v}\n" for v in lines)).encode()
+        canonical += json.dumps(env["payload"]).encode()
+        env["sig"] = hmac.new(MAC_KEY, canonical, hashlib.sha256).hexdigest()
+    return json.dumps(env)
+
+
 async def report(ws):
     while True:
         status = envelope("status", {"values": [
             {"tag": "temperature", "value": round(20 + random.random() * 5, 2), "unit": "C"}],
             "quality": "good"}, 1)
-        await ws.send(json.dumps(status))
+        await ws.send(encode(status))
         await asyncio.sleep(5)
 
 
@@ -70,7 +89,7 @@ async def main():
             elif frame.get("type") == "delta":
                 # Apply the desired state, then report it: that empties the delta.
                 applied = envelope("status", frame["payload"]["state"], 1)
-                await ws.send(json.dumps(applied))
+                await ws.send(encode(applied))
                 print("->", applied)
             elif frame.get("type") == "rel":
                 await ws.send(json.dumps({"type": "comp", "msgid": frame["msgid"]}))

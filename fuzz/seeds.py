@@ -30,6 +30,8 @@ DEVICE = {
     "status_iiot": env("status", "m2", IIOT, retain=True),
     "event": env("event", "e1", {"severity": "critical", "text": "door open"}, qos=2),
     "dup": env("status", "m3", {"state": 3}, dup=True),
+    "signed": env("status", "s1", {"t": 21.5}, nonce="n0nce-0001", sig="ab" * 32),
+    "signed_bad": env("event", "s2", [1, 2], nonce="x", sig="zz"),
     "batch": env("batch", "b1", {"items": [
         {"msgid": "i1", "timestamp": TS, "type": "status", "payload": {"temperature": 90}},
         {"msgid": "i2", "timestamp": TS + 1, "type": "event", "payload": {"x": 1}, "qos": 1},
@@ -118,7 +120,8 @@ ADMIN = {
 # Protobuf: fleetgate.v1.Envelope field numbers and the Type enum (proto/fleetgate.proto).
 PB_FIELDS = {"ver": 1, "msgid": 2, "timestamp": 3, "from": 4, "to": 5, "type": 6,
              "payload": 7, "qos": 8, "retain": 9, "dup": 10, "deviceId": 11, "token": 12,
-             "status": 13, "reason": 14, "sessionId": 15, "heartbeatMs": 16}
+             "status": 13, "reason": 14, "sessionId": 15, "heartbeatMs": 16,
+             "nonce": 17, "sig": 18}
 PB_TYPES = {"auth": 1, "auth_response": 2, "status": 3, "event": 4, "command": 5,
             "batch": 6, "ack": 7, "rec": 8, "rel": 9, "comp": 10, "error": 11, "delta": 12}
 

@@ -29,6 +29,7 @@ fuzz_target!(|data: &[u8]| {
         qos: Qos::AtLeastOnce,
         retain: false,
         dup: false,
+        sig: None,
     };
     match batch_items(&batch, "dev", fleetgate_fuzz::NOW_MS, &Limits::default()) {
         Ok(_) => fleetgate_fuzz::ingest(&batch),

@@ -80,6 +80,21 @@ pub fn ingest(env: &Envelope) {
     // The session's device is whoever the frame claims to be: otherwise nearly every input
     // would stop at the identity check.
     let device = env.from.as_str();
+    if let Some(sig) = env.sig.as_deref() {
+        // Whatever the fields hold, checking a signature answers; a frame signed with a key
+        // verifies with it and with no other.
+        let _ = sig.verify(env, &[0; 32]);
+        let mut resigned = env.clone();
+        let fresh = fleetgate_protocol::Signature::sign(env, sig.nonce.clone(), &[1; 32]);
+        resigned.sig = Some(Box::new(fresh.clone()));
+        if fresh.verify(&resigned, &[1; 32]).is_ok() {
+            assert!(fresh.verify(&resigned, &[2; 32]).is_err());
+        }
+        let mut nonces = ReplayWindow::default();
+        if nonces.check_nonce(&sig.nonce, NOW_MS, &limits).is_ok() {
+            assert!(nonces.check_nonce(&sig.nonce, NOW_MS, &limits).is_err());
+        }
+    }
     let items = if env.kind == MessageKind::Batch {
         match batch_items(env, device, NOW_MS, &limits) {
             Ok(items) => items,

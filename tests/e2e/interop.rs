@@ -61,3 +61,39 @@ async fn python_device_signs_messages_with_the_documented_canonical_form() {
     )
     .await;
 }
+
+/// The README's example device, signing with its MAC key: its reports reach the shadow.
+#[tokio::test]
+async fn the_example_device_signs_its_reports_with_a_mac_key() {
+    let node = Node::start(&[]).await;
+    let secret = node.provision("example-signer").await;
+    let (_, body) = node
+        .admin("POST", "/v1/devices/example-signer/mac-key", None)
+        .await;
+    let key = body["macKey"].as_str().expect("macKey").to_owned();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/device.py");
+    let mut child = tokio::process::Command::new("python3")
+        .args([script, "example-signer", &secret, &node.device_url()])
+        .env("MAC_KEY", &key)
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python3 runs");
+    let reported = crate::support::eventually("the signed report reaches the shadow", || async {
+        let (_, shadow) = node
+            .admin("GET", "/v1/devices/example-signer/shadow", None)
+            .await;
+        shadow["reported"]
+            .get("temperature")
+            .is_some()
+            .then_some(shadow["reported"].clone())
+    })
+    .await;
+    assert!(reported["temperature"].is_number(), "{reported}");
+    let (_, metrics) = node.internal_get("/metrics").await;
+    assert!(
+        !metrics.contains("fleetgate_signature_failures_total{"),
+        "{metrics}"
+    );
+    child.kill().await.expect("stopped");
+}

@@ -1,5 +1,5 @@
 //! No secret reaches the logs: a node logging at debug level is driven through every
-//! credential (device secrets, device JWTs and their refresh, the bootstrap key, API keys,
+//! credential (device secrets, MAC keys, device JWTs and their refresh, the bootstrap key, API keys,
 //! user passwords and tokens), each succeeding and failing, and its whole log is then searched for
 //! every secret used.
 
@@ -66,6 +66,24 @@ async fn no_secret_the_tests_used_appears_in_a_debug_log() {
     raw.closed().await;
     let (_raw, resp) = Raw::auth(&url, "log-dev", &secret).await;
     assert_eq!(resp["status"], "success");
+
+    // A MAC key: issued, then used by a signing SDK device whose messages are accepted.
+    let (status, issued) = node
+        .admin("POST", "/v1/devices/log-dev/mac-key", None)
+        .await;
+    assert_eq!(status, 200, "{issued}");
+    let mac_hex = issued["macKey"].as_str().unwrap().to_owned();
+    let mut mac_key = [0u8; 32];
+    hex::decode_to_slice(&mac_hex, &mut mac_key).unwrap();
+    secrets.push(mac_hex);
+    let opts = fleetgate_device::DeviceOptions::new(&url, "log-dev", &secret).with_mac_key(mac_key);
+    let (device, _events) = fleetgate_device::Device::connect(opts).unwrap();
+    device.wait_connected().await.unwrap();
+    device
+        .send_status(json!({"t": 1}), fleetgate_protocol::Qos::AtLeastOnce)
+        .await
+        .expect("signed status accepted");
+    device.disconnect().await;
 
     // Device JWTs: good, badly signed, and a refresh on the live session.
     let jwt = |secret: &str, exp_in: i64| {
