@@ -8,8 +8,10 @@ mod cert;
 mod config;
 mod listener;
 mod metrics;
+mod stream;
 
 pub use cert::{ClientCert, IdentitySource};
 pub use config::{ClientAuth, ServerTls, TlsError, TlsFiles};
 pub use listener::{Acceptor, Gate, HandshakeLimits, Io, Peer};
 pub use metrics::TlsMetrics;
+pub use stream::TlsStream;

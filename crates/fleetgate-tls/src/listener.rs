@@ -6,12 +6,12 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::stream::TlsStream;
 use axum::extract::connect_info::Connected;
 use axum::serve::{IncomingStream, Listener};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
-use tokio_rustls::server::TlsStream;
 
 use crate::cert::ClientCert;
 use crate::config::ServerTls;
@@ -41,7 +41,7 @@ pub enum Io {
     Plain(TcpStream),
     /// TLS over TCP; boxed because rustls' connection state is large and most of a plain
     /// node's connections would carry the size of the biggest variant.
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<TlsStream>),
 }
 
 impl AsyncRead for Io {
@@ -221,12 +221,13 @@ async fn accept_loop(
             continue;
         };
         no_delay(&tcp);
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
+        let config = tls.config();
         let tx = tx.clone();
         let metrics = metrics.clone();
         let name = tls.name().to_owned();
         tokio::spawn(async move {
-            let handshake = tokio::time::timeout(limits.timeout, acceptor.accept(tcp)).await;
+            let handshake =
+                tokio::time::timeout(limits.timeout, TlsStream::accept(tcp, config)).await;
             drop(permit);
             let stream = match handshake {
                 Ok(Ok(stream)) => stream,
@@ -242,8 +243,7 @@ async fn accept_loop(
             };
             metrics.handshake_done(&name);
             let client_cert = stream
-                .get_ref()
-                .1
+                .state()
                 .peer_certificates()
                 .and_then(|chain| chain.first())
                 .and_then(|leaf| ClientCert::from_der(leaf.as_ref()))
