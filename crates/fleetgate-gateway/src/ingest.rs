@@ -55,7 +55,7 @@ fn shadow_patch(payload: &Value) -> Option<Cow<'_, Map<String, Value>>> {
 
 impl Session {
     /// Handles a status, event or batch from the device.
-    pub(crate) async fn ingest(&mut self, env: Envelope) -> Result<Vec<Frame>, Close> {
+    pub(crate) async fn ingest(&mut self, mut env: Envelope) -> Result<Vec<Frame>, Close> {
         let now = now_ms();
         let shared = self.shared.clone();
         let limits = &shared.config.limits;
@@ -87,6 +87,9 @@ impl Session {
         {
             return Ok(vec![self.signature_refused(Some(&env.msgid), error)]);
         }
+        // Verified: what is stored and fanned out is the message, not its proof (whose payload
+        // bytes a re-encoding would not reproduce anyway).
+        env.sig = None;
         let fresh = match self.replay.check(&env.msgid, env.dup, now, limits) {
             Ok(fresh) => fresh,
             Err(error) => return self.reject(Some(&env.msgid), &error),

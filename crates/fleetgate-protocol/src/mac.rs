@@ -19,8 +19,10 @@ const NONCE_MAX: usize = 64;
 /// A device's MAC key (256 bits, given out once by the admin API).
 pub type MacKey = [u8; 32];
 
-/// The signature fields of a message frame, as received or as about to be sent.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The signature fields of a message frame, as received or as about to be sent. Two are
+/// equal when their `nonce` and `sig` are: the payload bytes kept from the wire are how the
+/// frame arrived, not part of what it says.
+#[derive(Debug, Clone)]
 pub struct Signature {
     /// The sender's single-use value (8-64 characters of `[A-Za-z0-9_-]`).
     pub nonce: String,
@@ -30,6 +32,14 @@ pub struct Signature {
     /// what the encoder writes.
     pub(crate) payload: Option<Vec<u8>>,
 }
+
+impl PartialEq for Signature {
+    fn eq(&self, other: &Self) -> bool {
+        self.nonce == other.nonce && self.sig == other.sig
+    }
+}
+
+impl Eq for Signature {}
 
 /// Why a signed frame was refused. Each text is fixed: nothing from the frame is quoted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -29,3 +29,21 @@ fn payload_floats_survive_re_encoding() {
         round_trips(frame.as_bytes());
     }
 }
+
+/// A signed frame keeps the payload's wire bytes for its MAC; a re-encoding writes the payload
+/// in serde's form (here a long decimal shortened), and must still equal the decoded frame:
+/// the kept bytes are how it arrived, not what it says.
+#[test]
+fn signed_frames_round_trip_whatever_their_payload_text() {
+    let frame = br#"{"ver":"1.0","msgid":"s1","timestamp":1700000000000,"from":"d","type":"status","payload":{"t":21.5555555555555555555555},"qos":1,"nonce":"n0nce-0001","sig":"abab"}"#;
+    round_trips(frame);
+    let Ok(Frame::Message(env)) = json::decode(frame) else {
+        panic!("a message");
+    };
+    let sig = env.sig.as_deref().expect("signature kept");
+    // The MAC is still checked over the bytes as sent (here it is simply malformed).
+    assert_eq!(
+        sig.verify(&env, &[0; 32]),
+        Err(fleetgate_protocol::MacError::BadFormat)
+    );
+}
