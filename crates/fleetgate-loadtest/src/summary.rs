@@ -125,6 +125,19 @@ pub fn summarize(
             put("server_fds", after.fds);
         }
     }
+    // The nodes' CPU per connection (handshakes, authentication, registration), apart from the
+    // load generator's, which shares the machine.
+    if let (Some(idle), Some(done)) = (m.idle, m.connected)
+        && idle.nodes > 0
+        && done.nodes == idle.nodes
+        && done.cpu > idle.cpu
+        && connected > 0.0
+    {
+        put(
+            "server_cpu_per_connect_us",
+            (done.cpu - idle.cpu) * 1e6 / connected,
+        );
+    }
 
     let run_secs = match (m.run_start, m.run_end) {
         (Some((a, _)), Some((b, _))) => b.saturating_sub(a) as f64 / 1000.0,
@@ -371,12 +384,15 @@ mod tests {
         t.mark("connected", 10_400);
         t.latency("connect", Duration::from_millis(3));
         let m = Moments {
-            idle: Some(sample(10_000_000.0, 0.0, 0.0)),
-            held: Some(sample(10_016_000.0, 0.0, 0.0)),
+            idle: Some(sample(10_000_000.0, 1.0, 0.0)),
+            connected: Some(sample(10_016_000.0, 1.002, 0.0)),
+            held: Some(sample(10_016_000.0, 1.002, 0.0)),
             ..Moments::default()
         };
         let r = summarize(&spec(Scenario::Connect), &t, &m, None, vec![]);
         assert_eq!(r.figure("connect_per_s"), Some(10.0));
+        let cpu = r.figure("server_cpu_per_connect_us").expect("CPU per connect");
+        assert!((cpu - 500.0).abs() < 1e-6, "{cpu}");
         assert_eq!(r.figure("server_rss_per_device_bytes"), Some(4_000.0));
         assert_eq!(r.figure("connect_failed"), Some(0.0));
         assert!(
