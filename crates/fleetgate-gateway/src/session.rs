@@ -381,7 +381,7 @@ pub(crate) async fn register_claimed(
         conn_id,
         codec,
         replay,
-        mac_key: device.mac_key.map(Box::new),
+        mac_key: device.mac_key,
         rate: RateLimit::new(shared.config.rate_limit_burst),
         outgoing: Outgoing::default(),
         alerts,

@@ -391,7 +391,9 @@ mod tests {
         };
         let r = summarize(&spec(Scenario::Connect), &t, &m, None, vec![]);
         assert_eq!(r.figure("connect_per_s"), Some(10.0));
-        let cpu = r.figure("server_cpu_per_connect_us").expect("CPU per connect");
+        let cpu = r
+            .figure("server_cpu_per_connect_us")
+            .expect("CPU per connect");
         assert!((cpu - 500.0).abs() < 1e-6, "{cpu}");
         assert_eq!(r.figure("server_rss_per_device_bytes"), Some(4_000.0));
         assert_eq!(r.figure("connect_failed"), Some(0.0));

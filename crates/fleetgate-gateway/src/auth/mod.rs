@@ -70,8 +70,9 @@ pub struct AuthedDevice {
     /// When its credentials stop being valid (a JWT's `exp`), ms since the epoch; the
     /// session ends then unless the device presents a fresh token.
     pub expires_at_ms: Option<i64>,
-    /// Its registry MAC key: when set, its messages must be signed.
-    pub mac_key: Option<[u8; 32]>,
+    /// Its registry MAC key: when set, its messages must be signed. Boxed: this value sits
+    /// in every connection's future until registration, and most devices have none.
+    pub mac_key: Option<Box<[u8; 32]>>,
 }
 
 /// SHA-256 of a device secret: what the registry stores.
@@ -126,7 +127,7 @@ impl Authenticator {
             id: record.id,
             groups: record.groups,
             expires_at_ms: None,
-            mac_key: record.mac_key,
+            mac_key: record.mac_key.map(Box::new),
         })
     }
 
@@ -187,7 +188,7 @@ impl Authenticator {
         id: &str,
         groups: &mut Vec<String>,
         certificate: Option<&[u8; 32]>,
-    ) -> Result<Option<[u8; 32]>, AuthError> {
+    ) -> Result<Option<Box<[u8; 32]>>, AuthError> {
         let Some(record) = self.bus.device_get(id).await? else {
             return Ok(None);
         };
@@ -199,7 +200,7 @@ impl Authenticator {
                 groups.push(g);
             }
         }
-        Ok(record.mac_key)
+        Ok(record.mac_key.map(Box::new))
     }
 }
 
