@@ -10,7 +10,7 @@ use fleetgate_protocol::{
     batch_items, check_from_device, json,
 };
 use serde_json::{Map, Value};
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::metrics::{KindLabel, ReasonLabel};
 use crate::now_ms;
@@ -183,6 +183,11 @@ impl Session {
     /// The answer to a message refused for its signature: an error frame, counted by reason;
     /// the session goes on (a bad frame is not processed, the next one may be fine).
     pub(crate) fn signature_refused(&self, msgid: Option<&MsgId>, error: MacError) -> Frame {
+        // The session's span names the device.
+        debug!(
+            message = "message refused for its signature",
+            reason = error.as_str()
+        );
         self.shared.metrics.messages_rejected.inc();
         self.shared
             .metrics
