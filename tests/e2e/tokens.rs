@@ -406,3 +406,36 @@ async fn the_sdk_refreshes_short_lived_tokens_and_its_session_outlives_them() {
         );
     }
 }
+
+/// `/v1/app` and `/v1/mqtt` sessions end at their credential's expiry too: here an API key's
+/// `expiresAt`, 1.5 s ahead (a user token's `exp` takes the same path).
+#[tokio::test]
+async fn app_and_mqtt_sessions_end_when_their_api_key_expires() {
+    let broker = fleetgate_test_support::MosquittoServer::start();
+    let node = crate::mqtt::bridged(&broker, &[]).await;
+    let expires = now_ms() + 1500;
+    let (code, key) = node
+        .admin(
+            "POST",
+            "/v1/api-keys",
+            Some(json!({"name": "short", "role": "viewer", "groups": ["*"], "expiresAt": expires})),
+        )
+        .await;
+    assert_eq!(code, 201, "{key}");
+    let bearer = format!("Bearer {}", key["key"].as_str().unwrap());
+    let headers = [("Authorization", bearer.as_str())];
+    let mut app = Raw::connect(&format!("ws://{}/v1/app", node.gateway), &headers).await;
+    let mut web = Raw::connect(&format!("ws://{}/v1/mqtt", node.gateway), &headers).await;
+    for (what, socket) in [("app", &mut app), ("mqtt", &mut web)] {
+        let closed = socket.closed().await;
+        assert_eq!(
+            (closed.code, closed.reason.as_str()),
+            (4403, "credentials expired"),
+            "{what}"
+        );
+        assert!(now_ms() >= expires, "{what} closed before the key expired");
+    }
+    // The expired key opens nothing any more.
+    let refused = Raw::try_connect(&format!("ws://{}/v1/app", node.gateway), &headers).await;
+    assert_eq!(refused.err(), Some(401));
+}

@@ -104,5 +104,6 @@ fn principal(scope: Scope) -> Principal {
         role: Role::Admin,
         scope,
         username: Some("fuzz".into()),
+        expires_at_ms: None,
     }
 }

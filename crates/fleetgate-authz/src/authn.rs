@@ -149,6 +149,7 @@ impl Authenticator {
                 role: Role::Admin,
                 scope: Scope::All,
                 username: None,
+                expires_at_ms: None,
             });
         }
         Err(AuthnError::Refused("bad_credentials"))
@@ -180,6 +181,7 @@ impl Authenticator {
             role: key.role,
             scope: Scope::from_groups(&key.groups),
             username: None,
+            expires_at_ms: key.expires_at,
         })
     }
 
@@ -244,6 +246,7 @@ impl Authenticator {
             role: user.role,
             scope: Scope::from_groups(&user.groups),
             username: Some(user.username),
+            expires_at_ms: Some(claims.exp.saturating_mul(1000)),
         })
     }
 }

@@ -189,6 +189,9 @@ pub struct Principal {
     pub scope: Scope,
     /// The username, for users.
     pub username: Option<String>,
+    /// When its credential stops being valid (a user token's `exp`, an API key's
+    /// `expiresAt`), ms since the epoch: long-lived sessions end then.
+    pub expires_at_ms: Option<i64>,
 }
 
 #[cfg(test)]

@@ -20,7 +20,8 @@ use crate::{Shared, now_ms};
 
 mod auth;
 
-use auth::{auth_frame, expiry_instant, refuse};
+pub(crate) use auth::expiry_instant;
+use auth::{auth_frame, refuse};
 
 /// How a socket arrives at its session task.
 pub(crate) enum Admission {

@@ -62,8 +62,25 @@ struct AppSession {
     subs: HashMap<Arc<str>, Sub>,
     last_activity: Instant,
     next_ping: Instant,
+    /// When the principal's credential expires (plus the grace): the session ends then.
+    expires_at: Option<Instant>,
     commands_in_flight: Arc<AtomicUsize>,
     _slot: Slot,
+}
+
+/// When a `/v1/app` or `/v1/mqtt` session of `principal` must end: its user token's `exp`
+/// or its API key's `expiresAt`, plus `FLEETGATE_JWT_EXPIRY_GRACE_MS`. There is no refresh
+/// on the socket: the client reconnects with a fresh token and recovers from its offsets.
+pub(crate) fn principal_expiry(shared: &Shared, principal: &Principal) -> Option<Instant> {
+    crate::session::expiry_instant(principal.expires_at_ms, shared.config.expiry_grace)
+}
+
+/// The close for a session whose credential expired at `expires_at`, once `now` is past it.
+pub(crate) fn expired(expires_at: Option<Instant>, now: Instant) -> Result<(), Close> {
+    match expires_at {
+        Some(at) if now >= at => Err(Close::new(CloseCode::AuthFailed, "credentials expired")),
+        _ => Ok(()),
+    }
 }
 
 /// Runs a socket from upgrade to close.
@@ -76,6 +93,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut ws: WebSocket, client: u64, adm
         Ok((principal, slot)) => {
             Span::current().record("actor", principal.actor.as_str());
             let now = Instant::now();
+            let expires_at = principal_expiry(&shared, &principal);
             let mut session = AppSession {
                 queue: Arc::new(ClientQueue::new(shared.config.app.queue_bytes)),
                 shared: shared.clone(),
@@ -84,6 +102,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut ws: WebSocket, client: u64, adm
                 subs: HashMap::new(),
                 last_activity: now,
                 next_ping: now + shared.config.heartbeat,
+                expires_at,
                 commands_in_flight: Arc::default(),
                 _slot: slot,
             };
@@ -235,7 +254,10 @@ impl AppSession {
         };
         let drain = self.shared.app.drain.clone();
         loop {
-            let wake = self.next_ping.min(self.last_activity + idle_timeout);
+            let mut wake = self.next_ping.min(self.last_activity + idle_timeout);
+            if let Some(at) = self.expires_at {
+                wake = wake.min(at);
+            }
             let queue = self.queue.clone();
             let event = tokio::select! {
                 biased;
@@ -278,6 +300,7 @@ impl AppSession {
                 Event::Queue(Ok(items)) => self.deliver(ws, items).await?,
                 Event::Timer => {
                     let now = Instant::now();
+                    expired(self.expires_at, now)?;
                     if now >= self.last_activity + idle_timeout {
                         return Err(Close::new(
                             CloseCode::HeartbeatTimeout,

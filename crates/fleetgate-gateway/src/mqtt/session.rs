@@ -20,7 +20,7 @@ use tracing::Span;
 
 use super::MqttAccess;
 use crate::Shared;
-use crate::app::session::{Close, auth_frame, finish, send_text, write};
+use crate::app::session::{Close, auth_frame, expired, finish, principal_expiry, send_text, write};
 use crate::app::{Admission, Slot};
 
 /// Messages one session's queue holds at most, on top of its byte bound: many tiny
@@ -38,6 +38,8 @@ struct MqttSession {
     subs: HashMap<String, TopicFilter>,
     last_activity: Instant,
     next_ping: Instant,
+    /// When the principal's credential expires (plus the grace): the session ends then.
+    expires_at: Option<Instant>,
     _slot: Slot,
 }
 
@@ -63,6 +65,7 @@ pub(crate) async fn run(
             let subscriber = access
                 .bridge
                 .subscriber(shared.config.app.queue_bytes, MAX_QUEUED_MESSAGES);
+            let expires_at = principal_expiry(&shared, &principal);
             let mut session = MqttSession {
                 shared: shared.clone(),
                 access,
@@ -72,6 +75,7 @@ pub(crate) async fn run(
                 subs: HashMap::new(),
                 last_activity: now,
                 next_ping: now + shared.config.heartbeat,
+                expires_at,
                 _slot: slot,
             };
             shared.metrics.mqtt_sessions.inc();
@@ -114,7 +118,10 @@ impl MqttSession {
         };
         let drain = self.shared.app.drain.clone();
         loop {
-            let wake = self.next_ping.min(self.last_activity + idle_timeout);
+            let mut wake = self.next_ping.min(self.last_activity + idle_timeout);
+            if let Some(at) = self.expires_at {
+                wake = wake.min(at);
+            }
             let event = tokio::select! {
                 biased;
                 () = drain.cancelled() => Event::Drain,
@@ -163,6 +170,7 @@ impl MqttSession {
                 Event::Queue(Ok(items)) => self.deliver(ws, items).await?,
                 Event::Timer => {
                     let now = Instant::now();
+                    expired(self.expires_at, now)?;
                     if now >= self.last_activity + idle_timeout {
                         return Err(Close::new(
                             CloseCode::HeartbeatTimeout,

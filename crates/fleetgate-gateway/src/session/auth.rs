@@ -110,7 +110,7 @@ pub(super) async fn refuse(
 }
 
 /// The instant `expires_at_ms` (wall clock) plus `grace` falls on, on the monotonic clock.
-pub(super) fn expiry_instant(
+pub(crate) fn expiry_instant(
     expires_at_ms: Option<i64>,
     grace: std::time::Duration,
 ) -> Option<Instant> {
