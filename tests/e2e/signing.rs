@@ -214,3 +214,65 @@ async fn the_sdk_signs_every_message_in_both_codecs_and_an_unsigned_device_is_re
         .await;
     assert_eq!(raw.recv().await, json!({"type":"ack","msgid":"u1"}));
 }
+
+#[tokio::test]
+async fn a_signed_group_requires_signatures_from_every_device_in_it() {
+    let node = Node::start(&[("FLEETGATE_SIGNED_GROUPS", "plant-7, other")]).await;
+    let keyless = node.provision_in("sig-group-1", &["plant-7"]).await;
+    let elsewhere = node.provision_in("sig-group-2", &["office"]).await;
+
+    let mut raw = Raw::authed(&node.device_url(), "sig-group-1", &keyless).await;
+    raw.send(crate::support::status(
+        "sig-group-1",
+        "g1",
+        1,
+        json!({"t": 1}),
+    ))
+    .await;
+    assert_eq!(
+        refusal(&raw.recv().await),
+        ("bad_signature", Some("g1"), "signature required")
+    );
+    // Signed with a key of its own invention: there is none to check it against.
+    let invented = signed_status(&[1; 32], "sig-group-1", "g2", "nonce-0g02", "{}", "{}");
+    raw.send_text(invented).await;
+    assert_eq!(
+        refusal(&raw.recv().await),
+        (
+            "bad_signature",
+            Some("g2"),
+            "signature required; no MAC key was issued for this device"
+        )
+    );
+    assert_eq!(failures(&node, "no_key").await, 1);
+
+    // Given a key, it signs and is accepted; a device outside the groups needs nothing.
+    let (code, body) = node
+        .admin("POST", "/v1/devices/sig-group-1/mac-key", None)
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let mut key = [0u8; 32];
+    hex::decode_to_slice(body["macKey"].as_str().unwrap(), &mut key).unwrap();
+    drop(raw);
+    let mut raw = Raw::authed(&node.device_url(), "sig-group-1", &keyless).await;
+    raw.send_text(signed_status(
+        &key,
+        "sig-group-1",
+        "g3",
+        "nonce-0g03",
+        "{}",
+        "{}",
+    ))
+    .await;
+    assert_eq!(raw.recv().await, json!({"type":"ack","msgid":"g3"}));
+    let mut other = Raw::authed(&node.device_url(), "sig-group-2", &elsewhere).await;
+    other
+        .send(crate::support::status(
+            "sig-group-2",
+            "o1",
+            1,
+            json!({"t": 1}),
+        ))
+        .await;
+    assert_eq!(other.recv().await, json!({"type":"ack","msgid":"o1"}));
+}

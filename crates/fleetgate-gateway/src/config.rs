@@ -74,6 +74,9 @@ pub struct GatewayConfig {
     /// How long a session may outlive its credentials' expiry (a JWT's `exp`) before it is
     /// closed with 4403, unless the device sent a fresh token.
     pub expiry_grace: Duration,
+    /// Groups whose devices must sign every message, MAC key or not (one without a key has
+    /// all its messages refused until it is given one).
+    pub signed_groups: Vec<String>,
 }
 
 /// Limits of `/v1/app` sessions (dashboards and apps).
@@ -135,6 +138,7 @@ impl Default for GatewayConfig {
             alert_offline_watch: 100_000,
             cert_identity: fleetgate_tls::IdentitySource::default(),
             expiry_grace: Duration::ZERO,
+            signed_groups: Vec::new(),
             trusted_proxies: crate::TrustedProxies::default(),
             client_cert_header: None,
             max_pending_auth_per_source: 128,

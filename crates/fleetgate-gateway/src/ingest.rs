@@ -68,10 +68,11 @@ impl Session {
             Vec::new()
         };
         self.charge(items.len().max(1) as u32)?;
-        if let Some(key) = self.mac_key.as_deref() {
-            let checked = match env.sig.as_deref() {
-                Some(sig) => sig.verify(&env, key),
-                None => Err(MacError::Missing),
+        if self.must_sign {
+            let checked = match (env.sig.as_deref(), self.mac_key.as_deref()) {
+                (None, _) => Err(MacError::Missing),
+                (Some(_), None) => Err(MacError::NoKey),
+                (Some(sig), Some(key)) => sig.verify(&env, key),
             };
             if let Err(error) = checked {
                 return Ok(vec![self.signature_refused(Some(&env.msgid), error)]);
@@ -82,7 +83,7 @@ impl Session {
         }
         // Recorded only once the MAC and the timestamp passed: nobody else can spend the
         // device's nonces, and a stale frame is refused for its timestamp anyway.
-        if let (Some(_), Some(sig)) = (&self.mac_key, env.sig.as_deref())
+        if let (true, Some(sig)) = (self.must_sign, env.sig.as_deref())
             && let Err(error) = self.replay.check_nonce(&sig.nonce, now, limits)
         {
             return Ok(vec![self.signature_refused(Some(&env.msgid), error)]);

@@ -117,6 +117,8 @@ pub(crate) struct Session {
     pub(crate) replay: ReplayWindow,
     /// The device's MAC key: set when its messages must be signed.
     pub(crate) mac_key: Option<Box<fleetgate_protocol::MacKey>>,
+    /// Its messages must be signed: it has a MAC key, or one of its groups is signed.
+    pub(crate) must_sign: bool,
     pub(crate) rate: RateLimit,
     pub(crate) outgoing: Outgoing,
     /// Alert rules and states, once any rule exists (see `alerts`).
@@ -375,6 +377,11 @@ pub(crate) async fn register_claimed(
     // Boxed: the session's state then sits once on the heap instead of in two slots of the
     // connection's future.
     let replay = shared.parked_windows.take(&device.id);
+    let must_sign = device.mac_key.is_some()
+        || device
+            .groups
+            .iter()
+            .any(|g| shared.config.signed_groups.contains(g));
     Ok(Box::new(Session {
         shared: shared.clone(),
         device: device.id,
@@ -382,6 +389,7 @@ pub(crate) async fn register_claimed(
         conn_id,
         codec,
         replay,
+        must_sign,
         mac_key: device.mac_key,
         rate: RateLimit::new(shared.config.rate_limit_burst),
         outgoing: Outgoing::default(),
@@ -660,7 +668,7 @@ impl Session {
                 }
                 answered
             }
-            Frame::Compact(_) if self.mac_key.is_some() => {
+            Frame::Compact(_) if self.must_sign => {
                 Ok(vec![self.signature_refused(None, MacError::Unsignable)])
             }
             Frame::Compact(compact) => {

@@ -59,6 +59,9 @@ pub enum MacError {
     /// The nonce was seen before inside the replay window.
     #[error("nonce seen before inside the replay window")]
     NonceReused,
+    /// The device must sign (its group requires it) but was given no MAC key.
+    #[error("signature required; no MAC key was issued for this device")]
+    NoKey,
     /// A compact (seed) frame has no envelope to sign.
     #[error("compact frames cannot be signed; send envelopes")]
     Unsignable,
@@ -73,6 +76,7 @@ impl MacError {
             Self::BadFormat => "bad_format",
             Self::Mismatch => "mismatch",
             Self::NonceReused => "nonce_reused",
+            Self::NoKey => "no_key",
             Self::Unsignable => "unsignable",
         }
     }

@@ -33,6 +33,9 @@ pub struct AccessSettings {
     pub login_failure_burst: u32,
     /// One more failed login is allowed per this long.
     pub login_failure_refill_ms: u64,
+    /// Groups whose devices must sign every message (docs/PROTOCOL.md, "Message
+    /// signatures"); devices with a MAC key must anyway.
+    pub signed_groups: Vec<String>,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -53,6 +56,7 @@ impl Default for AccessSettings {
             auth_failure_refill_per_device_ms: ms(g.device_auth_throttle.refill),
             login_failure_burst: login.burst,
             login_failure_refill_ms: ms(login.refill),
+            signed_groups: Vec::new(),
         }
     }
 }
@@ -87,6 +91,9 @@ pub struct AccessOverrides {
     /// One more failed login per this long, ms.
     #[arg(long, env = "FLEETGATE_LOGIN_FAILURE_REFILL_MS")]
     pub login_failure_refill_ms: Option<u64>,
+    /// Comma-separated groups whose devices must sign every message.
+    #[arg(long, env = "FLEETGATE_SIGNED_GROUPS", value_delimiter = ',')]
+    pub signed_groups: Option<Vec<String>>,
 }
 
 fn throttle(burst: u32, refill_ms: u64) -> ThrottleConfig {
@@ -104,6 +111,9 @@ impl AccessSettings {
         }
         if let Some(v) = &o.client_cert_header {
             self.client_cert_header = v.trim().to_owned();
+        }
+        if let Some(v) = &o.signed_groups {
+            self.signed_groups = super::trimmed(v);
         }
         macro_rules! set {
             ($($field:ident),*) => { $(if let Some(v) = o.$field { self.$field = v; })* };
@@ -135,6 +145,7 @@ impl AccessSettings {
         c.client_cert_header =
             Some(self.client_cert_header.to_ascii_lowercase()).filter(|h| !h.is_empty());
         c.max_pending_auth_per_source = self.max_pending_auth_per_source;
+        c.signed_groups = self.signed_groups.clone();
         c.source_auth_throttle = throttle(
             self.auth_failure_burst_per_source,
             self.auth_failure_refill_per_source_ms,
