@@ -158,8 +158,24 @@ pub(super) fn decode_device(text: &str) -> BusResult<DeviceRecord> {
             None => Transport::Websocket,
             Some(t) => Transport::parse(t).ok_or_else(|| corrupt(WHAT, "unknown transport"))?,
         },
-        mac_key: None,
-        revoked_certs: Vec::new(),
+        // Older records have neither field.
+        mac_key: match m.get("mac_key") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(k)) => Some(unhex32(WHAT, k)?),
+            Some(_) => return Err(corrupt(WHAT, "mac_key is not a string")),
+        },
+        revoked_certs: match m.get("revoked_certs") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|c| {
+                    c.as_str()
+                        .ok_or_else(|| corrupt(WHAT, "revoked certificate is not a string"))
+                        .and_then(|c| unhex32(WHAT, c))
+                })
+                .collect::<BusResult<Vec<_>>>()?,
+            Some(_) => return Err(corrupt(WHAT, "revoked_certs is not an array")),
+        },
     })
 }
 
