@@ -224,6 +224,11 @@ impl TlsStream {
             return Ok(());
         }
         self.close_sent = true;
+        // Whatever rustls still has to say (records in flight, a key update) comes first,
+        // and only an open connection can carry the alert.
+        if self.process(None)? != Stop::Open {
+            return Ok(());
+        }
         let Self {
             conn,
             incoming,
