@@ -75,6 +75,11 @@ pub(crate) fn principal_expiry(shared: &Shared, principal: &Principal) -> Option
     crate::session::expiry_instant(principal.expires_at_ms, shared.config.expiry_grace)
 }
 
+/// `wake`, or the credential's expiry if that comes first: when the session loop wakes.
+pub(crate) fn no_later_than_expiry(wake: Instant, expires_at: Option<Instant>) -> Instant {
+    expires_at.map_or(wake, |at| wake.min(at))
+}
+
 /// The close for a session whose credential expired at `expires_at`, once `now` is past it.
 pub(crate) fn expired(expires_at: Option<Instant>, now: Instant) -> Result<(), Close> {
     match expires_at {
@@ -254,10 +259,10 @@ impl AppSession {
         };
         let drain = self.shared.app.drain.clone();
         loop {
-            let mut wake = self.next_ping.min(self.last_activity + idle_timeout);
-            if let Some(at) = self.expires_at {
-                wake = wake.min(at);
-            }
+            let wake = no_later_than_expiry(
+                self.next_ping.min(self.last_activity + idle_timeout),
+                self.expires_at,
+            );
             let queue = self.queue.clone();
             let event = tokio::select! {
                 biased;

@@ -20,7 +20,9 @@ use tracing::Span;
 
 use super::MqttAccess;
 use crate::Shared;
-use crate::app::session::{Close, auth_frame, expired, finish, principal_expiry, send_text, write};
+use crate::app::session::{
+    Close, auth_frame, expired, finish, no_later_than_expiry, principal_expiry, send_text, write,
+};
 use crate::app::{Admission, Slot};
 
 /// Messages one session's queue holds at most, on top of its byte bound: many tiny
@@ -118,10 +120,10 @@ impl MqttSession {
         };
         let drain = self.shared.app.drain.clone();
         loop {
-            let mut wake = self.next_ping.min(self.last_activity + idle_timeout);
-            if let Some(at) = self.expires_at {
-                wake = wake.min(at);
-            }
+            let wake = no_later_than_expiry(
+                self.next_ping.min(self.last_activity + idle_timeout),
+                self.expires_at,
+            );
             let event = tokio::select! {
                 biased;
                 () = drain.cancelled() => Event::Drain,
